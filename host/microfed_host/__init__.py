@@ -1,0 +1,1 @@
+"""microfed host side: numpy fast paths, cross-check, coordinator."""

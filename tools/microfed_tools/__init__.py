@@ -1,0 +1,1 @@
+"""microfed command-line tools (flash, deploy, provision, mesh, audit)."""

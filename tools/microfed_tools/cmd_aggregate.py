@@ -1,0 +1,103 @@
+"""`microfed aggregate`: the audit command. Reads one aggregation request (JSON), runs it on
+one engine or all of them, prints the result as JSON; with `all`, any disagreement is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from microfed import audit
+from microfed.aggregate import AggregationError
+
+ENGINES = ("fast", "reference", "micropython")
+EXIT_INPUT = 2
+EXIT_MISMATCH = 1
+
+
+class UsageError(Exception):
+    pass
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "aggregate",
+        help="aggregate updates from a JSON file and print the result (the audit contract)",
+        description=(
+            "Run one aggregation rule (krum, multi_krum, median, trimmed_mean, fedavg) over "
+            "raw Q16.16 updates. FILE is a JSON request, '-' for stdin; see docs/determinism.md."
+        ),
+    )
+    p.add_argument("file", metavar="FILE", help="request JSON, or - for stdin")
+    p.add_argument(
+        "--engine",
+        choices=(*ENGINES, "all"),
+        default="fast",
+        help="fast (numpy), reference (portable code on CPython), micropython (portable code on "
+        "the MicroPython unix port), or all (run every engine and require identical bits)",
+    )
+    p.add_argument("--compact", action="store_true", help="print JSON on one line")
+    p.set_defaults(func=main)
+
+
+def _load(path: str) -> Any:
+    try:
+        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise UsageError("invalid JSON: nested too deeply") from None
+
+
+def run_engine(engine: str, req: dict, parsed: tuple) -> dict:
+    rule, ids, vecs, params = parsed
+    if engine == "reference":
+        return audit.run(rule, ids, vecs, params)
+    if engine == "fast":
+        from microfed_host import fast
+
+        return fast.run(rule, ids, fast.as_matrix(vecs), params)
+    from microfed_host import upy
+
+    try:
+        out = json.loads(upy.run_module_main("microfed.audit_cli", json.dumps([req])))[0]
+    except upy.MicroPythonError as e:
+        raise UsageError(str(e)) from None
+    if "error" in out:
+        raise AggregationError(out["error"])
+    return out["ok"]
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        req = _load(args.file)
+        parsed = audit.parse(req)
+        engines = ENGINES if args.engine == "all" else (args.engine,)
+        results = {e: run_engine(e, req, parsed) for e in engines}
+    except (UsageError, audit.InputError, AggregationError) as e:
+        print(f"microfed aggregate: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    first = results[engines[0]]
+    if len(engines) > 1:
+        from microfed_host.crosscheck import diff_results
+
+        failed = False
+        for other in engines[1:]:
+            diff = diff_results(first, results[other], (engines[0], other))
+            if diff is not None:
+                failed = True
+                print(f"microfed aggregate: {engines[0]} and {other} disagree:", file=sys.stderr)
+                print(diff, file=sys.stderr)
+        if failed:
+            return EXIT_MISMATCH
+        first = dict(first, engines=list(engines), agree=True)
+    print(json.dumps(first, indent=None if args.compact else 1))
+    return 0
