@@ -176,9 +176,10 @@ def median(vecs: np.ndarray) -> np.ndarray:
     x = as_matrix(vecs)
     n = x.shape[0]
     h = n // 2
+    # A full sort along the short axis measured faster than np.partition with two kth values.
+    p = np.sort(x, axis=0)
     if n % 2:
-        return np.partition(x, h, axis=0)[h].astype(np.int64)
-    p = np.partition(x, (h - 1, h), axis=0)
+        return p[h].astype(np.int64)
     return rdiv(p[h - 1].astype(np.int64) + p[h], 2)
 
 
@@ -190,11 +191,13 @@ def trimmed_mean(vecs: np.ndarray, trim: int) -> np.ndarray:
             f"trimmed_mean needs 0 <= trim and n - 2*trim >= 1: n={n}, trim={trim}"
         )
     keep = n - 2 * trim
+    total = x.sum(axis=0, dtype=np.int64)
     if trim == 0:
-        return rdiv(x.sum(axis=0, dtype=np.int64), keep)
-    # After partitioning at both cut ranks, rows trim..n-trim-1 hold exactly the kept values
-    # (in some order); their sum is all the rule needs.
-    p = np.partition(x, (trim, n - trim - 1), axis=0)
+        return rdiv(total, keep)
+    if trim == 1:
+        # Dropping one value from each end is the sum minus the column min and max: no sort.
+        return rdiv(total - x.min(axis=0) - x.max(axis=0), keep)
+    p = np.sort(x, axis=0)
     return rdiv(p[trim : n - trim].sum(axis=0, dtype=np.int64), keep)
 
 
