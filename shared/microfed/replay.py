@@ -1,0 +1,221 @@
+# Replay protection, as docs/security.md specifies it. Portable (CPython + MicroPython).
+#
+# Three independent rules; a frame must pass all of them:
+#   1. counter: per (sender, kind) the sequence counter must be strictly greater than the last
+#      one accepted. The sender keeps ONE counter for all kinds; the receiver tracks each kind
+#      separately, so a subsequence of an increasing sequence stays increasing even when topics
+#      are delivered out of order relative to each other.
+#   2. round binding: the frame's round must lie in [min_round, max_round] (the caller says
+#      which rounds it is collecting right now).
+#   3. timestamp window: if BOTH the frame and the receiver have a clock (timestamp != 0),
+#      -max_future <= now - ts <= max_age, computed on unbounded (signed) ints. A node without
+#      a set clock sends 0 and the window is skipped; rules 1 and 2 still hold it to account.
+#
+# Pure logic (ReplayGuard) is separate from storage: a store only needs `last(sender, kind)`
+# and an atomic compare-and-advance `advance(sender, kind, seq) -> bool`. MemoryStore and
+# FileStore (device flash, atomic write-then-rename) live here; the host keeps counters in
+# SQLite (microfed_host.store).
+
+import os
+
+try:
+    import hashlib
+except ImportError:
+    hashlib = None
+
+DEFAULT_MAX_AGE = 300      # seconds a frame may be older than the receiver's clock
+DEFAULT_MAX_FUTURE = 60    # seconds a frame may be ahead of it
+
+# Unix time of 2000-01-01: MicroPython's embedded ports count from there.
+_EPOCH_2000 = 946684800
+# A clock reading before this (2024-01-01) means "never set" (an RTC that booted at 2000).
+_CLOCK_SET_AFTER = 1704067200
+
+
+class StoreError(Exception):
+    """The counter file is missing its checksum or unreadable: fail closed, never guess."""
+
+
+def wall_clock():
+    """Unix seconds if this machine's clock has been set, else 0 ("no clock")."""
+    import time
+    try:
+        t = int(time.time())
+        if time.gmtime(0)[0] == 2000:
+            t += _EPOCH_2000
+    except Exception:
+        return 0
+    return t if t >= _CLOCK_SET_AFTER else 0
+
+
+class MemoryStore:
+    def __init__(self):
+        self.counters = {}
+
+    def last(self, sender, kind):
+        return self.counters.get((sender, kind), 0)
+
+    def advance(self, sender, kind, seq):
+        if seq <= self.counters.get((sender, kind), 0):
+            return False
+        self.counters[(sender, kind)] = seq
+        return True
+
+
+def _hexdigest(b):
+    return "".join(["%02x" % x for x in hashlib.sha256(b).digest()])
+
+
+def _exists(path):
+    try:
+        os.stat(path)
+        return True
+    except OSError:
+        return False
+
+
+def atomic_write(path, data):
+    """Write `data` to `path` so a power cut leaves either the old or the new content:
+    write path.new, then rename it over path (POSIX rename, littlefs and MicroPython's FAT
+    driver all replace the target)."""
+    tmp = path + ".new"
+    f = open(tmp, "wb")
+    try:
+        f.write(data)
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+        except Exception:
+            pass  # MicroPython has neither fsync nor fileno; close() flushes the block device
+    finally:
+        f.close()
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        # Some FAT builds refuse to rename onto an existing file: remove it first. A cut
+        # between the two calls leaves only path.new, which _load_checked() then reads.
+        os.remove(path)
+        os.rename(tmp, path)
+
+
+def _load_checked(path, magic):
+    """Return the body lines of a checksummed file, None if absent, raise StoreError if bad."""
+    f = open(path, "rb")
+    try:
+        raw = f.read()
+    finally:
+        f.close()
+    cut = raw.rfind(b"\n#sha256 ")
+    if cut < 0 or not raw.startswith(magic + b"\n"):
+        raise StoreError("%s: not a counter file" % path)
+    body = raw[:cut + 1]
+    want = raw[cut + 9:].strip()
+    if hashlib is not None and _hexdigest(body).encode() != want:
+        raise StoreError("%s: checksum mismatch (torn or edited file)" % path)
+    return body.decode().split("\n")[1:-1]
+
+
+def _read_any(path, magic):
+    # Prefer the committed file; fall back to path.new only when the rename never happened.
+    if _exists(path):
+        return _load_checked(path, magic)
+    if _exists(path + ".new"):
+        return _load_checked(path + ".new", magic)
+    return None
+
+
+def _dump_checked(magic, lines):
+    body = (magic + b"\n" + "".join([ln + "\n" for ln in lines]).encode())
+    if hashlib is None:
+        return body + b"#sha256 -\n"
+    return body + b"#sha256 " + _hexdigest(body).encode() + b"\n"
+
+
+class FileStore:
+    """Receiver counters on device flash: one line `sender kind seq` per entry, a SHA-256
+    trailer, rewritten atomically on every advance (so only accepted frames cost a write)."""
+
+    MAGIC = b"microfed-counters 1"
+
+    def __init__(self, path):
+        self.path = path
+        self.counters = {}
+        lines = _read_any(path, self.MAGIC)
+        for ln in lines or ():
+            parts = ln.split(" ")
+            if len(parts) != 3:
+                raise StoreError("%s: bad line %r" % (path, ln))
+            self.counters[(parts[0], int(parts[1]))] = int(parts[2])
+
+    def last(self, sender, kind):
+        return self.counters.get((sender, kind), 0)
+
+    def advance(self, sender, kind, seq):
+        if seq <= self.counters.get((sender, kind), 0):
+            return False
+        new = dict(self.counters)
+        new[(sender, kind)] = seq
+        keys = sorted(new.keys())
+        atomic_write(self.path, _dump_checked(
+            self.MAGIC, ["%s %d %d" % (k[0], k[1], new[k]) for k in keys]))
+        # Only after the file is on flash does memory move, so a failed write changes nothing.
+        self.counters = new
+        return True
+
+
+class SequenceSource:
+    """The sender side: hands out strictly increasing counters that never repeat across
+    reboots. Counters are leased from flash in blocks (`block`), so a node writes flash once
+    per block instead of once per frame; a reboot skips the unused rest of the block."""
+
+    MAGIC = b"microfed-seq 1"
+
+    def __init__(self, path, block=64):
+        if block < 1:
+            raise ValueError("block must be >= 1")
+        self.path = path
+        self.block = block
+        lines = _read_any(path, self.MAGIC)
+        self.leased = int(lines[0]) if lines else 0
+        self.last = self.leased  # everything up to the lease may have been used before a reboot
+
+    def next(self):
+        n = self.last + 1
+        if n > self.leased:
+            lease = n + self.block - 1
+            atomic_write(self.path, _dump_checked(self.MAGIC, ["%d" % lease]))
+            self.leased = lease
+        self.last = n
+        return n
+
+
+class ReplayGuard:
+    def __init__(self, store, max_age=DEFAULT_MAX_AGE, max_future=DEFAULT_MAX_FUTURE):
+        self.store = store
+        self.max_age = max_age
+        self.max_future = max_future
+
+    def check(self, sender, kind, seq, round_, timestamp, now=0, min_round=None,
+              max_round=None):
+        """Return None if acceptable, else (reason_code, message). Changes nothing."""
+        last = self.store.last(sender, kind)
+        if seq <= last:
+            return ("replay", "counter %d <= last accepted %d from %s" % (seq, last, sender))
+        if min_round is not None and round_ < min_round:
+            return ("stale_round", "round %d < %d" % (round_, min_round))
+        if max_round is not None and round_ > max_round:
+            return ("future_round", "round %d > %d" % (round_, max_round))
+        if timestamp != 0 and now != 0:
+            # Python ints do not overflow, so this is the exact signed difference even for
+            # timestamps near the i64 limits (C ports must widen before subtracting).
+            age = now - timestamp
+            if age > self.max_age:
+                return ("clock_skew", "frame is %d s old (max %d)" % (age, self.max_age))
+            if -age > self.max_future:
+                return ("clock_skew", "frame is %d s in the future (max %d)"
+                        % (-age, self.max_future))
+        return None
+
+    def commit(self, sender, kind, seq):
+        """Atomically advance the counter; False if another frame got there first."""
+        return self.store.advance(sender, kind, seq)

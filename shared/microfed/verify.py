@@ -1,0 +1,203 @@
+# The verification pipeline, portable (host and device run the same steps in the same order):
+#   1 size limit (before any hashing or copying)   oversize
+#   2 decode                                       truncated bad_length bad_magic bad_version
+#                                                  bad_kind bad_sender bad_seq bad_payload
+#   3 mesh                                         wrong_mesh
+#   4 expected kind / role                         wrong_kind wrong_role
+#   5 registered sender (key from the registry,    unregistered revoked
+#     never from the message)
+#   6 signature                                    bad_signature
+#   7 replay: counter, round binding, clock        replay stale_round future_round clock_skew
+#   8 value range                                  bad_dim out_of_range bad_digest
+#   9 commit the counter (the only state change)   replay (lost a race)
+# Every rejection raises Rejected(reason, message), counts it in `stats`, and changes no
+# stored state: the counter is written only in step 9, after everything else passed.
+# The signature check is pluggable: `check_sig(pub32, msg32, sig64) -> bool` (the device passes
+# microfed.ed25519.verify, the host a `cryptography` wrapper).
+
+import hashlib
+
+from microfed import wire
+from microfed.replay import ReplayGuard
+from microfed.wire import WireError
+
+# Every reason code the pipeline can produce (docs/security.md explains each).
+REASONS = (
+    "oversize", "bad_type", "truncated", "bad_length", "bad_magic", "bad_version", "bad_kind",
+    "bad_sender", "bad_seq", "bad_payload", "wrong_mesh", "wrong_kind", "wrong_role",
+    "unregistered", "revoked", "bad_signature", "replay", "stale_round", "future_round",
+    "clock_skew", "bad_dim", "out_of_range", "bad_digest",
+)
+
+# Kinds only the coordinator may send, and kinds only nodes may send.
+COORDINATOR_KINDS = (wire.GLOBAL_MODEL, wire.REGISTRY)
+NODE_KINDS = (wire.MODEL_UPDATE, wire.GOSSIP_DIGEST)
+
+DEFAULT_MAX_ABS = 256 * 65536     # |value| <= 256.0 in Q16.16
+DEFAULT_MAX_SAMPLES = 1 << 24
+
+
+class Rejected(WireError):
+    """Raised by Verifier.verify; a WireError, so `except WireError` catches both."""
+
+
+class Registry:
+    """Node id -> public key, plus the coordinator's key. Built from a REGISTRY frame's body
+    (after checking the coordinator's signature) or from the host's registry file."""
+
+    def __init__(self, mesh_id, coordinator_pub, entries, version=0):
+        self.mesh_id = mesh_id
+        self.coordinator = coordinator_pub
+        self.version = version
+        self.nodes = {}
+        for node_id, pub, active in entries:
+            self.nodes[node_id] = (pub, active)
+
+    def lookup(self, sender):
+        """(public_key, active) for a sender id, or None if unknown."""
+        if sender == wire.COORDINATOR:
+            return (self.coordinator, True)
+        return self.nodes.get(sender)
+
+    def active_ids(self):
+        return sorted([k for k in self.nodes if self.nodes[k][1]])
+
+    def digest(self):
+        return hashlib.sha256(self.payload()).digest()
+
+    def payload(self):
+        return wire.encode_registry(self.mesh_id, self.version, self.coordinator,
+                                    [(k, v[0], v[1]) for k, v in self.nodes.items()])
+
+
+def load_registry_frame(data, mesh_id, coordinator_pub, check_sig, min_version=0):
+    """Verify a REGISTRY frame against the PINNED coordinator key (from the node's bundle),
+    never the key inside the payload; return a Registry. Raises Rejected."""
+    try:
+        fr = wire.decode(data)
+    except Rejected:
+        raise
+    except WireError as e:
+        raise Rejected(e.reason, e.message)
+    if fr.kind != wire.REGISTRY:
+        raise Rejected("wrong_kind", "not a registry frame")
+    if fr.mesh_id != mesh_id:
+        raise Rejected("wrong_mesh", "registry for another mesh")
+    if fr.sender != wire.COORDINATOR:
+        raise Rejected("wrong_role", "registry not sent by the coordinator")
+    b = fr.body
+    if b["coordinator"] != coordinator_pub:
+        raise Rejected("bad_signature", "registry names a different coordinator key")
+    if not _sig_ok(check_sig, coordinator_pub, fr):
+        raise Rejected("bad_signature", "registry signature does not verify")
+    if b["version"] < min_version:
+        raise Rejected("replay", "registry version %d older than %d" % (b["version"], min_version))
+    return Registry(b["mesh_id"], b["coordinator"], b["entries"], b["version"])
+
+
+def _sig_ok(check_sig, pub, fr):
+    try:
+        return check_sig(pub, fr.signing_digest(), fr.signature) is True
+    except Exception:
+        # A signature backend that throws on malformed input is treated as "does not verify".
+        return False
+
+
+class Limits:
+    """Value-range policy for step 8. dim=None accepts any dimension."""
+
+    def __init__(self, dim=None, max_abs=DEFAULT_MAX_ABS, max_samples=DEFAULT_MAX_SAMPLES):
+        self.dim = dim
+        self.max_abs = max_abs
+        self.max_samples = max_samples
+
+
+class Verifier:
+    def __init__(self, mesh_id, registry, guard, check_sig, max_frame=wire.MAX_FRAME,
+                 limits=None, kinds=None):
+        if isinstance(mesh_id, str):
+            mesh_id = wire.mesh_id(mesh_id)
+        self.mesh_id = mesh_id
+        self.registry = registry
+        self.guard = guard if isinstance(guard, ReplayGuard) else ReplayGuard(guard)
+        self.check_sig = check_sig
+        self.max_frame = max_frame
+        self.limits = limits or Limits()
+        self.kinds = kinds
+        self.stats = {"accepted": 0}
+        for r in REASONS:
+            self.stats[r] = 0
+
+    def _reject(self, reason, message):
+        self.stats[reason] = self.stats.get(reason, 0) + 1
+        return Rejected(reason, message)
+
+    def verify(self, data, now=0, min_round=None, max_round=None):
+        """Return the accepted Frame or raise Rejected. `now` is the receiver's Unix time
+        (0 = no clock); [min_round, max_round] the rounds it currently accepts."""
+        # 1: before decode, before hashing, before copying.
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise self._reject("bad_type", "frame must be bytes")
+        if len(data) > self.max_frame:
+            raise self._reject("oversize", "frame of %d bytes exceeds %d"
+                               % (len(data), self.max_frame))
+        # 2
+        try:
+            fr = wire.decode(data, self.max_frame)
+        except WireError as e:
+            raise self._reject(e.reason, e.message)
+        # 3
+        if fr.mesh_id != self.mesh_id:
+            raise self._reject("wrong_mesh", "frame for another mesh")
+        # 4
+        if self.kinds is not None and fr.kind not in self.kinds:
+            raise self._reject("wrong_kind", "%s not accepted here" % fr.kind_name)
+        if fr.kind in COORDINATOR_KINDS and fr.sender != wire.COORDINATOR:
+            raise self._reject("wrong_role", "%s may only come from the coordinator"
+                               % fr.kind_name)
+        if fr.kind in NODE_KINDS and fr.sender == wire.COORDINATOR:
+            raise self._reject("wrong_role", "%s may only come from a node" % fr.kind_name)
+        # 5
+        entry = self.registry.lookup(fr.sender)
+        if entry is None:
+            raise self._reject("unregistered", "sender %s is not in the registry" % fr.sender)
+        if not entry[1]:
+            raise self._reject("revoked", "sender %s has been revoked" % fr.sender)
+        # 6
+        if not _sig_ok(self.check_sig, entry[0], fr):
+            raise self._reject("bad_signature", "signature of %s does not verify" % fr.sender)
+        # 7
+        bad = self.guard.check(fr.sender, fr.kind, fr.seq, fr.round, fr.timestamp, now,
+                               min_round, max_round)
+        if bad is not None:
+            raise self._reject(bad[0], bad[1])
+        # 8
+        bad = self.check_values(fr)
+        if bad is not None:
+            raise self._reject(bad[0], bad[1])
+        # 9
+        if not self.guard.commit(fr.sender, fr.kind, fr.seq):
+            raise self._reject("replay", "counter %d already used (concurrent frame)" % fr.seq)
+        self.stats["accepted"] += 1
+        return fr
+
+    def check_values(self, fr):
+        lim = self.limits
+        b = fr.body
+        if fr.kind == wire.MODEL_UPDATE or fr.kind == wire.GLOBAL_MODEL:
+            vals = b["values"]
+            if lim.dim is not None and len(vals) != lim.dim:
+                return ("bad_dim", "dimension %d, expected %d" % (len(vals), lim.dim))
+            m = lim.max_abs
+            for i in range(len(vals)):
+                v = vals[i]
+                if v > m or v < -m:
+                    return ("out_of_range", "value[%d] = %d outside +-%d" % (i, v, m))
+            if fr.kind == wire.MODEL_UPDATE:
+                s = b["samples"]
+                if s < 1 or s > lim.max_samples:
+                    return ("out_of_range", "sample count %d outside 1..%d"
+                            % (s, lim.max_samples))
+            elif wire.vector_digest(fr.payload[36:]) != b["digest"]:
+                return ("bad_digest", "global model digest does not match its vector")
+        return None

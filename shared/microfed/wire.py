@@ -1,0 +1,403 @@
+# The microfed wire format, byte for byte as docs/wire.md specifies it.
+# Portable: CPython 3.11 and the MicroPython unix port / ESP32 (needs hashlib.sha256 and struct).
+# Every frame is
+#     fixed header (37 bytes) | sender id (1..64 bytes) | payload | Ed25519 signature (64 bytes)
+# and the signature covers exactly what is sent: a kind-specific domain string, the header
+# bytes (fixed part + sender id) and the SHA-256 of the payload, hashed once more with SHA-256
+# so Ed25519's SHA-512 only ever runs over a 32-byte message (devices ship a slow pure-Python
+# SHA-512). Decoding bounds every length before it reads or allocates anything and raises only
+# WireError.
+
+import hashlib
+import struct
+
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
+
+MAGIC = b"MF"
+VERSION = const(1)
+
+# Kinds. The numbers are on the wire: never renumber, only append.
+MODEL_UPDATE = const(1)
+GLOBAL_MODEL = const(2)
+GOSSIP_DIGEST = const(3)
+HELLO = const(4)
+STATUS = const(5)
+REGISTRY = const(6)
+
+KIND_NAMES = {
+    MODEL_UPDATE: "model_update",
+    GLOBAL_MODEL: "global_model",
+    GOSSIP_DIGEST: "gossip_digest",
+    HELLO: "hello",
+    STATUS: "status",
+    REGISTRY: "registry",
+}
+
+# Domain separation: one string per kind, so a signature made for one kind can never be
+# presented as another, nor as anything else the same key signs.
+DOMAINS = {
+    MODEL_UPDATE: b"microfed/v1/model_update",
+    GLOBAL_MODEL: b"microfed/v1/global_model",
+    GOSSIP_DIGEST: b"microfed/v1/gossip_digest",
+    HELLO: b"microfed/v1/hello",
+    STATUS: b"microfed/v1/status",
+    REGISTRY: b"microfed/v1/registry",
+}
+
+# The coordinator's sender id; node ids may not use it.
+COORDINATOR = "coordinator"
+
+# Aggregation rules named in a gossip digest (same order as microfed.audit.RULES, 1-based).
+RULES = ("krum", "multi_krum", "median", "trimmed_mean", "fedavg")
+
+# magic(2s) version(B) kind(B) mesh_id(8s) round(I) seq(Q) timestamp(q) payload_len(I) sender_len(B)
+_HDR = "<2sBB8sIQqIB"
+HDR_FIXED = const(37)
+SIG_LEN = const(64)
+MESH_ID_LEN = const(8)
+DIGEST_LEN = const(32)
+KEY_LEN = const(32)
+MAX_ID = const(64)
+MAX_LABEL = const(32)
+MAX_FRAME = const(65536)
+MIN_FRAME = const(102)  # HDR_FIXED + 1-byte sender + empty payload + SIG_LEN
+# Sequence counters are u64 on the wire but must stay below 2**63 so every store that keeps
+# them as a signed 64-bit integer (SQLite, most databases) holds them exactly.
+SEQ_LIMIT = 1 << 63
+INT32_MIN = const(-2147483648)
+INT32_MAX = const(2147483647)
+U32_MAX = const(0xFFFFFFFF)
+
+# Registry entry status byte.
+REVOKED = const(0)
+ACTIVE = const(1)
+
+_ID_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
+
+
+class WireError(Exception):
+    """The only exception decoding raises: WireError(reason_code, message).
+
+    Exception attributes cannot be set on MicroPython, so the fields live in args."""
+
+    @property
+    def reason(self):
+        return self.args[0]
+
+    @property
+    def message(self):
+        return self.args[1] if len(self.args) > 1 else ""
+
+
+def valid_id(b):
+    """True if `b` (bytes) is a well-formed node id: 1..64 bytes of [A-Za-z0-9._-]."""
+    if not 1 <= len(b) <= MAX_ID:
+        return False
+    for c in b:
+        if c not in _ID_CHARS:
+            return False
+    return True
+
+
+def mesh_id(name):
+    """The 8-byte mesh id carried in every header: SHA-256("microfed/v1/mesh" 0x00 name)[:8]."""
+    if isinstance(name, str):
+        name = name.encode()
+    return hashlib.sha256(b"microfed/v1/mesh\x00" + name).digest()[:MESH_ID_LEN]
+
+
+def sha256(b):
+    return hashlib.sha256(b).digest()
+
+
+def vector_digest(values_bytes):
+    """SHA-256 of a vector already packed as little-endian int32 (= microfed.audit.digest)."""
+    return hashlib.sha256(values_bytes).digest()
+
+
+def _pack_i32(values):
+    n = len(values)
+    out = bytearray(4 * n)
+    for i in range(n):
+        v = values[i]
+        if type(v) is not int or v < INT32_MIN or v > INT32_MAX:
+            raise WireError("out_of_range", "value %d is not an int32" % i)
+        struct.pack_into("<i", out, 4 * i, v)
+    return bytes(out)
+
+
+def _u(v, bits, what):
+    if type(v) is not int or v < 0 or v >= (1 << bits):
+        raise WireError("out_of_range", "%s must be an unsigned %d-bit int" % (what, bits))
+    return v
+
+
+def _id_bytes(node_id):
+    b = node_id.encode() if isinstance(node_id, str) else bytes(node_id)
+    if not valid_id(b):
+        raise WireError("bad_sender", "node id must be 1..64 bytes of [A-Za-z0-9._-]")
+    return b
+
+
+def _label_bytes(label):
+    b = label.encode() if isinstance(label, str) else bytes(label)
+    if len(b) > MAX_LABEL:
+        raise WireError("bad_payload", "label longer than 32 bytes")
+    for c in b:
+        if c < 0x20 or c > 0x7E:
+            raise WireError("bad_payload", "label must be printable ASCII")
+    return b
+
+
+# ---------------------------------------------------------------- payload encoders
+
+def encode_model_update(samples, values):
+    """samples(u32) dim(u32) values(dim x i32)."""
+    _u(samples, 32, "samples")
+    if len(values) < 1:
+        raise WireError("bad_payload", "empty vector")
+    return struct.pack("<II", samples, len(values)) + _pack_i32(values)
+
+
+def encode_global_model(values):
+    """digest(32) dim(u32) values(dim x i32); digest = SHA-256 of the packed values."""
+    if len(values) < 1:
+        raise WireError("bad_payload", "empty vector")
+    vb = _pack_i32(values)
+    return vector_digest(vb) + struct.pack("<I", len(values)) + vb
+
+
+def encode_gossip_digest(digest, rule, p1=0, p2=0, count=0):
+    """digest(32) rule(u8, 1-based index in RULES) p1(u8) p2(u8) count(u16)."""
+    if len(digest) != DIGEST_LEN:
+        raise WireError("bad_payload", "digest must be 32 bytes")
+    if isinstance(rule, str):
+        if rule not in RULES:
+            raise WireError("bad_payload", "unknown rule")
+        rule = RULES.index(rule) + 1
+    if type(rule) is not int or not 1 <= rule <= len(RULES):
+        raise WireError("bad_payload", "unknown rule")
+    return bytes(digest) + struct.pack("<BBBH", rule, _u(p1, 8, "p1"), _u(p2, 8, "p2"),
+                                       _u(count, 16, "count"))
+
+
+def encode_status(state=0, free_heap=0, uptime=0, last_round=0, label=""):
+    """HELLO and STATUS share this layout:
+    state(u8) flags(u8, 0) free_heap(u32) uptime_s(u32) last_round(u32) label_len(u8) label."""
+    lb = _label_bytes(label)
+    return struct.pack("<BBIIIB", _u(state, 8, "state"), 0, _u(free_heap, 32, "free_heap"),
+                       _u(uptime, 32, "uptime"), _u(last_round, 32, "last_round"),
+                       len(lb)) + lb
+
+
+def encode_registry(mesh, version, coordinator_pub, entries):
+    """mesh_id(8) version(u32) coordinator_pub(32) count(u16) then per entry, sorted by id bytes:
+    id_len(u8) id pub(32) status(u8: 1 active, 0 revoked).
+
+    `entries`: iterable of (node_id, pub32, active_bool)."""
+    if len(mesh) != MESH_ID_LEN or len(coordinator_pub) != KEY_LEN:
+        raise WireError("bad_payload", "mesh id must be 8 bytes and coordinator key 32")
+    rows = []
+    for node_id, pub, active in entries:
+        b = _id_bytes(node_id)
+        if b == COORDINATOR.encode():
+            raise WireError("bad_sender", "node id 'coordinator' is reserved")
+        if len(pub) != KEY_LEN:
+            raise WireError("bad_payload", "public key must be 32 bytes")
+        rows.append((b, bytes(pub), ACTIVE if active else REVOKED))
+    rows.sort()
+    for i in range(1, len(rows)):
+        if rows[i][0] == rows[i - 1][0]:
+            raise WireError("bad_payload", "duplicate node id in registry")
+    out = [bytes(mesh), struct.pack("<I", _u(version, 32, "version")), bytes(coordinator_pub),
+           struct.pack("<H", _u(len(rows), 16, "count"))]
+    for b, pub, st in rows:
+        out.append(struct.pack("<B", len(b)) + b + pub + struct.pack("<B", st))
+    return b"".join(out)
+
+
+# ---------------------------------------------------------------- payload decoders
+
+def _unpack_i32(payload, off, n):
+    return list(struct.unpack_from("<%di" % n, payload, off)) if n else []
+
+
+def _need(cond, msg):
+    if not cond:
+        raise WireError("bad_payload", msg)
+
+
+def decode_payload(kind, p):
+    """Parse a payload of `kind` into a dict; every length is checked against len(p) first."""
+    n = len(p)
+    if kind == MODEL_UPDATE:
+        _need(n >= 8, "model update shorter than 8 bytes")
+        samples, dim = struct.unpack_from("<II", p, 0)
+        _need(dim >= 1 and n == 8 + 4 * dim, "model update length does not match dim")
+        return {"samples": samples, "values": _unpack_i32(p, 8, dim)}
+    if kind == GLOBAL_MODEL:
+        _need(n >= 36, "global model shorter than 36 bytes")
+        (dim,) = struct.unpack_from("<I", p, 32)
+        _need(dim >= 1 and n == 36 + 4 * dim, "global model length does not match dim")
+        return {"digest": bytes(p[0:32]), "values": _unpack_i32(p, 36, dim)}
+    if kind == GOSSIP_DIGEST:
+        _need(n == 37, "gossip digest must be 37 bytes")
+        rule, p1, p2, count = struct.unpack_from("<BBBH", p, 32)
+        _need(1 <= rule <= len(RULES), "unknown rule")
+        return {"digest": bytes(p[0:32]), "rule": RULES[rule - 1], "p1": p1, "p2": p2,
+                "count": count}
+    if kind == HELLO or kind == STATUS:
+        _need(n >= 15, "status shorter than 15 bytes")
+        state, flags, heap, up, last, ll = struct.unpack_from("<BBIIIB", p, 0)
+        _need(flags == 0, "reserved flags must be 0")
+        _need(ll <= MAX_LABEL and n == 15 + ll, "status label length does not match")
+        lb = bytes(p[15:15 + ll])
+        for c in lb:
+            _need(0x20 <= c <= 0x7E, "label must be printable ASCII")
+        return {"state": state, "free_heap": heap, "uptime": up, "last_round": last,
+                "label": lb.decode()}
+    if kind == REGISTRY:
+        _need(n >= 46, "registry shorter than 46 bytes")
+        mesh = bytes(p[0:8])
+        (version,) = struct.unpack_from("<I", p, 8)
+        coord = bytes(p[12:44])
+        (count,) = struct.unpack_from("<H", p, 44)
+        # Smallest entry is 1 + 1 + 32 + 1 bytes: bound count before looping.
+        _need(count * 35 <= n - 46, "registry count larger than the payload")
+        off = 46
+        entries = []
+        prev = None
+        for _ in range(count):
+            _need(off < n, "registry entry truncated")
+            ln = p[off]
+            _need(1 <= ln <= MAX_ID and off + 1 + ln + 33 <= n, "registry entry truncated")
+            b = bytes(p[off + 1:off + 1 + ln])
+            _need(valid_id(b) and b != COORDINATOR.encode(), "bad node id in registry")
+            _need(prev is None or b > prev, "registry ids not strictly ascending")
+            prev = b
+            pub = bytes(p[off + 1 + ln:off + 33 + ln])
+            st = p[off + 33 + ln]
+            _need(st == ACTIVE or st == REVOKED, "bad registry entry status")
+            entries.append((b.decode(), pub, st == ACTIVE))
+            off += 34 + ln
+        _need(off == n, "trailing bytes after registry entries")
+        return {"mesh_id": mesh, "version": version, "coordinator": coord, "entries": entries}
+    raise WireError("bad_kind", "unknown kind %d" % kind)
+
+
+# ---------------------------------------------------------------- frames
+
+def encode_header(kind, mesh, sender, round_, seq, timestamp, payload_len):
+    if kind not in DOMAINS:
+        raise WireError("bad_kind", "unknown kind")
+    if len(mesh) != MESH_ID_LEN:
+        raise WireError("wrong_mesh", "mesh id must be 8 bytes")
+    sb = _id_bytes(sender)
+    _u(round_, 32, "round")
+    if type(seq) is not int or not 1 <= seq < SEQ_LIMIT:
+        raise WireError("bad_seq", "sequence counter must be in 1 .. 2**63-1")
+    if type(timestamp) is not int or not -(1 << 63) <= timestamp < (1 << 63):
+        raise WireError("out_of_range", "timestamp must be a signed 64-bit int")
+    _u(payload_len, 32, "payload length")
+    return struct.pack(_HDR, MAGIC, VERSION, kind, bytes(mesh), round_, seq, timestamp,
+                       payload_len, len(sb)) + sb
+
+
+def signing_digest(kind, header, payload_hash):
+    """The 32 bytes Ed25519 signs: SHA-256(domain(kind) 0x00 header SHA-256(payload))."""
+    h = hashlib.sha256(DOMAINS[kind])
+    h.update(b"\x00")
+    h.update(header)
+    h.update(payload_hash)
+    return h.digest()
+
+
+def encode(kind, mesh, sender, round_, seq, timestamp, payload, sign):
+    """Build a signed frame. `sign(msg32) -> sig64` holds the sender's key (portable ed25519
+    on devices, `cryptography` on the host)."""
+    payload = bytes(payload)
+    hdr = encode_header(kind, mesh, sender, round_, seq, timestamp, len(payload))
+    sig = sign(signing_digest(kind, hdr, sha256(payload)))
+    if len(sig) != SIG_LEN:
+        raise WireError("bad_signature", "signer returned %d bytes" % len(sig))
+    frame = hdr + payload + bytes(sig)
+    if len(frame) > MAX_FRAME:
+        raise WireError("oversize", "frame of %d bytes exceeds %d" % (len(frame), MAX_FRAME))
+    return frame
+
+
+class Frame:
+    """A structurally valid, NOT yet authenticated frame. `body` is the decoded payload."""
+
+    def __init__(self, kind, mesh_id, sender, round_, seq, timestamp, header, payload,
+                 signature, body):
+        self.version = VERSION
+        self.kind = kind
+        self.mesh_id = mesh_id
+        self.sender = sender
+        self.round = round_
+        self.seq = seq
+        self.timestamp = timestamp
+        self.header = header
+        self.payload = payload
+        self.signature = signature
+        self.body = body
+
+    @property
+    def kind_name(self):
+        return KIND_NAMES[self.kind]
+
+    def signing_digest(self):
+        return signing_digest(self.kind, self.header, sha256(self.payload))
+
+    def __repr__(self):
+        return "Frame(%s from %s round=%d seq=%d ts=%d %d payload bytes)" % (
+            KIND_NAMES[self.kind], self.sender, self.round, self.seq, self.timestamp,
+            len(self.payload))
+
+
+def decode(data, max_frame=MAX_FRAME):
+    """Parse one frame. Checks, in this order: size limit (before anything else), fixed header
+    present, magic, version, kind, sender length, payload length bound, declared total vs. actual
+    size, sender id, sequence counter, payload structure. Raises only WireError."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError("bad_type", "frame must be bytes")
+    n = len(data)
+    if n > max_frame:
+        raise WireError("oversize", "frame of %d bytes exceeds %d" % (n, max_frame))
+    if n < HDR_FIXED:
+        raise WireError("truncated", "frame of %d bytes is shorter than the header" % n)
+    data = bytes(data)
+    magic, version, kind, mesh, round_, seq, ts, plen, slen = struct.unpack_from(_HDR, data, 0)
+    if magic != MAGIC:
+        raise WireError("bad_magic", "not a microfed frame")
+    if version != VERSION:
+        raise WireError("bad_version", "frame version %d, expected %d" % (version, VERSION))
+    if kind not in DOMAINS:
+        raise WireError("bad_kind", "unknown kind %d" % kind)
+    if not 1 <= slen <= MAX_ID:
+        raise WireError("bad_length", "sender length %d outside 1..%d" % (slen, MAX_ID))
+    # Bound the payload length by the limit before adding it to anything.
+    if plen > max_frame - MIN_FRAME + 1:
+        raise WireError("bad_length", "payload length %d exceeds the frame limit" % plen)
+    total = HDR_FIXED + slen + plen + SIG_LEN
+    if n < total:
+        raise WireError("truncated", "frame has %d bytes, header declares %d" % (n, total))
+    if n > total:
+        raise WireError("bad_length", "frame has %d bytes, header declares %d" % (n, total))
+    sb = data[HDR_FIXED:HDR_FIXED + slen]
+    if not valid_id(sb):
+        raise WireError("bad_sender", "sender id is not [A-Za-z0-9._-]")
+    if not 1 <= seq < SEQ_LIMIT:
+        raise WireError("bad_seq", "sequence counter outside 1 .. 2**63-1")
+    hend = HDR_FIXED + slen
+    payload = data[hend:hend + plen]
+    body = decode_payload(kind, payload)
+    if kind == REGISTRY and body["mesh_id"] != mesh:
+        raise WireError("bad_payload", "registry mesh id differs from the header's")
+    return Frame(kind, mesh, sb.decode(), round_, seq, ts, data[:hend], payload,
+                 data[hend + plen:], body)
