@@ -1,0 +1,359 @@
+# On-device models in Q16.16, pinned in docs/model.md (merged into docs/determinism.md).
+# Portable: CPython 3.11 and the MicroPython unix port / ESP32. The training path is pure
+# integer code: no float anywhere in this module, no f-strings, no typing, plain classes.
+# This module IS the reference: any other implementation (a numpy fast path, C firmware)
+# must reproduce init, logits, exp, softmax and train bit for bit (tests/vectors/model.json).
+#
+# Layout of the flat parameter vector of SoftmaxRegression(d features, k classes):
+#   params[c * d + j]  weight of class c for feature j   (c < k, j < d; row-major by class)
+#   params[k * d + c]  bias of class c
+# For the reference task (digits, d = 64, k = 10) that is 640 weights then 10 biases = 650.
+
+import hashlib
+import struct
+
+from microfed.q16 import MAX_RAW, MIN_RAW, ONE, sat
+
+# ---- fixed-point exp ------------------------------------------------------------------------
+# exp(x) for a raw Q16.16 x, as a raw Q16.16 result, saturated to MAX_RAW. Internals in Q30.
+LOG2E_Q30 = 1549082005  # round(log2(e) * 2^30)
+LN2_Q30 = 744261118  # round(ln(2) * 2^30)
+ONE_Q30 = 1073741824  # 2^30
+HALF_Q30 = 536870912  # 2^29: 1/2 in Q30, also the rounding term of a >> 30
+C3_Q30 = 178956971  # round(2^30 / 6)
+# EXP2_16[h] = round(2^(h/16) * 2^30), h = 0..15
+EXP2_16 = (
+    1073741824, 1121280436, 1170923762, 1222764986, 1276901417, 1333434672, 1392470869,
+    1454120821, 1518500250, 1585730000, 1655936265, 1729250827, 1805811301, 1885761398,
+    1969251188, 2056437387,
+)
+# Shortcuts, equal to the full formula because y is monotone in x: below -16.0, k <= -24
+# (result 0); above 11.0, k >= 15 (saturated). They keep every product in 64 bits.
+EXP_ZERO_BELOW = -1048576  # -16.0
+EXP_SAT_ABOVE = 720896  # 11.0
+
+
+def exp(x):
+    # exp(x) = 2^y, y = x * log2(e) = k + f with integer k = floor(y) and f in [0, 1).
+    # y is kept in Q30 (x * LOG2E_Q30 is exact at scale 2^46, rounded half up to 2^30).
+    if x < EXP_ZERO_BELOW:
+        return 0
+    if x > EXP_SAT_ABOVE:
+        return MAX_RAW
+    y = (x * LOG2E_Q30 + 32768) >> 16
+    k = y >> 30
+    if k > 14:
+        return MAX_RAW
+    if k < -17:
+        return 0
+    f = y & 0x3FFFFFFF
+    # 2^f = 2^(h/16) * e^v: a table for the top 4 bits h of f, and a cubic Taylor polynomial
+    # for v = (f - h/16) * ln 2 < 0.0434 (its v^4/24 remainder is < 1.5e-7), Horner in Q30.
+    v = ((f & 0x3FFFFFF) * LN2_Q30 + HALF_Q30) >> 30
+    a = HALF_Q30 + ((v * C3_Q30 + HALF_Q30) >> 30)
+    b = ONE_Q30 + ((v * a + HALF_Q30) >> 30)
+    p = ONE_Q30 + ((v * b + HALF_Q30) >> 30)
+    t = (EXP2_16[f >> 26] * p + HALF_Q30) >> 30
+    # t = 2^f in Q30, in [2^30, 2^31). Q16.16 result = t * 2^k / 2^14, rounded half up.
+    s = 14 - k
+    if s == 0:
+        return t
+    return (t + (1 << (s - 1))) >> s
+
+
+def softmax(z):
+    # p_c = rdiv(exp(z_c - max z) * ONE, S), S = sum of those exps (>= ONE, so never zero).
+    # z_c - max z is exact (no saturation); exp of anything below -16 is 0 anyway.
+    if not z:
+        raise ModelError("softmax of an empty vector")
+    m = z[0]
+    for v in z:
+        if v > m:
+            m = v
+    e = [exp(v - m) for v in z]
+    s = 0
+    for v in e:
+        s += v
+    s2 = 2 * s
+    return [(2 * ONE * v + s) // s2 for v in e]
+
+
+# ---- deterministic pseudo-random numbers ----------------------------------------------------
+M32 = 0xFFFFFFFF
+SEED_ZERO = 0x9E3779B9  # xorshift32 must not start at 0
+
+
+class XorShift32:
+    # Marsaglia's xorshift32 (13, 17, 5) on a 32-bit state; next() returns the new state.
+    def __init__(self, seed):
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError("seed must be a non-negative int")
+        s = seed & M32
+        self.s = s if s else SEED_ZERO
+
+    def next(self):
+        s = self.s
+        s ^= (s << 13) & M32
+        s ^= s >> 17
+        s ^= (s << 5) & M32
+        self.s = s
+        return s
+
+    def shuffle(self, a):
+        # Fisher-Yates from the end: j = next() % (i + 1).
+        i = len(a) - 1
+        while i > 0:
+            j = self.next() % (i + 1)
+            a[i], a[j] = a[j], a[i]
+            i -= 1
+
+
+def derive_seed(base, round_no, node_id):
+    # Per-node, per-round training seed: the first 4 bytes (little-endian) of
+    # SHA-256(b"microfed/seed/v1" || u32le(base) || u32le(round) || utf8(node_id)).
+    h = hashlib.sha256(b"microfed/seed/v1")
+    h.update(struct.pack("<II", base & M32, round_no & M32))
+    h.update(node_id.encode() if isinstance(node_id, str) else bytes(node_id))
+    return int.from_bytes(h.digest()[:4], "little")
+
+
+# ---- model protocol -------------------------------------------------------------------------
+class ModelError(ValueError):
+    pass
+
+
+class TrainConfig:
+    # lr: raw Q16.16 learning rate (> 0). epochs, batch: ints >= 1. seed: shuffle seed >= 0.
+    def __init__(self, lr=32768, epochs=1, batch=10, seed=0):
+        for name, v, lo in (("lr", lr, 1), ("epochs", epochs, 1), ("batch", batch, 1), ("seed", seed, 0)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ModelError("%s must be an int >= %d, got %r" % (name, lo, v))
+        if lr > MAX_RAW:
+            raise ModelError("lr does not fit Q16.16")
+        self.lr = lr
+        self.epochs = epochs
+        self.batch = batch
+        self.seed = seed
+
+    def as_dict(self):
+        return {"lr": self.lr, "epochs": self.epochs, "batch": self.batch, "seed": self.seed}
+
+
+class Model:
+    # What a mesh needs from a model: a fixed-length vector of raw Q16.16 parameters, a
+    # deterministic init, prediction, and local training. Subclasses set name and n_params
+    # and implement init, logits/predict and train; delta/apply/evaluate come for free.
+    name = ""
+    n_params = 0
+
+    def init(self, seed):
+        raise NotImplementedError
+
+    def predict(self, params, x):
+        raise NotImplementedError
+
+    def train(self, params, data, cfg):
+        raise NotImplementedError
+
+    def check_params(self, params):
+        if len(params) != self.n_params:
+            raise ModelError("%s expects %d parameters, got %d" % (self.name, self.n_params, len(params)))
+        for v in params:
+            if not isinstance(v, int) or v < MIN_RAW or v > MAX_RAW:
+                raise ModelError("parameters must be int32 raw Q16.16 values")
+
+    def delta(self, old, new):
+        # What a node publishes: new - old, element-wise, saturated.
+        if len(old) != len(new):
+            raise ModelError("delta: length mismatch")
+        return [sat(b - a) for a, b in zip(old, new)]
+
+    def apply(self, params, delta):
+        if len(params) != len(delta):
+            raise ModelError("apply: length mismatch")
+        return [sat(a + b) for a, b in zip(params, delta)]
+
+    def evaluate(self, params, data):
+        # Number of correct predictions (an int: the caller divides for display).
+        xs, ys = data
+        correct = 0
+        for i in range(len(xs)):
+            if self.predict(params, xs[i]) == ys[i]:
+                correct += 1
+        return correct
+
+
+class SoftmaxRegression(Model):
+    # Multinomial logistic regression: z = W x + b, p = softmax(z), cross-entropy loss,
+    # mini-batch SGD. Every product is accumulated exactly and rounded once.
+    name = "softmax"
+    INIT_AMP = 655  # init weights uniform in [-655, 655] raw (about +-0.01), biases 0
+
+    def __init__(self, n_features=64, n_classes=10):
+        if n_features < 1 or n_classes < 2:
+            raise ModelError("softmax needs n_features >= 1 and n_classes >= 2")
+        self.d = n_features
+        self.k = n_classes
+        self.n_params = n_features * n_classes + n_classes
+
+    def init(self, seed):
+        rng = XorShift32(seed)
+        span = 2 * self.INIT_AMP + 1
+        w = [rng.next() % span - self.INIT_AMP for _ in range(self.d * self.k)]
+        return w + [0] * self.k
+
+    def logits(self, params, x):
+        # z_c = sat(b_c + round_half_up(sum_j W_cj * x_j / 2^16)); the sum is exact.
+        if len(x) != self.d:
+            raise ModelError("sample has %d features, expected %d" % (len(x), self.d))
+        return self._logits(params, _nonzero(x))
+
+    def _logits(self, params, nz):
+        d = self.d
+        bo = self.k * d
+        z = []
+        for c in range(self.k):
+            o = c * d
+            acc = 0
+            for j, v in nz:
+                acc += params[o + j] * v
+            z.append(sat(params[bo + c] + ((acc + 32768) >> 16)))
+        return z
+
+    def probs(self, params, x):
+        return softmax(self.logits(params, x))
+
+    def predict(self, params, x):
+        # argmax of the logits, lowest class index on ties.
+        z = self.logits(params, x)
+        best = 0
+        for c in range(1, self.k):
+            if z[c] > z[best]:
+                best = c
+        return best
+
+    def check_data(self, data):
+        xs, ys = data
+        if len(xs) != len(ys):
+            raise ModelError("data: %d feature rows but %d labels" % (len(xs), len(ys)))
+        if not xs:
+            raise ModelError("data: no samples")
+        for i in range(len(xs)):
+            if len(xs[i]) != self.d:
+                raise ModelError("data: sample %d has %d features, expected %d" % (i, len(xs[i]), self.d))
+            y = ys[i]
+            if not isinstance(y, int) or y < 0 or y >= self.k:
+                raise ModelError("data: label %r of sample %d outside 0..%d" % (y, i, self.k - 1))
+
+    def train(self, params, data, cfg):
+        # For each epoch: shuffle the sample order (XorShift32(cfg.seed), one generator for
+        # the whole call), cut it into batches of cfg.batch (the last may be shorter); per
+        # batch of m samples, with the parameters held fixed over the batch:
+        #   g_c  = p_c - ONE*[c == y]                       (softmax of the logits, Q16.16)
+        #   GW_cj = sum over samples of g_c * x_j           (exact, scale 2^32)
+        #   Gb_c  = sum over samples of g_c                 (exact, scale 2^16)
+        #   W_cj <- sat(W_cj - rdiv(lr * GW_cj, m << 32))
+        #   b_c  <- sat(b_c  - rdiv(lr * Gb_c,  m << 16))
+        self.check_params(params)
+        self.check_data(data)
+        xs, ys = data
+        d = self.d
+        k = self.k
+        bo = k * d
+        lr = cfg.lr
+        p = list(params)
+        rng = XorShift32(cfg.seed)
+        order = list(range(len(xs)))
+        for _ in range(cfg.epochs):
+            rng.shuffle(order)
+            for start in range(0, len(order), cfg.batch):
+                batch = order[start:start + cfg.batch]
+                gw = [0] * bo
+                gb = [0] * k
+                for i in batch:
+                    # Rebuilt per use rather than kept for the shard: a few % of the time,
+                    # and a 32-bit port's heap would not hold a tuple per non-zero pixel.
+                    nz = _nonzero(xs[i])
+                    q = softmax(self._logits(p, nz))
+                    q[ys[i]] -= ONE
+                    for c in range(k):
+                        g = q[c]
+                        if g:
+                            gb[c] += g
+                            o = c * d
+                            for j, v in nz:
+                                gw[o + j] += g * v
+                m = len(batch)
+                mw = m << 32
+                mw2 = mw << 1
+                mb = m << 16
+                mb2 = mb << 1
+                for t in range(bo):
+                    g = gw[t]
+                    if g:
+                        v = p[t] - (2 * lr * g + mw) // mw2
+                        p[t] = MAX_RAW if v > MAX_RAW else (MIN_RAW if v < MIN_RAW else v)
+                for c in range(k):
+                    g = gb[c]
+                    if g:
+                        v = p[bo + c] - (2 * lr * g + mb) // mb2
+                        p[bo + c] = MAX_RAW if v > MAX_RAW else (MIN_RAW if v < MIN_RAW else v)
+        return p
+
+
+def _nonzero(x):
+    # (index, value) of the non-zero features: zeros add nothing to an exact sum, and digits
+    # images are about half zeros.
+    return [(j, v) for j, v in enumerate(x) if v]
+
+
+MODELS = {"softmax": SoftmaxRegression}
+
+
+def get(name, **kw):
+    cls = MODELS.get(name)
+    if cls is None:
+        raise ModelError("unknown model %r (known: %s)" % (name, ", ".join(sorted(MODELS))))
+    return cls(**kw)
+
+
+def params_digest(params):
+    # SHA-256 over the parameters as little-endian int32, in vector order.
+    h = hashlib.sha256()
+    for i in range(0, len(params), 64):
+        chunk = params[i:i + 64]
+        h.update(struct.pack("<%di" % len(chunk), *chunk))
+    return h.digest()
+
+
+# ---- data shards (format in host/microfed_host/data.py and docs/model.md) -------------------
+SHARD_MAGIC = b"MFDS"
+SHARD_HEADER = "<4sBBHHIHH"
+SHARD_HEADER_SIZE = 18
+
+
+def decode_shard(buf):
+    # -> (xs, ys, info); xs rows of raw Q16.16 ints (stored byte << shift). Checks the
+    # SHA-256 trailer first so a truncated or corrupted file is refused, not trained on.
+    n_buf = len(buf)
+    if n_buf < SHARD_HEADER_SIZE + 32:
+        raise ModelError("shard: %d bytes is too short" % n_buf)
+    mv = memoryview(buf)
+    if hashlib.sha256(mv[:n_buf - 32]).digest() != bytes(mv[n_buf - 32:]):
+        raise ModelError("shard: SHA-256 mismatch (truncated or corrupted)")
+    magic, version, shift, d, k, n, index, count = struct.unpack(SHARD_HEADER, bytes(mv[:SHARD_HEADER_SIZE]))
+    if magic != SHARD_MAGIC or version != 1:
+        raise ModelError("shard: not an MFDS v1 file")
+    if n_buf != SHARD_HEADER_SIZE + n * d + n + 32:
+        raise ModelError("shard: length does not match its header")
+    xs = []
+    o = SHARD_HEADER_SIZE
+    for _ in range(n):
+        xs.append([b << shift for b in buf[o:o + d]])
+        o += d
+    ys = list(buf[o:o + n])
+    for y in ys:
+        if y >= k:
+            raise ModelError("shard: label %d outside 0..%d" % (y, k - 1))
+    info = {"n_features": d, "n_classes": k, "n_samples": n, "index": index, "count": count, "shift": shift}
+    return xs, ys, info
