@@ -12,7 +12,11 @@ import sys
 
 COMMANDS: tuple[str, ...] = (
     "microfed_tools.cmd_aggregate",
+    "microfed_tools.cmd_deploy",
+    "microfed_tools.cmd_emulate",
     "microfed_tools.cmd_provision",
+    "microfed_tools.cmd_boards",
+    "microfed_tools.cmd_flash",
 )
 
 
