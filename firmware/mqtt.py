@@ -476,7 +476,7 @@ class Transport:
 
     def _begin(self, timeout_ms):
         c = self.client
-        c.deadline = ticks_add(ticks_ms(), timeout_ms)
+        c.deadline = ticks_add(ticks_ms(), timeout_ms)  # pyright: ignore[reportAttributeAccessIssue]  (stub types ticks as _TicksMs)
         c.set_timeout_ms(timeout_ms if timeout_ms < self.io_timeout_ms else self.io_timeout_ms)
         self._busy = True
 
@@ -497,6 +497,9 @@ class Transport:
                 self._n["dropped_pending"] += 1
             self._pending.append((topic, msg))
         else:
+            # Messages held while we were busy came first: deliver them before this one
+            # (the mesh relies on per-topic order: a round's updates before the next global).
+            self._flush()
             self._deliver(topic, msg)
 
     def _deliver(self, topic, msg):

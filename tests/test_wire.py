@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from microfed import audit, wire
+from microfed import announce, audit, wire
 from microfed.wire import WireError
 from microfed_host import keys, upy
 
@@ -47,6 +47,10 @@ def _frame(name: str, kind: int, sender: str, round_: int, seq: int, ts: int, pa
     }
 
 
+NO_ANNOUNCEMENT = {"final": False, "rule": None, "p1": 0, "p2": 0, "agg_digest": "00" * 32,
+                   "accepted": []}
+
+
 def build_vectors() -> dict:
     gm = [65536, -32768, 1, 0, -1]
     gm_digest = wire.vector_digest(struct.pack("<5i", *gm))
@@ -54,13 +58,20 @@ def build_vectors() -> dict:
                ("node-02", keys.public_key(seed("node-02")), True),
                ("node-03", keys.public_key(seed("node-03")), False)]
     coord = keys.public_key(seed("coordinator"))
+    accepted = [("node-01", hashlib.sha256(b"update node-01").digest()),
+                ("node-02", hashlib.sha256(b"update node-02").digest())]
     cases = [
         _frame("model_update", wire.MODEL_UPDATE, "node-01", 3, 1, 0,
                wire.encode_model_update(120, [65536, -65536, 32768, 2147483647, -2147483648]),
                "node-01", {"samples": 120, "values": [65536, -65536, 32768, 2147483647, -2147483648]}),
         _frame("global_model", wire.GLOBAL_MODEL, "coordinator", 3, 7, 1735689600,
                wire.encode_global_model(gm), "coordinator",
-               {"values": gm, "digest": gm_digest.hex()}),
+               {"values": gm, "digest": gm_digest.hex(), **NO_ANNOUNCEMENT}),
+        _frame("global_model_announced", wire.GLOBAL_MODEL, "coordinator", 4, 8, 1735689660,
+               announce.encode_global_payload(gm, "krum", 1, 0, gm_digest, accepted), "coordinator",
+               {"values": gm, "digest": gm_digest.hex(), "final": False, "rule": "krum", "p1": 1,
+                "p2": 0, "agg_digest": gm_digest.hex(),
+                "accepted": [[i, h.hex()] for i, h in accepted]}),
         _frame("gossip_digest", wire.GOSSIP_DIGEST, "node-02", 3, 2, -1,
                wire.encode_gossip_digest(gm_digest, "multi_krum", 1, 3, 5), "node-02",
                {"digest": gm_digest.hex(), "rule": "multi_krum", "p1": 1, "p2": 3, "count": 5}),
@@ -91,9 +102,11 @@ def test_vector_file_matches_code() -> None:
 
 def _body_json(kind: int, body: dict) -> dict:
     out = dict(body)
-    for k in ("digest", "coordinator"):
+    for k in ("digest", "coordinator", "agg_digest"):
         if k in out:
             out[k] = out[k].hex()
+    if "accepted" in out:
+        out["accepted"] = [[i, h.hex()] for i, h in out["accepted"]]
     if kind == wire.REGISTRY:
         out.pop("mesh_id")
         out["entries"] = [[i, p.hex(), a] for i, p, a in out["entries"]]
@@ -147,7 +160,7 @@ def test_domain_separation_changes_digest() -> None:
 
 MP_SCRIPT = r"""
 import sys, json
-from microfed import wire
+from microfed import announce, wire
 try:
     from microfed import ed25519
 except ImportError:
@@ -169,7 +182,11 @@ for c in cases:
     if k == wire.MODEL_UPDATE:
         pl2 = wire.encode_model_update(fl["samples"], fl["values"])
     elif k == wire.GLOBAL_MODEL:
-        pl2 = wire.encode_global_model(fl["values"])
+        pl2 = announce.encode_global_payload(
+            fl["values"], fl["rule"], fl["p1"], fl["p2"], bytes.fromhex(fl["agg_digest"]),
+            [(a[0], bytes.fromhex(a[1])) for a in fl["accepted"]], fl["final"])
+        if not fl["rule"] and not fl["final"]:
+            pl2 = wire.encode_global_model(fl["values"])
     elif k == wire.GOSSIP_DIGEST:
         pl2 = wire.encode_gossip_digest(bytes.fromhex(fl["digest"]), fl["rule"], fl["p1"], fl["p2"], fl["count"])
     elif k == wire.REGISTRY:

@@ -240,10 +240,10 @@ def decode_payload(kind, p):
         _need(dim >= 1 and n == 8 + 4 * dim, "model update length does not match dim")
         return {"samples": samples, "values": _unpack_i32(p, 8, dim)}
     if kind == GLOBAL_MODEL:
-        _need(n >= 36, "global model shorter than 36 bytes")
-        (dim,) = struct.unpack_from("<I", p, 32)
-        _need(dim >= 1 and n == 36 + 4 * dim, "global model length does not match dim")
-        return {"digest": bytes(p[0:32]), "values": _unpack_i32(p, 36, dim)}
+        # digest, values, then optionally the accepted-set announcement, signed with the rest
+        # of the payload (microfed.announce; imported here because it builds on this module).
+        from microfed import announce
+        return announce.decode_global_payload(p)
     if kind == GOSSIP_DIGEST:
         _need(n == 37, "gossip digest must be 37 bytes")
         rule, p1, p2, count = struct.unpack_from("<BBBH", p, 32)

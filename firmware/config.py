@@ -1,0 +1,206 @@
+# Node configuration: bundle.json (identity, from `microfed provision`) and config.json (how
+# this node runs), both read from the node's directory. Every field is checked here, once,
+# so the node loop never sees a malformed value: a bad file stops the boot with a
+# ConfigError naming the file and the field. Portable (MicroPython and CPython).
+
+import json
+
+BUNDLE_FORMAT = "microfed-bundle/1"
+MODES = ("coordinated", "gossip")
+
+# config.json keys and their defaults (firmware/README.md documents each).
+DEFAULTS = {
+    "mode": "coordinated",
+    "model": "softmax",
+    "shard": "shard.bin",
+    "state_dir": "state",
+    "train": None,              # {"lr": raw Q16.16, "epochs", "batch", "seed": base seed}
+    "max_rounds": 0,            # 0: run until a final GLOBAL_MODEL
+    "broker": None,             # {"host", "port"}: overrides the bundle's broker
+    "wifi": None,               # {"ssid", "password"}: overrides the bundle's wifi
+    "wifi_timeout_ms": 20000,
+    "keepalive": 30,
+    "publish_timeout_ms": 5000,
+    "io_timeout_ms": 5000,
+    "max_msg": 16384,           # largest MQTT message kept (bytes); a 650-param global is ~3.3 KB
+    "max_pending": 0,           # messages queued while awaiting an ack; 0: 2 * nodes + 4
+    "gossip_buffer": 0,         # peer updates buffered (two rounds); 0: 2 * per_sender * nodes
+    "per_sender": 2,            # distinct verified updates kept per sender and round
+    "max_abs": 256 * 65536,     # value range of a peer update (must equal the coordinator's)
+    "status_interval_ms": 250,  # minimum gap between two STATUS frames
+    "idle_exit_s": 0,           # exit (code 4) after this long without a GLOBAL_MODEL; 0: never
+    "log": "",                  # "": stdout; else a file name in the node directory
+    "seq_block": 64,            # sequence counters leased per flash write
+}
+
+
+def default_train():
+    # microfed.model's TrainConfig defaults, so node and host agree unless told otherwise.
+    from microfed.model import TrainConfig
+
+    return TrainConfig().as_dict()
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _read_json(path, what):
+    try:
+        f = open(path)
+    except OSError:
+        raise ConfigError("%s: cannot open %s" % (path, what))
+    try:
+        try:
+            doc = json.loads(f.read())
+        except ValueError as e:
+            raise ConfigError("%s: not valid JSON (%s)" % (path, e))
+    finally:
+        f.close()
+    if not isinstance(doc, dict):
+        raise ConfigError("%s: must be a JSON object" % path)
+    return doc
+
+
+def _int(doc, key, lo, hi, where):
+    v = doc[key]
+    if type(v) is not int or v < lo or v > hi:
+        raise ConfigError("%s: '%s' must be an integer in %d..%d, got %r" % (where, key, lo, hi, v))
+    return v
+
+
+def _hex(doc, key, n, where):
+    v = doc.get(key)
+    if not isinstance(v, str) or len(v) != 2 * n:
+        raise ConfigError("%s: '%s' must be %d hex characters" % (where, key, 2 * n))
+    try:
+        return bytes.fromhex(v)
+    except ValueError:
+        raise ConfigError("%s: '%s' is not hex" % (where, key))
+
+
+def _broker(v, where):
+    if not isinstance(v, dict) or not isinstance(v.get("host"), str) or not v["host"]:
+        raise ConfigError("%s: 'broker' must be {\"host\": str, \"port\": int}" % where)
+    port = v.get("port", 1883)
+    if type(port) is not int or not 0 < port < 65536:
+        raise ConfigError("%s: broker port must be 1..65535" % where)
+    return {"host": v["host"], "port": port}
+
+
+def _wifi(v, where):
+    if v is None:
+        return None
+    if not isinstance(v, dict) or not isinstance(v.get("ssid"), str) or not v["ssid"]:
+        raise ConfigError("%s: 'wifi' must be {\"ssid\": str, \"password\": str}" % where)
+    pw = v.get("password", "")
+    if not isinstance(pw, str):
+        raise ConfigError("%s: wifi password must be a string" % where)
+    return {"ssid": v["ssid"], "password": pw}
+
+
+class Bundle:
+    """What `microfed provision` wrote for this node. The registry frame is verified later,
+    against the pinned coordinator key, by the node."""
+
+    def __init__(self, path):
+        d = _read_json(path, "the node bundle (microfed provision ... bundles/ID.json)")
+        if d.get("format") != BUNDLE_FORMAT:
+            raise ConfigError("%s: not a %s file" % (path, BUNDLE_FORMAT))
+        for key in ("mesh", "node_id"):
+            if not isinstance(d.get(key), str) or not d[key]:
+                raise ConfigError("%s: '%s' missing" % (path, key))
+        self.mesh = d["mesh"]
+        self.node_id = d["node_id"]
+        self.mesh_id = _hex(d, "mesh_id", 8, path)
+        self.seed = _hex(d, "seed", 32, path)
+        self.public_key = _hex(d, "public_key", 32, path)
+        self.coordinator_key = _hex(d, "coordinator_public_key", 32, path)
+        rf = d.get("registry_frame")
+        if not isinstance(rf, str) or len(rf) % 2 or len(rf) > 2 * 65536:
+            raise ConfigError("%s: 'registry_frame' must be the signed registry in hex" % path)
+        try:
+            self.registry_frame = bytes.fromhex(rf)
+        except ValueError:
+            raise ConfigError("%s: 'registry_frame' is not hex" % path)
+        self.registry_version = d.get("registry_version", 0)
+        if type(self.registry_version) is not int or self.registry_version < 0:
+            raise ConfigError("%s: 'registry_version' must be an integer >= 0" % path)
+        self.broker = _broker(d.get("broker"), path) if d.get("broker") is not None else None
+        self.wifi = _wifi(d.get("wifi"), path)
+
+
+class Config:
+    def __init__(self, path=None, doc=None):
+        where = path or "config"
+        if doc is None:
+            doc = _read_json(path, "the node config") if path else {}
+        for key in doc:
+            if key not in DEFAULTS:
+                raise ConfigError("%s: unknown key '%s'" % (where, key))
+        d = dict(DEFAULTS)
+        d.update(doc)
+        if d["mode"] not in MODES:
+            raise ConfigError("%s: 'mode' must be one of %s" % (where, ", ".join(MODES)))
+        for key in ("model", "shard", "state_dir", "log"):
+            if not isinstance(d[key], str):
+                raise ConfigError("%s: '%s' must be a string" % (where, key))
+        if not d["model"] or not d["shard"] or not d["state_dir"]:
+            raise ConfigError("%s: 'model', 'shard' and 'state_dir' must not be empty" % where)
+        for key, lo, hi in (("max_rounds", 0, 0xFFFFFFFE), ("wifi_timeout_ms", 1, 600000),
+                            ("keepalive", 0, 65535), ("publish_timeout_ms", 1, 600000),
+                            ("io_timeout_ms", 1, 600000), ("max_msg", 256, 1 << 20),
+                            ("max_pending", 0, 1024), ("gossip_buffer", 0, 4096),
+                            ("per_sender", 1, 16), ("max_abs", 1, 0x7FFFFFFF),
+                            ("status_interval_ms", 0, 600000), ("idle_exit_s", 0, 1 << 30),
+                            ("seq_block", 1, 1 << 20)):
+            _int(d, key, lo, hi, where)
+        tr = default_train()
+        if d["train"] is not None:
+            if not isinstance(d["train"], dict):
+                raise ConfigError("%s: 'train' must be an object" % where)
+            for key in d["train"]:
+                if key not in tr:
+                    raise ConfigError("%s: unknown key 'train.%s'" % (where, key))
+            tr.update(d["train"])
+        for key, lo, hi in (("lr", 1, 0x7FFFFFFF), ("epochs", 1, 1000), ("batch", 1, 1 << 16),
+                            ("seed", 0, 0xFFFFFFFF)):
+            _int(tr, key, lo, hi, where + " train")
+        d["train"] = tr
+        if d["broker"] is not None:
+            d["broker"] = _broker(d["broker"], where)
+        d["wifi"] = _wifi(d["wifi"], where)
+        # Spelled out (not setattr in a loop) so type checkers see every field.
+        self.mode = d["mode"]
+        self.model = d["model"]
+        self.shard = d["shard"]
+        self.state_dir = d["state_dir"]
+        self.train = d["train"]
+        self.max_rounds = d["max_rounds"]
+        self.broker = d["broker"]
+        self.wifi = d["wifi"]
+        self.wifi_timeout_ms = d["wifi_timeout_ms"]
+        self.keepalive = d["keepalive"]
+        self.publish_timeout_ms = d["publish_timeout_ms"]
+        self.io_timeout_ms = d["io_timeout_ms"]
+        self.max_msg = d["max_msg"]
+        self.max_pending = d["max_pending"]
+        self.gossip_buffer = d["gossip_buffer"]
+        self.per_sender = d["per_sender"]
+        self.max_abs = d["max_abs"]
+        self.status_interval_ms = d["status_interval_ms"]
+        self.idle_exit_s = d["idle_exit_s"]
+        self.log = d["log"]
+        self.seq_block = d["seq_block"]
+
+
+def load(bundle_path="bundle.json", config_path="config.json"):
+    """(Bundle, Config); a missing config.json means all defaults."""
+    bundle = Bundle(bundle_path)
+    try:
+        f = open(config_path)
+        f.close()
+        cfg = Config(config_path)
+    except OSError:
+        cfg = Config(None, {})
+    return bundle, cfg

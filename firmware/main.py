@@ -1,0 +1,195 @@
+# microfed node boot: load bundle and config, bring the board's network up, connect to the
+# broker, run the node loop. Runs as /main.py on a board and as
+#   MICROPYPATH=<repo>/shared:<repo>/firmware:<repo>/firmware/lib \
+#       micropython -X heapsize=4m <repo>/firmware/main.py [NODE_DIR]
+# on the unix port (firmware/README.md has the whole contract). Output: one JSON object per
+# line on stdout (or config "log"). Exit codes: 0 run finished (final GLOBAL_MODEL),
+# 2 bad bundle/config/shard/state (message says which), 4 idle exit, 1 unexpected fatal error,
+# 130 interrupted. Bad input at run time is never fatal: it is logged, counted and reported.
+
+import gc
+import json
+import os
+import sys
+import time
+
+EXIT_DONE = 0
+EXIT_FATAL = 1
+EXIT_CONFIG = 2
+EXIT_IDLE = 4
+
+_out = [None]  # the log file, when config "log" names one
+
+
+def emit(d):
+    line = json.dumps(d)
+    f = _out[0]
+    if f is None:
+        print(line)
+    else:
+        f.write(line + "\n")
+        try:
+            f.flush()
+        except Exception:
+            pass
+
+
+def _read(path):
+    f = open(path, "rb")
+    try:
+        return f.read()
+    finally:
+        f.close()
+
+
+def _mkdir(path):
+    try:
+        os.mkdir(path)
+    except OSError:
+        pass  # exists (EEXIST); a real failure shows up on the first state write
+    try:
+        os.stat(path)
+    except OSError:
+        raise OSError("cannot create state directory %s" % path)
+
+
+def _absolute_path():
+    # MICROPYPATH may hold relative directories; they must survive the chdir below.
+    try:
+        cwd = os.getcwd()
+    except Exception:
+        return
+    for i in range(len(sys.path)):
+        p = sys.path[i]
+        if p and p[0] not in "/." and ":" not in p:
+            sys.path[i] = cwd + "/" + p
+
+
+def boot(argv):
+    """Everything that can fail because of the node's files; returns (node, transport, hal)
+    or raises BootError with a readable message."""
+    if argv:
+        # Before any import: packages remember the (possibly relative) path they came from.
+        _absolute_path()
+        try:
+            os.chdir(argv[0])
+        except OSError:
+            raise BootError("node directory %s does not exist" % argv[0])
+    import config
+    import hal as halmod
+    from microfed import model, replay
+
+    try:
+        bundle, cfg = config.load("bundle.json", "config.json")
+    except config.ConfigError as e:
+        raise BootError(str(e))
+    if cfg.log:
+        _out[0] = open(cfg.log, "a")
+    hal = halmod.load()
+    try:
+        shard = _read(cfg.shard)
+    except OSError:
+        raise BootError("%s: cannot read the data shard (host/microfed_host/data.py writes it)"
+                        % cfg.shard)
+    try:
+        _mkdir(cfg.state_dir)
+    except OSError as e:
+        raise BootError(str(e))
+    import node as nodemod
+
+    broker = cfg.broker or bundle.broker
+    if broker is None:
+        raise BootError("no broker: bundle.json and config.json both lack 'broker'")
+    try:
+        from mqtt import Transport
+    except ImportError as e:
+        raise BootError("MQTT client missing (%r): put firmware/lib on the module path" % e)
+    t = Transport(bundle.node_id, broker["host"], broker["port"], keepalive=cfg.keepalive,
+                  nodelay=True, max_msg=cfg.max_msg, io_timeout_ms=cfg.io_timeout_ms,
+                  publish_timeout_ms=cfg.publish_timeout_ms, max_pending=8,
+                  log=lambda m: emit({"ev": "mqtt", "node": bundle.node_id, "msg": m}))
+    try:
+        nd = nodemod.Node(bundle, cfg, shard, t, hal, emit)
+    except (ValueError, nodemod.StateError, replay.StoreError, model.ModelError) as e:
+        raise BootError(str(e))
+    shard = None
+    n_nodes = len(nd.registry.nodes)
+    # Peers publish together at the end of a round: while our own PUBACK is awaited their
+    # updates queue here, so make room for all of them.
+    t.max_pending = cfg.max_pending or (2 * n_nodes + 4)
+    t.set_handler(nd.on_message)
+    nd.subscribe()
+    wifi = cfg.wifi or bundle.wifi
+    return nd, t, hal, wifi, cfg, broker
+
+
+class BootError(Exception):
+    pass
+
+
+def run(argv):
+    try:
+        nd, t, hal, wifi, cfg, broker = boot(argv)
+    except BootError as e:
+        emit({"ev": "boot_error", "error": str(e)})
+        return EXIT_CONFIG
+    gc.collect()
+    nd.log("boot", hal=hal.NAME, mode=cfg.mode, broker="%s:%d" % (broker["host"], broker["port"]),
+           last_round=nd.state.last_round, next_seq=nd.seqs.last + 1,
+           params=nd.model.n_params, samples=nd.n_samples, free_heap=hal.free_heap())
+    while not hal.connect(wifi, cfg.wifi_timeout_ms, lambda m: nd.log("hal", msg=m)):
+        time.sleep_ms(2000)
+    # The first attempt may wait; after that poll() reconnects with back-off by itself.
+    if not t.connect(5000):
+        nd.log("mqtt_waiting", error=t.last_error)
+    down_since = None
+    failures = 0
+    while not nd.done:
+        try:
+            t.poll(100)
+            nd.step()
+            failures = 0
+            if t.connected:
+                down_since = None
+            elif down_since is None:
+                down_since = time.ticks_ms()
+            elif time.ticks_diff(time.ticks_ms(), down_since) > 30000:
+                # The broker has been unreachable for a while: maybe the Wi-Fi dropped.
+                hal.connect(wifi, cfg.wifi_timeout_ms, lambda m: nd.log("hal", msg=m))
+                down_since = time.ticks_ms()
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            # A bug must not stop the node: report it, back off, carry on.
+            failures += 1
+            nd.error("loop", e)
+            time.sleep_ms(min(100 * failures, 5000))
+    nd.drain(3000)
+    nd.log("exit", code=nd.exit_code, counters=nd.counters())
+    t.close()
+    return nd.exit_code
+
+
+def main():
+    argv = sys.argv[1:] if len(sys.argv) > 1 else []
+    try:
+        code = run(argv)
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as e:
+        emit({"ev": "fatal", "error": repr(e)})
+        try:
+            sys.print_exception(e)
+        except Exception:
+            pass
+        code = EXIT_FATAL
+    f = _out[0]
+    if f is not None:
+        f.close()
+    if sys.platform in ("linux", "darwin", "win32"):
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,501 @@
+"""The MicroPython node application (firmware/) as real unix-port processes against a real
+MQTT broker, with this test playing the coordinator through the shared wire module and
+`cryptography` Ed25519 keys.
+
+Checked: a node's MODEL_UPDATE is signed, verifies, and its delta equals what
+microfed.model computes on CPython bit for bit; its sequence counter and last round
+survive kill -9 (no old round re-published, next counter larger); forged, wrong-mesh and
+replayed GLOBAL_MODELs are rejected by reason and reported in signed STATUS frames while
+the node keeps working; in gossip mode every node publishes the audit.digest of the
+reference aggregate of the announced accepted set; bad files stop the boot with a reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from microfed import audit, model, q16, wire
+from microfed.replay import MemoryStore, ReplayGuard
+from microfed.verify import Verifier
+
+ROOT = Path(__file__).resolve().parents[1]
+FIRMWARE = ROOT / "firmware"
+
+from microfed import announce  # noqa: E402
+
+MESH = "nodetest"
+N_NODES = 5
+SAMPLES = 40  # per shard: enough to train, small enough to keep the test quick
+TRAIN = {"lr": 16384, "epochs": 1, "batch": 10, "seed": 7}
+
+
+# ------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def broker():
+    from microfed_host.broker import BrokerError, amqtt_available, find_mosquitto, start_broker
+
+    if find_mosquitto() is None and not amqtt_available():
+        pytest.skip("no MQTT broker: apt-get install mosquitto (or pip install amqtt)")
+    try:
+        b = start_broker("auto")
+    except BrokerError as e:
+        pytest.fail(f"broker did not start: {e}")
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory, broker: Any) -> dict[str, Any]:
+    """A provisioned mesh (coordinator + 5 node keys) and one 40-sample digits shard each."""
+    import numpy as np
+
+    from microfed_host import data, keys
+    from microfed_host import registry as regmod
+    from microfed_tools import cmd_provision
+
+    root = tmp_path_factory.mktemp("mesh")
+    args = argparse.Namespace(out=str(root / "mesh"), nodes=N_NODES, mesh=MESH,
+                              broker=f"{broker.host}:{broker.port}", force=False)
+    assert cmd_provision.cmd_init(args) == 0
+    md = root / "mesh"
+    coord_seed = keys.read_private_key(md / "coordinator.key")
+    reg, _ = regmod.load(md / "registry.json", keys.public_key(coord_seed))
+    # Digits-shaped data (8x8 pixels 0..16, 10 classes) drawn from a seeded generator: the
+    # checks here are bit-exactness and protocol, not accuracy, so scikit-learn is not needed.
+    rng = np.random.default_rng(3)
+    shards = {}
+    for i in range(N_NODES):
+        pixels = rng.integers(0, 17, size=(SAMPLES, 64))
+        ds = data.Dataset(data.quantise(pixels), rng.integers(0, 10, size=SAMPLES), 10)
+        shards[f"node-{i + 1:02d}"] = data.encode_shard(ds, i, N_NODES)
+    node_seeds = {n: keys.read_private_key(md / "nodes" / f"{n}.key") for n in reg.nodes}
+    return {"root": root, "dir": md, "coord_seed": coord_seed, "registry": reg,
+            "shards": shards, "node_seeds": node_seeds}
+
+
+def node_dir(mesh: dict[str, Any], node_id: str, name: str, **cfg: Any) -> Path:
+    d = mesh["root"] / name / node_id
+    d.mkdir(parents=True)
+    (d / "bundle.json").write_text((mesh["dir"] / "bundles" / f"{node_id}.json").read_text())
+    (d / "shard.bin").write_bytes(mesh["shards"][node_id])
+    conf = {"train": TRAIN, "status_interval_ms": 0, "idle_exit_s": 60}
+    conf.update(cfg)
+    (d / "config.json").write_text(json.dumps(conf))
+    return d
+
+
+# ------------------------------------------------------------------ a node process
+class NodeProc:
+    """`micropython main.py DIR` exactly as firmware/README.md tells the mesh runner."""
+
+    def __init__(self, exe: str, directory: Path) -> None:
+        env = dict(os.environ)
+        env["MICROPYPATH"] = os.pathsep.join(
+            [str(ROOT / "shared"), str(FIRMWARE), str(FIRMWARE / "lib")])
+        self.events: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self.proc = subprocess.Popen(
+            [exe, "-X", "heapsize=4m", str(FIRMWARE / "main.py"), str(directory)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            text = line.decode(errors="replace").rstrip()
+            self.raw.append(text)
+            try:
+                self.events.append(json.loads(text))
+            except ValueError:
+                pass
+
+    def of(self, ev: str) -> list[dict[str, Any]]:
+        return [e for e in list(self.events) if e.get("ev") == ev]
+
+    def wait_event(self, ev: str, timeout: float = 20.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.of(ev)
+            if found:
+                return found[-1]
+            if self.proc.poll() is not None:
+                self._reader.join(2)
+                found = self.of(ev)
+                if found:
+                    return found[-1]
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"no '{ev}' event; node output:\n" + "\n".join(self.raw[-30:]))
+
+    def wait(self, timeout: float = 20.0) -> int:
+        rc = self.proc.wait(timeout)
+        self._reader.join(5)
+        return rc
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._reader.join(5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+# ------------------------------------------------------------------ the test's coordinator
+class Driver:
+    """Plays the coordinator: signs GLOBAL_MODELs with the provisioned coordinator key and
+    verifies what nodes send with the host's Ed25519 (cryptography)."""
+
+    def __init__(self, mesh: dict[str, Any], broker: Any, client_id: str) -> None:
+        from microfed_host import keys
+        from microfed_host.mqtt import HostMQTT
+
+        self.keys = keys
+        self.m = mesh
+        self.mesh_id = wire.mesh_id(MESH)
+        self.seq = 0
+        self.node_seq: dict[str, int] = {}
+        self.base = f"microfed/{MESH}/"
+        self.mqtt = HostMQTT(broker.host, broker.port, client_id)
+        self.mqtt.connect(10)
+        # Each test starts clean: drop the retained model an earlier test left behind.
+        self.mqtt.publish(self.base + "global", b"", qos=1, retain=True)
+        for t in ("update/+", "digest/+", "hello/+"):
+            self.mqtt.subscribe(self.base + t)
+        self.verifier = Verifier(self.mesh_id, mesh["registry"].portable(),
+                                 ReplayGuard(MemoryStore()), keys.check_signature)
+        self.inbox: list[wire.Frame] = []
+        self.raw: dict[int, bytes] = {}
+
+    def close(self) -> None:
+        self.mqtt.close()
+
+    def global_frame(self, round_: int, values: list[int], *, seed: bytes | None = None,
+                     mesh_id: bytes | None = None, **ann: Any) -> bytes:
+        self.seq += 1
+        payload = announce.encode_global_payload(values, **ann)
+        return wire.encode(wire.GLOBAL_MODEL, mesh_id or self.mesh_id, wire.COORDINATOR, round_,
+                           self.seq, int(time.time()), payload,
+                           self.keys.signer(seed or self.m["coord_seed"]))
+
+    def publish_global(self, frame: bytes, retain: bool = True) -> None:
+        self.mqtt.publish(self.base + "global", frame, qos=1, retain=retain)
+
+    def peer_update(self, node_id: str, round_: int, samples: int, values: list[int]) -> bytes:
+        """A registered node's update made here (the test holds every provisioned key)."""
+        self.node_seq[node_id] = self.node_seq.get(node_id, 0) + 1
+        frame = wire.encode(wire.MODEL_UPDATE, self.mesh_id, node_id, round_,
+                            self.node_seq[node_id], int(time.time()),
+                            wire.encode_model_update(samples, values),
+                            self.keys.signer(self.m["node_seeds"][node_id]))
+        self.mqtt.publish(self.base + "update/" + node_id, frame, qos=1)
+        return frame
+
+    def collect(self, pred: Callable[[wire.Frame], bool], n: int = 1,
+                timeout: float = 20.0) -> list[wire.Frame]:
+        """Wait until n verified frames match pred; every frame nodes send must verify."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = [f for f in self.inbox if pred(f)]
+            if len(got) >= n:
+                return got
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"only {len(got)} of {n} expected frames arrived; have "
+                                     + ", ".join(repr(f) for f in self.inbox))
+            msg = self.mqtt.get(min(left, 0.2))
+            if msg is None:
+                continue
+            fr = self.verifier.verify(msg.payload)  # raises Rejected: a node sent garbage
+            assert msg.topic.rsplit("/", 1)[1] == fr.sender
+            self.raw[id(fr)] = msg.payload
+            self.inbox.append(fr)
+
+
+def reference_delta(shard: bytes, node_id: str, round_: int, g: list[int]) -> list[int]:
+    """What the node must have computed, computed here on CPython with the same module."""
+    xs, ys, info = model.decode_shard(shard)
+    m = model.get("softmax", n_features=info["n_features"], n_classes=info["n_classes"])
+    tc = model.TrainConfig(TRAIN["lr"], TRAIN["epochs"], TRAIN["batch"],
+                           model.derive_seed(TRAIN["seed"], round_, node_id))
+    return m.delta(g, m.train(g, (xs, ys), tc))
+
+
+def is_update(node_id: str, round_: int) -> Callable[[wire.Frame], bool]:
+    return lambda f: f.kind == wire.MODEL_UPDATE and f.sender == node_id and f.round == round_
+
+
+def status_labels(drv: Driver, node_id: str) -> list[str]:
+    return [f.body["label"] for f in drv.inbox if f.kind == wire.STATUS and f.sender == node_id]
+
+
+def _late_status(drv: Driver, node_id: str, label: str) -> bool:
+    try:
+        drv.collect(lambda f: f.kind == wire.STATUS and f.sender == node_id
+                    and f.body["label"] == label, timeout=5)
+    except AssertionError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------ tests
+def test_announcement_codec_roundtrip_and_rejects_garbage() -> None:
+    vals = [1, -2, 65536]
+    h = bytes(range(32))
+    p = announce.encode_global_payload(vals, rule="multi_krum", p1=1, p2=3, agg_digest=h,
+                                       accepted=[("node-02", h), ("node-01", bytes(32))],
+                                       final=True)
+    b = announce.decode_global_payload(p)
+    assert (b["values"], b["rule"], b["p1"], b["p2"], b["final"], b["agg_digest"]) == (
+        vals, "multi_krum", 1, 3, True, h)
+    assert b["accepted"] == [("node-02", h), ("node-01", bytes(32))]
+    plain = announce.decode_global_payload(wire.encode_global_model(vals))
+    assert plain["rule"] is None and plain["accepted"] == [] and not plain["final"]
+    for bad in (p[:-1], p + b"\x00", p[:-40], wire.encode_global_model(vals) + b"XX" + p[-39:]):
+        with pytest.raises(wire.WireError):
+            announce.decode_global_payload(bad)
+    with pytest.raises(wire.WireError):  # a rule with nothing accepted
+        announce.encode_announce("krum", 1, 0, h, [])
+
+
+def test_bad_files_stop_boot_with_a_reason(micropython: str, mesh: dict[str, Any]) -> None:
+    d = node_dir(mesh, "node-01", "bad")
+    (d / "config.json").write_text('{"mode": "sideways"}')
+    p = NodeProc(micropython, d)
+    assert p.wait() == 2
+    assert "mode" in p.wait_event("boot_error")["error"]
+    (d / "config.json").write_text("{}")
+    (d / "shard.bin").write_bytes(mesh["shards"]["node-01"][:-5])  # truncated: checksum fails
+    p = NodeProc(micropython, d)
+    assert p.wait() == 2
+    assert "SHA-256" in p.wait_event("boot_error")["error"]
+    (d / "shard.bin").write_bytes(mesh["shards"]["node-01"])
+    bundle = json.loads((d / "bundle.json").read_text())
+    bundle["seed"] = mesh["node_seeds"]["node-02"].hex()  # someone else's key
+    (d / "bundle.json").write_text(json.dumps(bundle))
+    p = NodeProc(micropython, d)
+    assert p.wait() == 2
+    assert "public_key" in p.wait_event("boot_error")["error"]
+
+
+def test_coordinated_node_trains_signs_persists_and_rejects(
+        micropython: str, mesh: dict[str, Any], broker: Any) -> None:
+    nid = "node-01"
+    d = node_dir(mesh, nid, "coord")
+    shard = mesh["shards"][nid]
+    drv = Driver(mesh, broker, "driver-coord")
+    procs: list[NodeProc] = []
+    try:
+        p = NodeProc(micropython, d)
+        procs.append(p)
+        drv.collect(lambda f: f.kind == wire.HELLO and f.sender == nid)
+        m = model.get("softmax")
+        g1 = m.init(11)
+        g1_frame = drv.global_frame(1, g1)
+        drv.publish_global(g1_frame)
+        u1 = drv.collect(is_update(nid, 1))[0]
+        assert u1.body["samples"] == SAMPLES
+        assert u1.body["values"] == reference_delta(shard, nid, 1, g1)
+        assert any(v != 0 for v in u1.body["values"])
+
+        g2 = q16.vadd(g1, u1.body["values"])
+        g2_frame = drv.global_frame(2, g2)
+        drv.publish_global(g2_frame)
+        u2 = drv.collect(is_update(nid, 2))[0]
+        assert u2.body["values"] == reference_delta(shard, nid, 2, g2)
+        assert u2.seq > u1.seq
+
+        # kill -9 and restart: the retained round-2 model comes back and must not be redone.
+        p.kill9()
+        hellos = len([f for f in drv.inbox if f.kind == wire.HELLO])
+        p = NodeProc(micropython, d)
+        procs.append(p)
+        drv.collect(lambda f: f.kind == wire.HELLO and f.sender == nid, n=hellos + 1)
+        g3 = q16.vadd(g2, u2.body["values"])
+        drv.publish_global(drv.global_frame(3, g3))
+        u3 = drv.collect(is_update(nid, 3))[0]
+        updates = [f for f in drv.inbox if f.kind == wire.MODEL_UPDATE]
+        assert [f.round for f in updates] == [1, 2, 3]  # round 2 was not published again
+        assert u3.seq > u2.seq
+        assert u3.body["values"] == reference_delta(shard, nid, 3, g3)
+        assert p.of("boot")[0]["last_round"] == 2
+
+        # Hostile global models on the live topic (not retained): each rejected by reason.
+        other = bytes(range(32))  # a key that is not the coordinator's
+        drv.publish_global(drv.global_frame(4, g3, seed=other), retain=False)
+        drv.publish_global(drv.global_frame(4, g3, mesh_id=wire.mesh_id("elsewhere")),
+                           retain=False)
+        drv.publish_global(g2_frame, retain=False)  # a valid, old frame replayed
+        drv.publish_global(b"MF" + bytes(100), retain=False)  # garbage with the right magic
+        drv.publish_global(b"x" * 20000, retain=False)  # over max_msg: skipped unread
+        want = {"rej bad_signature 1", "rej wrong_mesh 1", "rej replay 1", "rej bad_version 1"}
+        deadline = time.monotonic() + 20
+        while not want <= set(status_labels(drv, nid)) and time.monotonic() < deadline:
+            try:
+                drv.collect(lambda f: False, timeout=0.2)
+            except AssertionError:
+                pass
+        assert want <= set(status_labels(drv, nid)), status_labels(drv, nid)
+        assert not [f for f in drv.inbox if f.kind == wire.MODEL_UPDATE and f.round == 4]
+
+        # ...and it keeps working: the next valid round is trained and published.
+        g4 = q16.vadd(g3, u3.body["values"])
+        drv.publish_global(drv.global_frame(4, g4))
+        u4 = drv.collect(is_update(nid, 4))[0]
+        assert u4.body["values"] == reference_delta(shard, nid, 4, g4)
+
+        drv.publish_global(drv.global_frame(5, g4, final=True))
+        assert p.wait() == 0
+        counters = p.wait_event("exit")["counters"]
+        assert counters["rejected"] == {"bad_signature": 1, "wrong_mesh": 1, "replay": 1,
+                                        "bad_version": 1}
+        assert counters["mqtt"]["dropped_oversize"] == 1
+        assert counters["last_round"] == 5
+        assert counters["mqtt"]["nodelay"] is True
+    finally:
+        for q in procs:
+            q.stop()
+        drv.close()
+
+
+def test_gossip_nodes_publish_the_reference_digest(
+        micropython: str, mesh: dict[str, Any], broker: Any) -> None:
+    live = ["node-01", "node-02", "node-03"]  # MicroPython processes
+    scripted = ["node-04", "node-05"]  # registered peers whose updates this test signs
+    dirs = {n: node_dir(mesh, n, "gossip", mode="gossip") for n in live}
+    drv = Driver(mesh, broker, "driver-gossip")
+    procs = {n: NodeProc(micropython, dirs[n]) for n in live}
+    try:
+        for n in live:
+            drv.collect(lambda f, n=n: f.kind == wire.HELLO and f.sender == n)
+        m = model.get("softmax")
+        g = m.init(5)
+        drv.publish_global(drv.global_frame(1, g))
+        ups: dict[str, tuple[wire.Frame, bytes]] = {}
+        for n in live:
+            fr = drv.collect(is_update(n, 1))[0]
+            assert fr.body["values"] == reference_delta(mesh["shards"][n], n, 1, g)
+            ups[n] = (fr, drv.raw[id(fr)])
+        honest = ups["node-01"][0].body["values"]
+        fake = {"node-04": (23, [v + 3 for v in honest]),
+                "node-05": (57, [v * -10 for v in honest])}  # a sign-flip-and-scale attacker
+        for n in scripted:
+            samples, vec = fake[n]
+            raw = drv.peer_update(n, 1, samples, vec)
+            ups[n] = (wire.decode(raw), raw)
+        time.sleep(0.3)  # let every node's subscription deliver the scripted updates
+
+        # Round 1 announced with Multi-Krum(f=1, m=3) over all five updates.
+        ids = live + scripted
+        vecs = [ups[n][0].body["values"] for n in ids]
+        ref1 = audit.run("multi_krum", ids, vecs, {"f": 1, "m": 3})
+        assert "node-05" not in ref1["selected"]
+        acc1 = [(n, wire.sha256(ups[n][1])) for n in ids]
+        g2 = q16.vadd(g, ref1["vector"])
+        drv.publish_global(drv.global_frame(2, g2, rule="multi_krum", p1=1, p2=3,
+                                            agg_digest=bytes.fromhex(ref1["digest"]),
+                                            accepted=acc1))
+        digests1 = drv.collect(lambda f: f.kind == wire.GOSSIP_DIGEST and f.round == 1, n=3)
+        for f in digests1:
+            assert f.body["digest"].hex() == ref1["digest"]
+            assert (f.body["rule"], f.body["p1"], f.body["p2"], f.body["count"]) == (
+                "multi_krum", 1, 3, 5)
+        assert sorted(f.sender for f in digests1) == live
+
+        # Round 2: FedAvg (weights = each update's sample count) over a subset that leaves
+        # node-02's own update out.
+        ups2 = {}
+        for n in live:
+            fr = drv.collect(is_update(n, 2))[0]
+            assert fr.body["values"] == reference_delta(mesh["shards"][n], n, 2, g2)
+            ups2[n] = (fr, drv.raw[id(fr)])
+        raw = drv.peer_update("node-04", 2, 23, [v - 1 for v in ups2["node-01"][0].body["values"]])
+        ups2["node-04"] = (wire.decode(raw), raw)
+        time.sleep(0.3)
+        ids2 = ["node-03", "node-01", "node-04"]
+        ref2 = audit.run("fedavg", ids2, [ups2[n][0].body["values"] for n in ids2],
+                         {"weights": [ups2[n][0].body["samples"] for n in ids2]})
+        acc2 = [(n, wire.sha256(ups2[n][1])) for n in ids2]
+        g3 = q16.vadd(g2, ref2["vector"])
+        drv.publish_global(drv.global_frame(3, g3, rule="fedavg",
+                                            agg_digest=bytes.fromhex(ref2["digest"]),
+                                            accepted=acc2))
+        digests2 = drv.collect(lambda f: f.kind == wire.GOSSIP_DIGEST and f.round == 2, n=3)
+        assert {f.body["digest"].hex() for f in digests2} == {ref2["digest"]}
+
+        # Round 3 ends the run, announcing an update no node ever saw: nobody can rebuild
+        # the aggregate, so nobody publishes a digest; each says so in a STATUS instead.
+        ups3 = {n: drv.collect(is_update(n, 3))[0] for n in live}
+        acc3 = [(n, wire.sha256(drv.raw[id(ups3[n])])) for n in live] + [("node-05", bytes(32))]
+        drv.publish_global(drv.global_frame(4, g3, rule="median", agg_digest=bytes(32),
+                                            accepted=acc3, final=True))
+        for n in live:
+            assert procs[n].wait() == 0
+            c = procs[n].wait_event("exit")["counters"]
+            assert (c["digests"], c["digest_agree"], c["digest_disagree"]) == (2, 2, 0)
+            assert c["missing_rounds"] == 1
+            assert c["rejected"] == {}, procs[n].of("reject")
+            assert "missing 3 1" in status_labels(drv, n) or _late_status(drv, n, "missing 3 1")
+        assert not [f for f in drv.inbox if f.kind == wire.GOSSIP_DIGEST and f.round == 3]
+        # No node trained past the final round.
+        assert not [f for f in drv.inbox if f.kind == wire.MODEL_UPDATE and f.round > 3]
+    finally:
+        for q in procs.values():
+            q.stop()
+        drv.close()
+
+
+FAKE_NETWORK = """
+STA_IF = 0
+class WLAN:
+    polls = 0
+    def __init__(self, i): pass
+    def active(self, on): pass
+    def config(self, **kw): self.pm = kw
+    def isconnected(self):
+        WLAN.polls += 1
+        return WLAN.polls > %d
+    def connect(self, ssid, pw): self.ssid = ssid
+    def disconnect(self): pass
+    def status(self): return -1
+    def ifconfig(self): return ("10.0.0.2", "", "", "")
+"""
+
+
+@pytest.mark.parametrize("polls, expect", [(3, "True"), (10 ** 6, "False")])
+def test_wifi_hal_connects_or_gives_up_in_time(micropython: str, tmp_path: Path, polls: int,
+                                              expect: str) -> None:
+    """hal/esp32 on the unix port with a stand-in `network` module: joins when the link comes
+    up, and returns False (no hang) when it never does."""
+    (tmp_path / "network.py").write_text(FAKE_NETWORK % polls)
+    code = ("import time\nfrom hal import esp32\nlog = []\nt = time.ticks_ms()\n"
+            "ok = esp32.connect({'ssid': 's', 'password': 'p'}, 400, log.append)\n"
+            "print(ok, time.ticks_diff(time.ticks_ms(), t), len(log))\n"
+            "print(esp32.connect(None, 400, log.append))\n")
+    env = dict(os.environ)
+    env["MICROPYPATH"] = os.pathsep.join([str(tmp_path), str(ROOT / "shared"), str(FIRMWARE)])
+    out = subprocess.run([micropython, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
+    first, second = out.stdout.split("\n")[:2]
+    ok, ms, logged = first.split()
+    assert ok == expect
+    if expect == "False":
+        assert 400 <= int(ms) < 3000 and logged == "1"  # gave up after the timeout, said why
+    else:
+        assert int(ms) < 1000
+    assert second == "False"  # no Wi-Fi settings: refuses instead of hanging
