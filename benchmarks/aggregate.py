@@ -79,6 +79,54 @@ def timeit(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def cell(times: dict[str, float], key: str, base: str) -> str:
+    if key not in times:
+        return "not installed"
+    return f"{times[key] * 1e3:.1f} ({times[key] / times[base]:.2f}x)"
+
+
+def bench_size(n: int, d: int, p: dict[str, Callable], repeat: int) -> tuple[str, str]:
+    """One size: Krum contenders, then median / trimmed-mean contenders; two table rows."""
+    f = byzantine_f(n)
+    x, xf = make_data(n, d, seed=n * 1000 + d)
+    ids = [f"n{i:03d}" for i in range(n)]
+    # Same answer first: a benchmark of a wrong result is worthless.
+    win = fast.krum(ids, x, f)[1][0]
+    assert ids[float_gram_krum(xf, f)] == win, "float Gram Krum picked another winner"
+    fns: dict[str, Callable[[], object]] = {
+        "exact": lambda: fast.krum(ids, x, f),
+        "gram": lambda: float_gram_krum(xf, f),
+    }
+    ups2d = [row.reshape(1, -1).astype(np.float32) for row in xf]  # qora takes float32
+    if "qora" in p:
+        qk = p["qora"](f"krum:{f}")
+        fns["qora"] = lambda: qk(ups2d)
+    if "flwr_krum" in p:
+        results = [([row], 1) for row in xf]
+        fns["flwr"] = lambda: p["flwr_krum"](results, f, 0)
+    print(f"krum n={n} d={d} f={f} ...", file=sys.stderr, flush=True)
+    t = timeit(fns, repeat)
+
+    krum_row = (f"| {n} | {d} | {f} | {t['exact'] * 1e3:.1f} | {cell(t, 'gram', 'exact')} | "
+                f"{cell(t, 'qora', 'exact')} | {cell(t, 'flwr', 'exact')} |")
+    trim = max(1, n // 10)
+    cfns: dict[str, Callable[[], object]] = {
+        "median": lambda: fast.median(x),
+        "trimmed": lambda: fast.trimmed_mean(x, trim),
+    }
+    if "qora" in p:
+        qm = p["qora"]("median")
+        qt = p["qora"]("trimmed_mean", trim / n)
+        cfns["qmedian"] = lambda: qm(ups2d)
+        cfns["qtrimmed"] = lambda: qt(ups2d)
+    print(f"median/trimmed n={n} d={d} ...", file=sys.stderr, flush=True)
+    c = timeit(cfns, repeat)
+
+    rt_row = (f"| {n} | {d} | {c['median'] * 1e3:.1f} | {cell(c, 'qmedian', 'median')} | "
+              f"{c['trimmed'] * 1e3:.1f} | {cell(c, 'qtrimmed', 'trimmed')} |")
+    return krum_row, rt_row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -95,53 +143,9 @@ def main() -> int:
                "| n | d | microfed median | qora-fl median | microfed trimmed | qora-fl trimmed |",
                "|---|---|---|---|---|---|"]
     for n, d in sizes:
-        f = byzantine_f(n)
-        x, xf = make_data(n, d, seed=n * 1000 + d)
-        ids = [f"n{i:03d}" for i in range(n)]
-        # Same answer first: a benchmark of a wrong result is worthless.
-        win = fast.krum(ids, x, f)[1][0]
-        assert ids[float_gram_krum(xf, f)] == win, "float Gram Krum picked another winner"
-        fns: dict[str, Callable[[], object]] = {
-            "exact": lambda: fast.krum(ids, x, f),
-            "gram": lambda: float_gram_krum(xf, f),
-        }
-        ups2d = [row.reshape(1, -1).astype(np.float32) for row in xf]  # qora takes float32
-        if "qora" in p:
-            qk = p["qora"](f"krum:{f}")
-            fns["qora"] = lambda: qk(ups2d)
-        if "flwr_krum" in p:
-            results = [([row], 1) for row in xf]
-            fns["flwr"] = lambda: p["flwr_krum"](results, f, 0)
-        print(f"krum n={n} d={d} f={f} ...", file=sys.stderr, flush=True)
-        t = timeit(fns, args.repeat)
-
-        def cell(key: str) -> str:
-            if key not in t:
-                return "not installed"
-            return f"{t[key] * 1e3:.1f} ({t[key] / t['exact']:.2f}x)"
-
-        lines.append(f"| {n} | {d} | {f} | {t['exact'] * 1e3:.1f} | {cell('gram')} | "
-                     f"{cell('qora')} | {cell('flwr')} |")
-        trim = max(1, n // 10)
-        cfns: dict[str, Callable[[], object]] = {
-            "median": lambda: fast.median(x),
-            "trimmed": lambda: fast.trimmed_mean(x, trim),
-        }
-        if "qora" in p:
-            qm = p["qora"]("median")
-            qt = p["qora"]("trimmed_mean", trim / n)
-            cfns["qmedian"] = lambda: qm(ups2d)
-            cfns["qtrimmed"] = lambda: qt(ups2d)
-        print(f"median/trimmed n={n} d={d} ...", file=sys.stderr, flush=True)
-        c = timeit(cfns, args.repeat)
-
-        def ccell(key: str, base: str) -> str:
-            if key not in c:
-                return "not installed"
-            return f"{c[key] * 1e3:.1f} ({c[key] / c[base]:.2f}x)"
-
-        rows_rt.append(f"| {n} | {d} | {c['median'] * 1e3:.1f} | {ccell('qmedian', 'median')} | "
-                       f"{c['trimmed'] * 1e3:.1f} | {ccell('qtrimmed', 'trimmed')} |")
+        krum_row, rt_row = bench_size(n, d, p, args.repeat)
+        lines.append(krum_row)
+        rows_rt.append(rt_row)
     text = "\n".join(lines + rows_rt)
     if missing:
         text += "\n\nNot installed (run `./dev bench`): " + ", ".join(missing)
