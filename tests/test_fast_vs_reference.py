@@ -84,3 +84,20 @@ def test_two_limb_and_chunked_paths_are_exercised() -> None:
     limbs, bound = fast._limbs(mid)
     assert len(limbs) == 1 and (2**53 - 1) // (bound * bound) < 20000
     both("krum", ids, mid.tolist(), {"f": 1})
+
+
+def test_certified_float_path_is_taken_and_exact() -> None:
+    """Typical Q16.16 deltas take the all-numpy path (chunked conversion included) and its
+    scores equal the reference's exact integer scores; full-range data is refused by the
+    certificate and falls back."""
+    from microfed import aggregate
+
+    rng = np.random.default_rng(11)
+    x = np.clip(np.rint(rng.normal(0, 0.5, size=(7, fast.CONVERT_CHUNK + 333)) * 65536),
+                LO, HI).astype(np.int32)
+    k = 7 - 2 - 2
+    got = fast._krum_scores_int64(x, k)
+    assert got is not None
+    assert got == aggregate.krum_scores(x.tolist(), 2)
+    wide = rng.integers(LO, HI, size=(5, 100), endpoint=True)
+    assert fast._krum_scores_int64(wide, 1) is None
