@@ -479,9 +479,13 @@ class RawRepl:
                 self._try_install_core()
                 self._core = True
                 return
-            except (TransferError, ReplTimeout):
+            except (TransferError, ReplTimeout, DeviceError):
+                # A corrupted helper shows up as a failed self-test or as a device error
+                # (e.g. a NameError from a mangled name): slow the link down and try again.
                 if attempt == self.retries:
                     raise
+                self.slowdown = min(8, self.slowdown * 2)
+                self._clean_blocks = 0
                 self.enter()
 
     def _try_install_core(self) -> None:
