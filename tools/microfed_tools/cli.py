@@ -17,6 +17,7 @@ COMMANDS: tuple[str, ...] = (
     "microfed_tools.cmd_provision",
     "microfed_tools.cmd_boards",
     "microfed_tools.cmd_flash",
+    "microfed_tools.cmd_mesh",
 )
 
 

@@ -1,0 +1,764 @@
+"""The mesh coordinator: round state machine, verification, robust aggregation with the
+reference cross-check, reputation and bans, signed global models, gossip digest checks,
+and SQLite persistence that survives SIGKILL (docs/protocol.md, "Round flow").
+
+`Coordinator` is transport-agnostic: it consumes (topic, payload) pairs through `handle()`,
+emits with a `publish(topic, payload, retain)` callable and checks its deadlines in `tick()`.
+`serve()` runs it over MQTT (a persistent session with manual acknowledgements, so an update
+the broker delivered is acknowledged only once it is in SQLite); the in-process engine of
+`microfed_host.mesh` drives the very same object from an in-memory bus.
+
+Run as a process (what `microfed mesh run` does):
+
+    python -m microfed_host.coordinator RUN_DIR --broker HOST:PORT
+
+RUN_DIR holds coordinator.json (the configuration) and the provisioned mesh; the state goes
+to RUN_DIR/coordinator.sqlite. Started again on the same RUN_DIR it resumes the round in
+progress. Output: one JSON object per line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from microfed import announce, audit, model, q16, wire
+from microfed.reputation import BANNED, ReputationBook
+from microfed.reputation import from_bytes as book_from_bytes
+from microfed.verify import Limits, Rejected
+from microfed_host.crosscheck import CrossChecker, CrossCheckMismatch, Policy
+from microfed_host.rounds_store import RoundsStore
+from microfed_host.verifier import HostVerifier
+
+REPO = Path(__file__).resolve().parents[2]
+RULES = audit.RULES
+MODES = ("coordinated", "gossip")
+STORE_NAME = "coordinator.sqlite"
+CONFIG_NAME = "coordinator.json"
+DEFAULT_MAX_ABS = 256 * 65536  # must equal the nodes' config "max_abs"
+
+# Reasons the coordinator adds to microfed.verify.REASONS.
+EXTRA_REASONS = ("duplicate", "equivocation", "banned", "topic_sender_mismatch", "bad_topic",
+                 "not_expected")
+
+Log = Callable[[dict[str, Any]], None]
+Publish = Callable[[str, bytes, bool], None]
+
+
+class CoordinatorError(RuntimeError):
+    """Bad configuration or state: the message says what and why."""
+
+
+
+
+def topics(mesh: str) -> dict[str, str]:
+    base = f"microfed/{mesh}/"
+    return {"base": base, "global": base + "global", "registry": base + "registry",
+            "update": base + "update/", "digest": base + "digest/", "hello": base + "hello/"}
+
+
+def rule_min_nodes(rule: str, f: int, trim: int) -> int:
+    if rule in ("krum", "multi_krum"):
+        return 2 * f + 3
+    if rule == "trimmed_mean":
+        return 2 * trim + 1
+    return 1
+
+
+@dataclass
+class CoordinatorConfig:
+    mesh_dir: str
+    rule: str = "krum"
+    f: int = 3
+    m: int = 0  # multi_krum: 0 = n - f
+    trim: int = -1  # trimmed_mean: -1 = f
+    rounds: int = 10
+    mode: str = "coordinated"
+    crosscheck: str = "always"
+    deadline_s: float = 60.0
+    digest_grace_s: float = 5.0
+    wait_hello_s: float = 0.0  # > 0: round 1 starts when every expected node said HELLO
+    init_seed: int = 1
+    model: str = "softmax"
+    n_features: int = 64
+    n_classes: int = 10
+    test_shard: str = ""
+    max_abs: int = DEFAULT_MAX_ABS
+    reputation: dict[str, int] = field(default_factory=dict)
+    expected: list[str] = field(default_factory=list)  # empty: every active registry node
+
+    def check(self) -> None:
+        if self.rule not in RULES:
+            raise CoordinatorError(f"unknown rule {self.rule!r} (one of {', '.join(RULES)})")
+        if self.mode not in MODES:
+            raise CoordinatorError(f"mode must be one of {', '.join(MODES)}")
+        if not 0 <= self.f <= 255 or not 0 <= self.m <= 255 or not -1 <= self.trim <= 255:
+            raise CoordinatorError("f, m and trim must fit 0..255 (they travel as u8)")
+        if not 1 <= self.rounds <= 100000:
+            raise CoordinatorError("rounds must be in 1..100000")
+        if not self.deadline_s > 0 or not self.digest_grace_s >= 0:
+            raise CoordinatorError("deadline_s must be > 0 and digest_grace_s >= 0")
+        try:
+            Policy.parse(self.crosscheck)
+        except ValueError as e:
+            raise CoordinatorError(str(e)) from None
+        ReputationBook(**self.reputation)  # raises ValueError naming a bad parameter
+
+    @property
+    def trim_count(self) -> int:
+        return self.f if self.trim < 0 else self.trim
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> CoordinatorConfig:
+        known = set(cls.__dataclass_fields__)
+        bad = sorted(set(doc) - known)
+        if bad:
+            raise CoordinatorError(f"unknown coordinator setting(s): {', '.join(bad)}")
+        cfg = cls(**doc)
+        cfg.check()
+        return cfg
+
+
+class _Pending:
+    __slots__ = ("sender", "sha", "samples", "values")
+
+    def __init__(self, sender: str, sha: bytes, samples: int, values: list[int]) -> None:
+        self.sender = sender
+        self.sha = sha
+        self.samples = samples
+        self.values = values
+
+
+def _json_log(ev: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(ev, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+class Coordinator:
+    def __init__(
+        self,
+        cfg: CoordinatorConfig,
+        store: RoundsStore,
+        publish: Publish,
+        log: Log = _json_log,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        from microfed_host import keys
+        from microfed_host.registry import RegistryError
+        from microfed_tools.cmd_provision import MeshDir, ProvisionError
+
+        cfg.check()
+        self.cfg = cfg
+        self.store = store
+        self._publish = publish
+        self._log = log
+        self.clock = clock
+        try:
+            mesh, seed, reg = MeshDir(Path(cfg.mesh_dir)).load()
+            self.registry_frame = bytes.fromhex(
+                json.loads((Path(cfg.mesh_dir) / "registry.json").read_text())["frame"])
+        except (ProvisionError, RegistryError, keys.KeyFileError, OSError, KeyError,
+                ValueError) as e:
+            raise CoordinatorError(f"mesh directory {cfg.mesh_dir}: {e}") from None
+        self.mesh = str(mesh["mesh"])
+        self.mesh_id = wire.mesh_id(self.mesh)
+        self._sign = keys.signer(seed)
+        self.registry = reg.portable()
+        active = self.registry.active_ids()
+        self.expected = sorted(cfg.expected or active, key=lambda s: s.encode())
+        missing = [n for n in self.expected if n not in active]
+        if missing:
+            raise CoordinatorError(f"expected nodes not active in the registry: {missing}")
+        n_min = rule_min_nodes(cfg.rule, cfg.f, cfg.trim_count)
+        if len(self.expected) < n_min:
+            raise CoordinatorError(
+                f"rule {cfg.rule} with f={cfg.f} needs at least {n_min} nodes, "
+                f"the mesh has {len(self.expected)}")
+        self.n_min = n_min
+        self.model = model.get(cfg.model, n_features=cfg.n_features, n_classes=cfg.n_classes)
+        self.test: tuple[list[list[int]], list[int]] | None = None
+        if cfg.test_shard:
+            try:
+                xs, ys, info = model.decode_shard(Path(cfg.test_shard).read_bytes())
+            except (OSError, model.ModelError) as e:
+                raise CoordinatorError(f"test shard {cfg.test_shard}: {e}") from None
+            self.test = (xs, ys)
+        limits = Limits(self.model.n_params, cfg.max_abs)
+        self.v_update = HostVerifier(self.registry, store, limits, kinds=(wire.MODEL_UPDATE,),
+                                     clock=clock)
+        self.v_digest = HostVerifier(self.registry, store, limits, kinds=(wire.GOSSIP_DIGEST,),
+                                     clock=clock)
+        self.v_hello = HostVerifier(self.registry, store, limits, kinds=(wire.HELLO, wire.STATUS),
+                                    clock=clock)
+        self.checker = CrossChecker(Policy.parse(cfg.crosscheck))
+        self.t = topics(self.mesh)
+        self.round = 0
+        self.params: list[int] = []
+        self.book = ReputationBook(**cfg.reputation)
+        self.pending: dict[str, _Pending] = {}
+        self.coord_seq = 0
+        self.global_frame = b""
+        self.deadline = 0.0
+        self.finish_deadline = 0.0
+        self.finishing = False
+        self.done = False
+        self.rejected: dict[str, int] = {}
+        self.last_accuracy: float | None = None
+        self.hellos: set[str] = set()
+        self.gate_open = True
+        self.gate_deadline = 0.0
+
+    # -- plumbing -----------------------------------------------------------------------
+    def log(self, ev: str, **kw: Any) -> None:
+        kw["ev"] = ev
+        kw["t"] = round(self.clock(), 3)
+        try:
+            self._log(kw)
+        except Exception:  # a broken log sink must not stop the mesh
+            pass
+
+    def publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        self._publish(topic, payload, retain)
+
+    def _rule_params(self, n: int, weights: list[int]) -> tuple[dict[str, Any], int, int]:
+        c = self.cfg
+        if c.rule == "krum":
+            return {"f": c.f}, c.f, 0
+        if c.rule == "multi_krum":
+            m = c.m or (n - c.f)
+            return {"f": c.f, "m": m}, c.f, m
+        if c.rule == "trimmed_mean":
+            return {"trim": c.trim_count}, c.trim_count, 0
+        if c.rule == "fedavg":
+            return {"weights": weights}, 0, 0
+        return {}, 0, 0
+
+    def accuracy(self, params: list[int]) -> float | None:
+        if self.test is None:
+            return None
+        return self.model.evaluate(params, self.test) / len(self.test[1])
+
+    def _global_frame(self, round_: int, params: list[int], ann: dict[str, Any]) -> tuple[bytes, int]:
+        seq = self.coord_seq + 1
+        payload = announce.encode_global_payload(params, **ann)
+        frame = wire.encode(wire.GLOBAL_MODEL, self.mesh_id, wire.COORDINATOR, round_, seq,
+                            int(self.clock()), payload, self._sign)
+        return frame, seq
+
+    def expected_now(self) -> list[str]:
+        return [n for n in self.expected if not self.book.is_banned(n)]
+
+    # -- start / resume ---------------------------------------------------------------
+    def start(self) -> None:
+        stored = self.store.get_config()
+        mine = self.cfg.to_json()
+        if stored is None:
+            self.store.put_config(mine)
+        elif stored != mine:
+            diff = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
+            raise CoordinatorError(
+                f"{self.store.path} belongs to a run with other settings ({', '.join(diff)}); "
+                "use a new run directory")
+        st = self.store.load_state()
+        if st is None:
+            self.round = 1
+            self.params = self.model.init(self.cfg.init_seed)
+            frame, seq = self._global_frame(1, self.params, {})
+            self.store.init_state(1, _pack(self.params), self.book.to_bytes(), frame, seq)
+            self.coord_seq, self.global_frame = seq, frame
+            self.last_accuracy = self.accuracy(self.params)
+            if self.cfg.wait_hello_s > 0:
+                # A gossip node that subscribes after its peers published round 1 would miss
+                # their updates: round 1 waits until every node has said it is listening.
+                self.gate_open = False
+                self.gate_deadline = self.clock() + self.cfg.wait_hello_s
+        else:
+            self.round = st["round"]
+            self.params = _unpack(st["params"])
+            self.book = book_from_bytes(st["reputation"])
+            self.coord_seq = st["coord_seq"]
+            self.global_frame = st["global_frame"]
+            rows = self.store.rounds()
+            self.checker.checked = sum(1 for r in rows if r["crosschecked"])
+            self.checker.mismatches = sum(
+                1 for e in self.store.security_events() if e["kind"] == "crosscheck_mismatch")
+            for raw in self.store.accepted_frames(self.round):
+                fr = wire.decode(raw)
+                self.pending[fr.sender] = _Pending(fr.sender, hashlib.sha256(raw).digest(),
+                                                   fr.body["samples"], fr.body["values"])
+            self.rejected = dict(self.store.rejection_counts())
+            self.last_accuracy = self.accuracy(self.params)
+            self.store.security_event(self.round, "restart", None,
+                                      f"resumed with {len(self.pending)} accepted update(s)")
+            self.log("resume", round=self.round, accepted=sorted(self.pending),
+                     done=st["done"], model_digest=model.params_digest(self.params).hex())
+            if st["done"]:
+                self.done = True
+        self.publish(self.t["registry"], self.registry_frame, True)
+        if self.gate_open:
+            self._open_round_one_or_resume()
+        else:
+            self.log("waiting_hello", expected=self.expected, seconds=self.cfg.wait_hello_s)
+
+    def _open_round_one_or_resume(self) -> None:
+        self.gate_open = True
+        if self.round == 1 and not self.store.rounds() and not self.pending:
+            self.log("start", mesh=self.mesh, round=1, expected=self.expected, rule=self.cfg.rule,
+                     rounds=self.cfg.rounds, accuracy=self.last_accuracy,
+                     model_digest=model.params_digest(self.params).hex(),
+                     missing_hello=[n for n in self.expected if n not in self.hellos])
+        # Re-publishing the stored bytes (not a re-signed frame) lets nodes that already
+        # acted on it recognise it by hash.
+        self.publish(self.t["global"], self.global_frame, True)
+        if self.round > self.cfg.rounds and not self.done:
+            self._begin_finish()
+        self.deadline = self.clock() + self.cfg.deadline_s
+        if not self.finishing and not self.done:
+            self.maybe_close()
+
+    # -- input ----------------------------------------------------------------------------
+    def handle(self, topic: str, payload: bytes) -> None:
+        """One MQTT message. Never raises for anything a peer can send."""
+        if self.done:
+            return
+        t = self.t
+        if topic.startswith(t["update"]):
+            self.on_update(topic[len(t["update"]):], payload)
+        elif topic.startswith(t["digest"]):
+            self.on_digest(topic[len(t["digest"]):], payload)
+        elif topic.startswith(t["hello"]):
+            self.on_hello(topic[len(t["hello"]):], payload)
+        # global / registry: our own retained messages echoed back; nothing else subscribed.
+
+    def _reject(self, reason: str, message: str, raw: bytes, sha: str, verdict_row: bool,
+                fr: wire.Frame | None = None, record: bool = True) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        sender = rnd = seq = kind = None
+        if fr is None:
+            try:
+                fr = wire.decode(raw)
+            except wire.WireError:
+                fr = None
+        if fr is not None:
+            sender, rnd, seq, kind = fr.sender, fr.round, fr.seq, fr.kind
+        if record:
+            self.store.record_rejection(reason, message, len(raw), sha, sender, kind, rnd, seq)
+        if verdict_row:
+            self.store.reject_update(rnd, sender, seq, sha, reason)
+        self.log("rejected", reason=reason, node=sender, round=rnd, msg=message[:200])
+
+    def on_update(self, topic_node: str, raw: bytes) -> None:
+        sha = hashlib.sha256(raw).hexdigest()
+        prev = self.store.accepted_round_of(sha)
+        if prev is not None and prev >= self.round - 1:
+            # The same signed bytes again: a QoS 1 redelivery (or a copy of it). Harmless.
+            self._reject("duplicate", "exact copy of an accepted update of round %d" % prev,
+                         raw, sha, True)
+            return
+        self.store.stage()
+        try:
+            fr = self.v_update.verify(raw, None, self.round, self.round)
+        except Rejected as e:
+            self.store.drop_staged()
+            # HostVerifier has written the audit row; only count it and keep the verdict.
+            self._reject(e.reason, e.message, raw, sha, True, record=False)
+            return
+        # From here on the frame is authentic: its counter is consumed whatever we decide.
+        sender = fr.sender
+        reason = None
+        if sender != topic_node:
+            reason = ("topic_sender_mismatch", "sent on update/%s" % topic_node[:64])
+        elif sender not in self.expected:
+            reason = ("not_expected", "%s is not part of this run" % sender)
+        elif self.book.is_banned(sender):
+            reason = ("banned", "%s is banned" % sender)
+        elif sender in self.pending:
+            reason = ("equivocation", "second update from %s in round %d" % (sender, self.round))
+        if reason is not None:
+            self.store.commit_staged()
+            self._reject(reason[0], reason[1], raw, sha, True, fr)
+            return
+        self.store.accept_update(self.round, sender, fr.seq, fr.body["samples"], sha, raw)
+        self.pending[sender] = _Pending(sender, bytes.fromhex(sha), fr.body["samples"],
+                                        fr.body["values"])
+        self.log("accepted", round=self.round, node=sender, seq=fr.seq,
+                 have=len(self.pending), want=len(self.expected_now()))
+        self.maybe_close()
+
+    def on_digest(self, topic_node: str, raw: bytes) -> None:
+        sha = hashlib.sha256(raw).hexdigest()
+        last_closed = min(self.round - 1, self.cfg.rounds)
+        try:
+            fr = self.v_digest.verify(raw, None, 1, max(1, last_closed))
+        except Rejected as e:
+            self._reject(e.reason, e.message, raw, sha, False, record=False)
+            return
+        if fr.sender != topic_node:
+            self._reject("topic_sender_mismatch", "sent on digest/%s" % topic_node[:64], raw, sha,
+                         False, fr)
+            return
+        row = self.store.round_row(fr.round)
+        if row is None:
+            self._reject("future_round", "no aggregate for round %d yet" % fr.round, raw, sha,
+                         False, fr)
+            return
+        d = fr.body["digest"].hex()
+        agree = d == row["agg_digest"]
+        if self.store.record_digest(fr.round, fr.sender, d, agree):
+            self.log("digest", round=fr.round, node=fr.sender, agree=agree)
+            if not agree:
+                self.log("flagged", round=fr.round, node=fr.sender, reason="digest_mismatch")
+        self.maybe_finish()
+
+    def on_hello(self, topic_node: str, raw: bytes) -> None:
+        sha = hashlib.sha256(raw).hexdigest()
+        try:
+            fr = self.v_hello.verify(raw, None)
+        except Rejected as e:
+            self._reject(e.reason, e.message, raw, sha, False, record=False)
+            return
+        b = fr.body
+        kind = wire.KIND_NAMES[fr.kind]
+        self.store.record_status(fr.sender, kind, b["state"], b["last_round"], b["label"])
+        self.log("status", node=fr.sender, kind=kind, state=b["state"],
+                 last_round=b["last_round"], label=b["label"])
+        if fr.kind == wire.HELLO:
+            self.hellos.add(fr.sender)
+            if not self.gate_open and all(n in self.hellos for n in self.expected):
+                self._open_round_one_or_resume()
+
+    # -- rounds ----------------------------------------------------------------------------
+    def tick(self) -> None:
+        if self.done:
+            return
+        now = self.clock()
+        if not self.gate_open:
+            if now >= self.gate_deadline:
+                self._open_round_one_or_resume()
+            return
+        if self.finishing:
+            if now >= self.finish_deadline:
+                self._finish("grace period over")
+            return
+        if now >= self.deadline:
+            if len(self.pending) >= self.n_min:
+                self.close_round("deadline")
+            else:
+                self.log("waiting", round=self.round, have=sorted(self.pending),
+                         want=self.expected_now(), need=self.n_min)
+                self.deadline = now + self.cfg.deadline_s
+
+    def maybe_close(self) -> None:
+        if self.finishing or self.done or not self.gate_open:
+            return
+        want = self.expected_now()
+        if want and all(n in self.pending for n in want):
+            self.close_round("quorum")
+
+    def close_round(self, reason: str) -> None:
+        r = self.round
+        ids = sorted(self.pending, key=lambda s: s.encode())
+        ups = [self.pending[i] for i in ids]
+        vecs = [u.values for u in ups]
+        weights = [u.samples for u in ups]
+        params, p1, p2 = self._rule_params(len(ids), weights)
+        matrix = np.asarray(vecs, dtype=np.int64)
+        security: list[tuple[str, str | None, str]] = []
+        crosschecked = self.checker.policy.wants(r)
+        try:
+            res = self.checker.run(self.cfg.rule, ids, matrix, params, round_no=r)
+        except CrossCheckMismatch as e:
+            # The reference is the contract: use it, and leave a security event behind.
+            res = audit.run(self.cfg.rule, ids, vecs, params)
+            security.append(("crosscheck_mismatch", None, e.diff[:2000]))
+            self.log("crosscheck_mismatch", round=r, diff=e.diff[:2000])
+        agg = res["vector"]
+        new_params = [q16.sat(a + b) for a, b in zip(self.params, agg, strict=True)]
+        before = set(self.book.banned())
+        verdicts = self.book.observe(ids, vecs)
+        newly = [n for n in self.book.banned() if n not in before]
+        for n in newly:
+            security.append(("ban", n, "reputation %d below %d" % (self.book.rep(n),
+                                                                    self.book.ban_below)))
+        rep_rows = [(n, self.book.rep(n), self.book.is_banned(n), verdicts.get(n))
+                    for n in self.book.nodes()]
+        acc = self.accuracy(new_params)
+        final = r >= self.cfg.rounds
+        ann = {"rule": self.cfg.rule, "p1": p1, "p2": p2,
+               "agg_digest": bytes.fromhex(res["digest"]),
+               "accepted": [(u.sender, u.sha) for u in ups], "final": final}
+        frame, seq = self._global_frame(r + 1, new_params, ann)
+        model_digest = model.params_digest(new_params).hex()
+        row = {"n_accepted": len(ids), "rule": self.cfg.rule,
+               "params": {k: v for k, v in params.items() if k != "weights"},
+               "selected": res.get("selected"), "agg_digest": res["digest"],
+               "model_digest": model_digest, "accuracy": acc, "crosschecked": crosschecked,
+               "close_reason": reason}
+        self.store.close_round(r, row, rep_rows, security, r + 1, _pack(new_params),
+                               self.book.to_bytes(), frame, seq)
+        # Persisted first: a crash from here on re-publishes exactly this frame.
+        self.round = r + 1
+        self.params = new_params
+        self.pending = {}
+        self.coord_seq, self.global_frame = seq, frame
+        self.last_accuracy = acc
+        self.deadline = self.clock() + self.cfg.deadline_s
+        self.log("round", round=r, accuracy=acc, accepted=ids, selected=res.get("selected"),
+                 agg_digest=res["digest"], model_digest=model_digest,
+                 banned=self.book.banned(), newly_banned=newly, close_reason=reason,
+                 crosschecked=crosschecked, rejected=dict(self.rejected),
+                 verdicts={k: v for k, v in verdicts.items() if v != BANNED})
+        self.publish(self.t["global"], frame, True)
+        if final:
+            self._begin_finish()
+
+    # -- the end --------------------------------------------------------------------------
+    def _begin_finish(self) -> None:
+        self.finishing = True
+        self.finish_deadline = self.clock() + (
+            self.cfg.digest_grace_s if self.cfg.mode == "gossip" else 0.0)
+        self.maybe_finish()
+
+    def maybe_finish(self) -> None:
+        if not self.finishing or self.done:
+            return
+        if self.cfg.mode != "gossip":
+            self._finish("coordinated")
+            return
+        got = {n for r, n, _d, _a in self.store.digests() if r == self.cfg.rounds}
+        if all(n in got for n in self.expected_now()):
+            self._finish("all digests in")
+
+    def _finish(self, why: str) -> None:
+        self.store.mark_done()
+        self.done = True
+        self.log("done", round=self.cfg.rounds, why=why,
+                 final_digest=model.params_digest(self.params).hex(),
+                 accuracy=self.last_accuracy, banned=self.book.banned(),
+                 crosscheck={"checked": self.checker.checked,
+                             "mismatches": self.checker.mismatches},
+                 rejected=dict(self.rejected))
+
+
+def _pack(values: list[int]) -> bytes:
+    return np.asarray(values, dtype="<i4").tobytes()
+
+
+def _unpack(b: bytes) -> list[int]:
+    return [int(v) for v in np.frombuffer(b, dtype="<i4")]
+
+
+# ------------------------------------------------------------------ MQTT
+class DurableClient:
+    """paho-mqtt 2.x with a PERSISTENT session (clean_session=False, fixed client id) and
+    manual acknowledgements: the broker keeps QoS 1 messages for the coordinator while it is
+    down and redelivers any it never acknowledged, and it acknowledges a message only after
+    handling it (in SQLite). That is what makes a SIGKILL lose no update.
+    (microfed_host.mqtt.HostMQTT uses clean sessions and automatic acks.)"""
+
+    def __init__(self, host: str, port: int, client_id: str, max_message: int = 1 << 20) -> None:
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.host, self.port, self.max_message = host, port, max_message
+        self.queue: queue.Queue[tuple[str, bytes, int, int]] = queue.Queue()
+        self._subs: list[str] = []
+        self._subacks: set[int] = set()
+        self._suback_cv = threading.Condition()
+        self._connected = threading.Event()
+        self._why = "not connected yet"
+        self.dropped_oversize = 0
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
+                        protocol=paho.MQTTv311, manual_ack=True)
+        c.reconnect_delay_set(1, 4)
+        c.max_inflight_messages_set(100)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_socket_open = self._on_socket_open
+        c.on_subscribe = self._on_subscribe
+        self._c = c
+        self._paho = paho
+
+    def connect(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._c.connect(self.host, self.port, keepalive=30)
+                break
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise CoordinatorError(f"cannot reach MQTT broker {self.host}:{self.port}: {e}") from None
+                time.sleep(0.25)
+        self._c.loop_start()
+        if not self._connected.wait(max(0.1, deadline - time.monotonic())):
+            raise CoordinatorError(f"no CONNACK from {self.host}:{self.port}: {self._why}")
+
+    def close(self) -> None:
+        try:
+            self._c.disconnect()
+        finally:
+            self._c.loop_stop()
+
+    def subscribe(self, topic: str, timeout: float = 10.0) -> None:
+        """Subscribe (again after every reconnect) and wait for the SUBACK."""
+        self._subs.append(topic)
+        rc, mid = self._c.subscribe(topic, 1)
+        if rc != self._paho.MQTT_ERR_SUCCESS:
+            raise CoordinatorError(f"subscribe {topic} failed: {self._paho.error_string(rc)}")
+        with self._suback_cv:
+            if not self._suback_cv.wait_for(lambda: mid in self._subacks, timeout):
+                raise CoordinatorError(f"no SUBACK for {topic} within {timeout:g} s")
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, codes: Any, props: Any) -> None:
+        with self._suback_cv:
+            self._subacks.add(mid)
+            self._suback_cv.notify_all()
+
+    def publish(self, topic: str, payload: bytes, retain: bool, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self._c.publish(topic, payload, qos=1, retain=retain)
+            if info.rc == self._paho.MQTT_ERR_SUCCESS:
+                try:
+                    info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+                except (RuntimeError, ValueError):
+                    pass
+                if info.is_published():
+                    return
+            if time.monotonic() > deadline:
+                raise CoordinatorError(f"publish to {topic} not acknowledged: {self._why}")
+            time.sleep(0.2)
+
+    def get(self, timeout: float) -> tuple[str, bytes, int, int] | None:
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def ack(self, mid: int, qos: int) -> None:
+        if qos > 0:
+            self._c.ack(mid, qos)
+
+    def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if rc.is_failure:
+            self._why = f"broker refused the connection: {rc}"
+            return
+        for t in self._subs:
+            client.subscribe(t, 1)  # not waited for: this is the thread that reads the SUBACK
+        self._connected.set()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        self._connected.clear()
+        self._why = f"disconnected: {rc}"
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        if len(msg.payload) > self.max_message:
+            self.dropped_oversize += 1
+            self.ack(msg.mid, msg.qos)
+            return
+        self.queue.put((msg.topic, bytes(msg.payload), int(msg.mid), int(msg.qos)))
+
+
+def load_config(run_dir: Path) -> CoordinatorConfig:
+    path = run_dir / CONFIG_NAME
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as e:
+        raise CoordinatorError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise CoordinatorError(f"{path}: not JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise CoordinatorError(f"{path}: must be a JSON object")
+    try:
+        return CoordinatorConfig.from_json(doc)
+    except (TypeError, ValueError) as e:
+        raise CoordinatorError(f"{path}: {e}") from None
+
+
+def serve(run_dir: Path, host: str, port: int, log: Log = _json_log) -> int:
+    """Run the coordinator over MQTT until the run is over. Returns an exit code."""
+    cfg = load_config(run_dir)
+    store = RoundsStore(run_dir / STORE_NAME)
+    parent = os.getppid()
+    client: DurableClient | None = None
+    try:
+        from microfed_tools.cmd_provision import MeshDir
+
+        mesh = MeshDir(Path(cfg.mesh_dir)).read_mesh()["mesh"]
+        t = topics(mesh)
+        client = DurableClient(host, port, f"microfed-coordinator-{mesh}"[:64])
+        client.connect()
+        for sub in ("update/+", "digest/+", "hello/+"):
+            client.subscribe(t["base"] + sub)
+        coord = Coordinator(cfg, store, lambda tp, p, r: client.publish(tp, p, r), log)  # type: ignore[union-attr]
+        coord.start()
+        # The runner starts the nodes only now: from here on the broker keeps every
+        # message for this (persistent) session, even while the coordinator is down.
+        log({"ev": "ready", "t": time.time(), "round": coord.round})
+        while not coord.done:
+            msg = client.get(0.2)
+            if msg is not None:
+                topic, payload, mid, qos = msg
+                coord.handle(topic, payload)
+                # Acknowledged only now that its verdict is in SQLite.
+                client.ack(mid, qos)
+            coord.tick()
+            if os.getppid() != parent:
+                log({"ev": "orphaned", "t": time.time()})
+                return 3
+        return 0
+    finally:
+        if client is not None:
+            client.close()
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from microfed_host.broker import parse_address
+
+    ap = argparse.ArgumentParser(prog="python -m microfed_host.coordinator",
+                                 description="Run the microfed coordinator on a run directory.")
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--broker", required=True, metavar="HOST:PORT")
+    a = ap.parse_args(argv)
+
+    def _term(signum: int, frame: Any) -> None:
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, _term)
+    try:
+        host, port = parse_address(a.broker)
+        return serve(a.run_dir, host, port)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # one readable line for the runner, never a bare traceback
+        _json_log({"ev": "fatal", "error": f"{type(e).__name__}: {e}", "t": time.time()})
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

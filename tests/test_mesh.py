@@ -1,0 +1,221 @@
+"""The whole mesh for real: mosquitto, the coordinator process, MicroPython unix-port node
+processes (firmware/main.py) and the adversary, in coordinated and gossip mode; a coordinator
+SIGKILLed mid-round that resumes from SQLite; and the in-process engine, which must reach the
+same final model digest as the real mesh with the same seed.
+
+Small on purpose (5 honest nodes, 60-sample shards, 4 rounds): the point is the protocol and
+bit-exactness, the accuracy of the full experiment is in docs/results.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _need_tools() -> None:
+    from microfed_host import upy
+    from microfed_host.broker import find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto not installed: apt-get install mosquitto")
+    if upy.find_micropython() is None:
+        pytest.skip(f"MicroPython unix port missing: {upy.INSTALL_HINT}")
+
+
+def _scenario(**kw: Any) -> Any:
+    from microfed_host import mesh
+
+    sc = mesh.Scenario(name="test", honest=5, rule="krum", f=1, rounds=4, seed=11,
+                       max_samples=60, deadline_s=30.0)
+    for k, v in kw.items():
+        setattr(sc, k, v)
+    return sc
+
+
+def _wire_attackers() -> list[Any]:
+    from microfed_host.mesh import AttackGroup
+
+    return [AttackGroup("replay", 1), AttackGroup("forged", 1), AttackGroup("unregistered", 1)]
+
+
+def _run(sc: Any, out: Path, **kw: Any) -> dict[str, Any]:
+    from microfed_host import mesh
+
+    return mesh.run(sc, out, say=None, **kw)
+
+
+def _no_children_left(out: Path) -> list[str]:
+    """Processes whose command line names the run directory (nodes, coordinator)."""
+    left = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(out) in cmd and int(pid) != os.getpid():
+            left.append(f"{pid}: {cmd}")
+    return left
+
+
+def _check_common(s: dict[str, Any], rounds: int) -> None:
+    assert s["rounds"] == rounds
+    assert len(s["accuracy"]) == rounds
+    # Learning happens: the last round beats the first by a clear margin.
+    assert s["final_accuracy"] > s["accuracy"][0] + 0.1, s["accuracy"]
+    assert s["honest_banned"] == []
+    assert s["crosscheck"] == {"checked": rounds, "mismatches": 0}
+
+
+@pytest.fixture(scope="module")
+def coordinated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    _need_tools()
+    out = tmp_path_factory.mktemp("mesh") / "coordinated"
+    s = _run(_scenario(attackers=_wire_attackers()), out, broker="mosquitto")
+    return {"out": out, "summary": s}
+
+
+def test_coordinated_mesh_learns_and_rejects_every_injected_frame(coordinated: dict[str, Any]) -> None:
+    s, out = coordinated["summary"], coordinated["out"]
+    _check_common(s, 4)
+    assert s["broker"]["kind"] == "mosquitto"
+    inj = s["injected"]
+    # Rounds 1..4: a forged and an unregistered frame each round, replays from round 3 on.
+    assert inj["by_reason"] == {"bad_signature": 4, "unregistered": 4, "replay": 2}
+    assert inj["rejected_with_expected_reason"] == inj["total"] == 10
+    # Nothing else was rejected (no false positives on honest traffic).
+    assert s["rejected"] == {"bad_signature": 4, "replay": 2, "unregistered": 4}
+    # Every honest node ran the real firmware to the end and exited cleanly.
+    for nid in ("node-01", "node-05"):
+        log = (out / "nodes" / nid / "node.log").read_text().splitlines()
+        exits = [json.loads(x) for x in log if '"ev": "exit"' in x]
+        assert exits and exits[-1]["code"] == 0
+        assert exits[-1]["counters"]["rounds"] == 4
+    assert (out / "accuracy.png").stat().st_size > 1000
+    assert (out / "reputation.png").stat().st_size > 1000
+    rows = (out / "rounds.csv").read_text().splitlines()
+    assert rows[0].startswith("round,accuracy") and len(rows) == 5
+    assert _no_children_left(out) == []
+
+
+def test_inproc_engine_reaches_the_real_meshs_digest(coordinated: dict[str, Any],
+                                                     tmp_path: Path) -> None:
+    s = _run(_scenario(attackers=_wire_attackers()), tmp_path / "inproc", transport="inproc")
+    assert s["final_digest"] == coordinated["summary"]["final_digest"]
+    assert s["accuracy"] == coordinated["summary"]["accuracy"]
+    assert s["rejected"] == coordinated["summary"]["rejected"]
+
+
+def test_coordinator_sigkill_mid_round_resumes_with_the_same_digest(
+        coordinated: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    s = _run(_scenario(attackers=_wire_attackers()), out, broker="mosquitto",
+             kill_coordinator_at=3)
+    assert s["coordinator_restarts"] == 1
+    log = [json.loads(x) for x in (out / "coordinator.log").read_text().splitlines()
+           if x.startswith("{")]
+    resumes = [e for e in log if e["ev"] == "resume"]
+    assert len(resumes) == 1 and resumes[0]["round"] == 3
+    # Killed with some round-3 updates accepted and others still to come: none lost, none
+    # counted twice (one accepted update per node and round, all rounds complete).
+    assert 1 <= len(resumes[0]["accepted"]) < 8
+    rounds = [e for e in log if e["ev"] == "round"]
+    assert [e["round"] for e in rounds] == [1, 2, 3, 4]
+    assert all(len(e["accepted"]) == 8 for e in rounds)
+    assert s["final_digest"] == coordinated["summary"]["final_digest"]
+    assert s["accuracy"] == coordinated["summary"]["accuracy"]
+    assert s["injected"]["rejected_with_expected_reason"] == s["injected"]["total"]
+    assert _no_children_left(out) == []
+
+
+def test_gossip_mesh_every_honest_node_reaches_the_same_bits(tmp_path: Path) -> None:
+    _need_tools()
+    from microfed_host.mesh import AttackGroup
+
+    sc = _scenario(mode="gossip", attackers=[AttackGroup("sign-flip", 2)])
+    s = _run(sc, tmp_path / "gossip", broker="mosquitto")
+    _check_common(s, 4)
+    da = s["digest_agreement"]
+    assert da["rounds_agreed"] == da["rounds"] == 4
+    assert da["honest_mismatches"] == 0
+    # The compromised nodes lie about the aggregate and are flagged; nobody else is.
+    assert da["flagged"] == ["node-06", "node-07"]
+    s2 = _run(_scenario(mode="gossip", attackers=[AttackGroup("sign-flip", 2)]),
+              tmp_path / "gossip-inproc", transport="inproc")
+    assert s2["final_digest"] == s["final_digest"]
+    assert s2["digest_agreement"] == da
+
+
+def test_ctrl_c_stops_every_mesh_process(tmp_path: Path) -> None:
+    _need_tools()
+    out = tmp_path / "interrupted"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "microfed_tools.cli", "mesh", "run", "--honest", "5",
+         "--byzantine", "1", "--f", "1", "--rounds", "200", "--max-samples", "60",
+         "--broker", "mosquitto", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert p.stdout is not None
+    seen = []
+    deadline = time.monotonic() + 60
+    for line in p.stdout:
+        seen.append(line)
+        if "round  2/200" in line or time.monotonic() > deadline:
+            break
+    assert any("round  2/200" in x for x in seen), "".join(seen)
+    assert _no_children_left(out), "the mesh should be running"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130, err
+    assert "interrupted" in err
+    time.sleep(0.5)
+    assert _no_children_left(out) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attack", "teleport"], "unknown attack 'teleport'"),
+    (["--honest", "4", "--f", "1"], "needs at least 5 honest nodes"),
+    (["--crosscheck", "sometimes"], "bad cross-check policy"),
+    (["--scenario", "/nonexistent.toml"], "cannot read scenario"),
+])
+def test_bad_flags_exit_2_with_a_reason(tmp_path: Path, args: list[str], message: str) -> None:
+    p = subprocess.run([sys.executable, "-m", "microfed_tools.cli", "mesh", "run",
+                        "--transport", "inproc", "--out", str(tmp_path / "x"), *args],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_scenario_files_load_and_validate() -> None:
+    from microfed_host import mesh
+
+    files = sorted((ROOT / "scenarios").glob("*.toml"))
+    assert len(files) >= 4
+    for f in files:
+        sc = mesh.load_scenario(f)
+        sc.check()
+    d = mesh.load_scenario(mesh.DEFAULT_SCENARIO)
+    assert (d.honest, d.byzantine, d.rule, d.f) == (10, 3, "krum", 3)
+    assert [g.attack for g in d.attackers] == ["sign-flip"]
+
+
+def test_refuses_a_non_empty_run_directory(tmp_path: Path) -> None:
+    from microfed_host import mesh
+
+    (tmp_path / "old.txt").write_text("x")
+    with pytest.raises(mesh.MeshError, match="not empty"):
+        mesh.run(_scenario(), tmp_path, transport="inproc", say=None)
+    assert (tmp_path / "old.txt").exists()

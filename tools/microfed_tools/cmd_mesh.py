@@ -1,0 +1,133 @@
+"""`microfed mesh`: run a whole mesh under attack, or the results sweep.
+
+    microfed mesh run   [--scenario FILE] [--honest N] [--byzantine K] [--attack NAME]
+                        [--rule RULE] [--f F] [--rounds R] [--mode coordinated|gossip]
+                        [--split iid|dirichlet] [--alpha A] [--seed S] [--out DIR]
+                        [--crosscheck always|sampled:N|off] [--transport mqtt|inproc]
+                        [--broker auto|mosquitto|amqtt|HOST:PORT]
+    microfed mesh sweep [--rounds 30] [--jobs 2] [--out DIR] [--md docs/results.md]
+
+`run` without arguments runs scenarios/default.toml (10 honest MicroPython nodes + 3
+Byzantine sign-flip attackers, Krum f = 3) over a real MQTT broker and ends with a table and
+the plots' paths. Flags override the scenario file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from microfed_host.adversary import ATTACKS
+from microfed_host.coordinator import RULES
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from microfed_host import mesh
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        sc = mesh.load_scenario(Path(args.scenario) if args.scenario else mesh.DEFAULT_SCENARIO)
+        mesh.apply_overrides(sc, args)
+        out = Path(args.out) if args.out else Path("runs") / f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        summary = mesh.run(sc, out, transport=args.transport, broker=args.broker,
+                           force=args.force, kill_coordinator_at=args.kill_coordinator_at,
+                           timeout=args.timeout)
+    except KeyboardInterrupt:
+        print("microfed mesh: interrupted; every mesh process was stopped", file=sys.stderr)
+        return 130
+    except mesh.MeshError as e:
+        print(f"microfed mesh: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # anything else: one line, and the children are already gone
+        print(f"microfed mesh: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print()
+    print(mesh.table(summary))
+    print()
+    print(f"  summary: {out / 'summary.json'}")
+    print(f"  rounds:  {out / 'rounds.csv'}")
+    print(f"  store:   {out / 'coordinator.sqlite'}")
+    for p in summary["plots"]:
+        print(f"  plot:    {p}")
+    bad = summary["honest_banned"]
+    if bad:
+        print(f"microfed mesh: honest node(s) banned: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from microfed_host import mesh
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        mesh.main_sweep(args)
+    except KeyboardInterrupt:
+        print("microfed mesh sweep: interrupted", file=sys.stderr)
+        return 130
+    except mesh.MeshError as e:
+        print(f"microfed mesh sweep: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    from microfed_host.broker import add_broker_arguments
+
+    p = subparsers.add_parser("mesh", help="run a simulated mesh under attack (the main job)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="mesh_command", metavar="ACTION")
+    sub.required = True
+
+    r = sub.add_parser("run", help="run one scenario end to end and report")
+    r.add_argument("--scenario", help="scenario TOML (default: scenarios/default.toml)")
+    r.add_argument("--honest", type=int, help="honest MicroPython nodes")
+    r.add_argument("--byzantine", type=int, help="compromised nodes (run by the adversary)")
+    r.add_argument("--attack", help="Byzantine behaviour: " + ", ".join(ATTACKS))
+    r.add_argument("--tau", type=float, help="IPM strength (default 10)")
+    r.add_argument("--sigma", type=float, help="Gaussian noise sigma in model units (default 1)")
+    r.add_argument("--scale", type=float, help="scaling attack factor (default 10)")
+    r.add_argument("--rule", choices=RULES, help="aggregation rule")
+    r.add_argument("--f", type=int, help="tolerated Byzantine count for the rule")
+    r.add_argument("--rounds", type=int, help="training rounds")
+    r.add_argument("--mode", choices=("coordinated", "gossip"))
+    r.add_argument("--split", choices=("iid", "dirichlet"))
+    r.add_argument("--alpha", type=float, help="Dirichlet concentration (default 0.5)")
+    r.add_argument("--seed", type=int, help="seed of data split, init, training and attacks")
+    r.add_argument("--max-samples", dest="max_samples", type=int,
+                   help="cap every node's shard at this many samples (0: no cap)")
+    r.add_argument("--crosscheck", help="reference cross-check: always | sampled:N | off")
+    r.add_argument("--deadline", type=float, help="round deadline in seconds")
+    r.add_argument("--transport", choices=("mqtt", "inproc"), default="mqtt",
+                   help="mqtt: broker + MicroPython processes (default); inproc: one CPython process")
+    r.add_argument("--out", help="run directory (default runs/<scenario>-<time>)")
+    r.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    r.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
+    r.add_argument("--kill-coordinator-at", dest="kill_coordinator_at", type=int, default=0,
+                   metavar="ROUND", help="demonstration: SIGKILL the coordinator mid-round ROUND "
+                   "and restart it (it resumes from SQLite)")
+    add_broker_arguments(r)
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("sweep", help="rules x attacks in-process; writes the results table")
+    s.add_argument("--rounds", type=int, default=30)
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--jobs", type=int, default=2, help="parallel runs (default 2)")
+    s.add_argument("--out", default="runs/sweep", help="directory for the runs and results.json")
+    s.add_argument("--md", default="docs/results.md", help="markdown report to write")
+    s.add_argument("--rules", default=",".join(RULES))
+    s.add_argument("--attacks", default="none,sign-flip,ipm,alie,gaussian,scaling,label-flip,sleeper")
+    s.add_argument("--splits", default="iid,dirichlet")
+    s.add_argument("--no-bans", dest="no_bans", action="store_true",
+                   help="reputation never bans (ban_below = 0): measure the rules alone")
+    s.add_argument("--render-only", dest="render_only", action="store_true",
+                   help="rewrite the markdown from OUT/results.json without running")
+    s.set_defaults(func=cmd_sweep)
