@@ -61,7 +61,9 @@ def test_honest_large_spread_nobody_banned(setting: str, seed: int) -> None:
     assert book.banned() == []
     assert all(v != "banned" for r in verdicts for v in r.values())
     rewards = sum(1 for r in verdicts for v in r.values() if v == "reward")
-    assert rewards >= 0.9 * 100 * 10  # the signal is not vacuous: honest clients are rewarded
+    # The signal is not vacuous: honest clients are rewarded most of the time (in the noisiest
+    # setting, d = 5 with 2x noise on some clients, ~86%: they point the wrong way now and then).
+    assert rewards >= 0.8 * 100 * 10
 
 
 def test_no_absolute_threshold_scaling_invariance() -> None:
@@ -78,11 +80,13 @@ def test_no_absolute_threshold_scaling_invariance() -> None:
 
 # --- (2), (3) attackers are banned within 10 rounds ------------------------------------------
 
+@pytest.mark.parametrize("signal", [2 * ONE, ONE], ids=["sn2", "sn1"])
 @pytest.mark.parametrize("seed", range(5))
-def test_sign_flip_banned_within_10_rounds(seed: int) -> None:
-    # noise comparable to the signal (signal/noise 2); see docs/reputation.md for the measured
-    # limit: below signal/noise ~1.5 a sign-flipped update sits inside the honest spread.
-    rounds = sc.honest_rounds(seed, 10, signal=2 * ONE, noise=ONE,
+def test_sign_flip_banned_within_10_rounds(seed: int, signal: int) -> None:
+    # signal/noise 2: the distance band catches it (round 4-5). signal/noise 1: the flipped
+    # update sits inside the honest spread, and only the direction check catches it (round 8);
+    # see docs/reputation.md for the lower signal/noise figures.
+    rounds = sc.honest_rounds(seed, 10, signal=signal, noise=ONE,
                               attackers={"x": sc.sign_flip})
     book = ReputationBook()
     banned_at = None
@@ -183,13 +187,18 @@ def spec_verdicts(ids: list[str], vecs: list[list[int]]) -> dict[str, str]:
     """The rule as docs/reputation.md states it, for a book where nobody is banned."""
     ref = median(vecs)
     devs = [dist(v, ref) for v in vecs]
+    aligns = [sum(a * b for a, b in zip(v, ref, strict=True)) for v in vecs]
     m = median_int(devs)
     out = {}
-    for node, dev in zip(ids, devs, strict=True):
+    for node, dev, align in zip(ids, devs, aligns, strict=True):
         if m == 0:
             out[node] = "reward" if dev == 0 else "penalty"
+        elif dev > 9 * m:
+            out[node] = "penalty"
+        elif align < 0:
+            out[node] = "misaligned"
         else:
-            out[node] = ("reward" if dev <= 4 * m else "penalty" if dev > 9 * m else "neutral")
+            out[node] = "reward" if dev <= 4 * m else "neutral"
     return out
 
 

@@ -6,6 +6,10 @@
 # is banned for the size of their updates. Why the coordinate-wise median as the reference
 # and not the aggregation rule's output: being selected by Krum must earn nothing (a strong
 # ALIE attacker is selected every round); the verdict depends on deviation alone.
+# Why a direction check beside the distance bands (verdict "misaligned", half a penalty): when honest updates are noisy relative to
+# their common direction (late training, small shards), a sign-flipped update is no farther
+# from the median than an honest one, yet it points the other way. The sign of its dot product
+# with the cohort median is scale-free, so it keeps the rule cohort-relative.
 
 import struct
 
@@ -14,6 +18,7 @@ from microfed.q16 import MAX_RAW, MIN_RAW, ONE, mul, rdiv
 
 REWARD = "reward"
 PENALTY = "penalty"
+MISALIGNED = "misaligned"
 NEUTRAL = "neutral"
 BANNED = "banned"
 NO_SIGNAL = "no_signal"
@@ -127,6 +132,14 @@ def median_int(values):
     return rdiv(s[h - 1] + s[h], 2)
 
 
+def _dot(u, v):
+    # Exact integer dot product: only its sign is used.
+    s = 0
+    for a, b in zip(u, v):
+        s += a * b
+    return s
+
+
 def _cap(x):
     return x if x < MAX_COUNT else MAX_COUNT
 
@@ -187,13 +200,15 @@ class ReputationBook:
         if len(self._nodes) + new > MAX_NODES:
             raise ValueError("reputation book full: at most %d nodes" % MAX_NODES)
 
-    def _verdict(self, dev, med):
+    def _verdict(self, dev, med, align):
         if med == 0:
             return REWARD if dev == 0 else PENALTY
-        if dev <= self.reward_band * med:
-            return REWARD
         if dev > self.penalty_band * med:
             return PENALTY
+        if align < 0:
+            return MISALIGNED
+        if dev <= self.reward_band * med:
+            return REWARD
         return NEUTRAL
 
     def observe(self, ids, vecs):
@@ -215,6 +230,7 @@ class ReputationBook:
             return out
         ref = median([vecs[i] for i in cohort])
         devs = [dist(vecs[i], ref) for i in cohort]
+        aligns = [_dot(vecs[i], ref) for i in cohort]
         med = median_int(devs)
         for j in range(len(cohort)):
             node = ids[cohort[j]]
@@ -223,13 +239,15 @@ class ReputationBook:
                 st = [self.initial, 0, 0, 0, 0]
                 self._nodes[node] = st
             st[_ROUNDS] = _cap(st[_ROUNDS] + 1)
-            v = self._verdict(devs[j], med)
+            v = self._verdict(devs[j], med, aligns[j])
             if v == REWARD:
                 r = st[_REP] + mul(self.reward, ONE - st[_REP])
                 st[_REP] = r if r < ONE else ONE
                 st[_REWARDS] = _cap(st[_REWARDS] + 1)
-            elif v == PENALTY:
-                r = st[_REP] - self.penalty
+            elif v == PENALTY or v == MISALIGNED:
+                # Misalignment alone is weaker evidence (a very noisy honest update can point
+                # the wrong way now and then): half a penalty.
+                r = st[_REP] - (self.penalty if v == PENALTY else self.penalty >> 1)
                 st[_REP] = r if r > 0 else 0
                 st[_PENALTIES] = _cap(st[_PENALTIES] + 1)
                 if st[_REP] < self.ban_below:
