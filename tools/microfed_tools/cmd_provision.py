@@ -173,8 +173,33 @@ def cmd_init(args: argparse.Namespace) -> int:
     write_registry_and_bundles(md, mesh, seed, reg)
     print(f"mesh {name!r} (id {mesh['mesh_id']}) in {md.root}: coordinator + {args.nodes} nodes, "
           f"registry v{reg.version} digest {reg.digest().hex()[:16]}")
+    if args.data == "digits":
+        write_digit_shards(md.root / SHARDS_DIR, node_ids(args.nodes), args.split, args.seed)
+        print(f"training data: digits, {args.split} shards in {md.root / SHARDS_DIR} "
+              "(deploy copies each node's shard as /shard.bin)")
     print(f"deploy {md.root / 'bundles'}/<node>.json to each device as /bundle.json")
     return 0
+
+
+SHARDS_DIR = "shards"
+TEST_SHARD = "test.mfds"
+
+
+def write_digit_shards(out: Path, ids: list[str], split: str, seed: int) -> None:
+    """The reference task's data: one digits shard per node (<id>.mfds, next to the bundles'
+    directory so `microfed deploy --bundle` finds it) and the held-out test split that
+    `microfed coordinator` scores the global model on."""
+    from microfed_host import data
+
+    try:
+        ds = data.train_test_split(seed)
+        shards = data.shard(ds.train, len(ids), split, seed)
+    except data.DataError as e:
+        raise ProvisionError(f"cannot shard the digits data: {e}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (node_id, sh) in enumerate(zip(ids, shards, strict=True)):
+        data.write_shard(out / f"{node_id}.mfds", sh, i, len(ids))
+    data.write_shard(out / TEST_SHARD, ds.test)
 
 
 def cmd_add(args: argparse.Namespace) -> int:
@@ -240,6 +265,11 @@ def register(subparsers: Any) -> None:
     pi.add_argument("--out", required=True, help="output directory")
     pi.add_argument("--broker", default=DEFAULT_BROKER, help=f"MQTT broker HOST:PORT (default {DEFAULT_BROKER})")
     pi.add_argument("--force", action="store_true", help="replace the keys of an existing mesh in --out")
+    pi.add_argument("--data", choices=("digits", "none"), default="digits",
+                    help="training data to shard for the nodes (default: digits, the reference task)")
+    pi.add_argument("--split", choices=("iid", "dirichlet"), default="iid",
+                    help="how the digits are split across nodes (default iid)")
+    pi.add_argument("--seed", type=int, default=1, help="seed of the data split (default 1)")
     pi.set_defaults(func=_run(cmd_init))
 
     pa = sub.add_parser("add", help="add a node: new key, re-signed registry, its bundle")

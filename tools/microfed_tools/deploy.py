@@ -24,6 +24,7 @@ from microfed_tools import rawrepl
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE_FORMAT = "microfed-bundle/1"
 BUNDLE_DEVICE_PATH = "bundle.json"
+SHARD_DEVICE_PATH = "shard.bin"
 SOURCE_ONLY = ("boot.py", "main.py")  # the board runs these by name, as source
 _SKIP_PARTS = ("__pycache__",)
 _SKIP_SUFFIXES = (".pyc", ".pyo", ".mpy", ".swp", ".tmp")
@@ -70,6 +71,10 @@ def default_files(root: Path = ROOT, bundle: Path | None = None) -> list[FileSpe
         files += _tree(fw, "")
     if bundle is not None:
         files.append(FileSpec(bundle, BUNDLE_DEVICE_PATH))
+        # `microfed provision init` writes mesh/shards/<node>.mfds beside mesh/bundles/.
+        shard = bundle.parent.parent / "shards" / (bundle.stem + ".mfds")
+        if shard.is_file():
+            files.append(FileSpec(shard, SHARD_DEVICE_PATH))
     return files
 
 
