@@ -173,7 +173,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     write_registry_and_bundles(md, mesh, seed, reg)
     print(f"mesh {name!r} (id {mesh['mesh_id']}) in {md.root}: coordinator + {args.nodes} nodes, "
           f"registry v{reg.version} digest {reg.digest().hex()[:16]}")
-    if args.data == "digits":
+    # Programmatic callers (the mesh runner) shard their own data: default to none for them.
+    if getattr(args, "data", "none") == "digits":
         write_digit_shards(md.root / SHARDS_DIR, node_ids(args.nodes), args.split, args.seed)
         print(f"training data: digits, {args.split} shards in {md.root / SHARDS_DIR} "
               "(deploy copies each node's shard as /shard.bin)")

@@ -1,0 +1,244 @@
+"""What a mesh run shows its user: live progress lines, summary.json, rounds.csv, the plots
+and the closing table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from microfed import model
+from microfed_host import coordinator as coordmod
+from microfed_host.rounds_store import RoundsStore
+from microfed_host.scenario import MeshError, Scenario
+
+
+class Progress:
+    def __init__(self, sc: Scenario, out: Callable[[str], None] | None = print) -> None:
+        self.sc = sc
+        self.out = out
+        self.t0 = time.monotonic()
+        self.last_round_at = self.t0
+        self.flagged: set[str] = set()
+
+    def say(self, text: str) -> None:
+        if self.out is not None:
+            self.out(text)
+
+    def event(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("ev")
+        if kind == "start":
+            acc = ev.get("accuracy")
+            self.say(f"  round  0/{self.sc.rounds}  acc {_pct(acc)}  (initial model)")
+        elif kind == "round":
+            now = time.monotonic()
+            rej = ev.get("rejected") or {}
+            rtxt = ", ".join(f"{k} {v}" for k, v in sorted(rej.items())) or "0"
+            banned = ev.get("banned") or []
+            self.say(f"  round {ev['round']:>2}/{self.sc.rounds}  acc {_pct(ev.get('accuracy'))}"
+                     f"  accepted {len(ev.get('accepted', []))}  rejected {rtxt}"
+                     f"  banned {', '.join(banned) if banned else '-'}"
+                     f"  ({now - self.last_round_at:.1f} s)")
+            self.last_round_at = now
+        elif kind == "flagged":
+            if ev["node"] not in self.flagged:
+                self.flagged.add(ev["node"])
+                self.say(f"  ! {ev['node']} flagged: its gossip digest for round {ev['round']} "
+                         "differs from the coordinator's aggregate")
+        elif kind == "resume":
+            self.say(f"  coordinator resumed round {ev['round']} from SQLite with "
+                     f"{len(ev.get('accepted', []))} accepted update(s)")
+        elif kind == "waiting":
+            self.say(f"  round {ev['round']}: deadline passed, waiting for "
+                     f"{sorted(set(ev.get('want', [])) - set(ev.get('have', [])))}")
+        elif kind == "crosscheck_mismatch":
+            self.say(f"  ! round {ev['round']}: fast path and reference disagree (reference used)")
+        elif kind == "fatal":
+            self.say(f"  coordinator error: {ev.get('error')}")
+
+
+def _pct(x: float | None) -> str:
+    return "   -  " if x is None else f"{100 * x:5.1f}%"
+
+
+# ------------------------------------------------------------------ real mesh (MQTT)
+
+
+def summarize(out: Path, doc: dict[str, Any], info: dict[str, Any], duration: float) -> dict[str, Any]:
+    store = RoundsStore(out / coordmod.STORE_NAME)
+    try:
+        rows = store.rounds()
+        st = store.load_state()
+        rej = store.rejection_counts()
+        rep = store.reputation_history()
+        dig = store.digests()
+        sec = store.security_events()
+        rejected_hashes = store.rejected_hashes()
+    finally:
+        store.close()
+    if st is None:
+        raise MeshError(f"{out}: the coordinator never started (no state in the store)")
+    final_params = coordmod._unpack(st["params"])
+    honest = set(doc["honest_ids"])
+    byz = set(doc["byzantine_ids"])
+    last_rep: dict[str, tuple[int, bool]] = {}
+    for _r, n, v, b, _vd in rep:
+        last_rep[n] = (v, b)
+    banned = sorted(n for n, (_v, b) in last_rep.items() if b)
+    acc = [r["accuracy"] for r in rows]
+    agreement = None
+    if doc["mode"] == "gossip":
+        by_round: dict[int, dict[str, bool]] = {}
+        for r, n, _d, a in dig:
+            by_round.setdefault(r, {})[n] = a
+        agreed = 0
+        for row in rows:
+            got = by_round.get(row["round"], {})
+            want = [n for n in honest if n not in banned]
+            if want and all(got.get(n) is True for n in want):
+                agreed += 1
+        agreement = {"rounds_agreed": agreed, "rounds": len(rows),
+                     "honest_mismatches": sum(1 for r, n, _d, a in dig if n in honest and not a),
+                     "flagged": sorted({n for r, n, _d, a in dig if not a})}
+    injected: dict[str, Any] | None = None
+    adv_path = out / "adversary.json"
+    if adv_path.exists():
+        adv = json.loads(adv_path.read_text())
+        ok = sum(1 for e in adv["injected"] if rejected_hashes.get(e["sha256"]) == e["expect"])
+        injected = {"by_reason": adv["injected_by_reason"], "total": len(adv["injected"]),
+                    "rejected_with_expected_reason": ok}
+    summary = {
+        "scenario": doc["name"],
+        "seed": doc["seed"],
+        "transport": info.get("transport"),
+        "mode": doc["mode"],
+        "split": doc["split"] + (f"(alpha={doc['alpha']})" if doc["split"] == "dirichlet" else ""),
+        "rule": doc["rule"],
+        "f": doc["f"],
+        "honest": doc["honest"],
+        "byzantine": doc["byzantine"],
+        "attack": "+".join(sorted({g["attack"] for g in doc["attackers"]})) or "none",
+        "rounds": len(rows),
+        "rounds_planned": doc["rounds"],
+        "accuracy": acc,
+        "final_accuracy": acc[-1] if acc else None,
+        "rejected": dict(sorted(rej.items())),
+        "banned": banned,
+        "honest_banned": [n for n in banned if n in honest],
+        "byzantine_banned": [n for n in banned if n in byz],
+        "crosscheck": {"checked": sum(1 for r in rows if r["crosschecked"]),
+                       "mismatches": sum(1 for e in sec if e["kind"] == "crosscheck_mismatch")},
+        "digest_agreement": agreement,
+        "final_digest": model.params_digest(final_params).hex(),
+        "injected": injected,
+        "coordinator_restarts": info.get("coordinator_restarts", 0),
+        "security_events": {k: sum(1 for e in sec if e["kind"] == k)
+                            for k in sorted({e["kind"] for e in sec})},
+        "duration_s": round(duration, 2),
+    }
+    if "broker" in info:
+        summary["broker"] = info["broker"]
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with open(out / "rounds.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["round", "accuracy", "accepted", "selected", "close_reason", "crosschecked",
+                    "agg_digest", "model_digest", "banned_after"])
+        bans_by_round: dict[int, list[str]] = {}
+        for r, n, _v, b, _vd in rep:
+            if b:
+                bans_by_round.setdefault(r, []).append(n)
+        for row in rows:
+            sel = json.loads(row["selected"]) if row["selected"] else []
+            w.writerow([row["round"], f"{row['accuracy']:.4f}" if row["accuracy"] is not None else "",
+                        row["n_accepted"], " ".join(sel), row["close_reason"], row["crosschecked"],
+                        row["agg_digest"], row["model_digest"],
+                        " ".join(bans_by_round.get(row["round"], []))])
+    summary["plots"] = plot(out, doc, rows, rep)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def plot(out: Path, doc: dict[str, Any], rows: list[dict[str, Any]],
+         rep: list[tuple[int, str, int, bool, str | None]]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    xs = [r["round"] for r in rows]
+    ys = [100 * (r["accuracy"] or 0) for r in rows]
+    ax.plot(xs, ys, marker="o", label=f"{doc['rule']} ({doc['mode']})")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    attack = "+".join(sorted({g["attack"] for g in doc["attackers"]})) or "none"
+    ax.set_title(f"{doc['honest']} honest + {doc['byzantine']} Byzantine ({attack}), {doc['split']}")
+    ax.legend()
+    fig.tight_layout()
+    p = out / "accuracy.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    paths.append(str(p))
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    byz = set(doc["byzantine_ids"])
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for r, n, v, _b, _vd in rep:
+        s = series.setdefault(n, ([], []))
+        s[0].append(r)
+        s[1].append(v / 65536)
+    for n in sorted(series):
+        s = series[n]
+        ax.plot(s[0], s[1], linestyle="--" if n in byz else "-", label=n + (" (byz)" if n in byz else ""))
+    ax.set_xlabel("round")
+    ax.set_ylabel("reputation")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    if len(series) <= 16:
+        ax.legend(fontsize=6, ncol=2)
+    ax.set_title("reputation per node (dashed: Byzantine)")
+    fig.tight_layout()
+    p = out / "reputation.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    paths.append(str(p))
+    return paths
+
+
+def table(summary: dict[str, Any]) -> str:
+    s = summary
+    rej = ", ".join(f"{k} {v}" for k, v in s["rejected"].items()) or "none"
+    da = s["digest_agreement"]
+    rows = [
+        ("rule", f"{s['rule']} (f={s['f']})"),
+        ("nodes", f"{s['honest']} honest + {s['byzantine']} Byzantine ({s['attack']})"),
+        ("mode / split", f"{s['mode']} / {s['split']}"),
+        ("rounds", str(s["rounds"])),
+        ("accuracy", f"{_pct(s['accuracy'][0]).strip()} after round 1 -> "
+                     f"{_pct(s['final_accuracy']).strip()} final" if s["accuracy"] else "-"),
+        ("rejected", rej),
+        ("banned", ", ".join(s["banned"]) or "none"),
+        ("honest banned", ", ".join(s["honest_banned"]) or "none"),
+        ("cross-check", f"{s['crosscheck']['checked']} rounds checked, "
+                        f"{s['crosscheck']['mismatches']} mismatches"),
+        ("digest agreement", "n/a (coordinated)" if da is None else
+         f"{da['rounds_agreed']}/{da['rounds']} rounds, flagged: {', '.join(da['flagged']) or 'none'}"),
+        ("final digest", s["final_digest"]),
+        ("time", f"{s['duration_s']:.1f} s ({s['transport']})"),
+    ]
+    if s.get("injected") and s["injected"]["total"]:
+        inj = s["injected"]
+        rows.insert(6, ("injected frames", f"{inj['total']} ({', '.join(f'{k} {v}' for k, v in inj['by_reason'].items())}), "
+                        f"{inj['rejected_with_expected_reason']} rejected with the expected reason"))
+    if s.get("coordinator_restarts"):
+        rows.append(("coordinator restarts", str(s["coordinator_restarts"])))
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)
+
+
+# ------------------------------------------------------------------ entry points

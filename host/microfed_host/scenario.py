@@ -1,0 +1,305 @@
+"""Mesh scenarios: the TOML file, flag overrides, and the run directory they prepare
+(provisioned mesh, data shards, node directories, coordinator settings)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from microfed_host import adversary as advmod
+from microfed_host import coordinator as coordmod
+from microfed_host import data, keys
+from microfed_host.coordinator import CoordinatorConfig
+
+REPO = Path(__file__).resolve().parents[2]
+FIRMWARE = REPO / "firmware"
+SCENARIOS = REPO / "scenarios"
+DEFAULT_SCENARIO = SCENARIOS / "default.toml"
+SPLITS = ("iid", "dirichlet")
+TRANSPORTS = ("mqtt", "inproc")
+
+
+class MeshError(RuntimeError):
+    """Bad scenario, flags or run directory, or a mesh process that failed: says which."""
+
+
+# ------------------------------------------------------------------ scenario
+@dataclass
+class AttackGroup:
+    attack: str
+    count: int
+    params: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Scenario:
+    name: str = "custom"
+    description: str = ""
+    honest: int = 10
+    attackers: list[AttackGroup] = field(default_factory=list)
+    rule: str = "krum"
+    f: int = 3
+    m: int = 0
+    trim: int = -1
+    rounds: int = 10
+    mode: str = "coordinated"
+    split: str = "iid"
+    alpha: float = 0.5
+    seed: int = 1
+    max_samples: int = 0
+    lr: int = 32768
+    epochs: int = 1
+    batch: int = 10
+    crosscheck: str = "always"
+    deadline_s: float = 60.0
+    reputation: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def byzantine(self) -> int:
+        return sum(g.count for g in self.attackers)
+
+    @property
+    def attack_label(self) -> str:
+        if not self.attackers:
+            return "none"
+        return "+".join(f"{g.attack}x{g.count}" if len(self.attackers) > 1 else g.attack
+                        for g in self.attackers)
+
+    def node_ids(self) -> list[str]:
+        from microfed_tools.cmd_provision import node_ids
+
+        return node_ids(self.honest + self.byzantine)
+
+    def honest_ids(self) -> list[str]:
+        return self.node_ids()[: self.honest]
+
+    def byzantine_ids(self) -> list[str]:
+        return self.node_ids()[self.honest:]
+
+    def check(self) -> None:
+        if not 1 <= self.honest <= 200:
+            raise MeshError("honest must be in 1..200")
+        for g in self.attackers:
+            try:
+                g.attack = advmod.canonical_attack(g.attack)
+            except advmod.AdversaryError as e:
+                raise MeshError(str(e)) from None
+            if not 0 <= g.count <= 200:
+                raise MeshError("attacker count must be in 0..200")
+            for k in g.params:
+                if k not in advmod.DEFAULTS:
+                    raise MeshError(f"unknown attack parameter {k!r} (known: {', '.join(advmod.DEFAULTS)})")
+        self.attackers = [g for g in self.attackers if g.count > 0]
+        if self.rule not in coordmod.RULES:
+            raise MeshError(f"unknown rule {self.rule!r}; one of {', '.join(coordmod.RULES)}")
+        if self.mode not in coordmod.MODES:
+            raise MeshError(f"mode must be one of {', '.join(coordmod.MODES)}")
+        if self.split not in SPLITS:
+            raise MeshError(f"split must be one of {', '.join(SPLITS)}")
+        if not self.alpha > 0:
+            raise MeshError("alpha must be > 0")
+        if not 1 <= self.rounds <= 10000:
+            raise MeshError("rounds must be in 1..10000")
+        if not 0 <= self.seed <= 0xFFFFFFFF:
+            raise MeshError("seed must be in 0..2^32-1")
+        if self.max_samples < 0 or not 1 <= self.lr <= 0x7FFFFFFF or self.epochs < 1 or self.batch < 1:
+            raise MeshError("max_samples >= 0, lr in 1..2^31-1 (raw Q16.16), epochs >= 1, batch >= 1")
+        if not self.deadline_s > 0:
+            raise MeshError("deadline must be > 0 seconds")
+        if not 0 <= self.f <= 255 or not 0 <= self.m <= 255 or not -1 <= self.trim <= 255:
+            raise MeshError("f, m and trim must be in 0..255")
+        need = coordmod.rule_min_nodes(self.rule, self.f, self.f if self.trim < 0 else self.trim)
+        # Bans may remove every attacker: the honest nodes alone must still satisfy the rule.
+        if self.honest < need:
+            raise MeshError(f"rule {self.rule} with f={self.f} needs at least {need} honest nodes "
+                            f"(bans can leave only those), got {self.honest}")
+        try:
+            CoordinatorConfig(mesh_dir="", rule=self.rule, f=self.f, m=self.m, trim=self.trim,
+                              rounds=self.rounds, crosscheck=self.crosscheck,
+                              reputation=self.reputation).check()
+        except (coordmod.CoordinatorError, ValueError) as e:
+            raise MeshError(str(e)) from None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["byzantine"] = self.byzantine
+        return d
+
+
+_TOP = {"name", "description", "honest", "rule", "f", "m", "trim", "rounds", "mode", "seed",
+        "crosscheck", "deadline_s", "split", "alpha", "max_samples", "attackers", "train",
+        "data", "reputation"}
+
+
+def load_scenario(path: Path) -> Scenario:
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise MeshError(f"cannot read scenario {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise MeshError(f"scenario {path}: not valid TOML: {e}") from None
+    bad = sorted(set(doc) - _TOP)
+    if bad:
+        raise MeshError(f"scenario {path}: unknown key(s) {', '.join(bad)}")
+    sc = Scenario(name=Path(path).stem)
+    try:
+        for k in ("name", "description", "honest", "rule", "f", "m", "trim", "rounds", "mode",
+                  "seed", "crosscheck", "deadline_s", "split", "alpha", "max_samples"):
+            if k in doc:
+                setattr(sc, k, doc[k])
+        for section, keys_ in (("train", ("lr", "epochs", "batch")),
+                               ("data", ("split", "alpha", "max_samples"))):
+            sub = doc.get(section, {})
+            if not isinstance(sub, dict):
+                raise MeshError(f"scenario {path}: [{section}] must be a table")
+            for k in sub:
+                if k not in keys_:
+                    raise MeshError(f"scenario {path}: unknown key {section}.{k}")
+                setattr(sc, k, sub[k])
+        sc.reputation = dict(doc.get("reputation", {}))
+        groups = doc.get("attackers", [])
+        if not isinstance(groups, list):
+            raise MeshError(f"scenario {path}: attackers must be an array of tables [[attackers]]")
+        for g in groups:
+            if not isinstance(g, dict) or "attack" not in g:
+                raise MeshError(f"scenario {path}: every [[attackers]] needs attack = \"NAME\"")
+            params = {k: float(v) for k, v in g.items() if k not in ("attack", "count")}
+            sc.attackers.append(AttackGroup(str(g["attack"]), int(g.get("count", 1)), params))
+    except (TypeError, ValueError) as e:
+        raise MeshError(f"scenario {path}: {e}") from None
+    for k, typ in (("honest", int), ("f", int), ("rounds", int), ("seed", int), ("lr", int),
+                   ("epochs", int), ("batch", int), ("max_samples", int), ("m", int), ("trim", int)):
+        if type(getattr(sc, k)) is not typ:
+            raise MeshError(f"scenario {path}: {k} must be an integer")
+    sc.alpha = float(sc.alpha)
+    sc.deadline_s = float(sc.deadline_s)
+    return sc
+
+
+def apply_overrides(sc: Scenario, a: Any) -> Scenario:
+    """Flags win over the scenario file."""
+    for k in ("honest", "rule", "f", "rounds", "mode", "split", "alpha", "seed", "crosscheck",
+              "max_samples"):
+        v = getattr(a, k, None)
+        if v is not None:
+            setattr(sc, k, v)
+    if getattr(a, "deadline", None) is not None:
+        sc.deadline_s = float(a.deadline)
+    byz, attack = getattr(a, "byzantine", None), getattr(a, "attack", None)
+    if attack is not None or byz is not None:
+        params: dict[str, float] = {}
+        for name in ("tau", "sigma", "scale"):
+            if getattr(a, name, None) is not None:
+                params[name] = float(getattr(a, name))
+        if attack is None:
+            attack = sc.attackers[0].attack if sc.attackers else "sign-flip"
+            if sc.attackers:
+                params = {**sc.attackers[0].params, **params}
+        if byz is None:
+            byz = sc.byzantine if sc.attackers else 3
+        sc.attackers = [AttackGroup(attack, byz, params)] if byz > 0 else []
+    else:
+        for name in ("tau", "sigma", "scale"):
+            if getattr(a, name, None) is not None:
+                for g in sc.attackers:
+                    g.params[name] = float(getattr(a, name))
+    return sc
+
+
+# ------------------------------------------------------------------ run directory
+
+
+def prepare(sc: Scenario, out: Path, force: bool = False) -> dict[str, Any]:
+    """Provision the mesh, write shards, node directories and the coordinator settings."""
+    from microfed_tools import cmd_provision
+
+    sc.check()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise MeshError(f"{out} is not empty; pick another --out or add --force to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = sc.node_ids()
+    mesh_name = f"mesh-{sc.seed}-{os.urandom(3).hex()}"
+    args = type("A", (), {"out": str(out / "mesh"), "nodes": len(ids), "mesh": mesh_name,
+                          "broker": "127.0.0.1:1883", "force": False})()
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            cmd_provision.cmd_init(args)  # type: ignore[arg-type]
+        except cmd_provision.ProvisionError as e:
+            raise MeshError(f"provisioning failed: {e}") from None
+    split = data.train_test_split(sc.seed)
+    shards = data.shard(split.train, len(ids), sc.split, sc.seed, sc.alpha)
+    if sc.max_samples:
+        shards = [s.subset(np.arange(min(len(s), sc.max_samples))) for s in shards]
+    ddir = out / "data"
+    ddir.mkdir()
+    data.write_shard(ddir / "test.mfds", split.test)
+    for i, (nid, s) in enumerate(zip(ids, shards, strict=True)):
+        data.write_shard(ddir / f"{nid}.mfds", s, i, len(ids))
+    train = {"lr": sc.lr, "epochs": sc.epochs, "batch": sc.batch, "seed": sc.seed}
+    for nid in sc.honest_ids():
+        nd = out / "nodes" / nid
+        (nd / "state").mkdir(parents=True)
+        shutil.copy(out / "mesh" / "bundles" / f"{nid}.json", nd / "bundle.json")
+        os.chmod(nd / "bundle.json", 0o600)
+        shutil.copy(ddir / f"{nid}.mfds", nd / "shard.bin")
+        write_node_config(nd, sc, None)
+    cfg = CoordinatorConfig(mesh_dir=str(out / "mesh"), rule=sc.rule, f=sc.f, m=sc.m,
+                            trim=sc.trim, rounds=sc.rounds, mode=sc.mode,
+                            crosscheck=sc.crosscheck, deadline_s=sc.deadline_s,
+                            init_seed=sc.seed, test_shard=str(ddir / "test.mfds"),
+                            reputation=dict(sc.reputation), expected=ids,
+                            wait_hello_s=min(30.0, sc.deadline_s))
+    (out / coordmod.CONFIG_NAME).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+    doc = sc.to_json()
+    doc.update({"mesh": mesh_name, "honest_ids": sc.honest_ids(),
+                "byzantine_ids": sc.byzantine_ids(), "train": train,
+                "test_samples": len(split.test), "shard_sizes": [len(s) for s in shards]})
+    (out / "scenario.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+def write_node_config(nd: Path, sc: Scenario, broker: tuple[str, int] | None) -> None:
+    conf: dict[str, Any] = {
+        "mode": sc.mode,
+        "train": {"lr": sc.lr, "epochs": sc.epochs, "batch": sc.batch, "seed": sc.seed},
+        # A node whose runner died must not linger: no GLOBAL_MODEL for this long -> exit.
+        "idle_exit_s": int(max(120, 3 * sc.deadline_s)),
+        "status_interval_ms": 100,
+    }
+    if broker is not None:
+        conf["broker"] = {"host": broker[0], "port": broker[1]}
+    (nd / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+
+
+def make_adversary(sc: Scenario, out: Path, mesh: str) -> advmod.Adversary | None:
+    if not sc.attackers:
+        return None
+    md = out / "mesh"
+    coord_pub = keys.read_public_key(md / "coordinator.pub")
+    nodes: list[advmod.Compromised] = []
+    byz = iter(sc.byzantine_ids())
+    for g in sc.attackers:
+        for _ in range(g.count):
+            nid = next(byz)
+            ds, _i, _n = data.decode_shard((out / "data" / f"{nid}.mfds").read_bytes())
+            xs, ys = ds.as_lists()
+            nodes.append(advmod.Compromised(nid, keys.read_private_key(md / "nodes" / f"{nid}.key"),
+                                            g.attack, xs, ys, dict(g.params)))
+    train = {"lr": sc.lr, "epochs": sc.epochs, "batch": sc.batch, "seed": sc.seed}
+    return advmod.Adversary(mesh, coord_pub, nodes, sc.honest_ids(), sc.rounds, train,
+                            sc.mode, sc.seed)
+
+
+# ------------------------------------------------------------------ progress output

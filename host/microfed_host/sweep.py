@@ -1,0 +1,198 @@
+"""`microfed mesh sweep`: rules x attacks x splits through the in-process engine, the float64
+twin for comparison, and the results table in docs/results.md."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from microfed import model
+from microfed_host import adversary as advmod
+from microfed_host import coordinator as coordmod
+from microfed_host import data
+from microfed_host.mesh import run
+from microfed_host.scenario import SPLITS, AttackGroup, MeshError, Scenario
+
+SWEEP_ATTACKS = ("none", "sign-flip", "ipm", "alie", "gaussian", "scaling", "label-flip", "sleeper")
+TARGETS = (
+    ("iid", "krum", "sign-flip", ">=", 0.90),
+    ("iid", "krum", "ipm", ">=", 0.90),
+    ("iid", "krum", "gaussian", ">=", 0.90),
+    ("iid", "krum", "label-flip", ">=", 0.90),
+    ("iid", "fedavg", "ipm", "<=", 0.15),
+)
+
+
+def _sweep_one(job: tuple[str, str, str, int, int, str, bool]) -> dict[str, Any]:
+    split, rule, attack, rounds, seed, out, bans = job
+    # ban_below = 0: reputation still scored, nobody ever banned (the rule alone defends).
+    sc = Scenario(name=f"{split}-{rule}-{attack}", honest=10,
+                  attackers=[AttackGroup(attack, 3)], rule=rule, f=3, rounds=rounds,
+                  mode="coordinated", split=split, alpha=0.5, seed=seed, crosscheck="always",
+                  reputation={} if bans else {"ban_below": 0})
+    s = run(sc, Path(out), transport="inproc", force=True, say=None)
+    return {"split": split, "rule": rule, "attack": attack, "final_accuracy": s["final_accuracy"],
+            "accuracy": s["accuracy"], "banned": s["banned"], "honest_banned": s["honest_banned"],
+            "byzantine_banned": s["byzantine_banned"], "crosscheck": s["crosscheck"],
+            "final_digest": s["final_digest"], "duration_s": s["duration_s"], "run_dir": out}
+
+
+def float_reference(split_name: str, rule: str, rounds: int, seed: int, n_nodes: int = 13,
+                    f: int = 3) -> dict[str, Any]:
+    """The no-attack federated run in float64 (host/microfed_host/float_baseline.py): same
+    shards, init, sample order, batches, learning rate and rule as the Q16.16 mesh."""
+    from microfed_host import float_baseline as fb
+    from microfed_tools.cmd_provision import node_ids
+
+    sp = data.train_test_split(seed)
+    shards = data.shard(sp.train, n_nodes, split_name, seed, 0.5)
+    ids = node_ids(n_nodes)
+    fm = fb.FloatSoftmax()
+    g = fm.init(seed)
+    xt = fb.features(sp.test.x)
+    feats = [fb.features(s.x) for s in shards]
+    sizes = np.asarray([len(s) for s in shards], dtype=np.float64)
+    acc = []
+    for r in range(1, rounds + 1):
+        deltas = np.stack([fm.train(g, feats[i], shards[i].y, 32768 / 65536, 1, 10,
+                                    model.derive_seed(seed, r, ids[i])) - g
+                           for i in range(n_nodes)])
+        if rule == "krum":
+            d2 = ((deltas[:, None, :] - deltas[None, :, :]) ** 2).sum(axis=2)
+            scores = [np.sort(np.delete(d2[i], i))[: n_nodes - f - 2].sum() for i in range(n_nodes)]
+            agg = deltas[min(range(n_nodes), key=lambda i: (scores[i], ids[i]))]
+        else:
+            agg = np.average(deltas, axis=0, weights=sizes)
+        g = g + agg
+        acc.append(fm.accuracy(g, xt, sp.test.y))
+    return {"split": split_name, "rule": rule, "accuracy": acc, "final_accuracy": acc[-1]}
+
+
+def sweep(rules: list[str], attacks: list[str], splits: list[str], rounds: int, seed: int,
+          out: Path, jobs: int = 2, say: Callable[[str], None] = print,
+          bans: bool = True) -> dict[str, Any]:
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [(sp, ru, at, rounds, seed, str(out / f"{sp}-{ru}-{at}"), bans)
+            for sp in splits for ru in rules for at in attacks]
+    results: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+    with ProcessPoolExecutor(max_workers=max(1, jobs)) as ex:
+        futs = {ex.submit(_sweep_one, j): j for j in todo}
+        for fut in as_completed(futs):
+            r = fut.result()
+            results.append(r)
+            say(f"  [{len(results):>3}/{len(todo)}] {r['split']:9} {r['rule']:12} {r['attack']:10} "
+                f"final {100 * r['final_accuracy']:5.1f}%  banned {','.join(r['banned']) or '-'}"
+                f"  ({r['duration_s']:.0f} s)")
+    floats = []
+    for sp in splits:
+        for ru in ("fedavg", "krum"):
+            if ru in rules and "none" in attacks:
+                fr = float_reference(sp, ru, rounds, seed)
+                q = next(x for x in results if x["split"] == sp and x["rule"] == ru and x["attack"] == "none")
+                fr["q16_final_accuracy"] = q["final_accuracy"]
+                fr["gap_points"] = 100 * (q["final_accuracy"] - fr["final_accuracy"])
+                floats.append(fr)
+    doc = {"rounds": rounds, "seed": seed, "honest": 10, "byzantine": 3, "f": 3, "bans": bans,
+           "results": sorted(results, key=lambda x: (x["split"], x["rule"], x["attack"])),
+           "float64": floats, "elapsed_s": round(time.monotonic() - t0, 1)}
+    (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+def results_markdown(doc: dict[str, Any], rules: list[str], attacks: list[str],
+                     splits: list[str]) -> str:
+    res = {(r["split"], r["rule"], r["attack"]): r for r in doc["results"]}
+    lines = []
+    checks = []
+    for sp, ru, at, op, thr in TARGETS:
+        r = res.get((sp, ru, at))
+        if r is None:
+            continue
+        v = r["final_accuracy"]
+        ok = v >= thr if op == ">=" else v <= thr
+        checks.append((f"{ru} under {at} ({sp})", f"{op} {100 * thr:.0f}%", f"{100 * v:.1f}%", ok))
+    for fr in doc["float64"]:
+        ok = abs(fr["gap_points"]) <= 1.0
+        checks.append((f"Q16.16 vs float64, {fr['rule']}, no attack ({fr['split']})",
+                       "within 1 point", f"{100 * fr['q16_final_accuracy']:.2f}% vs "
+                       f"{100 * fr['final_accuracy']:.2f}% ({fr['gap_points']:+.2f})", ok))
+    honest_banned = sorted({n for r in doc["results"] for n in r["honest_banned"]})
+    checks.append(("honest nodes never banned", "none", ", ".join(honest_banned) or "none",
+                   not honest_banned))
+    lines.append("| target | wanted | measured | met |")
+    lines.append("| --- | --- | --- | --- |")
+    for name, want, got, ok in checks:
+        lines.append(f"| {name} | {want} | {got} | {'yes' if ok else '**NO**'} |")
+    tables = []
+    for sp in splits:
+        t = [f"{'IID' if sp == 'iid' else 'Dirichlet(0.5) non-IID'}:", "",
+             "| rule \\ attack | " + " | ".join(attacks) + " |",
+             "| --- |" + " --- |" * len(attacks)]
+        for ru in rules:
+            cells = []
+            for at in attacks:
+                r = res.get((sp, ru, at))
+                if r is None:
+                    cells.append("-")
+                    continue
+                cell = f"{100 * r['final_accuracy']:.1f}"
+                if r["byzantine_banned"]:
+                    cell += f" (b{len(r['byzantine_banned'])})"
+                if r["honest_banned"]:
+                    cell += f" **H{len(r['honest_banned'])}**"
+                cells.append(cell)
+            t.append(f"| {ru} | " + " | ".join(cells) + " |")
+        tables.append("\n".join(t))
+    return "\n".join(lines), "\n\n".join(tables)
+
+
+def main_sweep(a: Any) -> None:
+    rules = [x.strip() for x in a.rules.split(",") if x.strip()]
+    attacks = [advmod.canonical_attack(x) for x in a.attacks.split(",") if x.strip()]
+    splits = [x.strip() for x in a.splits.split(",") if x.strip()]
+    for r in rules:
+        if r not in coordmod.RULES:
+            raise MeshError(f"unknown rule {r!r}")
+    for s in splits:
+        if s not in SPLITS:
+            raise MeshError(f"unknown split {s!r}")
+    print(f"microfed mesh sweep: {len(rules)} rules x {len(attacks)} attacks x {len(splits)} "
+          f"splits, {a.rounds} rounds, in-process engine, {a.jobs} jobs")
+    bans = not a.no_bans
+    if getattr(a, "render_only", False):
+        try:
+            doc = json.loads((Path(a.out) / "results.json").read_text())
+        except (OSError, ValueError) as e:
+            raise MeshError(f"--render-only needs {Path(a.out) / 'results.json'}: {e}") from None
+        bans = doc.get("bans", True)
+    else:
+        doc = sweep(rules, attacks, splits, a.rounds, a.seed, Path(a.out), a.jobs, bans=bans)
+    checks, tables = results_markdown(doc, rules, attacks, splits)
+    md = Path(a.md)
+    text = md.read_text() if md.exists() else ""
+    tag = "sweep" if bans else "sweep-nobans"
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+    how = ("reputation bans on (the default)" if bans else
+           "reputation bans OFF (`ban_below = 0`): the aggregation rule alone defends")
+    flags = "" if bans else " --no-bans"
+    block = (f"{begin}\n_Generated by `microfed mesh sweep --rounds {a.rounds} --seed {a.seed}{flags}` "
+             f"({doc['elapsed_s']:.0f} s with {a.jobs} jobs); raw numbers in "
+             f"`{Path(a.out) / 'results.json'}`._\n\n"
+             f"#### Targets ({how})\n\n{checks}\n\n#### Final test accuracy (%) after {a.rounds} rounds, {how}\n\n"
+             f"10 honest + 3 Byzantine nodes, f = 3, coordinated mode. `(bK)`: K Byzantine "
+             f"nodes banned by reputation; `**Hk**`: k honest nodes banned.\n\n{tables}\n{end}")
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = (text.rstrip() + "\n\n" if text else "# Results\n\n") + block + "\n"
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(text)
+    print(f"\n{checks}\n\n{tables}\n\nwrote {md} and {Path(a.out) / 'results.json'}")
