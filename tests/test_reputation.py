@@ -187,7 +187,12 @@ def spec_verdicts(ids: list[str], vecs: list[list[int]]) -> dict[str, str]:
     """The rule as docs/reputation.md states it, for a book where nobody is banned."""
     ref = median(vecs)
     devs = [dist(v, ref) for v in vecs]
-    aligns = [sum(a * b for a, b in zip(v, ref, strict=True)) for v in vecs]
+    def dot(u: list[int], w: list[int]) -> int:
+        return sum(a * b for a, b in zip(u, w, strict=True))
+
+    # misaligned: cosine with the median below -1/8, in exact integers
+    aligns = [-1 if dot(v, ref) < 0 and 64 * dot(v, ref) ** 2 > dot(v, v) * dot(ref, ref) else 0
+              for v in vecs]
     m = median_int(devs)
     out = {}
     for node, dev, align in zip(ids, devs, aligns, strict=True):

@@ -133,11 +133,21 @@ def median_int(values):
 
 
 def _dot(u, v):
-    # Exact integer dot product: only its sign is used.
     s = 0
     for a, b in zip(u, v):
         s += a * b
     return s
+
+
+# An update is misaligned when its cosine with the cohort median is below -1/8:
+# dot < 0 and ALIGN_COS2 * dot^2 > |x|^2 * |ref|^2, in exact integers. The margin keeps honest
+# updates that are merely orthogonal-ish (label-skewed non-IID shards) out of it.
+ALIGN_COS2 = 64
+
+
+def _misaligned(x, ref, ref_sq):
+    d = _dot(x, ref)
+    return d < 0 and ALIGN_COS2 * d * d > _dot(x, x) * ref_sq
 
 
 def _cap(x):
@@ -200,12 +210,12 @@ class ReputationBook:
         if len(self._nodes) + new > MAX_NODES:
             raise ValueError("reputation book full: at most %d nodes" % MAX_NODES)
 
-    def _verdict(self, dev, med, align):
+    def _verdict(self, dev, med, misaligned):
         if med == 0:
             return REWARD if dev == 0 else PENALTY
         if dev > self.penalty_band * med:
             return PENALTY
-        if align < 0:
+        if misaligned:
             return MISALIGNED
         if dev <= self.reward_band * med:
             return REWARD
@@ -230,7 +240,8 @@ class ReputationBook:
             return out
         ref = median([vecs[i] for i in cohort])
         devs = [dist(vecs[i], ref) for i in cohort]
-        aligns = [_dot(vecs[i], ref) for i in cohort]
+        ref_sq = _dot(ref, ref)
+        aligns = [_misaligned(vecs[i], ref, ref_sq) for i in cohort]
         med = median_int(devs)
         for j in range(len(cohort)):
             node = ids[cohort[j]]
