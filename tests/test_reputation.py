@@ -190,8 +190,8 @@ def spec_verdicts(ids: list[str], vecs: list[list[int]]) -> dict[str, str]:
     def dot(u: list[int], w: list[int]) -> int:
         return sum(a * b for a, b in zip(u, w, strict=True))
 
-    # misaligned: cosine with the median below -1/8, in exact integers
-    aligns = [-1 if dot(v, ref) < 0 and 64 * dot(v, ref) ** 2 > dot(v, v) * dot(ref, ref) else 0
+    # misaligned: cosine with the median below -1/4, in exact integers
+    aligns = [-1 if dot(v, ref) < 0 and 16 * dot(v, ref) ** 2 > dot(v, v) * dot(ref, ref) else 0
               for v in vecs]
     m = median_int(devs)
     out = {}

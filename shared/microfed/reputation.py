@@ -139,10 +139,10 @@ def _dot(u, v):
     return s
 
 
-# An update is misaligned when its cosine with the cohort median is below -1/8:
+# An update is misaligned when its cosine with the cohort median is below -1/4:
 # dot < 0 and ALIGN_COS2 * dot^2 > |x|^2 * |ref|^2, in exact integers. The margin keeps honest
 # updates that are merely orthogonal-ish (label-skewed non-IID shards) out of it.
-ALIGN_COS2 = 64
+ALIGN_COS2 = 16
 
 
 def _misaligned(x, ref, ref_sq):
