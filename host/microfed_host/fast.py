@@ -1,15 +1,15 @@
 """numpy fast path for every aggregation rule, bit-identical to `microfed.aggregate`.
 
 Exactness without giving up BLAS: a float64 product or sum of integers is exact while every
-intermediate stays below 2^53. Krum needs exact squared distances (values up to ~2^84), so the
-Gram matrix is computed in float64 only on pieces whose range is known to keep every partial
-sum below 2^53:
+intermediate stays below 2^53. Krum needs exact squared distances (values up to ~2^84):
 
-1. centre each coordinate (distances are translation-invariant), halving the range;
-2. if the centred values are small (|y| <= 2^20, the usual case for model deltas) use them
-   directly, else split each into two signed 16-bit limbs (y = hi * 2^16 + lo);
-3. cut the d axis into chunks short enough that chunk * max|limb|^2 < 2^53, multiply each
-   chunk in float64 (exact), accumulate chunks in int64 and combine limbs in Python ints.
+1. The common case (`_krum_scores_int64`): convert to float64 in cache-sized chunks, one Gram
+   matrix by BLAS, and certify exactness afterwards from its diagonal (see the function's
+   docstring); distances and scores then stay in int64.
+2. When the certificate fails (wide values): centre each coordinate (distances are
+   translation-invariant), split values wider than 2^20 into two signed 16-bit limbs, cut the
+   d axis into chunks with chunk * max|limb|^2 < 2^53, multiply each chunk in float64 (exact),
+   accumulate in int64 and combine limbs in Python ints (`exact_gram`).
 
 Everything else (median, trimmed mean, means) is integer numpy with floor division, which
 matches the reference's round-half-up `(2*s + m) // (2*m)`.
@@ -82,7 +82,7 @@ def exact_gram(x: np.ndarray) -> list[list[int]]:
     nl = len(limbs)
     chunk = max(1, (FLOAT_EXACT - 1) // (bound * bound))
     if nl == 1 and chunk >= d:
-        # The common case: one conversion, one BLAS call, every partial sum exact.
+        # One limb, one chunk: one conversion, one BLAS call, every partial sum exact.
         z = limbs[0].astype(np.float64)
         return (z @ z.T).astype(np.int64).tolist()
     acc_py: list[list[int]] | None = None
