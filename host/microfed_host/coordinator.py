@@ -161,8 +161,8 @@ class Coordinator:
         clock: Callable[[], float] = time.time,
     ) -> None:
         from microfed_host import keys
+        from microfed_host.provision import MeshDir, ProvisionError
         from microfed_host.registry import RegistryError
-        from microfed_tools.cmd_provision import MeshDir, ProvisionError
 
         cfg.check()
         self.cfg = cfg
@@ -706,7 +706,7 @@ def serve(run_dir: Path, host: str, port: int, log: Log = _json_log) -> int:
     parent = os.getppid()
     client: DurableClient | None = None
     try:
-        from microfed_tools.cmd_provision import MeshDir
+        from microfed_host.provision import MeshDir
 
         mesh = MeshDir(Path(cfg.mesh_dir)).read_mesh()["mesh"]
         t = topics(mesh)

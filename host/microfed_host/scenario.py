@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -75,7 +73,7 @@ class Scenario:
                         for g in self.attackers)
 
     def node_ids(self) -> list[str]:
-        from microfed_tools.cmd_provision import node_ids
+        from microfed_host.provision import node_ids
 
         return node_ids(self.honest + self.byzantine)
 
@@ -220,7 +218,7 @@ def apply_overrides(sc: Scenario, a: Any) -> Scenario:
 
 def prepare(sc: Scenario, out: Path, force: bool = False) -> dict[str, Any]:
     """Provision the mesh, write shards, node directories and the coordinator settings."""
-    from microfed_tools import cmd_provision
+    from microfed_host.provision import ProvisionError, init_mesh
 
     sc.check()
     out = Path(out)
@@ -231,13 +229,10 @@ def prepare(sc: Scenario, out: Path, force: bool = False) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     ids = sc.node_ids()
     mesh_name = f"mesh-{sc.seed}-{os.urandom(3).hex()}"
-    args = type("A", (), {"out": str(out / "mesh"), "nodes": len(ids), "mesh": mesh_name,
-                          "broker": "127.0.0.1:1883", "force": False})()
-    with contextlib.redirect_stdout(io.StringIO()):
-        try:
-            cmd_provision.cmd_init(args)  # type: ignore[arg-type]
-        except cmd_provision.ProvisionError as e:
-            raise MeshError(f"provisioning failed: {e}") from None
+    try:
+        init_mesh(out / "mesh", mesh_name, len(ids), "127.0.0.1:1883")
+    except ProvisionError as e:
+        raise MeshError(f"provisioning failed: {e}") from None
     split = data.train_test_split(sc.seed)
     shards = data.shard(split.train, len(ids), sc.split, sc.seed, sc.alpha)
     if sc.max_samples:

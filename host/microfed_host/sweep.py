@@ -47,7 +47,7 @@ def float_reference(split_name: str, rule: str, rounds: int, seed: int, n_nodes:
     """The no-attack federated run in float64 (host/microfed_host/float_baseline.py): same
     shards, init, sample order, batches, learning rate and rule as the Q16.16 mesh."""
     from microfed_host import float_baseline as fb
-    from microfed_tools.cmd_provision import node_ids
+    from microfed_host.provision import node_ids
 
     sp = data.train_test_split(seed)
     shards = data.shard(sp.train, n_nodes, split_name, seed, 0.5)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from microfed_host import coordinator as coordmod
 from microfed_host.broker import BrokerError, parse_address
-from microfed_tools.cmd_provision import SHARDS_DIR, TEST_SHARD, MeshDir, ProvisionError
+from microfed_host.provision import SHARDS_DIR, TEST_SHARD, MeshDir, ProvisionError
 
 EXIT_USAGE = 2
 
