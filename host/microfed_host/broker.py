@@ -37,6 +37,7 @@ DEFAULT_MAX_PACKET = 1 << 20  # a signed 650-parameter update is ~3 KB; 1 MiB is
 MOSQUITTO_HINT = "apt-get install mosquitto"
 AMQTT_HINT = "pip install amqtt"
 _READY = "MICROFED-AMQTT-READY"
+MAX_QUEUED_MESSAGES = 1_000_000
 
 
 class BrokerError(RuntimeError):
@@ -305,6 +306,9 @@ class Broker:
             f"set_tcp_nodelay {'true' if self.tcp_nodelay else 'false'}",
             f"max_packet_size {self.max_packet_size}",
             "persistence false",
+            # A persistent client (the coordinator) that reads slowly under a flood must not
+            # lose queued QoS 1 updates: mosquitto's default drops beyond 1000 per client.
+            f"max_queued_messages {MAX_QUEUED_MESSAGES}",
             f"log_dest file {log}",
             "log_type error",
             "log_type warning",

@@ -23,9 +23,7 @@ import argparse
 import hashlib
 import json
 import os
-import queue
 import signal
-import socket
 import sys
 import threading
 import time
@@ -53,7 +51,13 @@ DEFAULT_MAX_ABS = 256 * 65536  # must equal the nodes' config "max_abs"
 
 # Reasons the coordinator adds to microfed.verify.REASONS.
 EXTRA_REASONS = ("duplicate", "equivocation", "banned", "topic_sender_mismatch", "bad_topic",
-                 "not_expected")
+                 "not_expected", "internal_error")
+# The receive path's memory bound: QUEUE_SIZE messages of at most MAX_MESSAGE bytes.
+MAX_MESSAGE = wire.MAX_FRAME
+QUEUE_SIZE = 256
+# Rejected frames are acknowledged in batches of this size, after one SQLite commit; below
+# mosquitto's default of 20 unacknowledged QoS 1 messages in flight per client.
+ACK_BATCH = 16
 
 Log = Callable[[dict[str, Any]], None]
 Publish = Callable[[str, bytes, bool], None]
@@ -161,8 +165,6 @@ class Coordinator:
         clock: Callable[[], float] = time.time,
     ) -> None:
         from microfed_host import keys
-        from microfed_host.provision import MeshDir, ProvisionError
-        from microfed_host.registry import RegistryError
 
         cfg.check()
         self.cfg = cfg
@@ -170,22 +172,19 @@ class Coordinator:
         self._publish = publish
         self._log = log
         self.clock = clock
-        try:
-            mesh, seed, reg = MeshDir(Path(cfg.mesh_dir)).load()
-            self.registry_frame = bytes.fromhex(
-                json.loads((Path(cfg.mesh_dir) / "registry.json").read_text())["frame"])
-        except (ProvisionError, RegistryError, keys.KeyFileError, OSError, KeyError,
-                ValueError) as e:
-            raise CoordinatorError(f"mesh directory {cfg.mesh_dir}: {e}") from None
+        mesh, seed, reg, self.registry_frame, self._registry_stamp = _load_mesh(cfg.mesh_dir)
         self.mesh = str(mesh["mesh"])
         self.mesh_id = wire.mesh_id(self.mesh)
         self._sign = keys.signer(seed)
         self.registry = reg.portable()
-        active = self.registry.active_ids()
-        self.expected = sorted(cfg.expected or active, key=lambda s: s.encode())
-        missing = [n for n in self.expected if n not in active]
-        if missing:
-            raise CoordinatorError(f"expected nodes not active in the registry: {missing}")
+        self._next_registry_check = 0.0
+        known = set(self.registry.nodes)
+        self._fixed_expected = bool(cfg.expected)
+        self.expected = sorted(cfg.expected or self.registry.active_ids(), key=lambda s: s.encode())
+        unknown = [n for n in self.expected if n not in known]
+        if unknown:
+            raise CoordinatorError(f"expected nodes not in the registry: {unknown}")
+        # Revoked nodes stay listed (a run directory outlives a revocation) but never count.
         n_min = rule_min_nodes(cfg.rule, cfg.f, cfg.trim_count)
         if len(self.expected) < n_min:
             raise CoordinatorError(
@@ -224,6 +223,7 @@ class Coordinator:
         self.hellos: set[str] = set()
         self.gate_open = True
         self.gate_deadline = 0.0
+        self.paused_since: float | None = None
 
     # -- plumbing -----------------------------------------------------------------------
     def log(self, ev: str, **kw: Any) -> None:
@@ -263,10 +263,73 @@ class Coordinator:
         return frame, seq
 
     def expected_now(self) -> list[str]:
-        return [n for n in self.expected if not self.book.is_banned(n)]
+        """The nodes this round waits for: expected, still active in the registry, not banned."""
+        return [n for n in self.expected
+                if self._active(n) and not self.book.is_banned(n)]
+
+    def _active(self, node: str) -> bool:
+        e = self.registry.nodes.get(node)
+        return e is not None and bool(e[1])
+
+    # -- live registry -------------------------------------------------------------------
+    def check_registry(self, force: bool = False) -> bool:
+        """Adopt a newer signed registry from the mesh directory (`microfed provision revoke`,
+        `add`, `reenrol` rewrite it): at most once a second unless forced. A bad or older file
+        is logged and ignored; the running registry stays. True if a new one was adopted."""
+        now = self.clock()
+        if not force and now < self._next_registry_check:
+            return False
+        self._next_registry_check = now + 1.0
+        try:
+            stamp = _registry_stamp(self.cfg.mesh_dir)
+            if stamp == self._registry_stamp:
+                return False
+            _mesh, _seed, reg, frame, stamp = _load_mesh(self.cfg.mesh_dir)
+        except CoordinatorError as e:
+            self.log("registry_error", error=str(e)[:300])
+            return False
+        self._registry_stamp = stamp
+        new = reg.portable()
+        if new.mesh_id != self.mesh_id or new.version <= self.registry.version:
+            if new.version < self.registry.version:
+                self.log("registry_error", error="registry.json v%d is older than the running v%d"
+                         % (new.version, self.registry.version))
+            return False
+        self._adopt_registry(new, frame)
+        return True
+
+    def _adopt_registry(self, new: Any, frame: bytes) -> None:
+        old = self.registry
+        self.registry = new
+        self.registry_frame = frame
+        for v in (self.v_update, self.v_digest, self.v_hello):
+            v.registry = new
+        rekeyed = self.store.adopt_keys(
+            {n: pub for n, (pub, active) in new.nodes.items() if active})
+        revoked = sorted(n for n, (_p, a) in new.nodes.items()
+                         if not a and old.nodes.get(n, (b"", False))[1])
+        added = sorted(n for n, (_p, a) in new.nodes.items() if a and n not in old.nodes)
+        if not self._fixed_expected:
+            self.expected = sorted(set(self.expected) | set(added), key=lambda s: s.encode())
+        dropped = sorted(n for n in revoked if n in self.pending)
+        for n in dropped:
+            # A revoked node's update of the open round is not aggregated either.
+            del self.pending[n]
+        for n in revoked:
+            self.store.security_event(self.round, "revoked", n, "registry v%d" % new.version)
+        for n in rekeyed:
+            self.store.security_event(self.round, "reenrolled", n,
+                                      "new key in registry v%d; counters restart (epoch %d)"
+                                      % (new.version, self.store.key_epoch(n)))
+        self.log("registry", version=new.version, revoked=revoked, added=added,
+                 reenrolled=rekeyed, dropped_pending=dropped)
+        self.publish(self.t["registry"], self.registry_frame, True)
+        self.maybe_close()
 
     # -- start / resume ---------------------------------------------------------------
     def start(self) -> None:
+        self.store.adopt_keys(
+            {n: pub for n, (pub, active) in self.registry.nodes.items() if active})
         stored = self.store.get_config()
         mine = self.cfg.to_json()
         if stored is None:
@@ -301,6 +364,8 @@ class Coordinator:
                 1 for e in self.store.security_events() if e["kind"] == "crosscheck_mismatch")
             for raw in self.store.accepted_frames(self.round):
                 fr = wire.decode(raw)
+                if not self._active(fr.sender):
+                    continue  # revoked while the coordinator was down
                 self.pending[fr.sender] = _Pending(fr.sender, hashlib.sha256(raw).digest(),
                                                    fr.body["samples"], fr.body["values"])
             self.rejected = dict(self.store.rejection_counts())
@@ -335,10 +400,31 @@ class Coordinator:
 
     # -- input ----------------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes) -> None:
-        """One MQTT message. Never raises for anything a peer can send."""
+        """One MQTT message. Never raises: whatever goes wrong while handling one message
+        is that message's rejection (reason `internal_error`, counted, logged with the
+        frame's SHA-256), so the caller acknowledges it and no message can be redelivered
+        into a crash loop."""
         if self.done:
             return
+        try:
+            self._dispatch(topic, payload)
+        except Exception as e:
+            self.store.drop_staged()
+            raw = payload if isinstance(payload, bytes | bytearray) else b""
+            sha = hashlib.sha256(raw).hexdigest()
+            try:
+                self._reject("internal_error", f"{type(e).__name__}: {e}"[:300], bytes(raw), sha,
+                             None)
+            except Exception:  # the store itself failed: count in memory at least
+                self.rejected["internal_error"] = self.rejected.get("internal_error", 0) + 1
+            self.log("internal_error", topic=str(topic)[:200], frame_sha256=sha,
+                     error=f"{type(e).__name__}: {e}"[:300])
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
         t = self.t
+        if not isinstance(payload, bytes | bytearray):
+            raise TypeError("payload is not bytes")
+        payload = bytes(payload)
         if topic.startswith(t["update"]):
             self.on_update(topic[len(t["update"]):], payload)
         elif topic.startswith(t["digest"]):
@@ -347,22 +433,22 @@ class Coordinator:
             self.on_hello(topic[len(t["hello"]):], payload)
         # global / registry: our own retained messages echoed back; nothing else subscribed.
 
-    def _reject(self, reason: str, message: str, raw: bytes, sha: str, verdict_row: bool,
+    def _reject(self, reason: str, message: str, raw: bytes, sha: str,
                 fr: wire.Frame | None = None, record: bool = True) -> None:
+        """Count and log one rejected message. Nothing here touches a replay counter."""
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         sender = rnd = seq = kind = None
-        if fr is None:
+        if fr is None and len(raw) <= wire.MAX_FRAME:
             try:
                 fr = wire.decode(raw)
-            except wire.WireError:
+            except Exception:
                 fr = None
         if fr is not None:
             sender, rnd, seq, kind = fr.sender, fr.round, fr.seq, fr.kind
         if record:
             self.store.record_rejection(reason, message, len(raw), sha, sender, kind, rnd, seq)
-        if verdict_row:
-            self.store.reject_update(rnd, sender, seq, sha, reason)
-        self.log("rejected", reason=reason, node=sender, round=rnd, msg=message[:200])
+        self.log("rejected", reason=reason, node=sender, round=rnd, msg=message[:200],
+                 frame_sha256=sha[:16])
 
     def on_update(self, topic_node: str, raw: bytes) -> None:
         sha = hashlib.sha256(raw).hexdigest()
@@ -370,30 +456,31 @@ class Coordinator:
         if prev is not None and prev >= self.round - 1:
             # The same signed bytes again: a QoS 1 redelivery (or a copy of it). Harmless.
             self._reject("duplicate", "exact copy of an accepted update of round %d" % prev,
-                         raw, sha, True)
+                         raw, sha)
             return
         self.store.stage()
         try:
             fr = self.v_update.verify(raw, None, self.round, self.round)
         except Rejected as e:
             self.store.drop_staged()
-            # HostVerifier has written the audit row; only count it and keep the verdict.
-            self._reject(e.reason, e.message, raw, sha, True, record=False)
+            # HostVerifier has written the audit row; only count it.
+            self._reject(e.reason, e.message, raw, sha, record=False)
             return
-        # From here on the frame is authentic: its counter is consumed whatever we decide.
+        # Authentic, but the counter is only staged: a frame rejected below does not move
+        # it, so the genuine frame that follows a rejected copy is still accepted.
         sender = fr.sender
         reason = None
         if sender != topic_node:
             reason = ("topic_sender_mismatch", "sent on update/%s" % topic_node[:64])
-        elif sender not in self.expected:
+        elif sender not in self.expected or not self._active(sender):
             reason = ("not_expected", "%s is not part of this run" % sender)
         elif self.book.is_banned(sender):
             reason = ("banned", "%s is banned" % sender)
         elif sender in self.pending:
             reason = ("equivocation", "second update from %s in round %d" % (sender, self.round))
         if reason is not None:
-            self.store.commit_staged()
-            self._reject(reason[0], reason[1], raw, sha, True, fr)
+            self.store.drop_staged()
+            self._reject(reason[0], reason[1], raw, sha, fr)
             return
         self.store.accept_update(self.round, sender, fr.seq, fr.body["samples"], sha, raw)
         self.pending[sender] = _Pending(sender, bytes.fromhex(sha), fr.body["samples"],
@@ -405,20 +492,25 @@ class Coordinator:
     def on_digest(self, topic_node: str, raw: bytes) -> None:
         sha = hashlib.sha256(raw).hexdigest()
         last_closed = min(self.round - 1, self.cfg.rounds)
+        self.store.stage()
         try:
             fr = self.v_digest.verify(raw, None, 1, max(1, last_closed))
         except Rejected as e:
-            self._reject(e.reason, e.message, raw, sha, False, record=False)
+            self.store.drop_staged()
+            self._reject(e.reason, e.message, raw, sha, record=False)
             return
         if fr.sender != topic_node:
+            self.store.drop_staged()
             self._reject("topic_sender_mismatch", "sent on digest/%s" % topic_node[:64], raw, sha,
-                         False, fr)
+                         fr)
             return
         row = self.store.round_row(fr.round)
         if row is None:
+            self.store.drop_staged()
             self._reject("future_round", "no aggregate for round %d yet" % fr.round, raw, sha,
-                         False, fr)
+                         fr)
             return
+        self.store.commit_staged()
         d = fr.body["digest"].hex()
         agree = d == row["agg_digest"]
         if self.store.record_digest(fr.round, fr.sender, d, agree):
@@ -429,11 +521,19 @@ class Coordinator:
 
     def on_hello(self, topic_node: str, raw: bytes) -> None:
         sha = hashlib.sha256(raw).hexdigest()
+        self.store.stage()
         try:
             fr = self.v_hello.verify(raw, None)
         except Rejected as e:
-            self._reject(e.reason, e.message, raw, sha, False, record=False)
+            self.store.drop_staged()
+            self._reject(e.reason, e.message, raw, sha, record=False)
             return
+        if fr.sender != topic_node:
+            self.store.drop_staged()
+            self._reject("topic_sender_mismatch", "sent on hello/%s" % topic_node[:64], raw, sha,
+                         fr)
+            return
+        self.store.commit_staged()
         b = fr.body
         kind = wire.KIND_NAMES[fr.kind]
         self.store.record_status(fr.sender, kind, b["state"], b["last_round"], b["label"])
@@ -445,9 +545,30 @@ class Coordinator:
                 self._open_round_one_or_resume()
 
     # -- rounds ----------------------------------------------------------------------------
+    def pause(self) -> None:
+        """The broker is unreachable: deadlines stop running (nobody can reach us, so closing
+        a round now would only drop updates that are waiting in the nodes' outboxes)."""
+        if self.paused_since is None:
+            self.paused_since = self.clock()
+            self.log("paused", round=self.round)
+
+    def resume(self) -> None:
+        if self.paused_since is None:
+            return
+        gap = self.clock() - self.paused_since
+        self.paused_since = None
+        self.deadline += gap
+        self.finish_deadline += gap
+        self.gate_deadline += gap
+        self.log("resumed", round=self.round, paused_s=round(gap, 3))
+
     def tick(self) -> None:
         if self.done:
             return
+        self.store.flush_if_due(self.clock())
+        if self.paused_since is not None:
+            return
+        self.check_registry()
         now = self.clock()
         if not self.gate_open:
             if now >= self.gate_deadline:
@@ -565,122 +686,72 @@ def _unpack(b: bytes) -> list[int]:
     return [int(v) for v in np.frombuffer(b, dtype="<i4")]
 
 
+# ------------------------------------------------------------------ mesh directory
+def _registry_stamp(mesh_dir: str) -> tuple[int, int]:
+    st = (Path(mesh_dir) / "registry.json").stat()
+    return (st.st_mtime_ns, st.st_size)
+
+
+def _load_mesh(mesh_dir: str) -> tuple[dict[str, Any], bytes, Any, bytes, tuple[int, int]]:
+    """mesh.json, the coordinator seed, the registry (signature checked against the pinned
+    coordinator key), the registry's signed frame and the file's stamp."""
+    from microfed_host import keys
+    from microfed_host.provision import MeshDir, ProvisionError
+    from microfed_host.registry import RegistryError
+
+    try:
+        stamp = _registry_stamp(mesh_dir)
+        mesh, seed, reg = MeshDir(Path(mesh_dir)).load()
+        frame = bytes.fromhex(json.loads((Path(mesh_dir) / "registry.json").read_text())["frame"])
+    except (ProvisionError, RegistryError, keys.KeyFileError, OSError, KeyError, TypeError,
+            ValueError) as e:
+        raise CoordinatorError(f"mesh directory {mesh_dir}: {e}") from None
+    return mesh, seed, reg, frame, stamp
+
+
 # ------------------------------------------------------------------ MQTT
-class DurableClient:
-    """paho-mqtt 2.x with a PERSISTENT session (clean_session=False, fixed client id) and
-    manual acknowledgements: the broker keeps QoS 1 messages for the coordinator while it is
-    down and redelivers any it never acknowledged, and it acknowledges a message only after
-    handling it (in SQLite). That is what makes a SIGKILL lose no update.
-    (microfed_host.mqtt.HostMQTT uses clean sessions and automatic acks.)"""
+class RetainedPublisher:
+    """The coordinator's only publications are retained (registry, global): keep the latest
+    payload per topic and (re)send it until the broker acknowledges it. A broker outage
+    leaves them pending instead of killing the coordinator; every reconnect marks them all
+    pending again, because a restarted broker may have lost its retained messages."""
 
-    def __init__(self, host: str, port: int, client_id: str, max_message: int = 1 << 20) -> None:
-        import paho.mqtt.client as paho
-        from paho.mqtt.enums import CallbackAPIVersion
+    def __init__(self, client: Any, log: Log) -> None:
+        self.client = client
+        self.log = log
+        self.latest: dict[str, bytes] = {}
+        self.pending: set[str] = set()
+        self._lock = threading.Lock()
 
-        self.host, self.port, self.max_message = host, port, max_message
-        self.queue: queue.Queue[tuple[str, bytes, int, int]] = queue.Queue()
-        self._subs: list[str] = []
-        self._subacks: set[int] = set()
-        self._suback_cv = threading.Condition()
-        self._connected = threading.Event()
-        self._why = "not connected yet"
-        self.dropped_oversize = 0
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
-                        protocol=paho.MQTTv311, manual_ack=True)
-        c.reconnect_delay_set(1, 4)
-        c.max_inflight_messages_set(100)
-        c.on_connect = self._on_connect
-        c.on_disconnect = self._on_disconnect
-        c.on_message = self._on_message
-        c.on_socket_open = self._on_socket_open
-        c.on_subscribe = self._on_subscribe
-        self._c = c
-        self._paho = paho
+    def publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        with self._lock:
+            self.latest[topic] = payload
+            self.pending.add(topic)
+        self.flush()
 
-    def connect(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+    def republish_all(self) -> None:
+        with self._lock:
+            self.pending |= set(self.latest)
+
+    def flush(self) -> None:
+        from microfed_host.mqtt import MQTTError
+
+        if not self.client.connected:
+            return
+        with self._lock:
+            todo = sorted(self.pending)
+        for topic in todo:
+            with self._lock:
+                payload = self.latest[topic]
             try:
-                self._c.connect(self.host, self.port, keepalive=30)
-                break
-            except OSError as e:
-                if time.monotonic() > deadline:
-                    raise CoordinatorError(f"cannot reach MQTT broker {self.host}:{self.port}: {e}") from None
-                time.sleep(0.25)
-        self._c.loop_start()
-        if not self._connected.wait(max(0.1, deadline - time.monotonic())):
-            raise CoordinatorError(f"no CONNACK from {self.host}:{self.port}: {self._why}")
-
-    def close(self) -> None:
-        try:
-            self._c.disconnect()
-        finally:
-            self._c.loop_stop()
-
-    def subscribe(self, topic: str, timeout: float = 10.0) -> None:
-        """Subscribe (again after every reconnect) and wait for the SUBACK."""
-        self._subs.append(topic)
-        rc, mid = self._c.subscribe(topic, 1)
-        if rc != self._paho.MQTT_ERR_SUCCESS:
-            raise CoordinatorError(f"subscribe {topic} failed: {self._paho.error_string(rc)}")
-        with self._suback_cv:
-            if not self._suback_cv.wait_for(lambda: mid in self._subacks, timeout):
-                raise CoordinatorError(f"no SUBACK for {topic} within {timeout:g} s")
-
-    def _on_subscribe(self, client: Any, userdata: Any, mid: int, codes: Any, props: Any) -> None:
-        with self._suback_cv:
-            self._subacks.add(mid)
-            self._suback_cv.notify_all()
-
-    def publish(self, topic: str, payload: bytes, retain: bool, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            info = self._c.publish(topic, payload, qos=1, retain=retain)
-            if info.rc == self._paho.MQTT_ERR_SUCCESS:
-                try:
-                    info.wait_for_publish(max(0.1, deadline - time.monotonic()))
-                except (RuntimeError, ValueError):
-                    pass
-                if info.is_published():
-                    return
-            if time.monotonic() > deadline:
-                raise CoordinatorError(f"publish to {topic} not acknowledged: {self._why}")
-            time.sleep(0.2)
-
-    def get(self, timeout: float) -> tuple[str, bytes, int, int] | None:
-        try:
-            return self.queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def ack(self, mid: int, qos: int) -> None:
-        if qos > 0:
-            self._c.ack(mid, qos)
-
-    def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, AttributeError):
-            pass
-
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-        if rc.is_failure:
-            self._why = f"broker refused the connection: {rc}"
-            return
-        for t in self._subs:
-            client.subscribe(t, 1)  # not waited for: this is the thread that reads the SUBACK
-        self._connected.set()
-
-    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-        self._connected.clear()
-        self._why = f"disconnected: {rc}"
-
-    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        if len(msg.payload) > self.max_message:
-            self.dropped_oversize += 1
-            self.ack(msg.mid, msg.qos)
-            return
-        self.queue.put((msg.topic, bytes(msg.payload), int(msg.mid), int(msg.qos)))
+                self.client.publish(topic, payload, qos=1, retain=True, timeout=10.0)
+            except MQTTError as e:
+                self.log({"ev": "publish_pending", "topic": topic, "why": str(e)[:200],
+                          "t": time.time()})
+                return
+            with self._lock:
+                if self.latest.get(topic) is payload:
+                    self.pending.discard(topic)
 
 
 def load_config(run_dir: Path) -> CoordinatorConfig:
@@ -699,37 +770,83 @@ def load_config(run_dir: Path) -> CoordinatorConfig:
         raise CoordinatorError(f"{path}: {e}") from None
 
 
-def serve(run_dir: Path, host: str, port: int, log: Log = _json_log) -> int:
-    """Run the coordinator over MQTT until the run is over. Returns an exit code."""
+def serve(run_dir: Path, host: str, port: int, log: Log = _json_log,
+          connect_timeout: float = 15.0) -> int:
+    """Run the coordinator over MQTT until the run is over. Returns an exit code.
+
+    One durable HostMQTT session (persistent, manual acks, bounded blocking queue): every
+    message is acknowledged after handle() returns, whatever its verdict, so none can be
+    redelivered into a loop. A broker outage pauses the round (deadlines stop); the
+    coordinator waits for the broker however long it takes, then re-publishes its retained
+    registry and global."""
+    from microfed_host.mqtt import HostMQTT, MQTTError
+    from microfed_host.provision import MeshDir
+
     cfg = load_config(run_dir)
     store = RoundsStore(run_dir / STORE_NAME)
     parent = os.getppid()
-    client: DurableClient | None = None
+    client: HostMQTT | None = None
     try:
-        from microfed_host.provision import MeshDir
-
         mesh = MeshDir(Path(cfg.mesh_dir)).read_mesh()["mesh"]
         t = topics(mesh)
-        client = DurableClient(host, port, f"microfed-coordinator-{mesh}"[:64])
-        client.connect()
+        # Frames above wire.MAX_FRAME are rejected unread: the client drops (and acks) them
+        # before they reach the queue, which bounds memory at QUEUE_SIZE x MAX_MESSAGE.
+        client = HostMQTT(host, port, f"microfed-coordinator-{mesh}"[:64], durable=True,
+                          max_message=MAX_MESSAGE, queue_size=QUEUE_SIZE,
+                          reconnect_min=0.5, reconnect_max=4.0)
         for sub in ("update/+", "digest/+", "hello/+"):
             client.subscribe(t["base"] + sub)
-        coord = Coordinator(cfg, store, lambda tp, p, r: client.publish(tp, p, r), log)  # type: ignore[union-attr]
+        try:
+            client.connect(connect_timeout)
+        except MQTTError as e:
+            raise CoordinatorError(str(e)) from None
+        pub = RetainedPublisher(client, log)
+        client.on_reconnect.append(pub.republish_all)
+        coord = Coordinator(cfg, store, pub.publish, log)
         coord.start()
         # The runner starts the nodes only now: from here on the broker keeps every
         # message for this (persistent) session, even while the coordinator is down.
         log({"ev": "ready", "t": time.time(), "round": coord.round})
+        reconnects = client.connects
+        deferred: list[Any] = []
+        first_deferred = 0.0
         while not coord.done:
+            if client.connected:
+                if client.connects != reconnects:
+                    reconnects = client.connects
+                    log({"ev": "reconnected", "t": time.time(), "connects": reconnects})
+                coord.resume()
+                pub.flush()
+            else:
+                coord.pause()
             msg = client.get(0.2)
             if msg is not None:
-                topic, payload, mid, qos = msg
-                coord.handle(topic, payload)
-                # Acknowledged only now that its verdict is in SQLite.
-                client.ack(mid, qos)
+                try:
+                    coord.handle(msg.topic, msg.payload)
+                finally:
+                    # Acknowledged only once its verdict is in SQLite: accepted updates are
+                    # committed by handle(); rejections are buffered and written in batches,
+                    # so their acks wait for the batch (one fsync per ACK_BATCH frames).
+                    if store.pending_rejections:
+                        if not deferred:
+                            first_deferred = time.monotonic()
+                        deferred.append(msg)
+                    else:
+                        client.ack(msg)
+            if deferred and (len(deferred) >= ACK_BATCH or msg is None
+                             or time.monotonic() - first_deferred >= 0.2):
+                store.flush()
+                for m in deferred:
+                    client.ack(m)
+                deferred.clear()
             coord.tick()
             if os.getppid() != parent:
                 log({"ev": "orphaned", "t": time.time()})
                 return 3
+        store.flush()
+        for m in deferred:
+            client.ack(m)
+        pub.flush()
         return 0
     finally:
         if client is not None:

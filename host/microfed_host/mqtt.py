@@ -7,6 +7,15 @@ thread-safe surface.
 - subscribe() records the topic (re-subscribed after every reconnect: clean sessions)
   with an optional handler; messages without a handler go to a bounded queue read by get().
 - Oversized payloads are counted and dropped before any handler sees them.
+- durable=True (the coordinator): a PERSISTENT session (clean_session=False, fixed client id)
+  with manual acknowledgements. The broker keeps QoS 1 messages for the client while it is
+  down and redelivers any it never acknowledged; the application acks each message with ack()
+  once it has handled it. The queue is then bounded and BLOCKING: when it is full the network
+  thread waits, the socket stops being read, and TCP back-pressure holds the rest in the
+  broker (which must be configured not to drop them: broker.py raises mosquitto's per-client
+  queue limits). Nothing is dropped, memory stays bounded by queue_size x max_message.
+- on_reconnect callbacks run (on the network thread) after every CONNACK but the first, so the
+  owner can re-publish what a restarted broker lost (retained messages).
 
 Handlers run on paho's network thread: keep them short (hand work to a queue).
 """
@@ -43,6 +52,7 @@ class Message(NamedTuple):
     payload: bytes
     retain: bool
     qos: int
+    mid: int = 0
 
 
 def _rc_ok(rc: ReasonCode | int) -> bool:
@@ -70,6 +80,7 @@ class HostMQTT:
         nodelay: bool = True,
         reconnect_min: float = 0.25,
         reconnect_max: float = 8.0,
+        durable: bool = False,
     ) -> None:
         if not client_id:
             raise MQTTError("client_id must not be empty")
@@ -88,6 +99,9 @@ class HostMQTT:
         self.dropped_queue_full = 0
         self.handler_errors = 0
         self.connects = 0
+        self.durable = durable
+        self.on_reconnect: list[Callable[[], None]] = []
+        self.max_queue_wait_s = 0.0  # longest time the network thread waited for queue room
         self._subs: dict[str, tuple[int, Handler | None]] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -95,12 +109,16 @@ class HostMQTT:
         self._suback: dict[int, list[ReasonCode]] = {}
         self._suback_cv = threading.Condition()
         self._started = False
+        self._closing = False
         c = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            clean_session=True,
+            clean_session=not durable,
             protocol=paho.MQTTv311,
+            manual_ack=durable,
         )
+        if durable:
+            c.max_inflight_messages_set(100)
         c.reconnect_delay_set(max(1, int(reconnect_min)), max(1, int(reconnect_max)))
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
@@ -139,6 +157,7 @@ class HostMQTT:
             raise MQTTError(f"no CONNACK from {self.host}:{self.port} within {timeout:g} s: {self._last_rc}")
 
     def close(self) -> None:
+        self._closing = True  # releases a network thread waiting for queue room
         with contextlib.suppress(Exception):
             self._c.disconnect()
         if self._started:
@@ -196,6 +215,13 @@ class HostMQTT:
         if not info.is_published():
             raise MQTTError(f"publish to {topic!r} not acknowledged within {timeout:g} s")
 
+    def ack(self, msg: Message) -> None:
+        """Acknowledge a QoS 1 message taken from the queue (durable clients only): the
+        broker forgets it. Call it once the message is handled, whatever the verdict."""
+        if self.durable and msg.qos > 0 and msg.mid:
+            with contextlib.suppress(Exception):
+                self._c.ack(msg.mid, msg.qos)
+
     def get(self, timeout: float | None = None) -> Message | None:
         """Next queued message, or None after timeout."""
         try:
@@ -218,6 +244,7 @@ class HostMQTT:
             "dropped_queue_full": self.dropped_queue_full,
             "handler_errors": self.handler_errors,
             "queued": self.queue.qsize(),
+            "max_queue_wait_ms": int(self.max_queue_wait_s * 1000),
         }
 
     # -- paho callbacks (network thread) --------------------------------------------
@@ -255,6 +282,13 @@ class HostMQTT:
             with contextlib.suppress(MQTTError):
                 self._subscribe_now(topic, qos, None)
         self._connected.set()
+        if self.connects > 1:
+            for fn in list(self.on_reconnect):
+                try:
+                    fn()
+                except Exception:
+                    self.handler_errors += 1
+                    log.exception("on_reconnect callback failed")
 
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
@@ -276,6 +310,9 @@ class HostMQTT:
         if len(payload) > self.max_message:
             self.dropped_oversize += 1
             log.warning("dropped %d-byte message on %s (max %d)", len(payload), msg.topic, self.max_message)
+            if self.durable and msg.qos > 0:
+                with contextlib.suppress(Exception):
+                    self._c.ack(msg.mid, msg.qos)  # or the broker redelivers it forever
             return
         handler: Handler | None = None
         with self._lock:
@@ -290,7 +327,20 @@ class HostMQTT:
                 self.handler_errors += 1
                 log.exception("MQTT handler for %s failed", msg.topic)
             return
+        m = Message(msg.topic, bytes(payload), bool(msg.retain), int(msg.qos), int(msg.mid))
+        if self.durable:
+            # Back-pressure, not loss: wait for room (the reader drains it), reading no more
+            # from the socket meanwhile. Stops waiting if the client is being closed.
+            t0 = time.monotonic()
+            while not self._closing:
+                try:
+                    self.queue.put(m, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+            self.max_queue_wait_s = max(self.max_queue_wait_s, time.monotonic() - t0)
+            return
         try:
-            self.queue.put_nowait(Message(msg.topic, bytes(payload), bool(msg.retain), int(msg.qos)))
+            self.queue.put_nowait(m)
         except queue.Full:
             self.dropped_queue_full += 1

@@ -10,8 +10,9 @@ Tables (besides `store.Store`'s counters / events / reject_counts):
                 (re-published verbatim after a restart) and the coordinator's frame counter.
 - `rounds`:     one row per closed round: accepted count, rule, aggregate digest, model
                 digest, test accuracy, whether the reference cross-check ran.
-- `updates`:    one row per update frame seen: verdict (accepted / rejected), reason, and for
-                accepted ones the whole signed frame (what a restart re-aggregates from).
+- `updates`:    one row per ACCEPTED update with the whole signed frame (what a restart
+                re-aggregates from). Rejected frames are counted in the bounded audit tables
+                of `store.Store` (events, rejections), never here: a flood cannot grow it.
 - `reputation`: reputation history: (round, node) -> reputation, banned flag, verdict.
 - `security`:   security events beyond frame rejections: bans, digest mismatches, cross-check
                 mismatches, restarts.
@@ -111,8 +112,10 @@ class RoundsStore(Store):
     """Store + round tables. `stage()` makes the next replay-counter advance provisional so
     that `accept_update()` can commit it together with the update row."""
 
-    def __init__(self, path: str | Path, max_events: int = 100000) -> None:
-        super().__init__(path, max_events=max_events)
+    def __init__(self, path: str | Path, max_events: int = 10000, max_groups: int = 10000,
+                 flush_every: int = 1000) -> None:
+        super().__init__(path, max_events=max_events, max_groups=max_groups,
+                         flush_every=flush_every)
         self._staging = False
         self._staged: tuple[str, int, int] | None = None
         try:
@@ -213,16 +216,6 @@ class RoundsStore(Store):
         finally:
             self.drop_staged()
 
-    def reject_update(self, round_: int | None, sender: str | None, seq: int | None, sha: str,
-                      reason: str) -> None:
-        """A per-update verdict for a rejected frame (the audit row lives in `events`)."""
-        with self.transaction():
-            self.db.execute(
-                "INSERT INTO updates (at, round, sender, seq, samples, frame_sha256, verdict,"
-                " reason, frame) VALUES (?, ?, ?, ?, NULL, ?, 'rejected', ?, NULL)",
-                (time.time(), round_, sender, seq, sha, reason),
-            )
-
     def accepted_frames(self, round_: int) -> list[bytes]:
         rows = self.db.execute(
             "SELECT frame FROM updates WHERE round=? AND verdict='accepted' ORDER BY id", (round_,)
@@ -322,6 +315,7 @@ class RoundsStore(Store):
 
     def rejected_hashes(self) -> dict[str, str]:
         """frame SHA-256 -> reason, for every rejected frame still in the audit log."""
+        self.flush()
         out: dict[str, str] = {}
         for sha, reason in self.db.execute(
                 "SELECT frame_sha256, reason FROM events WHERE frame_sha256 IS NOT NULL ORDER BY id"):
