@@ -216,6 +216,8 @@ class Node:
         self.exit_code = 0
         self.hello_sent = False
         self.globals = []  # verified GLOBAL_MODELs waiting for step(), in arrival order
+        self.last_update = None  # this round's update frame until the next global arrives
+        self.reconnects_seen = 0
 
     # ---------------------------------------------------------------- plumbing
     def log(self, ev, **kw):
@@ -361,9 +363,29 @@ class Node:
         if reg.version <= self.registry.version:
             self.duplicates += 1
             return
+        old = self.registry
         self.registry = reg
         self.peers.registry = reg
-        self.log("registry", version=reg.version, nodes=len(reg.nodes))
+        # A peer re-enrolled with a new key starts a new counter epoch: forget its counters
+        # (frames signed with its old key can never verify again).
+        rekeyed = []
+        store = self.peers.guard.store
+        for nid in reg.nodes:
+            prev = old.nodes.get(nid)
+            if prev is not None and prev[0] != reg.nodes[nid][0]:
+                rekeyed.append(nid)
+                for k in list(store.counters.keys()):
+                    if k[0] == nid:
+                        del store.counters[k]
+        self.log("registry", version=reg.version, nodes=len(reg.nodes), reenrolled=rekeyed)
+        me = reg.lookup(self.node_id)
+        if me is None or not me[1] or me[0] != self.b.public_key:
+            # Revoked, or this id now belongs to a re-enrolled device with another key.
+            why = "revoked" if me is None or not me[1] else "reenrolled_elsewhere"
+            self.log("stop", reason=why, version=reg.version)
+            self.notes.append((ST_IDLE_EXIT, why))
+            self.done = True
+            self.exit_code = 5
 
     # ---------------------------------------------------------------- the round
     def process_global(self, fr, h):
@@ -374,6 +396,7 @@ class Node:
         if self.gossip and b["rule"] is not None and r > 1:
             self.gossip_digest(r - 1, b)
         self.drop_buffers(r)
+        self.last_update = None
         mr = self.cfg.max_rounds
         if b["final"] or (mr and r > mr):
             self.state.save(r, fr.seq, h)
@@ -400,6 +423,9 @@ class Node:
                                                               + 8:-wire.SIG_LEN]))
             self.buffered += 1
         self.queue(self.t_update, frame, "update")
+        # Kept until the next global: re-sent after a reconnect, because a broker that
+        # restarted may have lost it (the same signed bytes: at worst a harmless duplicate).
+        self.last_update = frame
         self.rounds_done += 1
         self.log("update", round=r, seq=self.seqs.last, hash=_hex(fh),
                  delta_digest=_hex(model.params_digest(delta)), train_ms=time.ticks_diff(t1, t0),
@@ -473,6 +499,21 @@ class Node:
                 return
             self.outbox.pop(0)
 
+    def resend_after_reconnect(self):
+        try:
+            n = self.t.stats().get("reconnects", 0)
+        except Exception:
+            return  # a transport without stats (tests) never reconnects
+        if n == self.reconnects_seen:
+            return
+        self.reconnects_seen = n
+        if self.last_update is not None:
+            for item in self.outbox:
+                if item[1] is self.last_update:
+                    return
+            self.log("resend", what="update", reconnects=n)
+            self.queue(self.t_update, self.last_update, "update")
+
     def status(self, state, label):
         if not self.t.connected:
             return False
@@ -502,6 +543,7 @@ class Node:
                 gc.collect()
         if not self.hello_sent and self.t.connected:
             self.hello_sent = self.hello()
+        self.resend_after_reconnect()
         self.flush()
         if (self.dirty or self.notes) and self.t.connected:
             ls = self.last_status

@@ -239,3 +239,24 @@ def revoke_node(mesh_dir: Path, node_id: str) -> MeshRegistry:
     reg.version += 1
     write_registry_and_bundles(md, mesh, seed, reg)
     return reg
+
+
+def reenrol_node(mesh_dir: Path, node_id: str) -> MeshRegistry:
+    """A reflashed (or wiped) device: same id, NEW key, registry version + 1, new bundle.
+
+    The key change starts a new counter epoch for the node everywhere: the coordinator and the
+    peers drop the node's old replay counters when they adopt this registry (frames signed
+    with the old key can never verify again), so the wiped device may count from 1 again.
+    The old key file is replaced: a stolen copy of the old bundle is useless from now on."""
+    md = MeshDir(Path(mesh_dir))
+    check_node_id(node_id)
+    mesh, seed, reg = md.load()
+    e = reg.nodes.get(node_id)
+    if e is None:
+        raise ProvisionError(f"{node_id} is not in the registry (use `provision add`)")
+    if not e.active:
+        raise ProvisionError(f"{node_id} was revoked; a revoked id cannot be re-enrolled")
+    e.public_key = new_node_key(md, node_id, force=True)
+    reg.version += 1
+    write_registry_and_bundles(md, mesh, seed, reg)
+    return reg

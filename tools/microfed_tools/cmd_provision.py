@@ -3,6 +3,7 @@
     microfed provision init   --mesh NAME --nodes N --out DIR [--broker HOST:PORT] [--force]
     microfed provision add    --dir DIR NODE_ID [--force]
     microfed provision revoke --dir DIR NODE_ID
+    microfed provision reenrol --dir DIR NODE_ID
 
 The mesh directory's layout and the operations live in microfed_host.provision (the
 coordinator and the mesh runner use them too); this module is the command line.
@@ -24,6 +25,7 @@ from microfed_host.provision import (
     add_node,
     init_mesh,
     node_ids,
+    reenrol_node,
     revoke_node,
     write_digit_shards,
 )
@@ -54,6 +56,15 @@ def cmd_add(args: argparse.Namespace) -> int:
 def cmd_revoke(args: argparse.Namespace) -> int:
     reg = revoke_node(Path(args.dir), args.node_id)
     print(f"revoked {args.node_id}: registry v{reg.version} re-signed; its bundle was removed")
+    return 0
+
+
+def cmd_reenrol(args: argparse.Namespace) -> int:
+    reg = reenrol_node(Path(args.dir), args.node_id)
+    print(f"re-enrolled {args.node_id} with a new key: registry v{reg.version}; deploy "
+          f"{MeshDir(Path(args.dir)).bundle(args.node_id)} to the device as /bundle.json")
+    print("a running coordinator adopts the new registry within a second and the node's "
+          "counters restart from 1 (new epoch)")
     return 0
 
 
@@ -100,3 +111,8 @@ def register(subparsers: Any) -> None:
     pr.add_argument("--dir", required=True, help="mesh directory made by `provision init`")
     pr.add_argument("node_id")
     pr.set_defaults(func=_run(cmd_revoke))
+
+    pe = sub.add_parser("reenrol", help="re-enrol a reflashed node: new key, new counter epoch")
+    pe.add_argument("--dir", required=True, help="mesh directory made by `provision init`")
+    pe.add_argument("node_id")
+    pe.set_defaults(func=_run(cmd_reenrol))
