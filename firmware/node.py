@@ -218,6 +218,7 @@ class Node:
         self.globals = []  # verified GLOBAL_MODELs waiting for step(), in arrival order
         self.last_update = None  # this round's update frame until the next global arrives
         self.reconnects_seen = 0
+        self.resend_why = None
 
     # ---------------------------------------------------------------- plumbing
     def log(self, ev, **kw):
@@ -321,8 +322,13 @@ class Node:
     def on_global(self, msg):
         h = _sha(msg)
         if h == self.state.global_hash or [1 for q in self.globals if q[1] == h]:
-            # The retained copy after a reconnect or reboot, or a QoS 1 redelivery.
+            # The retained copy after a reconnect or reboot, a QoS 1 redelivery, or the
+            # coordinator re-publishing after ITS reconnect: a broker that restarted may have
+            # lost our update before the coordinator re-subscribed, so send it again (the
+            # same signed bytes; the coordinator counts a copy it has as a duplicate).
             self.duplicates += 1
+            if self.last_update is not None and h == self.state.global_hash:
+                self.resend_why = "global_again"  # step() sends it: no publish in a handler
             return
         fr = self.verify_global(msg)
         self.last_global_at = time.ticks_ms()
@@ -503,16 +509,22 @@ class Node:
         try:
             n = self.t.stats().get("reconnects", 0)
         except Exception:
-            return  # a transport without stats (tests) never reconnects
-        if n == self.reconnects_seen:
+            n = self.reconnects_seen  # a transport without stats (tests) never reconnects
+        if n != self.reconnects_seen:
+            self.reconnects_seen = n
+            self.resend_why = "reconnect"
+        if self.resend_why:
+            why, self.resend_why = self.resend_why, None
+            self.resend(why)
+
+    def resend(self, why):
+        if self.last_update is None:
             return
-        self.reconnects_seen = n
-        if self.last_update is not None:
-            for item in self.outbox:
-                if item[1] is self.last_update:
-                    return
-            self.log("resend", what="update", reconnects=n)
-            self.queue(self.t_update, self.last_update, "update")
+        for item in self.outbox:
+            if item[1] is self.last_update:
+                return
+        self.log("resend", what="update", why=why)
+        self.queue(self.t_update, self.last_update, "update")
 
     def status(self, state, label):
         if not self.t.connected:

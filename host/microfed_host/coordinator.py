@@ -594,6 +594,10 @@ class Coordinator:
             self.close_round("quorum")
 
     def close_round(self, reason: str) -> None:
+        # A registry changed since the last check (a revocation written just now) applies
+        # to this round: adopting it re-evaluates the quorum, which may close it in turn.
+        if self.check_registry(force=True):
+            return
         r = self.round
         ids = sorted(self.pending, key=lambda s: s.encode())
         ups = [self.pending[i] for i in ids]

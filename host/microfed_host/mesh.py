@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +45,7 @@ from typing import Any
 
 from microfed_host import adversary as advmod
 from microfed_host import upy
+from microfed_host.chaos import Chaos, ChaosDriver
 from microfed_host.inproc import run_inproc
 from microfed_host.report import Progress, summarize, table
 from microfed_host.scenario import (
@@ -124,7 +126,7 @@ def _tail(path: Path, n: int = 15) -> str:
 
 def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | None = None,
              progress: Progress | None = None, kill_coordinator_at: int = 0,
-             timeout: float = 1800.0) -> dict[str, Any]:
+             timeout: float = 1800.0, chaos: Chaos | None = None) -> dict[str, Any]:
     from microfed_host.broker import BrokerError, broker_from_arg
 
     exe = upy.find_micropython()
@@ -181,13 +183,27 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
         env = dict(os.environ)
         env["MICROPYPATH"] = os.pathsep.join(
             [str(REPO / "shared"), str(FIRMWARE), str(FIRMWARE / "lib")])
-        for nid in sc.honest_ids():
+
+        def start_node(nid: str) -> None:
             nd = out / "nodes" / nid
             lf = open(nd / "node.log", "ab")
             node_logs.append(lf)
             nodes[nid] = subprocess.Popen(
                 [exe, "-X", "heapsize=4m", str(FIRMWARE / "main.py"), str(nd)],
                 stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+
+        def stop_node(nid: str) -> None:
+            p = nodes.pop(nid, None)
+            if p is not None:
+                _stop_proc(p, grace=0.0)
+
+        restart_coord = {"now": False}
+        driver = None
+        if chaos is not None:
+            driver = ChaosDriver(chaos, out, doc["mesh"], broker, prog.say,
+                                 lambda: restart_coord.update(now=True), stop_node, start_node)
+        for nid in sc.honest_ids():
+            start_node(nid)
         prog.say(f"  started the coordinator, {len(nodes)} MicroPython nodes"
                  + (f" and the adversary ({len(adv.nodes)} compromised)" if adv else ""))
         deadline = time.monotonic() + timeout
@@ -206,6 +222,15 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
                     break
                 if k == "fatal":
                     raise MeshError(f"coordinator failed: {ev.get('error')}")
+                if driver is not None:
+                    driver.on_event(ev)
+                    if restart_coord["now"]:
+                        restart_coord["now"] = False
+                        coord.kill9()
+                        info["coordinator_restarts"] += 1
+                        coord.log.close()
+                        coord = _Coord(out, broker.address, events)
+                        continue
                 if (k == "accepted" and kill_coordinator_at and not killed
                         and ev.get("round") == kill_coordinator_at
                         and ev.get("have", 0) >= max(1, ev.get("want", 2) // 2)
@@ -225,6 +250,8 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
                                     + _tail(out / "coordinator.log"))
             for nid, p in nodes.items():
                 rc = p.poll()
+                if rc == EXIT_REVOKED and driver is not None and nid in driver.revoked:
+                    continue  # it learnt of its revocation and stopped, as it should
                 if rc is not None and rc != 0:
                     raise MeshError(f"node {nid} exited with code {rc}:\n"
                                     + _tail(out / "nodes" / nid / "node.log"))
@@ -242,6 +269,9 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
         coord.proc.wait(10)
         if adv is not None:
             (out / "adversary.json").write_text(json.dumps(adv.report(), indent=2) + "\n")
+        if driver is not None:
+            driver.close()
+            info["chaos"] = {"settings": chaos.summary() if chaos else {}, **driver.report}
         return info
     finally:
         # Every child goes, whatever happened (Ctrl-C, an error, a failed node).
@@ -256,6 +286,10 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
         broker.close()
 
 
+# A node's exit code when the registry revoked it (firmware/node.py).
+EXIT_REVOKED = 5
+
+
 # ------------------------------------------------------------------ in-process engine
 
 
@@ -264,6 +298,14 @@ def run(sc: Scenario, out: Path, transport: str = "mqtt", broker: str | None = N
         kill_coordinator_at: int = 0, timeout: float = 1800.0) -> dict[str, Any]:
     if transport not in TRANSPORTS:
         raise MeshError(f"transport must be one of {', '.join(TRANSPORTS)}")
+    if sc.chaos is not None:
+        return run_chaos(sc, out, transport, broker, force, say, timeout)
+    return _run_once(sc, out, transport, broker, force, say, kill_coordinator_at, timeout)
+
+
+def _run_once(sc: Scenario, out: Path, transport: str, broker: str | None, force: bool,
+              say: Callable[[str], None] | None, kill_coordinator_at: int, timeout: float,
+              chaos: Chaos | None = None) -> dict[str, Any]:
     t0 = time.monotonic()
     doc = prepare(sc, out, force)
     prog = Progress(sc, say)
@@ -272,12 +314,56 @@ def run(sc: Scenario, out: Path, transport: str = "mqtt", broker: str | None = N
              f"{sc.split}, seed {sc.seed}, transport {transport}")
     prog.say(f"  run directory: {out}")
     if transport == "mqtt":
-        info = run_mqtt(sc, out, doc, broker, prog, kill_coordinator_at, timeout)
+        info = run_mqtt(sc, out, doc, broker, prog, kill_coordinator_at, timeout, chaos)
     else:
         if kill_coordinator_at:
             raise MeshError("--kill-coordinator-at needs the mqtt transport")
         info = run_inproc(sc, out, doc, prog)
     return summarize(out, doc, info, time.monotonic() - t0)
+
+
+def run_chaos(sc: Scenario, out: Path, transport: str, broker: str | None, force: bool,
+              say: Callable[[str], None] | None, timeout: float) -> dict[str, Any]:
+    """A scenario with a [chaos] table runs twice: the reference (membership changes only)
+    in OUT/reference, then with every fault in OUT/chaos. The faults must cost nothing:
+    both runs end with the same final digest. OUT/chaos.json compares them."""
+    chaos = sc.chaos
+    assert chaos is not None
+    if transport != "mqtt":
+        raise MeshError("a [chaos] scenario needs the mqtt transport (it restarts the broker "
+                        "and the coordinator)")
+    try:
+        chaos.check(sc.honest_ids(), sc.rounds)
+    except ValueError as e:
+        raise MeshError(str(e)) from None
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise MeshError(f"{out} is not empty; pick another --out or add --force to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    emit = say or (lambda _m: None)
+    emit("chaos: 1/2 the reference run (membership changes only, no faults)")
+    ref = _run_once(sc, out / "reference", transport, broker, False, say, 0, timeout,
+                    chaos.reference())
+    emit("chaos: 2/2 the same scenario with every fault")
+    hit = _run_once(sc, out / "chaos", transport, broker, False, say, 0, timeout, chaos)
+    same = hit["final_digest"] == ref["final_digest"]
+    result = {"same_final_digest": same, "final_digest": hit["final_digest"],
+              "reference_final_digest": ref["final_digest"],
+              "chaos": hit.get("chaos"), "rejected": hit.get("rejected"),
+              "reference_rejected": ref.get("rejected"),
+              "coordinator_restarts": hit.get("coordinator_restarts"),
+              "reference": str(out / "reference"), "run": str(out / "chaos")}
+    (out / "chaos.json").write_text(json.dumps(result, indent=2) + "\n")
+    emit(f"  final digest      {hit['final_digest']}")
+    emit(f"  clean run's       {ref['final_digest']}  "
+         + ("(equal: the faults cost nothing)" if same else "(DIFFERENT)"))
+    if not same:
+        raise MeshError(f"chaos changed the result: final digest {hit['final_digest']} != "
+                        f"the reference run's {ref['final_digest']} (see {out / 'chaos.json'})")
+    hit["chaos_result"] = result
+    return hit
 
 
 # ------------------------------------------------------------------ results sweep

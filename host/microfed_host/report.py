@@ -141,6 +141,8 @@ def summarize(out: Path, doc: dict[str, Any], info: dict[str, Any], duration: fl
     }
     if "broker" in info:
         summary["broker"] = info["broker"]
+    if "chaos" in info:
+        summary["chaos"] = info["chaos"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(out / "rounds.csv", "w", newline="") as fh:
         w = csv.writer(fh)

@@ -16,6 +16,7 @@ import numpy as np
 from microfed_host import adversary as advmod
 from microfed_host import coordinator as coordmod
 from microfed_host import data, keys
+from microfed_host.chaos import Chaos, parse_chaos
 from microfed_host.coordinator import CoordinatorConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,6 +61,7 @@ class Scenario:
     crosscheck: str = "always"
     deadline_s: float = 60.0
     reputation: dict[str, int] = field(default_factory=dict)
+    chaos: Chaos | None = None  # the [chaos] table (microfed_host.chaos); mqtt transport only
 
     @property
     def byzantine(self) -> int:
@@ -133,7 +135,7 @@ class Scenario:
         return d
 
 
-_TOP = {"name", "description", "honest", "rule", "f", "m", "trim", "rounds", "mode", "seed",
+_TOP = {"chaos", "name", "description", "honest", "rule", "f", "m", "trim", "rounds", "mode", "seed",
         "crosscheck", "deadline_s", "split", "alpha", "max_samples", "attackers", "train",
         "data", "reputation"}
 
@@ -164,6 +166,7 @@ def load_scenario(path: Path) -> Scenario:
                     raise MeshError(f"scenario {path}: unknown key {section}.{k}")
                 setattr(sc, k, sub[k])
         sc.reputation = dict(doc.get("reputation", {}))
+        sc.chaos = parse_chaos(doc.get("chaos"))
         groups = doc.get("attackers", [])
         if not isinstance(groups, list):
             raise MeshError(f"scenario {path}: attackers must be an array of tables [[attackers]]")
@@ -172,7 +175,7 @@ def load_scenario(path: Path) -> Scenario:
                 raise MeshError(f"scenario {path}: every [[attackers]] needs attack = \"NAME\"")
             params = {k: float(v) for k, v in g.items() if k not in ("attack", "count")}
             sc.attackers.append(AttackGroup(str(g["attack"]), int(g.get("count", 1)), params))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:  # ChaosError is a ValueError
         raise MeshError(f"scenario {path}: {e}") from None
     for k, typ in (("honest", int), ("f", int), ("rounds", int), ("seed", int), ("lr", int),
                    ("epochs", int), ("batch", int), ("max_samples", int), ("m", int), ("trim", int)):

@@ -52,6 +52,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     print(mesh.table(summary))
     print()
+    if "chaos_result" in summary:  # a [chaos] scenario: two runs under out/
+        print(f"  chaos:   {out / 'chaos.json'} (reference run in {out / 'reference'})")
+        out = Path(summary["chaos_result"]["run"])
     print(f"  summary: {out / 'summary.json'}")
     print(f"  rounds:  {out / 'rounds.csv'}")
     print(f"  store:   {out / 'coordinator.sqlite'}")

@@ -1,0 +1,255 @@
+"""Chaos for a real mesh run: the faults and operator actions of a scenario's [chaos] table,
+applied by `microfed mesh run` (mqtt transport) at fixed points of the run.
+
+    [chaos]
+    broker_restart_round = 2    # once round 2 has accepted an update: stop the broker,
+    outage_s = 3.0              #   keep it down this long, start it again (empty)
+    kill_coordinator_round = 3  # SIGKILL the coordinator mid-round 3 and restart it
+    flood_round = 2             # junk QoS 1 frames on the coordinator's topics
+    flood_frames = 2000
+    malformed_round = 1         # hand-made malformed frames (the issue-8 crash frames)
+    revoke_node = "node-05"     # revoked when round `revoke_round` closes
+    revoke_round = 2
+    reenrol_node = "node-02"    # wiped (state deleted) and re-enrolled with a new key when
+    reenrol_round = 3           #   round `reenrol_round` closes, then restarted
+
+Faults (broker restart, coordinator kill, flood, malformed frames, the wipe) must not change
+the result; membership changes (revocation) do. So `microfed mesh run` runs the scenario
+twice: first with membership changes only (the reference), then with everything, and
+compares final digests: equal means the faults cost nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from microfed import wire
+
+Say = Callable[[str], None]
+
+
+class ChaosError(ValueError):
+    """A bad [chaos] table: the message names the key."""
+
+
+@dataclass
+class Chaos:
+    broker_restart_round: int = 0
+    outage_s: float = 3.0
+    kill_coordinator_round: int = 0
+    flood_round: int = 0
+    flood_frames: int = 2000
+    malformed_round: int = 0
+    revoke_node: str = ""
+    revoke_round: int = 0
+    reenrol_node: str = ""
+    reenrol_round: int = 0
+    faults: bool = True  # False: the reference run (membership changes only)
+
+    def reference(self) -> Chaos:
+        return replace(self, faults=False)
+
+    def check(self, node_ids: list[str], rounds: int) -> None:
+        for name in ("broker_restart_round", "kill_coordinator_round", "flood_round",
+                     "malformed_round", "revoke_round", "reenrol_round"):
+            v = getattr(self, name)
+            if not 0 <= v <= rounds:
+                raise ChaosError(f"chaos.{name} = {v} is not a round of this run (0..{rounds})")
+        if not 0 < self.outage_s <= 600:
+            raise ChaosError(f"chaos.outage_s must be in (0, 600] seconds, got {self.outage_s}")
+        if not 0 <= self.flood_frames <= 1_000_000:
+            raise ChaosError("chaos.flood_frames must be in 0..1000000")
+        for name in ("revoke_node", "reenrol_node"):
+            node = getattr(self, name)
+            if node and node not in node_ids:
+                raise ChaosError(f"chaos.{name} = {node!r} is not an honest node of this run")
+            if bool(node) != bool(getattr(self, name.replace("node", "round"))):
+                raise ChaosError(f"chaos.{name} and its round must be given together")
+        if self.revoke_node and self.revoke_node == self.reenrol_node:
+            raise ChaosError("chaos: revoke_node and reenrol_node must differ")
+
+    def summary(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def parse_chaos(doc: Any) -> Chaos | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise ChaosError("[chaos] must be a table")
+    known = {f.name for f in fields(Chaos)}
+    out = Chaos()
+    for k, v in doc.items():
+        if k not in known or k == "faults":
+            raise ChaosError(f"unknown key chaos.{k}")
+        want = type(getattr(out, k))
+        if want is float and type(v) is int:
+            v = float(v)
+        if type(v) is not want:
+            raise ChaosError(f"chaos.{k} must be {want.__name__}, got {v!r}")
+        setattr(out, k, v)
+    return out
+
+
+def malformed_frames(mesh: str) -> list[tuple[str, bytes]]:
+    """(topic suffix, frame) pairs that crashed or could crash a decoder before issue 8:
+    an announced GLOBAL_MODEL whose last accepted-set entry runs past the payload, lengths
+    that lie, counts that overflow, a frame of only a header, an empty payload."""
+    mid = wire.mesh_id(mesh)
+    out: list[tuple[str, bytes]] = []
+    # GLOBAL_MODEL, dim 1, announcement with one entry whose id length points past the end.
+    vals = wire.encode_global_model([1])
+    trailer = (b"AN" + bytes([1, 0, 1, 1, 0]) + bytes(32) + (1).to_bytes(2, "little")
+               + bytes([60]) + b"node-01")
+    payload = vals + trailer
+    hdr = wire.encode_header(wire.GLOBAL_MODEL, mid, "node-01", 1, 1, 0, len(payload))
+    long_entry = hdr + payload + bytes(64)
+    for sub in ("update", "digest", "hello"):
+        out.append((f"{sub}/node-01", long_entry))
+    # A REGISTRY whose count claims more entries than there are bytes.
+    reg = mid + (1).to_bytes(4, "little") + bytes(32) + (0xFFFF).to_bytes(2, "little")
+    hdr = wire.encode_header(wire.REGISTRY, mid, "node-01", 1, 2, 0, len(reg))
+    out.append(("update/node-01", hdr + reg + bytes(64)))
+    # Header only; payload length that lies; empty message; a sender id with a slash.
+    out.append(("update/node-02", long_entry[:wire.HDR_FIXED]))
+    lie = bytearray(long_entry)
+    lie[31:35] = (0xFFFFFFF0).to_bytes(4, "little")
+    out.append(("digest/node-02", bytes(lie)))
+    out.append(("hello/node-03", b""))
+    out.append(("update/a", b"MF" + bytes(200)))
+    return out
+
+
+class ChaosDriver:
+    """Fed every coordinator event by the mesh runner; does each action once, at its point.
+    The runner gives it the levers: the broker, a coordinator restart, node stop/start."""
+
+    def __init__(self, chaos: Chaos, out: Path, mesh: str, broker: Any, say: Say,
+                 kill_coordinator: Callable[[], None], stop_node: Callable[[str], None],
+                 start_node: Callable[[str], None]) -> None:
+        self.c = chaos
+        self.out = out
+        self.mesh = mesh
+        self.broker = broker
+        self.say = say
+        self.kill_coordinator = kill_coordinator
+        self.stop_node = stop_node
+        self.start_node = start_node
+        self.done: set[str] = set()
+        self.revoked: set[str] = set()
+        self.awaiting_registry: str | None = None
+        self.flooders: list[Any] = []
+        self.report: dict[str, Any] = {"actions": []}
+
+    def _once(self, name: str) -> bool:
+        if name in self.done:
+            return False
+        self.done.add(name)
+        return True
+
+    def _act(self, what: str, **kw: Any) -> None:
+        kw["action"] = what
+        kw["t"] = round(time.time(), 3)
+        self.report["actions"].append(kw)
+
+    def on_event(self, ev: dict[str, Any]) -> None:
+        k = ev.get("ev")
+        c = self.c
+        if k == "accepted":
+            r = int(ev.get("round", 0))
+            if c.faults and r == c.malformed_round and self._once("malformed"):
+                self._malformed()
+            if c.faults and r == c.flood_round and c.flood_frames and self._once("flood"):
+                self._flood()
+            if c.faults and r == c.broker_restart_round and self._once("broker"):
+                self._broker_outage()
+            if (c.faults and r == c.kill_coordinator_round and ev.get("have", 0) >= 1
+                    and ev.get("have", 0) < ev.get("want", 0) and self._once("kill")):
+                self.say(f"  *** chaos: SIGKILL to the coordinator in round {r}")
+                self._act("kill_coordinator", round=r)
+                self.kill_coordinator()
+        elif k == "round":
+            r = int(ev.get("round", 0))
+            if c.revoke_node and r == c.revoke_round and self._once("revoke"):
+                self._revoke()
+            if c.faults and c.reenrol_node and r == c.reenrol_round and self._once("reenrol"):
+                self._wipe_and_reenrol()
+        elif k == "registry" and self.awaiting_registry:
+            node, self.awaiting_registry = self.awaiting_registry, None
+            if node in ev.get("reenrolled", []):
+                self.say(f"  *** chaos: coordinator adopted {node}'s new key; restarting it")
+                self.start_node(node)
+
+    # -- actions ---------------------------------------------------------------------------
+    def _broker_outage(self) -> None:
+        self.say(f"  *** chaos: broker down for {self.c.outage_s:g} s (restarts empty)")
+        self._act("broker_restart", outage_s=self.c.outage_s)
+        self.broker.stop()
+        time.sleep(self.c.outage_s)
+        self.broker.start()
+
+    def _flood(self) -> None:
+        from microfed_host.flood import Flooder
+
+        base = f"microfed/{self.mesh}/"
+        topics = [base + f"{s}/junk-{i}" for s in ("update", "digest", "hello") for i in range(4)]
+        self.say(f"  *** chaos: flooding {self.c.flood_frames} junk QoS 1 frames")
+        f = Flooder(self.broker.host, self.broker.port, topics, self.c.flood_frames, 300, 1,
+                    seed=7)
+        f.start()
+        self.flooders.append(f)
+        self._act("flood", frames=self.c.flood_frames)
+
+    def _malformed(self) -> None:
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        frames = malformed_frames(self.mesh)
+        self.say(f"  *** chaos: {len(frames)} malformed frames")
+        cli = paho.Client(CallbackAPIVersion.VERSION2, client_id="microfed-chaos-malformed")
+        cli.connect(self.broker.host, self.broker.port)
+        cli.loop_start()
+        try:
+            for sub, fr in frames:
+                cli.publish(f"microfed/{self.mesh}/{sub}", fr, qos=1).wait_for_publish(5)
+        finally:
+            cli.disconnect()
+            cli.loop_stop()
+        self._act("malformed", frames=len(frames),
+                  sha256=[hashlib.sha256(f).hexdigest()[:16] for _s, f in frames])
+
+    def _revoke(self) -> None:
+        from microfed_host.provision import revoke_node
+
+        node = self.c.revoke_node
+        reg = revoke_node(self.out / "mesh", node)
+        self.revoked.add(node)
+        self.say(f"  *** chaos: revoked {node} (registry v{reg.version})")
+        self._act("revoke", node=node, version=reg.version)
+
+    def _wipe_and_reenrol(self) -> None:
+        from microfed_host.provision import reenrol_node
+
+        node = self.c.reenrol_node
+        self.stop_node(node)
+        nd = self.out / "nodes" / node
+        shutil.rmtree(nd / "state", ignore_errors=True)
+        (nd / "state").mkdir()
+        reg = reenrol_node(self.out / "mesh", node)
+        shutil.copy(self.out / "mesh" / "bundles" / f"{node}.json", nd / "bundle.json")
+        self.awaiting_registry = node
+        self.say(f"  *** chaos: {node} wiped and re-enrolled (registry v{reg.version})")
+        self._act("reenrol", node=node, version=reg.version)
+
+    def close(self) -> None:
+        for f in self.flooders:
+            f.stop()
+            self.report.setdefault("flood_sent", 0)
+            self.report["flood_sent"] += int(getattr(f, "sent", 0))
+
