@@ -290,6 +290,24 @@ def test_registry_payload_rejections() -> None:
     assert ei.value.reason == "bad_payload"
 
 
+def _long_last_entry_frame() -> bytes:
+    """The 259-byte GLOBAL_MODEL of the bug report: the announcement claims 2 accepted entries
+    (68 bytes: enough for two minimal ones), but the first entry's id is 35 bytes long, so it
+    uses up the whole payload and the second entry starts exactly at the payload's end."""
+    ann = (b"AN" + struct.pack("<BBBBB", 1, 0, 1, 0, 0) + bytes(32) + struct.pack("<H", 2)
+           + bytes([35]) + b"n" * 35 + bytes(32))
+    payload = wire.encode_global_model([1, 2, 3]) + ann
+    frame = wire.encode(wire.GLOBAL_MODEL, wire.mesh_id(MESH), "c", 1, 1, 0, payload,
+                        lambda m: bytes(64))
+    assert len(frame) == 259
+    return frame
+
+
+def test_announcement_long_last_entry_is_wire_error() -> None:
+    # Regression: this raised IndexError (p[off] read past the payload) instead of WireError.
+    assert _reason(_long_last_entry_frame()) == "bad_payload"
+
+
 def test_encoder_refuses_bad_values() -> None:
     for bad in ([], [2**31], [-(2**31) - 1], [1.5]):
         with pytest.raises(WireError):

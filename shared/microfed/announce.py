@@ -135,6 +135,8 @@ def decode_global_payload(p):
     acc = []
     seen = {}
     for _ in range(count):
+        # The count bound assumes short entries; one long entry can use up the rest.
+        _need(off < n, "accepted entry truncated")
         ln = p[off]
         _need(1 <= ln <= wire.MAX_ID and off + 1 + ln + 32 <= n, "accepted entry truncated")
         b = bytes(p[off + 1:off + 1 + ln])
