@@ -25,8 +25,6 @@ from microfed.replay import MemoryStore, ReplayGuard, SequenceSource
 from microfed.verify import Limits, Rejected, Verifier, load_registry_frame
 from microfed.wire import WireError
 
-from microfed import announce
-
 # STATUS / HELLO state byte.
 ST_BOOT = 0
 ST_WAITING = 1
@@ -291,7 +289,7 @@ class Node:
         if len(msg) > wire.MAX_FRAME:
             raise Rejected("oversize", "frame of %d bytes" % len(msg))
         try:
-            fr = announce.decode_frame(msg)
+            fr = wire.decode(msg)
         except WireError as e:
             raise Rejected(e.reason, e.message)
         if fr.mesh_id != self.mesh_id:
@@ -310,7 +308,7 @@ class Node:
         if len(vals) != self.model.n_params:
             raise Rejected("bad_dim", "global model has %d values, model needs %d"
                            % (len(vals), self.model.n_params))
-        if not announce.values_digest_ok(fr):
+        if not wire.values_digest_ok(fr):
             raise Rejected("bad_digest", "global model digest does not match its vector")
         if not self.gguard.commit(wire.COORDINATOR, wire.GLOBAL_MODEL, fr.seq):
             raise Rejected("replay", "coordinator counter already used")
@@ -436,7 +434,7 @@ class Node:
             return
         try:
             res = audit.run(rule, ids, vecs,
-                            announce.rule_params(rule, b["p1"], b["p2"], weights))
+                            wire.rule_params(rule, b["p1"], b["p2"], weights))
         except Exception as e:
             vecs = None
             self.reject("announce", "aggregate_error", repr(e))

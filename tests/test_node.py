@@ -32,8 +32,6 @@ from microfed.verify import Verifier
 ROOT = Path(__file__).resolve().parents[1]
 FIRMWARE = ROOT / "firmware"
 
-from microfed import announce  # noqa: E402
-
 MESH = "nodetest"
 N_NODES = 5
 SAMPLES = 40  # per shard: enough to train, small enough to keep the test quick
@@ -187,7 +185,7 @@ class Driver:
     def global_frame(self, round_: int, values: list[int], *, seed: bytes | None = None,
                      mesh_id: bytes | None = None, **ann: Any) -> bytes:
         self.seq += 1
-        payload = announce.encode_global_payload(values, **ann)
+        payload = wire.encode_global_payload(values, **ann)
         return wire.encode(wire.GLOBAL_MODEL, mesh_id or self.mesh_id, wire.COORDINATOR, round_,
                            self.seq, int(time.time()), payload,
                            self.keys.signer(seed or self.m["coord_seed"]))
@@ -256,20 +254,20 @@ def _late_status(drv: Driver, node_id: str, label: str) -> bool:
 def test_announcement_codec_roundtrip_and_rejects_garbage() -> None:
     vals = [1, -2, 65536]
     h = bytes(range(32))
-    p = announce.encode_global_payload(vals, rule="multi_krum", p1=1, p2=3, agg_digest=h,
+    p = wire.encode_global_payload(vals, rule="multi_krum", p1=1, p2=3, agg_digest=h,
                                        accepted=[("node-02", h), ("node-01", bytes(32))],
                                        final=True)
-    b = announce.decode_global_payload(p)
+    b = wire.decode_global_payload(p)
     assert (b["values"], b["rule"], b["p1"], b["p2"], b["final"], b["agg_digest"]) == (
         vals, "multi_krum", 1, 3, True, h)
     assert b["accepted"] == [("node-02", h), ("node-01", bytes(32))]
-    plain = announce.decode_global_payload(wire.encode_global_model(vals))
+    plain = wire.decode_global_payload(wire.encode_global_model(vals))
     assert plain["rule"] is None and plain["accepted"] == [] and not plain["final"]
     for bad in (p[:-1], p + b"\x00", p[:-40], wire.encode_global_model(vals) + b"XX" + p[-39:]):
         with pytest.raises(wire.WireError):
-            announce.decode_global_payload(bad)
+            wire.decode_global_payload(bad)
     with pytest.raises(wire.WireError):  # a rule with nothing accepted
-        announce.encode_announce("krum", 1, 0, h, [])
+        wire.encode_announce("krum", 1, 0, h, [])
 
 
 def test_bad_files_stop_boot_with_a_reason(micropython: str, mesh: dict[str, Any]) -> None:
