@@ -86,6 +86,9 @@ class NodeState:
                 self.global_hash = bytes.fromhex(parts[2]) if parts[2] != "-" else b""
             except ValueError:
                 raise StateError("%s: malformed state values" % path)
+            if (not 0 <= self.last_round <= wire.U32_MAX or not 0 <= self.coord_seq < wire.SEQ_LIMIT
+                    or len(self.global_hash) not in (0, 32)):
+                raise StateError("%s: state values out of range" % path)
 
     def _parse(self, p, raw):
         cut = raw.rfind(b"\n#sha256 ")
@@ -94,7 +97,10 @@ class NodeState:
         body = raw[:cut + 1]
         if _hex(_sha(body)).encode() != raw[cut + 9:].strip():
             raise StateError("%s: checksum mismatch (torn or edited file)" % p)
-        return body[len(STATE_MAGIC) + 1:-1].decode()
+        try:
+            return body[len(STATE_MAGIC) + 1:-1].decode()
+        except ValueError:  # UnicodeError
+            raise StateError("%s: not UTF-8" % p)
 
     def save(self, last_round, coord_seq, global_hash):
         line = "%d %d %s" % (last_round, coord_seq, _hex(global_hash) if global_hash else "-")
