@@ -256,12 +256,16 @@ class Node:
             pass
         return d
 
-    def reject(self, src, reason, message):
+    def reject(self, src, reason, message, sha=None):
+        """Count a rejection by reason and log it; `sha`: the message's SHA-256 (16 hex)."""
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         if reason not in self.dirty:
             self.dirty.append(reason)
-        self.log("reject", src=src, reason=reason, msg=message,
-                 count=self.rejected[reason])
+        if sha is None:
+            self.log("reject", src=src, reason=reason, msg=message, count=self.rejected[reason])
+        else:
+            self.log("reject", src=src, reason=reason, msg=message, count=self.rejected[reason],
+                     sha=sha)
 
     def error(self, where, e):
         self.errors += 1
@@ -269,7 +273,9 @@ class Node:
 
     # ---------------------------------------------------------------- input
     def on_message(self, topic, msg):
-        """The transport's handler. Never raises."""
+        """The transport's handler. Never raises: whatever goes wrong while handling one
+        message is a rejection counted by reason (the WireError's own, else handler_error)
+        and logged with the first 16 hex digits of the message's SHA-256."""
         try:
             if isinstance(topic, (bytes, bytearray)):
                 topic = bytes(topic).decode()
@@ -284,10 +290,17 @@ class Node:
             else:
                 self.reject("mqtt", "bad_topic", "message on unexpected topic")
         except WireError as e:  # Rejected is a WireError
-            self.reject(_src(topic, self), e.reason, e.message)
+            self._failed(topic, msg, e.reason, e.message)
         except Exception as e:
-            self.reject(_src(topic, self), "handler_error", repr(e))
             self.errors += 1
+            self._failed(topic, msg, "handler_error", repr(e))
+
+    def _failed(self, topic, msg, reason, message):
+        # Never raises either: if even logging fails (out of memory), the count still moves.
+        try:
+            self.reject(_src(topic, self), reason, message, _short_sha(msg))
+        except Exception:
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     def verify_global(self, msg):
         if not isinstance(msg, (bytes, bytearray)):
@@ -501,7 +514,7 @@ class Node:
                 self.process_global(fr, h)
             except Exception as e:
                 # e.g. MemoryError while training: this round is lost, the node is not.
-                self.reject("global", "handler_error", repr(e))
+                self.reject("global", "handler_error", repr(e), _hex(h[:8]))
                 self.errors += 1
                 gc.collect()
         if not self.hello_sent and self.t.connected:
@@ -535,6 +548,14 @@ class Node:
             if not self.outbox and not self.notes and not self.dirty:
                 return True
         return not self.outbox
+
+
+def _short_sha(msg):
+    """First 16 hex digits of SHA-256(msg), or "-" if msg is not bytes-like."""
+    try:
+        return _hex(_sha(msg)[:8])
+    except Exception:
+        return "-"
 
 
 def _src(topic, node):
