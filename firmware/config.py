@@ -53,8 +53,12 @@ def _read_json(path, what):
     try:
         try:
             doc = json.loads(f.read())
-        except ValueError as e:
+        except ValueError as e:  # incl. a UnicodeError while reading
             raise ConfigError("%s: not valid JSON (%s)" % (path, e))
+        except (RuntimeError, MemoryError) as e:
+            # Nesting deeper than the parser's recursion limit (RecursionError on CPython) or
+            # than the heap: a malformed file like any other.
+            raise ConfigError("%s: not valid JSON (%s)" % (path, type(e).__name__))
     finally:
         f.close()
     if not isinstance(doc, dict):

@@ -25,8 +25,6 @@ from microfed.replay import MemoryStore, ReplayGuard, SequenceSource
 from microfed.verify import Limits, Rejected, Verifier, load_registry_frame
 from microfed.wire import WireError
 
-from microfed import announce
-
 # STATUS / HELLO state byte.
 ST_BOOT = 0
 ST_WAITING = 1
@@ -88,6 +86,9 @@ class NodeState:
                 self.global_hash = bytes.fromhex(parts[2]) if parts[2] != "-" else b""
             except ValueError:
                 raise StateError("%s: malformed state values" % path)
+            if (not 0 <= self.last_round <= wire.U32_MAX or not 0 <= self.coord_seq < wire.SEQ_LIMIT
+                    or len(self.global_hash) not in (0, 32)):
+                raise StateError("%s: state values out of range" % path)
 
     def _parse(self, p, raw):
         cut = raw.rfind(b"\n#sha256 ")
@@ -96,7 +97,10 @@ class NodeState:
         body = raw[:cut + 1]
         if _hex(_sha(body)).encode() != raw[cut + 9:].strip():
             raise StateError("%s: checksum mismatch (torn or edited file)" % p)
-        return body[len(STATE_MAGIC) + 1:-1].decode()
+        try:
+            return body[len(STATE_MAGIC) + 1:-1].decode()
+        except ValueError:  # UnicodeError
+            raise StateError("%s: not UTF-8" % p)
 
     def save(self, last_round, coord_seq, global_hash):
         line = "%d %d %s" % (last_round, coord_seq, _hex(global_hash) if global_hash else "-")
@@ -255,12 +259,16 @@ class Node:
             pass
         return d
 
-    def reject(self, src, reason, message):
+    def reject(self, src, reason, message, sha=None):
+        """Count a rejection by reason and log it; `sha`: the message's SHA-256 (16 hex)."""
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         if reason not in self.dirty:
             self.dirty.append(reason)
-        self.log("reject", src=src, reason=reason, msg=message,
-                 count=self.rejected[reason])
+        if sha is None:
+            self.log("reject", src=src, reason=reason, msg=message, count=self.rejected[reason])
+        else:
+            self.log("reject", src=src, reason=reason, msg=message, count=self.rejected[reason],
+                     sha=sha)
 
     def error(self, where, e):
         self.errors += 1
@@ -268,7 +276,9 @@ class Node:
 
     # ---------------------------------------------------------------- input
     def on_message(self, topic, msg):
-        """The transport's handler. Never raises."""
+        """The transport's handler. Never raises: whatever goes wrong while handling one
+        message is a rejection counted by reason (the WireError's own, else handler_error)
+        and logged with the first 16 hex digits of the message's SHA-256."""
         try:
             if isinstance(topic, (bytes, bytearray)):
                 topic = bytes(topic).decode()
@@ -283,10 +293,17 @@ class Node:
             else:
                 self.reject("mqtt", "bad_topic", "message on unexpected topic")
         except WireError as e:  # Rejected is a WireError
-            self.reject(_src(topic, self), e.reason, e.message)
+            self._failed(topic, msg, e.reason, e.message)
         except Exception as e:
-            self.reject(_src(topic, self), "handler_error", repr(e))
             self.errors += 1
+            self._failed(topic, msg, "handler_error", repr(e))
+
+    def _failed(self, topic, msg, reason, message):
+        # Never raises either: if even logging fails (out of memory), the count still moves.
+        try:
+            self.reject(_src(topic, self), reason, message, _short_sha(msg))
+        except Exception:
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     def verify_global(self, msg):
         if not isinstance(msg, (bytes, bytearray)):
@@ -294,7 +311,7 @@ class Node:
         if len(msg) > wire.MAX_FRAME:
             raise Rejected("oversize", "frame of %d bytes" % len(msg))
         try:
-            fr = announce.decode_frame(msg)
+            fr = wire.decode(msg)
         except WireError as e:
             raise Rejected(e.reason, e.message)
         if fr.mesh_id != self.mesh_id:
@@ -313,7 +330,7 @@ class Node:
         if len(vals) != self.model.n_params:
             raise Rejected("bad_dim", "global model has %d values, model needs %d"
                            % (len(vals), self.model.n_params))
-        if not announce.values_digest_ok(fr):
+        if not wire.values_digest_ok(fr):
             raise Rejected("bad_digest", "global model digest does not match its vector")
         if not self.gguard.commit(wire.COORDINATOR, wire.GLOBAL_MODEL, fr.seq):
             raise Rejected("replay", "coordinator counter already used")
@@ -468,7 +485,7 @@ class Node:
             return
         try:
             res = audit.run(rule, ids, vecs,
-                            announce.rule_params(rule, b["p1"], b["p2"], weights))
+                            wire.rule_params(rule, b["p1"], b["p2"], weights))
         except Exception as e:
             vecs = None
             self.reject("announce", "aggregate_error", repr(e))
@@ -550,7 +567,7 @@ class Node:
                 self.process_global(fr, h)
             except Exception as e:
                 # e.g. MemoryError while training: this round is lost, the node is not.
-                self.reject("global", "handler_error", repr(e))
+                self.reject("global", "handler_error", repr(e), _hex(h[:8]))
                 self.errors += 1
                 gc.collect()
         if not self.hello_sent and self.t.connected:
@@ -585,6 +602,14 @@ class Node:
             if not self.outbox and not self.notes and not self.dirty:
                 return True
         return not self.outbox
+
+
+def _short_sha(msg):
+    """First 16 hex digits of SHA-256(msg), or "-" if msg is not bytes-like."""
+    try:
+        return _hex(_sha(msg)[:8])
+    except Exception:
+        return "-"
 
 
 def _src(topic, node):

@@ -28,11 +28,10 @@ import pytest
 from microfed import audit, model, q16, wire
 from microfed.replay import MemoryStore, ReplayGuard
 from microfed.verify import Verifier
+from microfed_host import upy
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRMWARE = ROOT / "firmware"
-
-from microfed import announce  # noqa: E402
 
 MESH = "nodetest"
 N_NODES = 5
@@ -187,7 +186,7 @@ class Driver:
     def global_frame(self, round_: int, values: list[int], *, seed: bytes | None = None,
                      mesh_id: bytes | None = None, **ann: Any) -> bytes:
         self.seq += 1
-        payload = announce.encode_global_payload(values, **ann)
+        payload = wire.encode_global_payload(values, **ann)
         return wire.encode(wire.GLOBAL_MODEL, mesh_id or self.mesh_id, wire.COORDINATOR, round_,
                            self.seq, int(time.time()), payload,
                            self.keys.signer(seed or self.m["coord_seed"]))
@@ -256,20 +255,127 @@ def _late_status(drv: Driver, node_id: str, label: str) -> bool:
 def test_announcement_codec_roundtrip_and_rejects_garbage() -> None:
     vals = [1, -2, 65536]
     h = bytes(range(32))
-    p = announce.encode_global_payload(vals, rule="multi_krum", p1=1, p2=3, agg_digest=h,
-                                       accepted=[("node-02", h), ("node-01", bytes(32))],
-                                       final=True)
-    b = announce.decode_global_payload(p)
+    p = wire.encode_global_payload(vals, rule="multi_krum", p1=1, p2=3, agg_digest=h,
+                                   accepted=[("node-02", h), ("node-01", bytes(32))],
+                                   final=True)
+    b = wire.decode_global_payload(p)
     assert (b["values"], b["rule"], b["p1"], b["p2"], b["final"], b["agg_digest"]) == (
         vals, "multi_krum", 1, 3, True, h)
     assert b["accepted"] == [("node-02", h), ("node-01", bytes(32))]
-    plain = announce.decode_global_payload(wire.encode_global_model(vals))
+    plain = wire.decode_global_payload(wire.encode_global_model(vals))
     assert plain["rule"] is None and plain["accepted"] == [] and not plain["final"]
     for bad in (p[:-1], p + b"\x00", p[:-40], wire.encode_global_model(vals) + b"XX" + p[-39:]):
         with pytest.raises(wire.WireError):
-            announce.decode_global_payload(bad)
+            wire.decode_global_payload(bad)
     with pytest.raises(wire.WireError):  # a rule with nothing accepted
-        announce.encode_announce("krum", 1, 0, h, [])
+        wire.encode_announce("krum", 1, 0, h, [])
+
+
+HANDLER_SCRIPT = r"""
+import json, sys
+import config, node as nodemod
+d = sys.argv[1]
+bundle = config.Bundle(d + "/bundle.json")
+cfg = config.Config(None, {"state_dir": d + "/state", "status_interval_ms": 0})
+f = open(d + "/shard.bin", "rb"); shard = f.read(); f.close()
+f = open(d + "/global.bin", "rb"); good = f.read(); f.close()
+
+class T:
+    connected = True
+    def __init__(self):
+        self.sent = []
+    def subscribe(self, topic, qos):
+        pass
+    def publish(self, topic, frame, retain, qos):
+        self.sent.append(topic)
+        return True
+    def poll(self, ms):
+        pass
+    def stats(self):
+        return {}
+
+class H:
+    NAME = "test"
+    def free_heap(self):
+        return 0
+
+def log(ev):
+    if ev["ev"] in ("reject", "update", "error"):
+        print(json.dumps(ev))
+
+t = T()
+nd = nodemod.Node(bundle, cfg, shard, t, H(), log)
+
+def boom_index(msg):
+    raise IndexError("index out of range")
+
+def boom_memory(msg):
+    raise MemoryError()
+
+nd.on_message(nd.t_global, b"MF garbage")          # a WireError: its own reason
+nd.on_global = boom_index                           # any exception inside a handler ...
+nd.on_message(nd.t_global, b"frame one")
+nd.on_registry = boom_memory
+nd.on_message(nd.t_registry, b"frame two")
+nd.on_message(b"\xff\xfe", b"frame three")         # a topic that is not UTF-8
+del nd.on_global
+nd.on_message(nd.t_global, 12345)                   # not bytes at all
+nd.on_message(nd.t_global, good)                    # ... and the node goes on working
+nd.step()
+print(json.dumps({"ev": "done", "counters": nd.counters()["rejected"], "sent": t.sent,
+                  "errors": nd.errors, "last_round": nd.state.last_round}))
+"""
+
+
+def test_any_exception_in_a_handler_is_a_counted_rejection(micropython: str,
+                                                           tmp_path: Path) -> None:
+    import hashlib
+    import struct
+
+    from microfed_host import keys
+
+    coord, me = hashlib.sha256(b"c").digest(), hashlib.sha256(b"n").digest()
+    mid = wire.mesh_id(MESH)
+    reg = wire.encode(wire.REGISTRY, mid, wire.COORDINATOR, 0, 1, 0,
+                      wire.encode_registry(mid, 1, keys.public_key(coord),
+                                           [("node-01", keys.public_key(me), True)]),
+                      keys.signer(coord))
+    (tmp_path / "bundle.json").write_text(json.dumps({
+        "format": "microfed-bundle/1", "mesh": MESH, "node_id": "node-01", "mesh_id": mid.hex(),
+        "seed": me.hex(), "public_key": keys.public_key(me).hex(),
+        "coordinator_public_key": keys.public_key(coord).hex(), "registry_frame": reg.hex(),
+        "registry_version": 1}))
+    (tmp_path / "state").mkdir()
+    d, k, n = 4, 3, 3
+    body = struct.pack(model.SHARD_HEADER, model.SHARD_MAGIC, 1, 12, d, k, n, 0, 1) + bytes(
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 0, 1, 2])
+    (tmp_path / "shard.bin").write_bytes(body + hashlib.sha256(body).digest())
+    good = wire.encode(wire.GLOBAL_MODEL, mid, wire.COORDINATOR, 1, 1, 0,
+                       wire.encode_global_payload([0] * (k * d + k)), keys.signer(coord))
+    (tmp_path / "global.bin").write_bytes(good)
+    (tmp_path / "h.py").write_text(HANDLER_SCRIPT)
+    out = upy.run([str(tmp_path / "h.py"), str(tmp_path)],
+                  path=[ROOT / "shared", FIRMWARE, FIRMWARE / "lib"])
+    evs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    rej = [e for e in evs if e["ev"] == "reject"]
+
+    def sha(b: bytes) -> str:
+        return hashlib.sha256(b).hexdigest()[:16]
+
+    assert [(e["src"], e["reason"], e["sha"]) for e in rej] == [
+        ("global", "truncated", sha(b"MF garbage")),
+        ("global", "handler_error", sha(b"frame one")),
+        ("registry", "handler_error", sha(b"frame two")),
+        ("mqtt", "handler_error", sha(b"frame three")),
+        ("global", "handler_error", "-"),
+    ]
+    assert "IndexError" in rej[1]["msg"] and "MemoryError" in rej[2]["msg"]
+    done = evs[-1]
+    assert done["counters"] == {"truncated": 1, "handler_error": 4}
+    assert done["errors"] == 4
+    # The valid GLOBAL_MODEL that came after was still verified, trained on and answered.
+    assert done["last_round"] == 1
+    assert "microfed/%s/update/node-01" % MESH in done["sent"]
 
 
 def test_bad_files_stop_boot_with_a_reason(micropython: str, mesh: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from microfed import announce, audit, wire
+from microfed import audit, wire
 from microfed.wire import WireError
 from microfed_host import keys, upy
 
@@ -68,7 +68,7 @@ def build_vectors() -> dict:
                wire.encode_global_model(gm), "coordinator",
                {"values": gm, "digest": gm_digest.hex(), **NO_ANNOUNCEMENT}),
         _frame("global_model_announced", wire.GLOBAL_MODEL, "coordinator", 4, 8, 1735689660,
-               announce.encode_global_payload(gm, "krum", 1, 0, gm_digest, accepted), "coordinator",
+               wire.encode_global_payload(gm, "krum", 1, 0, gm_digest, accepted), "coordinator",
                {"values": gm, "digest": gm_digest.hex(), "final": False, "rule": "krum", "p1": 1,
                 "p2": 0, "agg_digest": gm_digest.hex(),
                 "accepted": [[i, h.hex()] for i, h in accepted]}),
@@ -160,7 +160,7 @@ def test_domain_separation_changes_digest() -> None:
 
 MP_SCRIPT = r"""
 import sys, json
-from microfed import announce, wire
+from microfed import wire
 try:
     from microfed import ed25519
 except ImportError:
@@ -182,7 +182,7 @@ for c in cases:
     if k == wire.MODEL_UPDATE:
         pl2 = wire.encode_model_update(fl["samples"], fl["values"])
     elif k == wire.GLOBAL_MODEL:
-        pl2 = announce.encode_global_payload(
+        pl2 = wire.encode_global_payload(
             fl["values"], fl["rule"], fl["p1"], fl["p2"], bytes.fromhex(fl["agg_digest"]),
             [(a[0], bytes.fromhex(a[1])) for a in fl["accepted"]], fl["final"])
         if not fl["rule"] and not fl["final"]:
@@ -288,6 +288,24 @@ def test_registry_payload_rejections() -> None:
     with pytest.raises(WireError) as ei:
         wire.encode_registry(wire.mesh_id(MESH), 1, bytes(32), [("a", bytes(32), True), ("a", bytes(32), True)])
     assert ei.value.reason == "bad_payload"
+
+
+def _long_last_entry_frame() -> bytes:
+    """The 259-byte GLOBAL_MODEL of the bug report: the announcement claims 2 accepted entries
+    (68 bytes: enough for two minimal ones), but the first entry's id is 35 bytes long, so it
+    uses up the whole payload and the second entry starts exactly at the payload's end."""
+    ann = (b"AN" + struct.pack("<BBBBB", 1, 0, 1, 0, 0) + bytes(32) + struct.pack("<H", 2)
+           + bytes([35]) + b"n" * 35 + bytes(32))
+    payload = wire.encode_global_model([1, 2, 3]) + ann
+    frame = wire.encode(wire.GLOBAL_MODEL, wire.mesh_id(MESH), "c", 1, 1, 0, payload,
+                        lambda m: bytes(64))
+    assert len(frame) == 259
+    return frame
+
+
+def test_announcement_long_last_entry_is_wire_error() -> None:
+    # Regression: this raised IndexError (p[off] read past the payload) instead of WireError.
+    assert _reason(_long_last_entry_frame()) == "bad_payload"
 
 
 def test_encoder_refuses_bad_values() -> None:

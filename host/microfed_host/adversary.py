@@ -189,10 +189,8 @@ class Adversary:
 
     # -- input --------------------------------------------------------------------------
     def on_global(self, raw: bytes) -> list[tuple[str, bytes]]:
-        from microfed_host.coordinator import announce
-
         try:
-            fr = announce.decode_frame(raw)
+            fr = wire.decode(raw)
         except wire.WireError:
             return []
         if (fr.kind != wire.GLOBAL_MODEL or fr.mesh_id != self.mesh_id
@@ -341,8 +339,6 @@ class Adversary:
         return out
 
     def _true_digest(self, rr: int, b: dict[str, Any]) -> bytes | None:
-        from microfed_host.coordinator import announce
-
         byhash: dict[bytes, tuple[str, list[int], int]] = {}
         for sender, (sha, vals, samples, _raw) in self.seen.get(rr, {}).items():
             byhash[sha] = (sender, vals, samples)
@@ -354,8 +350,8 @@ class Adversary:
             ids.append(node_id)
             vecs.append(e[1])
             weights.append(e[2])
-        res = audit.run(b["rule"], ids, vecs, announce.rule_params(b["rule"], b["p1"], b["p2"],
-                                                                   weights))
+        res = audit.run(b["rule"], ids, vecs, wire.rule_params(b["rule"], b["p1"], b["p2"],
+                                                               weights))
         return bytes.fromhex(res["digest"])
 
     def remember_own(self, frames: list[tuple[str, bytes]]) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from microfed import announce, audit, model, q16, wire
+from microfed import audit, model, q16, wire
 from microfed.reputation import BANNED, ReputationBook
 from microfed.reputation import from_bytes as book_from_bytes
 from microfed.verify import Limits, Rejected
@@ -257,7 +257,7 @@ class Coordinator:
 
     def _global_frame(self, round_: int, params: list[int], ann: dict[str, Any]) -> tuple[bytes, int]:
         seq = self.coord_seq + 1
-        payload = announce.encode_global_payload(params, **ann)
+        payload = wire.encode_global_payload(params, **ann)
         frame = wire.encode(wire.GLOBAL_MODEL, self.mesh_id, wire.COORDINATOR, round_, seq,
                             int(self.clock()), payload, self._sign)
         return frame, seq

@@ -17,7 +17,7 @@ from microfed.replay import MemoryStore, ReplayGuard
 from microfed.verify import Limits, Rejected, Verifier
 from microfed_host import coordinator as coordmod
 from microfed_host import keys
-from microfed_host.coordinator import Coordinator, announce
+from microfed_host.coordinator import Coordinator
 from microfed_host.report import Progress
 from microfed_host.rounds_store import RoundsStore
 from microfed_host.scenario import MeshError, Scenario, make_adversary
@@ -101,7 +101,7 @@ class SimNode:
 
     def on_global(self, topic: str, raw: bytes) -> None:
         try:
-            fr = announce.decode_frame(raw)
+            fr = wire.decode(raw)
         except wire.WireError:
             return
         if (fr.kind != wire.GLOBAL_MODEL or fr.sender != wire.COORDINATOR
@@ -149,8 +149,8 @@ class SimNode:
             ids.append(node_id)
             vecs.append(e[2])
             weights.append(e[1])
-        res = audit.run(b["rule"], ids, vecs, announce.rule_params(b["rule"], b["p1"], b["p2"],
-                                                                   weights))
+        res = audit.run(b["rule"], ids, vecs, wire.rule_params(b["rule"], b["p1"], b["p2"],
+                                                               weights))
         self.digests[rr] = res["digest"]
         payload = wire.encode_gossip_digest(bytes.fromhex(res["digest"]), b["rule"], b["p1"],
                                             b["p2"], len(ids))

@@ -335,6 +335,9 @@ SHARD_HEADER_SIZE = 18
 def decode_shard(buf):
     # -> (xs, ys, info); xs rows of raw Q16.16 ints (stored byte << shift). Checks the
     # SHA-256 trailer first so a truncated or corrupted file is refused, not trained on.
+    # Raises only ModelError, whatever the bytes.
+    if not isinstance(buf, (bytes, bytearray, memoryview)):
+        raise ModelError("shard: must be bytes")
     n_buf = len(buf)
     if n_buf < SHARD_HEADER_SIZE + 32:
         raise ModelError("shard: %d bytes is too short" % n_buf)
@@ -346,6 +349,9 @@ def decode_shard(buf):
         raise ModelError("shard: not an MFDS v1 file")
     if n_buf != SHARD_HEADER_SIZE + n * d + n + 32:
         raise ModelError("shard: length does not match its header")
+    if shift > 23:
+        # 255 << 23 is the largest stored feature that still fits a Q16.16 int32.
+        raise ModelError("shard: shift %d above 23" % shift)
     xs = []
     o = SHARD_HEADER_SIZE
     for _ in range(n):

@@ -33,7 +33,11 @@ _CLOCK_SET_AFTER = 1704067200
 
 
 class StoreError(Exception):
-    """The counter file is missing its checksum or unreadable: fail closed, never guess."""
+    """The counter file is missing its checksum or unreadable: fail closed, never guess.
+    The only error reading a counter file raises, whatever its bytes."""
+
+
+_SEQ_LIMIT = 1 << 63  # = microfed.wire.SEQ_LIMIT (not imported: wire does not need replay)
 
 
 def wall_clock():
@@ -112,7 +116,21 @@ def _load_checked(path, magic):
     want = raw[cut + 9:].strip()
     if hashlib is not None and _hexdigest(body).encode() != want:
         raise StoreError("%s: checksum mismatch (torn or edited file)" % path)
-    return body.decode().split("\n")[1:-1]
+    try:
+        return body.decode().split("\n")[1:-1]
+    except ValueError:  # UnicodeError is a ValueError on CPython and MicroPython
+        raise StoreError("%s: not UTF-8" % path)
+
+
+def _count(path, text):
+    """A decimal counter in 0 .. 2**63 - 1, else StoreError (never ValueError)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise StoreError("%s: %r is not an integer" % (path, text))
+    if v < 0 or v >= _SEQ_LIMIT:
+        raise StoreError("%s: %d outside 0 .. 2**63-1" % (path, v))
+    return v
 
 
 def _read_any(path, magic):
@@ -143,9 +161,12 @@ class FileStore:
         lines = _read_any(path, self.MAGIC)
         for ln in lines or ():
             parts = ln.split(" ")
-            if len(parts) != 3:
+            if len(parts) != 3 or not parts[0]:
                 raise StoreError("%s: bad line %r" % (path, ln))
-            self.counters[(parts[0], int(parts[1]))] = int(parts[2])
+            key = (parts[0], _count(path, parts[1]))
+            if key[1] > 255 or key in self.counters:
+                raise StoreError("%s: bad or repeated kind in line %r" % (path, ln))
+            self.counters[key] = _count(path, parts[2])
 
     def last(self, sender, kind):
         return self.counters.get((sender, kind), 0)
@@ -176,7 +197,9 @@ class SequenceSource:
         self.path = path
         self.block = block
         lines = _read_any(path, self.MAGIC)
-        self.leased = int(lines[0]) if lines else 0
+        if lines is not None and len(lines) > 1:
+            raise StoreError("%s: %d lines, expected one lease" % (path, len(lines)))
+        self.leased = _count(path, lines[0]) if lines else 0
         self.last = self.leased  # everything up to the lease may have been used before a reboot
 
     def next(self):
