@@ -114,6 +114,7 @@ def test_quorum_closes_the_round_and_publishes_the_next_global(m: Mesh) -> None:
     "junk", "truncated", "unregistered", "bad_signature", "replay", "stale_round",
     "future_round", "wrong_kind", "bad_dim", "out_of_range", "topic_sender_mismatch",
     "equivocation", "duplicate", "not_expected", "revoked", "banned", "internal_error",
+    "wrong_mesh", "wrong_role", "clock_skew", "oversize", "bad_seq", "bad_sender",
 ])
 def test_every_rejection_reason(m: Mesh, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     n = m.ids[0]
@@ -170,6 +171,22 @@ def test_every_rejection_reason(m: Mesh, case: str, monkeypatch: pytest.MonkeyPa
     elif case == "banned":
         monkeypatch.setattr(m.coord.book, "is_banned", lambda node: node == n)
         frame = good
+    elif case == "wrong_mesh":
+        frame = wire.encode(wire.MODEL_UPDATE, wire.mesh_id("other"), n, 1, 1, int(m.clock()),
+                            wire.encode_model_update(1, [0] * DIM), m.signer(n))
+    elif case == "wrong_role":
+        frame = wire.encode(wire.MODEL_UPDATE, m.mesh_id, wire.COORDINATOR, 1, 1,
+                            int(m.clock()), wire.encode_model_update(1, [0] * DIM), m.signer(n))
+    elif case == "clock_skew":
+        frame = wire.encode(wire.MODEL_UPDATE, m.mesh_id, n, 1, 1, int(m.clock()) - 3600,
+                            wire.encode_model_update(1, [0] * DIM), m.signer(n))
+    elif case == "oversize":
+        frame = good + bytes(wire.MAX_FRAME)
+    elif case == "bad_seq":
+        frame = good[:16] + bytes(8) + good[24:]  # seq field (offset 16, u64) = 0
+    elif case == "bad_sender":
+        i = wire.HDR_FIXED
+        frame = good[:i] + b"/" + good[i + 1:]
     elif case == "internal_error":
         def boom(*a: Any) -> None:
             raise RuntimeError("disk on fire")
@@ -197,6 +214,54 @@ def test_rejected_copy_then_genuine_frame_is_accepted_for_every_post_signature_r
     banned["on"] = False
     m.send(n, good)
     assert n in m.coord.pending
+
+
+def test_digest_topic_mismatch_does_not_consume_the_counter(tmp_path: Path) -> None:
+    m = Mesh(tmp_path, mode="gossip")
+    m.coord.start()
+    for n in m.ids:
+        m.send(n, m.update(n))
+    assert m.coord.round == 2
+    agg = bytes.fromhex(m.store.round_row(1)["agg_digest"])  # type: ignore[index]
+    n = m.ids[3]
+    m.seq[n] += 1
+    d = wire.encode(wire.GOSSIP_DIGEST, m.mesh_id, n, 1, m.seq[n], int(m.clock()),
+                    wire.encode_gossip_digest(agg, "fedavg", 0, 0, 5), m.signer(n))
+    m.send(m.ids[0], d, sub="digest")
+    assert m.last_rejection() == "topic_sender_mismatch"
+    m.send(n, d, sub="digest")
+    assert [e for e in m.events if e["ev"] == "digest"][-1] == {
+        "ev": "digest", "round": 1, "node": n, "agree": True, "t": m.clock.t}
+
+
+def test_retained_publisher_keeps_what_the_broker_did_not_take() -> None:
+    from microfed_host.coordinator import RetainedPublisher
+    from microfed_host.mqtt import MQTTError
+
+    class FakeClient:
+        connected = False
+        sent: list[tuple[str, bytes]] = []
+
+        def publish(self, topic: str, payload: bytes, qos: int, retain: bool,
+                    timeout: float) -> None:
+            if not self.connected:
+                raise MQTTError("not connected")
+            assert retain and qos == 1
+            self.sent.append((topic, payload))
+
+    cli = FakeClient()
+    logs: list[dict[str, Any]] = []
+    pub = RetainedPublisher(cli, logs.append)
+    pub.publish("g", b"1", True)
+    pub.publish("g", b"2", True)  # only the latest matters
+    pub.publish("r", b"reg", True)
+    assert cli.sent == [] and pub.pending == {"g", "r"}
+    cli.connected = True
+    pub.flush()
+    assert cli.sent == [("g", b"2"), ("r", b"reg")] and pub.pending == set()
+    pub.republish_all()  # a reconnect: the broker may have lost both
+    pub.flush()
+    assert cli.sent[2:] == [("g", b"2"), ("r", b"reg")]
 
 
 def test_deadline_closes_with_what_arrived_and_waits_below_the_minimum(tmp_path: Path) -> None:
