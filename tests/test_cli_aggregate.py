@@ -94,3 +94,62 @@ def test_bad_input_is_one_line_exit_2(payload: str, needle: str, engine: str,
 def test_missing_file_is_a_clear_error() -> None:
     p = cli("/nonexistent/req.json")
     assert p.returncode == 2 and "cannot read" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_huge_integer_is_one_line_exit_2_on_every_engine(micropython: str) -> None:
+    """A 5,000-digit literal used to hit CPython's int/str digit limit inside json."""
+    payload = '{"rule": "median", "updates": [{"node": "a", "vector": [' + "7" * 5000 + "]}]}"
+    for engine in ("fast", "reference", "micropython", "all"):
+        p = cli("--engine", engine, "-", stdin=payload)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2, (engine, p.stderr)
+        assert len(lines) == 1 and "5000-digit integer" in lines[0] and "int32" in lines[0]
+        assert lines[0].startswith("microfed aggregate: error: ")
+        assert "Traceback" not in p.stderr and p.stdout == ""
+
+
+# A tie broken by UTF-8 byte order where UTF-16 order differs: U+FF21 (EF BC A1) sorts before
+# U+1F600 (F0 9F 98 80) as UTF-8, after it as UTF-16 code units (FF21 > D83D).
+FULLWIDTH_A, GRIN = "\uff21", "\U0001F600"
+UNICODE_REQ = {"rule": "krum", "f": 1, "updates": [
+    {"node": GRIN, "vector": [0, 0]},
+    {"node": FULLWIDTH_A, "vector": [0, 0]},
+    {"node": "\u4e2d\u6587", "vector": [65536, 0]},         # CJK
+    {"node": "e\u0301", "vector": [0, 65536]},              # e + combining acute
+    {"node": "\u00e9", "vector": [-65536, 0]},              # precomposed: a different id
+    {"node": "z" + GRIN + "\u200d\U0001F469", "vector": [0, -65536]}]}  # ZWJ sequence
+
+
+@pytest.mark.parametrize("ensure_ascii", [True, False])
+def test_all_engines_agree_on_any_unicode_node_ids(ensure_ascii: bool, micropython: str) -> None:
+    payload = json.dumps(UNICODE_REQ, ensure_ascii=ensure_ascii)
+    p = cli("--engine", "all", "-", stdin=payload)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["agree"] is True
+    assert out["scores"][GRIN] == out["scores"][FULLWIDTH_A]  # a tie ...
+    assert out["selected"] == [FULLWIDTH_A]  # ... broken by UTF-8 bytes
+    assert set(out["scores"]) == {u["node"] for u in UNICODE_REQ["updates"]}
+    # Bit for bit: every engine alone prints the same result.
+    for engine in ("fast", "reference", "micropython"):
+        q = cli("--engine", engine, "--compact", "-", stdin=payload)
+        assert q.returncode == 0, q.stderr
+        assert json.loads(q.stdout) == {k: v for k, v in out.items()
+                                         if k not in ("engines", "agree")}
+
+
+def test_multi_krum_order_with_unicode_ids_matches_on_every_engine(micropython: str) -> None:
+    req = dict(UNICODE_REQ, rule="multi_krum", m=3)
+    p = cli("--engine", "all", "-", stdin=json.dumps(req))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["selected"][:2] == [FULLWIDTH_A, GRIN]
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference", "micropython", "all"])
+def test_lone_surrogate_node_id_is_refused(engine: str, micropython: str) -> None:
+    payload = '{"rule": "median", "updates": [{"node": "a\\ud800", "vector": [1]}]}'
+    p = cli("--engine", engine, "-", stdin=payload)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, p.stderr
+    assert len(lines) == 1 and "lone surrogate" in lines[0] and "valid Unicode" in lines[0]
+    assert "Traceback" not in p.stderr

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import queue
 import shutil
@@ -51,6 +52,7 @@ from microfed_host.report import Progress, summarize, table
 from microfed_host.scenario import (
     DEFAULT_SCENARIO,
     FIRMWARE,
+    MAX_TIMEOUT_S,
     REPO,
     TRANSPORTS,
     AttackGroup,
@@ -298,6 +300,14 @@ def run(sc: Scenario, out: Path, transport: str = "mqtt", broker: str | None = N
         kill_coordinator_at: int = 0, timeout: float = 1800.0) -> dict[str, Any]:
     if transport not in TRANSPORTS:
         raise MeshError(f"transport must be one of {', '.join(TRANSPORTS)}")
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout)
+            and 0 < timeout <= MAX_TIMEOUT_S):
+        raise MeshError(f"--timeout must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], "
+                        f"got {timeout}")
+    sc.check()
+    if not 0 <= kill_coordinator_at <= sc.rounds:
+        raise MeshError(f"--kill-coordinator-at must be a round in 1..{sc.rounds} (0: never), "
+                        f"got {kill_coordinator_at}")
     if sc.chaos is not None:
         return run_chaos(sc, out, transport, broker, force, say, timeout)
     return _run_once(sc, out, transport, broker, force, say, kill_coordinator_at, timeout)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tomllib
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from microfed.reputation import ReputationBook
 from microfed_host import adversary as advmod
 from microfed_host import coordinator as coordmod
 from microfed_host import data, keys
@@ -25,6 +27,31 @@ SCENARIOS = REPO / "scenarios"
 DEFAULT_SCENARIO = SCENARIOS / "default.toml"
 SPLITS = ("iid", "dirichlet")
 TRANSPORTS = ("mqtt", "inproc")
+MAX_NODES = 200
+MAX_ATTACK_PARAM = 1e6  # |tau|, |sigma|, |scale|, |z|: far beyond Q16.16's +-32768 already
+MAX_ALPHA = 1e6
+MAX_DEADLINE_S = 86400.0
+MAX_TIMEOUT_S = 7 * 86400.0
+# Attacks whose compromised node still sends an honestly trained update (the wire attacks
+# inject extra frames the verifier rejects): they do not count against the rule's f.
+HONEST_UPDATE_ATTACKS = ("none",) + advmod.WIRE_ATTACKS
+BYZANTINE_POLICY = (
+    "the number of model-poisoning Byzantine nodes must not exceed f (trimmed_mean: the trim "
+    "count; median: also fewer than the honest nodes), the most the rule is configured to "
+    "tolerate; --allow-more-byzantine runs past that guarantee on purpose")
+
+
+def _finite(name: str, v: Any, lo: float, hi: float, lo_open: bool = False) -> float:
+    """A float setting in [lo, hi] ((lo, hi] with lo_open), refusing nan, inf and non-numbers."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise MeshError(f"{name} must be a number, got {v!r}")
+    x = float(v)
+    if not math.isfinite(x):
+        raise MeshError(f"{name} must be a finite number, got {x}")
+    if x < lo or (lo_open and x == lo) or x > hi:
+        low = "(" if lo_open else "["
+        raise MeshError(f"{name} must be in {low}{lo:g}, {hi:g}], got {x:g}")
+    return x
 
 
 class MeshError(RuntimeError):
@@ -61,11 +88,17 @@ class Scenario:
     crosscheck: str = "always"
     deadline_s: float = 60.0
     reputation: dict[str, int] = field(default_factory=dict)
+    allow_more_byzantine: bool = False
     chaos: Chaos | None = None  # the [chaos] table (microfed_host.chaos); mqtt transport only
 
     @property
     def byzantine(self) -> int:
         return sum(g.count for g in self.attackers)
+
+    @property
+    def model_byzantine(self) -> int:
+        """Compromised nodes whose updates are poisoned (the ones f must cover)."""
+        return sum(g.count for g in self.attackers if g.attack not in HONEST_UPDATE_ATTACKS)
 
     @property
     def attack_label(self) -> str:
@@ -86,18 +119,28 @@ class Scenario:
         return self.node_ids()[self.honest:]
 
     def check(self) -> None:
-        if not 1 <= self.honest <= 200:
-            raise MeshError("honest must be in 1..200")
+        if (not isinstance(self.name, str) or not 1 <= len(self.name) <= 64
+                or any(c in "/\\" or ord(c) < 0x20 or ord(c) == 0x7F for c in self.name)):
+            raise MeshError(f"scenario name {self.name!r} must be 1..64 characters without '/', "
+                            "'\\' or control characters (it names the run directory)")
+        if not 1 <= self.honest <= MAX_NODES:
+            raise MeshError(f"honest must be in 1..{MAX_NODES}, got {self.honest}")
         for g in self.attackers:
             try:
                 g.attack = advmod.canonical_attack(g.attack)
             except advmod.AdversaryError as e:
                 raise MeshError(str(e)) from None
-            if not 0 <= g.count <= 200:
-                raise MeshError("attacker count must be in 0..200")
-            for k in g.params:
+            if not 0 <= g.count <= MAX_NODES:
+                raise MeshError(f"byzantine (attacker count) must be in 0..{MAX_NODES}, got {g.count}")
+            for k, v in g.params.items():
                 if k not in advmod.DEFAULTS:
                     raise MeshError(f"unknown attack parameter {k!r} (known: {', '.join(advmod.DEFAULTS)})")
+                # tau, sigma and z are magnitudes; a negative scale is a legitimate attack.
+                lo = -MAX_ATTACK_PARAM if k == "scale" else 0.0
+                g.params[k] = _finite(f"attack parameter {k}", v, lo, MAX_ATTACK_PARAM)
+        if self.honest + self.byzantine > MAX_NODES:
+            raise MeshError(f"at most {MAX_NODES} nodes in all, got {self.honest} honest + "
+                            f"{self.byzantine} Byzantine")
         self.attackers = [g for g in self.attackers if g.count > 0]
         if self.rule not in coordmod.RULES:
             raise MeshError(f"unknown rule {self.rule!r}; one of {', '.join(coordmod.RULES)}")
@@ -105,29 +148,64 @@ class Scenario:
             raise MeshError(f"mode must be one of {', '.join(coordmod.MODES)}")
         if self.split not in SPLITS:
             raise MeshError(f"split must be one of {', '.join(SPLITS)}")
-        if not self.alpha > 0:
-            raise MeshError("alpha must be > 0")
+        self.alpha = _finite("alpha", self.alpha, 0.0, MAX_ALPHA, lo_open=True)
         if not 1 <= self.rounds <= 10000:
-            raise MeshError("rounds must be in 1..10000")
+            raise MeshError(f"rounds must be in 1..10000, got {self.rounds}")
         if not 0 <= self.seed <= 0xFFFFFFFF:
-            raise MeshError("seed must be in 0..2^32-1")
-        if self.max_samples < 0 or not 1 <= self.lr <= 0x7FFFFFFF or self.epochs < 1 or self.batch < 1:
-            raise MeshError("max_samples >= 0, lr in 1..2^31-1 (raw Q16.16), epochs >= 1, batch >= 1")
-        if not self.deadline_s > 0:
-            raise MeshError("deadline must be > 0 seconds")
+            raise MeshError(f"seed must be in 0..2^32-1, got {self.seed}")
+        if self.max_samples < 0:
+            raise MeshError(f"max_samples must be >= 0 (0: no cap), got {self.max_samples}")
+        if not 1 <= self.lr <= 0x7FFFFFFF:
+            raise MeshError(f"lr must be in 1..2^31-1 (raw Q16.16), got {self.lr}")
+        if not 1 <= self.epochs <= 1000 or not 1 <= self.batch <= 100000:
+            raise MeshError(f"epochs must be in 1..1000 and batch in 1..100000, got "
+                            f"{self.epochs} and {self.batch}")
+        self.deadline_s = _finite("deadline (seconds)", self.deadline_s, 0.0, MAX_DEADLINE_S,
+                                  lo_open=True)
         if not 0 <= self.f <= 255 or not 0 <= self.m <= 255 or not -1 <= self.trim <= 255:
-            raise MeshError("f, m and trim must be in 0..255")
-        need = coordmod.rule_min_nodes(self.rule, self.f, self.f if self.trim < 0 else self.trim)
+            raise MeshError(f"f and m must be in 0..255 and trim in -1..255, got f={self.f}, "
+                            f"m={self.m}, trim={self.trim}")
+        trim = self.f if self.trim < 0 else self.trim
+        need = coordmod.rule_min_nodes(self.rule, self.f, trim)
         # Bans may remove every attacker: the honest nodes alone must still satisfy the rule.
         if self.honest < need:
-            raise MeshError(f"rule {self.rule} with f={self.f} needs at least {need} honest nodes "
-                            f"(bans can leave only those), got {self.honest}")
+            what = f"trim={trim}" if self.rule == "trimmed_mean" else f"f={self.f}"
+            raise MeshError(f"rule {self.rule} with {what} needs at least {need} honest nodes "
+                            f"(bans can leave only those), got {self.honest}; add honest nodes "
+                            "or lower --f (below --byzantine only with --allow-more-byzantine)")
+        self._check_byzantine_budget()
+        if not isinstance(self.reputation, dict):
+            raise MeshError("[reputation] must be a table")
+        known = ReputationBook().params()
+        bad = sorted(set(self.reputation) - set(known))
+        if bad:
+            raise MeshError(f"unknown [reputation] key(s) {', '.join(bad)} "
+                            f"(known: {', '.join(known)})")
         try:
             CoordinatorConfig(mesh_dir="", rule=self.rule, f=self.f, m=self.m, trim=self.trim,
                               rounds=self.rounds, crosscheck=self.crosscheck,
                               reputation=self.reputation).check()
-        except (coordmod.CoordinatorError, ValueError) as e:
+        except (coordmod.CoordinatorError, ValueError, TypeError) as e:
             raise MeshError(str(e)) from None
+
+    def _check_byzantine_budget(self) -> None:
+        """BYZANTINE_POLICY: more poisoners than the rule's f voids its guarantee."""
+        byz = self.model_byzantine
+        if self.allow_more_byzantine or byz == 0:
+            return
+        if self.rule == "trimmed_mean":
+            budget, what, flag = (self.f if self.trim < 0 else self.trim), "trim", "--f (or trim)"
+        else:
+            budget, what, flag = self.f, "f", "--f"
+        if byz > budget:
+            raise MeshError(
+                f"{self.rule} with {what}={budget} cannot tolerate {byz} Byzantine nodes: its "
+                f"guarantee needs {what} >= the number of Byzantine nodes; raise {flag} to {byz} "
+                "or pass --allow-more-byzantine to run past the guarantee")
+        if self.rule == "median" and byz >= self.honest:
+            raise MeshError(
+                f"median cannot tolerate {byz} Byzantine nodes against {self.honest} honest: "
+                "it needs an honest majority; add honest nodes or pass --allow-more-byzantine")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -137,7 +215,7 @@ class Scenario:
 
 _TOP = {"chaos", "name", "description", "honest", "rule", "f", "m", "trim", "rounds", "mode", "seed",
         "crosscheck", "deadline_s", "split", "alpha", "max_samples", "attackers", "train",
-        "data", "reputation"}
+        "data", "reputation", "allow_more_byzantine"}
 
 
 def load_scenario(path: Path) -> Scenario:
@@ -153,7 +231,8 @@ def load_scenario(path: Path) -> Scenario:
     sc = Scenario(name=Path(path).stem)
     try:
         for k in ("name", "description", "honest", "rule", "f", "m", "trim", "rounds", "mode",
-                  "seed", "crosscheck", "deadline_s", "split", "alpha", "max_samples"):
+                  "seed", "crosscheck", "deadline_s", "split", "alpha", "max_samples",
+                  "allow_more_byzantine"):
             if k in doc:
                 setattr(sc, k, doc[k])
         for section, keys_ in (("train", ("lr", "epochs", "batch")),
@@ -165,7 +244,10 @@ def load_scenario(path: Path) -> Scenario:
                 if k not in keys_:
                     raise MeshError(f"scenario {path}: unknown key {section}.{k}")
                 setattr(sc, k, sub[k])
-        sc.reputation = dict(doc.get("reputation", {}))
+        rep = doc.get("reputation", {})
+        if not isinstance(rep, dict):
+            raise MeshError(f"scenario {path}: [reputation] must be a table")
+        sc.reputation = dict(rep)
         sc.chaos = parse_chaos(doc.get("chaos"))
         groups = doc.get("attackers", [])
         if not isinstance(groups, list):
@@ -173,29 +255,54 @@ def load_scenario(path: Path) -> Scenario:
         for g in groups:
             if not isinstance(g, dict) or "attack" not in g:
                 raise MeshError(f"scenario {path}: every [[attackers]] needs attack = \"NAME\"")
-            params = {k: float(v) for k, v in g.items() if k not in ("attack", "count")}
-            sc.attackers.append(AttackGroup(str(g["attack"]), int(g.get("count", 1)), params))
+            params = {}
+            for k, v in g.items():
+                if k in ("attack", "count"):
+                    continue
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise MeshError(f"scenario {path}: attack parameter {k} must be a number")
+                params[k] = float(v)
+            count = g.get("count", 1)
+            if type(count) is not int:
+                raise MeshError(f"scenario {path}: attackers count must be an integer")
+            sc.attackers.append(AttackGroup(str(g["attack"]), count, params))
     except (TypeError, ValueError) as e:  # ChaosError is a ValueError
         raise MeshError(f"scenario {path}: {e}") from None
     for k, typ in (("honest", int), ("f", int), ("rounds", int), ("seed", int), ("lr", int),
-                   ("epochs", int), ("batch", int), ("max_samples", int), ("m", int), ("trim", int)):
+                   ("epochs", int), ("batch", int), ("max_samples", int), ("m", int), ("trim", int),
+                   ("name", str), ("description", str), ("rule", str), ("mode", str),
+                   ("split", str), ("crosscheck", str), ("allow_more_byzantine", bool)):
         if type(getattr(sc, k)) is not typ:
-            raise MeshError(f"scenario {path}: {k} must be an integer")
-    sc.alpha = float(sc.alpha)
-    sc.deadline_s = float(sc.deadline_s)
+            what = {int: "an integer", str: "a string", bool: "true or false"}[typ]
+            raise MeshError(f"scenario {path}: {k} must be {what}")
+    for k in ("alpha", "deadline_s"):
+        v = getattr(sc, k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise MeshError(f"scenario {path}: {k} must be a number")
+        setattr(sc, k, float(v))
     return sc
 
 
 def apply_overrides(sc: Scenario, a: Any) -> Scenario:
-    """Flags win over the scenario file."""
+    """Flags win over the scenario file. Without --f, --byzantine K also sets f = K (the rule
+    is configured to tolerate the attackers asked for); wire attacks, whose nodes send honest
+    updates, leave f alone."""
     for k in ("honest", "rule", "f", "rounds", "mode", "split", "alpha", "seed", "crosscheck",
               "max_samples"):
         v = getattr(a, k, None)
         if v is not None:
             setattr(sc, k, v)
+    if getattr(a, "allow_more_byzantine", False):
+        sc.allow_more_byzantine = True
     if getattr(a, "deadline", None) is not None:
         sc.deadline_s = float(a.deadline)
+    for name in ("tau", "sigma", "scale"):
+        if getattr(a, name, None) is not None:
+            lo = -MAX_ATTACK_PARAM if name == "scale" else 0.0
+            _finite(f"--{name}", getattr(a, name), lo, MAX_ATTACK_PARAM)
     byz, attack = getattr(a, "byzantine", None), getattr(a, "attack", None)
+    if byz is not None and not 0 <= byz <= MAX_NODES:
+        raise MeshError(f"--byzantine must be in 0..{MAX_NODES}, got {byz}")
     if attack is not None or byz is not None:
         params: dict[str, float] = {}
         for name in ("tau", "sigma", "scale"):
@@ -208,6 +315,12 @@ def apply_overrides(sc: Scenario, a: Any) -> Scenario:
         if byz is None:
             byz = sc.byzantine if sc.attackers else 3
         sc.attackers = [AttackGroup(attack, byz, params)] if byz > 0 else []
+        try:
+            poisons = advmod.canonical_attack(attack) not in HONEST_UPDATE_ATTACKS
+        except advmod.AdversaryError as e:
+            raise MeshError(str(e)) from None
+        if getattr(a, "byzantine", None) is not None and getattr(a, "f", None) is None and poisons:
+            sc.f = byz
     else:
         for name in ("tau", "sigma", "scale"):
             if getattr(a, name, None) is not None:
@@ -225,6 +338,8 @@ def prepare(sc: Scenario, out: Path, force: bool = False) -> dict[str, Any]:
 
     sc.check()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MeshError(f"--out {out} exists and is not a directory; name a new or empty directory")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise MeshError(f"{out} is not empty; pick another --out or add --force to replace it")

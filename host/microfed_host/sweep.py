@@ -154,10 +154,28 @@ def results_markdown(doc: dict[str, Any], rules: list[str], attacks: list[str],
     return "\n".join(lines), "\n\n".join(tables)
 
 
+MAX_JOBS = 64
+
+
 def main_sweep(a: Any) -> None:
     rules = [x.strip() for x in a.rules.split(",") if x.strip()]
-    attacks = [advmod.canonical_attack(x) for x in a.attacks.split(",") if x.strip()]
+    try:
+        attacks = [advmod.canonical_attack(x) for x in a.attacks.split(",") if x.strip()]
+    except advmod.AdversaryError as e:
+        raise MeshError(str(e)) from None
     splits = [x.strip() for x in a.splits.split(",") if x.strip()]
+    if not rules or not attacks or not splits:
+        raise MeshError("--rules, --attacks and --splits each need at least one name")
+    if not 1 <= a.rounds <= 10000:
+        raise MeshError(f"--rounds must be in 1..10000, got {a.rounds}")
+    if not 0 <= a.seed <= 0xFFFFFFFF:
+        raise MeshError(f"--seed must be in 0..2^32-1, got {a.seed}")
+    if not 1 <= a.jobs <= MAX_JOBS:
+        raise MeshError(f"--jobs must be in 1..{MAX_JOBS}, got {a.jobs}")
+    for flag, path, want_dir in (("--out", Path(a.out), True), ("--md", Path(a.md), False)):
+        if path.exists() and path.is_dir() != want_dir:
+            raise MeshError(f"{flag} {path} exists and is "
+                            f"{'not a directory' if want_dir else 'a directory'}")
     for r in rules:
         if r not in coordmod.RULES:
             raise MeshError(f"unknown rule {r!r}")

@@ -41,7 +41,10 @@ def run(
     dirs = path if path is not None else [SHARED]
     env = dict(os.environ)
     env["MICROPYPATH"] = os.pathsep.join([str(d) for d in dirs] + [".frozen", "~/.micropython/lib"])
-    data = stdin.encode() if isinstance(stdin, str) else stdin
+    try:
+        data = stdin.encode() if isinstance(stdin, str) else stdin
+    except UnicodeEncodeError as e:  # a lone surrogate: not text MicroPython could read
+        raise MicroPythonError(f"input for MicroPython is not valid Unicode: {e.reason}") from None
     proc = subprocess.run(
         [exe, "-X", f"heapsize={heapsize}", *args],
         input=data,
@@ -52,7 +55,11 @@ def run(
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip() or proc.stdout.decode(errors="replace")
         raise MicroPythonError(f"micropython exited {proc.returncode}: {err[-2000:]}")
-    return proc.stdout.decode()
+    try:
+        return proc.stdout.decode()
+    except UnicodeDecodeError as e:
+        raise MicroPythonError(f"MicroPython wrote invalid UTF-8 (byte {e.start}): "
+                               f"{proc.stdout[max(0, e.start - 20):e.start + 20]!r}") from None
 
 
 def run_module_main(module: str, stdin: bytes | str, **kw: object) -> str:

@@ -66,7 +66,9 @@ def parse(req):
         try:
             nb = len(node.encode("utf-8"))
         except UnicodeError:
-            raise InputError("update %d: node id is not valid UTF-8" % i)
+            # CPython: a lone surrogate (e.g. an unpaired \ud800 escape) is not Unicode text.
+            raise InputError("update %d: node id holds a lone surrogate; node ids must be "
+                             "valid Unicode (UTF-8 encodable)" % i)
         if nb > MAX_NODE_ID_BYTES:
             raise InputError("update %d: node id longer than %d bytes" % (i, MAX_NODE_ID_BYTES))
         if node in seen:

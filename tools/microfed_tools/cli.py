@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 COMMANDS: tuple[str, ...] = (
     "microfed_tools.cmd_aggregate",
@@ -22,8 +23,16 @@ COMMANDS: tuple[str, ...] = (
 )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line, `microfed <cmd>: error: <sentence>`, exit code 2 (argparse's
+    default prints the whole usage first). Subparsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="microfed",
         description="Byzantine-robust federated learning for microcontroller meshes.",
     )

@@ -17,8 +17,21 @@ EXIT_INPUT = 2
 EXIT_MISMATCH = 1
 
 
+# Longest integer literal accepted in a request: an int32 needs at most 11 characters; a
+# longer literal is refused before CPython's int/str digit limit (4300) fails deep inside json.
+MAX_INT_CHARS = 32
+
+
 class UsageError(Exception):
     pass
+
+
+def _parse_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_CHARS:
+        raise UsageError(f"the request holds a {digits}-digit integer; every value must be an "
+                         "int32 (raw Q16.16)")
+    return int(text)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,11 +63,13 @@ def _load(path: str) -> Any:
     except UnicodeDecodeError:
         raise UsageError(f"{path} is not UTF-8 text") from None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_int=_parse_int)
     except json.JSONDecodeError as e:
         raise UsageError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except RecursionError:
         raise UsageError("invalid JSON: nested too deeply") from None
+    except ValueError as e:  # any other limit of the json module: one line, not a traceback
+        raise UsageError(f"invalid JSON: {e}") from None
 
 
 def run_engine(engine: str, req: dict, parsed: tuple) -> dict:
@@ -67,10 +82,16 @@ def run_engine(engine: str, req: dict, parsed: tuple) -> dict:
         return fast.run(rule, ids, fast.as_matrix(vecs), params)
     from microfed_host import upy
 
+    # Raw UTF-8 both ways: MicroPython's json turns a \ud83d\ude00 escape pair into two
+    # CESU-8 surrogates (not UTF-8), while it reads and writes raw UTF-8 text unchanged. Node
+    # ids are valid Unicode here (audit.parse refused lone surrogates), so this encodes.
     try:
-        out = json.loads(upy.run_module_main("microfed.audit_cli", json.dumps([req])))[0]
+        text = upy.run_module_main("microfed.audit_cli", json.dumps([req], ensure_ascii=False))
+        out = json.loads(text)[0]
     except upy.MicroPythonError as e:
         raise UsageError(str(e)) from None
+    except ValueError as e:
+        raise UsageError(f"MicroPython returned unreadable JSON: {e}") from None
     if "error" in out:
         raise AggregationError(out["error"])
     return out["ok"]

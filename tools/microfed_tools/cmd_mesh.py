@@ -1,7 +1,8 @@
 """`microfed mesh`: run a whole mesh under attack, or the results sweep.
 
     microfed mesh run   [--scenario FILE] [--honest N] [--byzantine K] [--attack NAME]
-                        [--rule RULE] [--f F] [--rounds R] [--mode coordinated|gossip]
+                        [--rule RULE] [--f F] [--allow-more-byzantine]
+                        [--rounds R] [--mode coordinated|gossip]
                         [--split iid|dirichlet] [--alpha A] [--seed S] [--out DIR]
                         [--crosscheck always|sampled:N|off] [--transport mqtt|inproc]
                         [--broker auto|mosquitto|amqtt|HOST:PORT]
@@ -10,6 +11,12 @@
 `run` without arguments runs scenarios/default.toml (10 honest MicroPython nodes + 3
 Byzantine sign-flip attackers, Krum f = 3) over a real MQTT broker and ends with a table and
 the plots' paths. Flags override the scenario file.
+
+Byzantine budget: a run is refused when more nodes poison their updates than f, the number
+the rule is configured to tolerate (trimmed_mean: the trim count; median also needs an honest
+majority); --byzantine K without --f sets f = K. Wire attacks (replay, forged, unregistered)
+send honest updates and do not count. --allow-more-byzantine runs past the guarantee.
+Every bad flag or scenario value ends the command with one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -79,6 +86,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except mesh.MeshError as e:
         print(f"microfed mesh sweep: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"microfed mesh sweep: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -93,27 +103,36 @@ def register(subparsers: Any) -> None:
     r = sub.add_parser("run", help="run one scenario end to end and report")
     r.add_argument("--scenario", help="scenario TOML (default: scenarios/default.toml)")
     r.add_argument("--honest", type=int, help="honest MicroPython nodes")
-    r.add_argument("--byzantine", type=int, help="compromised nodes (run by the adversary)")
+    r.add_argument("--byzantine", type=int,
+                   help="compromised nodes (run by the adversary); without --f, f = this number")
     r.add_argument("--attack", help="Byzantine behaviour: " + ", ".join(ATTACKS))
-    r.add_argument("--tau", type=float, help="IPM strength (default 10)")
-    r.add_argument("--sigma", type=float, help="Gaussian noise sigma in model units (default 1)")
-    r.add_argument("--scale", type=float, help="scaling attack factor (default 10)")
+    r.add_argument("--tau", type=float, help="IPM strength, 0..1e6 (default 10)")
+    r.add_argument("--sigma", type=float, help="Gaussian noise sigma in model units, 0..1e6 "
+                   "(default 1)")
+    r.add_argument("--scale", type=float, help="scaling attack factor, -1e6..1e6 (default 10)")
     r.add_argument("--rule", choices=RULES, help="aggregation rule")
-    r.add_argument("--f", type=int, help="tolerated Byzantine count for the rule")
+    r.add_argument("--f", type=int,
+                   help="tolerated Byzantine count for the rule (default: --byzantine if given, "
+                   "else the scenario's); must be >= the model-poisoning Byzantine nodes "
+                   "(trimmed_mean: the trim count; median also needs an honest majority)")
+    r.add_argument("--allow-more-byzantine", dest="allow_more_byzantine", action="store_true",
+                   help="run with more Byzantine nodes than f (past the rule's guarantee) on "
+                   "purpose instead of refusing")
     r.add_argument("--rounds", type=int, help="training rounds")
     r.add_argument("--mode", choices=("coordinated", "gossip"))
     r.add_argument("--split", choices=("iid", "dirichlet"))
-    r.add_argument("--alpha", type=float, help="Dirichlet concentration (default 0.5)")
+    r.add_argument("--alpha", type=float, help="Dirichlet concentration, > 0 (default 0.5)")
     r.add_argument("--seed", type=int, help="seed of data split, init, training and attacks")
     r.add_argument("--max-samples", dest="max_samples", type=int,
                    help="cap every node's shard at this many samples (0: no cap)")
     r.add_argument("--crosscheck", help="reference cross-check: always | sampled:N | off")
-    r.add_argument("--deadline", type=float, help="round deadline in seconds")
+    r.add_argument("--deadline", type=float, help="round deadline in seconds, at most 86400")
     r.add_argument("--transport", choices=("mqtt", "inproc"), default="mqtt",
                    help="mqtt: broker + MicroPython processes (default); inproc: one CPython process")
     r.add_argument("--out", help="run directory (default runs/<scenario>-<time>)")
     r.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    r.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
+    r.add_argument("--timeout", type=float, default=1800.0,
+                   help="give up after this many seconds (default 1800, at most 7 days)")
     r.add_argument("--kill-coordinator-at", dest="kill_coordinator_at", type=int, default=0,
                    metavar="ROUND", help="demonstration: SIGKILL the coordinator mid-round ROUND "
                    "and restart it (it resumes from SQLite)")

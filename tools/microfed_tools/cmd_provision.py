@@ -33,6 +33,9 @@ from microfed_host.registry import RegistryError
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    seed = getattr(args, "seed", 1)
+    if not 0 <= seed <= 0xFFFFFFFF:  # checked before any key is written
+        raise ProvisionError(f"--seed must be in 0..2^32-1, got {seed}")
     mesh, reg = init_mesh(Path(args.out), args.mesh, args.nodes, args.broker, args.force)
     root = Path(args.out)
     print(f"mesh {args.mesh!r} (id {mesh['mesh_id']}) in {root}: coordinator + {args.nodes} nodes, "
@@ -90,7 +93,8 @@ def register(subparsers: Any) -> None:
 
     pi = sub.add_parser("init", help="new mesh: coordinator key, node keys, registry, bundles")
     pi.add_argument("--mesh", required=True, help="mesh name")
-    pi.add_argument("--nodes", required=True, type=int, help="number of nodes (ids node-01 ...)")
+    pi.add_argument("--nodes", required=True, type=int,
+                    help="number of nodes, 1..1000 (ids node-01 ...)")
     pi.add_argument("--out", required=True, help="output directory")
     pi.add_argument("--broker", default=DEFAULT_BROKER, help=f"MQTT broker HOST:PORT (default {DEFAULT_BROKER})")
     pi.add_argument("--force", action="store_true", help="replace the keys of an existing mesh in --out")
@@ -98,7 +102,8 @@ def register(subparsers: Any) -> None:
                     help="training data to shard for the nodes (default: digits, the reference task)")
     pi.add_argument("--split", choices=("iid", "dirichlet"), default="iid",
                     help="how the digits are split across nodes (default iid)")
-    pi.add_argument("--seed", type=int, default=1, help="seed of the data split (default 1)")
+    pi.add_argument("--seed", type=int, default=1,
+                    help="seed of the data split, 0..2^32-1 (default 1)")
     pi.set_defaults(func=_run(cmd_init))
 
     pa = sub.add_parser("add", help="add a node: new key, re-signed registry, its bundle")
