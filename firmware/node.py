@@ -200,6 +200,7 @@ class Node:
         self.t_update_prefix = base + "update/"
         self.t_digest = base + "digest/" + self.node_id
         self.t_hello = base + "hello/" + self.node_id
+        self.t_notice = base + "notice/" + self.node_id
 
         self.buffers = {}  # round -> {frame hash: (sender, samples, packed values)}
         self.buffered = 0
@@ -223,6 +224,7 @@ class Node:
         self.last_update = None  # this round's update frame until the next global arrives
         self.reconnects_seen = 0
         self.resend_why = None
+        self.resign_why = None
 
     # ---------------------------------------------------------------- plumbing
     def log(self, ev, **kw):
@@ -244,6 +246,7 @@ class Node:
     def subscribe(self):
         self.t.subscribe(self.t_global, 1)
         self.t.subscribe(self.t_registry, 1)
+        self.t.subscribe(self.t_notice, 1)
         if self.gossip:
             self.t.subscribe(self.t_updates, 1)
 
@@ -290,6 +293,8 @@ class Node:
                 self.on_update(msg)
             elif topic == self.t_registry:
                 self.on_registry(msg)
+            elif topic == self.t_notice:
+                self.on_notice(msg)
             else:
                 self.reject("mqtt", "bad_topic", "message on unexpected topic")
         except WireError as e:  # Rejected is a WireError
@@ -409,6 +414,43 @@ class Node:
             self.notes.append((ST_IDLE_EXIT, why))
             self.done = True
             self.exit_code = 5
+
+    def on_notice(self, msg):
+        """The coordinator says our counter is behind what it accepted before (this device
+        lost its counter file): skip past it, and re-sign the current update so this round
+        still counts. Only the coordinator's signature makes us move; moving up is safe."""
+        try:
+            fr = wire.decode(msg)
+        except WireError as e:
+            raise Rejected(e.reason, e.message)
+        if fr.mesh_id != self.mesh_id:
+            raise Rejected("wrong_mesh", "notice for another mesh")
+        if fr.kind != wire.STATUS or fr.sender != wire.COORDINATOR:
+            raise Rejected("wrong_role", "notices come from the coordinator as STATUS")
+        if not ed25519.verify(self.b.coordinator_key, fr.signing_digest(), fr.signature):
+            raise Rejected("bad_signature", "notice signature does not verify")
+        seq = wire.counter_notice_seq(fr.body)
+        if seq is None:
+            raise Rejected("bad_payload", "not a counter notice")
+        if seq < self.seqs.last:
+            self.duplicates += 1  # old news (or a replayed notice): nothing to do
+            return
+        self.log("counter_behind", coordinator_last=seq, mine=self.seqs.last)
+        self.seqs.skip_past(seq)
+        self.notes.append((ST_REJECTED, "counter_behind %d" % seq))
+        self.resign_why = "counter_behind"  # step() re-signs: no publish in a handler
+
+    def resign_current_update(self):
+        """The current round's update again, with a fresh counter (same payload)."""
+        fr = self.last_update
+        if fr is None:
+            return
+        old = wire.decode(fr)
+        frame = self.frame(wire.MODEL_UPDATE, old.round, old.payload)
+        self.last_update = frame
+        self.outbox = [it for it in self.outbox if it[1] is not fr]
+        self.log("resend", what="update", why="counter_behind", seq=self.seqs.last)
+        self.queue(self.t_update, frame, "update")
 
     # ---------------------------------------------------------------- the round
     def process_global(self, fr, h):
@@ -530,6 +572,10 @@ class Node:
         if n != self.reconnects_seen:
             self.reconnects_seen = n
             self.resend_why = "reconnect"
+        if self.resign_why:
+            self.resign_why = None
+            self.resend_why = None
+            self.resign_current_update()
         if self.resend_why:
             why, self.resend_why = self.resend_why, None
             self.resend(why)

@@ -111,7 +111,8 @@ def test_quorum_closes_the_round_and_publishes_the_next_global(m: Mesh) -> None:
 
 
 @pytest.mark.parametrize("case", [
-    "junk", "truncated", "unregistered", "bad_signature", "replay", "stale_round",
+    "junk", "truncated", "unregistered", "bad_signature", "replay", "counter_behind",
+    "stale_round",
     "future_round", "wrong_kind", "bad_dim", "out_of_range", "topic_sender_mismatch",
     "equivocation", "duplicate", "not_expected", "revoked", "banned", "internal_error",
     "wrong_mesh", "wrong_role", "clock_skew", "oversize", "bad_seq", "bad_sender",
@@ -132,8 +133,17 @@ def test_every_rejection_reason(m: Mesh, case: str, monkeypatch: pytest.MonkeyPa
     elif case == "bad_signature":
         frame = m.update(n, signer=keys.signer(keys.generate_seed()))
     elif case == "replay":
+        # The bytes of an update accepted two rounds ago.
         m.send(n, good)
-        frame = m.update(n, seq=1, values=[1] * DIM)
+        for r in (1, 2):
+            for o in m.ids:
+                if o != n or r == 2:
+                    m.send(o, m.update(o))
+        assert m.coord.round == 3
+        frame = good
+    elif case == "counter_behind":
+        m.send(n, good)
+        frame = m.update(n, seq=1, values=[1] * DIM)  # new bytes, an old counter
     elif case == "stale_round":
         frame = m.update(n, round_=0)
     elif case == "future_round":
@@ -196,7 +206,7 @@ def test_every_rejection_reason(m: Mesh, case: str, monkeypatch: pytest.MonkeyPa
     m.send(n, frame)
     assert m.last_rejection() == want
     assert m.coord.rejected.get(want, 0) >= 1
-    if case not in ("replay", "equivocation", "duplicate"):
+    if case not in ("replay", "counter_behind", "equivocation", "duplicate"):
         # A rejected frame never moves a counter (item 6), whatever the reason.
         assert m.store.counters() == before
     if case in ("banned", "internal_error", "revoked", "bad_signature"):
@@ -377,10 +387,10 @@ def test_reenrolled_node_rejoins_with_a_new_counter_epoch(m: Mesh) -> None:
             m.send(other, m.update(other))
     assert m.coord.round == 2
     # The device is wiped: its counter file is gone, it counts from 1 again. Without
-    # re-enrolment that is a replay (the coordinator cannot tell it from an attack).
+    # re-enrolment its frames are rejected: new bytes with an old counter.
     m.seq[n] = 0
     m.send(n, m.update(n))
-    assert m.last_rejection() == "replay"
+    assert m.last_rejection() == "counter_behind"
     provision.reenrol_node(m.mesh_dir, n)
     m.clock.t += 1.5
     m.coord.tick()
@@ -417,3 +427,48 @@ def test_rejection_history_is_bounded(tmp_path: Path) -> None:
     assert st.db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 100
     assert st.db.execute("SELECT COUNT(*) FROM rejections").fetchone()[0] == 10
     assert st.rejection_counts() == {"bad_signature": 1000}
+
+
+def test_a_node_that_lost_its_counter_is_told_to_skip_ahead(m: Mesh) -> None:
+    n = m.ids[3]
+    m.seq[n] = 500
+    accepted = m.update(n)
+    m.send(n, accepted)
+    for other in m.ids:
+        if other != n:
+            m.send(other, m.update(other))
+    assert m.coord.round == 2
+    m.seq[n] = 0  # wiped: counts from 1 again, new bytes
+    m.send(n, m.update(n))
+    assert m.last_rejection() == "counter_behind"
+    assert m.store.rejection_counts()["counter_behind"] == 1
+    topic, frame = m.published[-1]
+    assert topic == f"microfed/test-mesh/notice/{n}"
+    fr = wire.decode(frame)
+    assert fr.sender == wire.COORDINATOR and fr.kind == wire.STATUS
+    assert keys.check_signature(keys.read_public_key(m.mesh_dir / "coordinator.pub"),
+                                fr.signing_digest(), fr.signature)
+    assert wire.counter_notice_seq(fr.body) == 501
+    # One notice per node and round, however many stale frames arrive.
+    m.send(n, m.update(n))
+    assert sum(1 for t, _ in m.published if t.endswith("/notice/" + n)) == 1
+    # The node skips past 501: its next frame is accepted.
+    m.seq[n] = 501
+    m.send(n, m.update(n))
+    assert n in m.coord.pending
+    # A byte copy of what the coordinator accepted is never taken for a lost counter.
+    for other in m.ids:
+        if other != n:
+            m.send(other, m.update(other))
+    assert m.coord.round == 3
+    m.send(n, accepted)
+    assert m.last_rejection() == "replay"
+
+
+def test_counter_notice_codec() -> None:
+    body = wire.decode_payload(wire.STATUS, wire.encode_counter_notice(3, 2**63 - 1))
+    assert wire.counter_notice_seq(body) == 2**63 - 1
+    assert wire.counter_notice_seq({"state": wire.NOTICE_BEHIND, "label": "behind 12x"}) is None
+    assert wire.counter_notice_seq({"state": 0, "label": "behind 12"}) is None
+    with pytest.raises(wire.WireError):
+        wire.encode_counter_notice(1, 2**63)

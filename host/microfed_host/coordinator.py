@@ -51,7 +51,7 @@ DEFAULT_MAX_ABS = 256 * 65536  # must equal the nodes' config "max_abs"
 
 # Reasons the coordinator adds to microfed.verify.REASONS.
 EXTRA_REASONS = ("duplicate", "equivocation", "banned", "topic_sender_mismatch", "bad_topic",
-                 "not_expected", "internal_error")
+                 "not_expected", "internal_error", "counter_behind")
 # The receive path's memory bound: QUEUE_SIZE messages of at most MAX_MESSAGE bytes.
 MAX_MESSAGE = wire.MAX_FRAME
 QUEUE_SIZE = 256
@@ -72,7 +72,14 @@ class CoordinatorError(RuntimeError):
 def topics(mesh: str) -> dict[str, str]:
     base = f"microfed/{mesh}/"
     return {"base": base, "global": base + "global", "registry": base + "registry",
-            "update": base + "update/", "digest": base + "digest/", "hello": base + "hello/"}
+            "update": base + "update/", "digest": base + "digest/", "hello": base + "hello/",
+            "notice": base + "notice/"}
+
+
+def _notice_seq(now: float) -> int:
+    """Counters of the coordinator's notices: milliseconds since the epoch. Strictly rising
+    across restarts without persisting anything (notices are not part of the round state)."""
+    return max(1, int(now * 1000))
 
 
 def rule_min_nodes(rule: str, f: int, trim: int) -> int:
@@ -201,7 +208,8 @@ class Coordinator:
             self.test = (xs, ys)
         limits = Limits(self.model.n_params, cfg.max_abs)
         self.v_update = HostVerifier(self.registry, store, limits, kinds=(wire.MODEL_UPDATE,),
-                                     clock=clock)
+                                     clock=clock, refine=self._counter_behind)
+        self._notified: set[tuple[str, int]] = set()
         self.v_digest = HostVerifier(self.registry, store, limits, kinds=(wire.GOSSIP_DIGEST,),
                                      clock=clock)
         self.v_hello = HostVerifier(self.registry, store, limits, kinds=(wire.HELLO, wire.STATUS),
@@ -465,6 +473,8 @@ class Coordinator:
             self.store.drop_staged()
             # HostVerifier has written the audit row; only count it.
             self._reject(e.reason, e.message, raw, sha, record=False)
+            if e.reason == "counter_behind":
+                self._notify_counter_behind(raw)
             return
         # Authentic, but the counter is only staged: a frame rejected below does not move
         # it, so the genuine frame that follows a rejected copy is still accepted.
@@ -488,6 +498,35 @@ class Coordinator:
         self.log("accepted", round=self.round, node=sender, seq=fr.seq,
                  have=len(self.pending), want=len(self.expected_now()))
         self.maybe_close()
+
+    def _counter_behind(self, data: bytes, e: Rejected) -> Rejected | None:
+        """HostVerifier's refinement of `replay`: the frame is validly signed (the signature
+        step comes first) but its bytes were never accepted, so they are not a replay of
+        anything we hold: the key holder is counting from an old counter — a device that lost
+        its counter file. Said so, with what to do, and the node is told (notice)."""
+        if e.reason != "replay" or not isinstance(data, bytes | bytearray):
+            return None
+        if self.store.accepted_round_of(hashlib.sha256(data).hexdigest()) is not None:
+            return None
+        return Rejected("counter_behind", e.message + "; a new frame with an old counter: "
+                        "the node lost its counter file (reflashed?). It is told to skip "
+                        "ahead; if its key is lost too, run `microfed provision reenrol`")
+
+    def _notify_counter_behind(self, raw: bytes) -> None:
+        try:
+            fr = wire.decode(raw)
+        except wire.WireError:
+            return
+        key = (fr.sender, self.round)
+        if key in self._notified:
+            return  # one notice per node and round: a replayed frame cannot make us chatty
+        self._notified.add(key)
+        last = max(self.store.last(fr.sender, k) for k in wire.KIND_NAMES)
+        notice = wire.encode(wire.STATUS, self.mesh_id, wire.COORDINATOR, self.round,
+                             _notice_seq(self.clock()), int(self.clock()),
+                             wire.encode_counter_notice(self.round, last), self._sign)
+        self.log("notice", node=fr.sender, reason="counter_behind", last_seq=last)
+        self.publish(self.t["notice"] + fr.sender, notice, False)
 
     def on_digest(self, topic_node: str, raw: bytes) -> None:
         sha = hashlib.sha256(raw).hexdigest()
@@ -728,10 +767,25 @@ class RetainedPublisher:
         self._lock = threading.Lock()
 
     def publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        if not retain:
+            self._once(topic, payload)
+            return
         with self._lock:
             self.latest[topic] = payload
             self.pending.add(topic)
         self.flush()
+
+    def _once(self, topic: str, payload: bytes) -> None:
+        """A notice: best effort, never queued (the node's next frame asks again)."""
+        from microfed_host.mqtt import MQTTError
+
+        if not self.client.connected:
+            return
+        try:
+            self.client.publish(topic, payload, qos=1, retain=False, timeout=5.0)
+        except MQTTError as e:
+            self.log({"ev": "publish_failed", "topic": topic, "why": str(e)[:200],
+                      "t": time.time()})
 
     def republish_all(self) -> None:
         with self._lock:

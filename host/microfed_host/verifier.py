@@ -30,8 +30,12 @@ class HostVerifier:
         max_future: int = DEFAULT_MAX_FUTURE,
         check_sig: Callable[[bytes, bytes, bytes], bool] = keys.check_signature,
         clock: Callable[[], float] = time.time,
+        refine: Callable[[bytes, Rejected], Rejected | None] | None = None,
     ) -> None:
+        """refine(data, rejection) may replace a rejection with a more precise one before
+        it is recorded (the coordinator tells `counter_behind` from `replay`)."""
         self.store = store
+        self.refine = refine
         self.clock = clock
         self.max_frame = max_frame
         self._v = verify.Verifier(
@@ -70,6 +74,10 @@ class HostVerifier:
         try:
             return self._v.verify(data, t, min_round, max_round)
         except Rejected as e:
+            better = self.refine(data, e) if self.refine is not None else None
+            if better is not None:
+                self._record(data, better)
+                raise better from None
             self._record(data, e)
             raise
 

@@ -202,6 +202,14 @@ class SequenceSource:
         self.leased = _count(path, lines[0]) if lines else 0
         self.last = self.leased  # everything up to the lease may have been used before a reboot
 
+    def skip_past(self, seq):
+        """Continue above `seq` (the receivers' last accepted counter, from a coordinator
+        notice): the next counter handed out is max(last, seq) + 1. Never goes back."""
+        if type(seq) is not int or seq < 0:
+            raise ValueError("counter must be a non-negative int")
+        if seq > self.last:
+            self.last = seq
+
     def next(self):
         n = self.last + 1
         if n > self.leased:

@@ -195,6 +195,34 @@ def encode_status(state=0, free_heap=0, uptime=0, last_round=0, label=""):
                        len(lb)) + lb
 
 
+# The coordinator's notice to a node whose counter is behind (a wiped counter file): a STATUS
+# frame from the coordinator on microfed/<mesh>/notice/<node> whose state is NOTICE_BEHIND and
+# whose label is "behind <last accepted counter>". Signed like every frame, so only the
+# coordinator can make a node skip ahead (and skipping ahead is always safe).
+NOTICE_BEHIND = const(16)
+
+
+def encode_counter_notice(last_round, last_seq):
+    if type(last_seq) is not int or not 0 <= last_seq < SEQ_LIMIT:
+        raise WireError("out_of_range", "counter must be in 0 .. 2**63-1")
+    return encode_status(NOTICE_BEHIND, 0, 0, last_round, "behind %d" % last_seq)
+
+
+def counter_notice_seq(body):
+    """The counter a decoded STATUS body tells the node to skip past, or None."""
+    if body.get("state") != NOTICE_BEHIND:
+        return None
+    lb = body.get("label", "")
+    if not lb.startswith("behind ") or not 1 <= len(lb) - 7 <= 19:
+        return None
+    digits = lb[7:]
+    for c in digits:
+        if c < "0" or c > "9":
+            return None
+    v = int(digits)
+    return v if v < SEQ_LIMIT else None
+
+
 def encode_registry(mesh, version, coordinator_pub, entries):
     """mesh_id(8) version(u32) coordinator_pub(32) count(u16) then per entry, sorted by id bytes:
     id_len(u8) id pub(32) status(u8: 1 active, 0 revoked).
