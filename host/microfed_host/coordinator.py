@@ -711,6 +711,9 @@ def serve(run_dir: Path, host: str, port: int, log: Log = _json_log) -> int:
         mesh = MeshDir(Path(cfg.mesh_dir)).read_mesh()["mesh"]
         t = topics(mesh)
         client = DurableClient(host, port, f"microfed-coordinator-{mesh}"[:64])
+        from microfed_host import brokerauth  # the broker login from the mesh dir (0600)
+
+        brokerauth.apply_paho(client._c, brokerauth.client_auth(Path(cfg.mesh_dir)))
         client.connect()
         for sub in ("update/+", "digest/+", "hello/+"):
             client.subscribe(t["base"] + sub)
