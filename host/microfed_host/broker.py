@@ -174,7 +174,8 @@ class Broker:
         if self._external is not None:
             self.host, self.port = self._external
             try:
-                mqtt_probe(self.host, self.port, timeout=self.startup_timeout)
+                mqtt_probe(self.host, self.port, timeout=self.startup_timeout,
+                           refused_ok=self.auth_dir is not None)
             except (OSError, BrokerError) as e:
                 raise BrokerError(f"external broker {self.address} ({ENV_VAR}) unusable: {e}") from e
             return self
@@ -232,10 +233,13 @@ class Broker:
         self._paused = False
 
     def reload(self) -> None:
-        """SIGHUP: mosquitto re-reads its password file and ACL (e.g. after a revoke).
+        """SIGHUP: mosquitto re-reads its password file and ACL (e.g. after a revoke; the
+        embedded amqtt broker re-reads them when they change, so this is a no-op for it).
         Existing connections stay; the next CONNECT is checked against the new files."""
+        if self.kind == "amqtt":
+            return  # the embedded broker's auth plugins re-read changed files by themselves
         if self.kind != "mosquitto":
-            raise BrokerError(f"reload needs mosquitto (this broker is {self.kind}): restart it instead")
+            raise BrokerError(f"cannot reload a broker of kind {self.kind}: reload it yourself")
         if self._proc is not None and self._proc.poll() is None:
             os.kill(self._proc.pid, signal.SIGHUP)
 
@@ -360,6 +364,8 @@ class Broker:
     def _start_amqtt(self, port: int) -> tuple[bool, str]:
         if not amqtt_available():
             return False, f"amqtt not importable ({AMQTT_HINT})"
+        if self.tls_port is not None:
+            return False, "the embedded amqtt broker has no TLS listener here (use mosquitto)"
         assert self._dir is not None
         log = self._dir / "amqtt.log"
         cmd = [
@@ -367,6 +373,8 @@ class Broker:
             "--host", self.host, "--port", str(port),
             "--max-packet-size", str(self.max_packet_size), "--log", str(log),
         ]
+        if self.auth_dir is not None:
+            cmd += ["--auth-dir", str(self.auth_dir)]  # no TLS listener: mosquitto only
         env = dict(os.environ)
         # The child must import this package even when the parent runs from a checkout.
         here = str(Path(__file__).resolve().parents[1])
@@ -436,7 +444,8 @@ def _limit_packet_size(max_size: int) -> None:
     MQTTFixedHeader.from_stream = classmethod(from_stream)  # type: ignore[assignment,method-assign]
 
 
-def _serve_amqtt(host: str, port: int, max_packet_size: int, log: str | None) -> int:
+def _serve_amqtt(host: str, port: int, max_packet_size: int, log: str | None,
+                 auth_dir: str | None = None) -> int:
     import asyncio
     import logging
 
@@ -451,6 +460,12 @@ def _serve_amqtt(host: str, port: int, max_packet_size: int, log: str | None) ->
         "sys_interval": 0,
         "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
     }
+    if auth_dir is not None:
+        # The mesh's password file and ACL, enforced like mosquitto does (amqtt_auth.py).
+        config["plugins"] = {
+            "microfed_host.amqtt_auth.MeshPasswordPlugin": {"password_file": str(Path(auth_dir) / "passwd")},
+            "microfed_host.amqtt_auth.MeshACLPlugin": {"acl_file": str(Path(auth_dir) / "acl")},
+        }
 
     async def main() -> None:
         broker = AmqttBroker(config)
@@ -479,11 +494,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-packet-size", type=int, default=DEFAULT_MAX_PACKET)
     p.add_argument("--serve-amqtt", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--auth-dir", default=None,
+                   help="a mesh's broker/ directory: refuse anonymous clients, enforce its ACL")
     a = p.parse_args(argv)
     if a.serve_amqtt:
-        return _serve_amqtt(a.host, a.port, a.max_packet_size, a.log)
+        return _serve_amqtt(a.host, a.port, a.max_packet_size, a.log, a.auth_dir)
     try:
-        with Broker(a.kind, host=a.host, port=a.port, max_packet_size=a.max_packet_size) as b:
+        with Broker(a.kind, host=a.host, port=a.port, max_packet_size=a.max_packet_size,
+                    auth_dir=a.auth_dir) as b:
             print(f"{b.kind} broker on {b.address} (log: {b.log_path}); Ctrl-C stops it", flush=True)
             while b.kind == "external" or b.running():
                 time.sleep(0.5)

@@ -106,16 +106,24 @@ def acl_text(mesh: str, node_ids: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def acl_dicts(mesh: str, node_ids: list[str]) -> dict[str, dict[str, list[str]]]:
-    """The same ACL as amqtt's TopicAccessControlListPlugin wants it."""
-    pub: dict[str, list[str]] = {}
-    sub: dict[str, list[str]] = {}
-    rules = {COORDINATOR_USER: coordinator_acl(mesh)}
-    rules.update({nid: node_acl(mesh, nid) for nid in node_ids})
-    for user, pairs in rules.items():
-        pub[user] = [t for a, t in pairs if "write" in a]
-        sub[user] = [t for a, t in pairs if "read" in a]
-    return {"publish-acl": pub, "subscribe-acl": sub}
+def parse_acl(text: str) -> dict[str, list[tuple[str, str]]]:
+    """The `user` / `topic ACCESS TOPIC` lines of a mosquitto ACL file (what acl_text
+    writes): user -> [(access, topic)]."""
+    rules: dict[str, list[tuple[str, str]]] = {}
+    user: str | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        if word == "user":
+            user = rest.strip()
+            rules.setdefault(user, [])
+        elif word == "topic" and user is not None:
+            access, _, topic = rest.strip().partition(" ")
+            if access in ("read", "write", "readwrite") and topic:
+                rules[user].append((access, topic.strip()))
+    return rules
 
 
 # -- the mesh directory's files ---------------------------------------------------------
