@@ -18,7 +18,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from microfed_host import brokerauth, upy
-from microfed_host.broker import Broker, amqtt_available, find_mosquitto
+from microfed_host.broker import Broker, BrokerError, amqtt_available, find_mosquitto
 from microfed_host.mqtt import HostMQTT, MQTTError
 from microfed_host.provision import init_mesh, revoke_node
 
@@ -278,3 +278,64 @@ def test_micropython_node_over_tls(mesh: Path, broker: Broker, tmp_path: Path, g
             assert coord.get(0.5) is None
     finally:
         coord.close()
+
+
+@needs_mosquitto
+def test_the_example_mosquitto_conf_runs(mesh: Path, tmp_path: Path) -> None:
+    """broker/mosquitto.conf as written (only its two ports moved to free ones on 127.0.0.1)."""
+    from microfed_host.broker import free_port
+
+    plain, tls = free_port(), free_port()
+    text = (mesh / "broker" / "mosquitto.conf").read_text()
+    text = text.replace("listener 1883\n", f"listener {plain} 127.0.0.1\n")
+    text = text.replace(f"listener {brokerauth.TLS_PORT}\n", f"listener {tls} 127.0.0.1\n")
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(text)
+    exe = find_mosquitto()
+    assert exe is not None
+    log = open(tmp_path / "mosquitto.log", "wb")
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        b = Broker("external", external=f"127.0.0.1:{plain}", auth_dir=mesh / "broker")
+        for _ in range(100):  # until it answers (a refusal counts as up)
+            try:
+                b.start()
+                break
+            except BrokerError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("mosquitto did not start: " + (tmp_path / "mosquitto.log").read_text())
+        node = login(mesh, "node-01")
+        ca = str(mesh / "broker" / "ca.crt")
+        assert connack(b, "n", **node) == "Success"
+        assert connack(b, "anon") == "Not authorized"
+        assert connack(b, "n", port=tls, tls_ca=ca, **node) == "Success"
+        assert connack(b, "anon", port=tls, tls_ca=ca) == "Not authorized"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+@needs_mosquitto
+def test_a_tls_mesh_gives_the_coordinator_the_ca(tmp_path: Path) -> None:
+    """provision init --tls: mesh.json and the bundles say tls; client_auth() (what the
+    coordinator's serve() applies to its paho client) adds the CA; that client connects to
+    the TLS listener."""
+    mesh = tmp_path / "tlsmesh"
+    init_mesh(mesh, MESH, 2, "127.0.0.1:8883", tls=True)
+    assert json.loads((mesh / "bundles" / "node-01.json").read_text())["broker"]["tls"] is True
+    auth = brokerauth.client_auth(mesh)
+    assert auth["username"] == "coordinator" and auth["tls_ca"].endswith("broker/ca.crt")
+    with Broker("mosquitto", workdir=tmp_path / "b", auth_dir=mesh / "broker", tls_port=0) as b:
+        assert b.tls_port
+        c = client(b, "coord", port=b.tls_port, **auth)
+        try:
+            c.connect(5)
+            c.publish(BASE + "global", b"ok")
+        finally:
+            c.close()
+        raw = paho.Client(CallbackAPIVersion.VERSION2, client_id="coord-raw")
+        brokerauth.apply_paho(raw, auth)
+        raw.connect(b.host, b.tls_port, 5)
+        raw.disconnect()

@@ -22,6 +22,8 @@ import datetime
 import hashlib
 import ipaddress
 import json
+import os
+import pwd
 import secrets
 from pathlib import Path
 from typing import Any
@@ -223,7 +225,10 @@ def mosquitto_conf_example(bd: Path) -> str:
     lines = ["# mosquitto 2.0 configuration for this mesh (written by `microfed provision`).",
              "# Run: mosquitto -c " + str(Path(bd).resolve() / "mosquitto.conf"),
              "# per_listener_settings false: the auth lines below apply to every listener.",
-             "per_listener_settings false", *mosquitto_auth_lines(bd), "",
+             "per_listener_settings false", *mosquitto_auth_lines(bd),
+             "# The files above are 0600 and belong to whoever ran `microfed provision`: mosquitto",
+             "# started as root switches to this user (ignored when not started as root).",
+             f"user {pwd.getpwuid(os.getuid()).pw_name}", "",
              "# Plain MQTT (password auth, traffic in clear: a trusted LAN only).",
              "listener 1883", "",
              "# MQTT over TLS: clients verify broker.crt against ca.crt.",
