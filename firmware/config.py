@@ -16,7 +16,7 @@ DEFAULTS = {
     "state_dir": "state",
     "train": None,              # {"lr": raw Q16.16, "epochs", "batch", "seed": base seed}
     "max_rounds": 0,            # 0: run until a final GLOBAL_MODEL
-    "broker": None,             # {"host", "port"}: overrides the bundle's broker
+    "broker": None,             # {"host", "port"[, "tls"]}: overrides the bundle's broker
     "wifi": None,               # {"ssid", "password"}: overrides the bundle's wifi
     "wifi_timeout_ms": 20000,
     "keepalive": 30,
@@ -89,7 +89,20 @@ def _broker(v, where):
     port = v.get("port", 1883)
     if type(port) is not int or not 0 < port < 65536:
         raise ConfigError("%s: broker port must be 1..65535" % where)
-    return {"host": v["host"], "port": port}
+    tls = v.get("tls", False)
+    if tls is not True and tls is not False:
+        raise ConfigError("%s: broker 'tls' must be true or false" % where)
+    return {"host": v["host"], "port": port, "tls": tls}
+
+
+def _mqtt(v, where):
+    # The node's broker login (provision writes it); None: connect anonymously.
+    if v is None:
+        return None
+    if (not isinstance(v, dict) or not isinstance(v.get("username"), str) or not v["username"]
+            or not isinstance(v.get("password"), str)):
+        raise ConfigError("%s: 'mqtt' must be {\"username\": str, \"password\": str}" % where)
+    return {"username": v["username"], "password": v["password"]}
 
 
 def _wifi(v, where):
@@ -132,6 +145,14 @@ class Bundle:
             raise ConfigError("%s: 'registry_version' must be an integer >= 0" % path)
         self.broker = _broker(d.get("broker"), path) if d.get("broker") is not None else None
         self.wifi = _wifi(d.get("wifi"), path)
+        self.mqtt = _mqtt(d.get("mqtt"), path)
+        ca = d.get("broker_ca")
+        if ca is not None and (not isinstance(ca, str) or len(ca) % 2):
+            raise ConfigError("%s: 'broker_ca' must be the mesh CA certificate (DER) in hex" % path)
+        try:
+            self.broker_ca = bytes.fromhex(ca) if ca else None
+        except ValueError:
+            raise ConfigError("%s: 'broker_ca' is not hex" % path)
 
 
 class Config:

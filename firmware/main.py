@@ -104,7 +104,10 @@ def boot(argv):
         from mqtt import Transport
     except ImportError as e:
         raise BootError("MQTT client missing (%r): put firmware/lib on the module path" % e)
-    t = Transport(bundle.node_id, broker["host"], broker["port"], keepalive=cfg.keepalive,
+    login = bundle.mqtt or {}
+    t = Transport(bundle.node_id, broker["host"], broker["port"], user=login.get("username"),
+                  password=login.get("password"), ssl=_tls(bundle, broker),
+                  keepalive=cfg.keepalive,
                   nodelay=True, max_msg=cfg.max_msg, io_timeout_ms=cfg.io_timeout_ms,
                   publish_timeout_ms=cfg.publish_timeout_ms, max_pending=8,
                   log=lambda m: emit({"ev": "mqtt", "node": bundle.node_id, "msg": m}))
@@ -125,6 +128,32 @@ def boot(argv):
 
 class BootError(Exception):
     pass
+
+
+def _tls(bundle, broker):
+    """An SSLContext that verifies the broker against the mesh CA, or None (plain MQTT)."""
+    if not broker.get("tls"):
+        return None
+    try:
+        import ssl
+    except ImportError:
+        try:
+            # The C module that the frozen ssl.py wraps: a MICROPYPATH without '.frozen'
+            # (the unix-port mesh runner's) hides ssl.py but not tls.
+            import tls as ssl
+        except ImportError:
+            raise BootError("broker 'tls' is set but this MicroPython has neither ssl nor tls")
+    if bundle.broker_ca is None:
+        raise BootError("broker 'tls' is set but bundle.json has no 'broker_ca' (re-provision)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.verify_mode = ssl.CERT_REQUIRED  # pyright: ignore[reportAttributeAccessIssue]
+    try:
+        ctx.load_verify_locations(cadata=bundle.broker_ca)
+    except TypeError:
+        ctx.load_verify_locations(bundle.broker_ca)  # tls.SSLContext: positional only
+    except Exception as e:
+        raise BootError("broker_ca: %r" % e)
+    return ctx
 
 
 def run(argv):

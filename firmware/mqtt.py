@@ -90,6 +90,7 @@ class _Client(MQTTClient):
         self.deadline = None  # ticks_ms by which the current operation must be done
         self.expect = None  # ack opcode the running publish/subscribe wants returned
         self.poller = None
+        self.raw_sock = None
         self.last_rx = ticks_ms()
         self.pongs = 0
         self.dropped = 0
@@ -108,8 +109,11 @@ class _Client(MQTTClient):
                 pass
 
     def set_timeout_ms(self, ms):
-        if self.sock is not None:
-            self.sock.settimeout(ms / 1000)
+        s = self.sock
+        if s is not None:
+            if not hasattr(s, "settimeout"):
+                s = self.raw_sock  # an SSLSocket has none: time out its TCP socket's reads
+            s.settimeout(ms / 1000)
 
     def _read(self, n):
         if n == 0:
@@ -151,6 +155,7 @@ class _Client(MQTTClient):
         addr = socket.getaddrinfo(self.server, self.port)[0][-1]
         s = socket.socket()
         self.sock = s
+        self.raw_sock = s
         self.set_timeout_ms(self.io_timeout_ms)
         s.connect(addr)
         self.nodelay_ok = False

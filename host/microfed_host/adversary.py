@@ -21,6 +21,14 @@ quorum; the injected frame must be rejected, with this reason):
     forged        an update claiming an honest node's id, signed by a random key -> bad_signature
     unregistered  a validly signed update from an id the registry does not know -> unregistered
 
+Behind a broker that enforces the mesh's ACL (microfed provision's broker/acl: a node may
+publish only on its own update/digest/hello topics) the adversary logs in with each
+compromised node's own credentials, and a publish on a victim's or an intruder's topic is
+dropped by the broker before any verifier sees it. So with `own_topics` set (mesh run does,
+for its authenticating brokers) the injected frame goes out on the compromised node's OWN
+update topic instead: the broker lets it through, and the coordinator still rejects it for
+the same reason (signature, registry and replay checks come before the topic check).
+
 In gossip mode a compromised node also lies about consensus: it publishes a digest that is
 not the aggregate's (the coordinator flags it), except under `none`, where it tells the truth.
 
@@ -132,6 +140,8 @@ class Adversary:
         self.max_abs = max_abs
         self.clock = clock
         self.base = f"microfed/{mesh}/"
+        # Wire attacks publish on the compromised node's own topic (see the module docstring).
+        self.own_topics = False
         self.round = 0
         self.global_params: list[int] | None = None
         self.global_round_seen = 0
@@ -301,19 +311,19 @@ class Adversary:
             if victim not in old:
                 return None  # nothing two rounds old yet (rounds 1 and 2)
             frame = old[victim][3]
-            topic = self.base + "update/" + victim
+            claims = victim
         elif c.attack == "forged":
             fake = hashlib.sha256(b"microfed/adversary/forger" + c.node_id.encode()
                                   + struct.pack("<I", r)).digest()
             frame = self._frame(wire.MODEL_UPDATE, victim, fake, r, (1 << 40) + r, payload)
-            topic = self.base + "update/" + victim
+            claims = victim
         else:  # unregistered
-            intruder = "intruder-" + c.node_id
-            frame = self._frame(wire.MODEL_UPDATE, intruder, self._intruders[c.node_id], r, r,
+            claims = "intruder-" + c.node_id
+            frame = self._frame(wire.MODEL_UPDATE, claims, self._intruders[c.node_id], r, r,
                                 payload)
-            topic = self.base + "update/" + intruder
+        topic = self.base + "update/" + (c.node_id if self.own_topics else claims)
         self.injected.append({"round": r, "attack": c.attack, "by": c.node_id,
-                              "claims": topic.rsplit("/", 1)[1],
+                              "claims": claims, "topic": topic,
                               "sha256": hashlib.sha256(frame).hexdigest(),
                               "expect": EXPECTED_REASON[c.attack]})
         return topic, frame
@@ -376,7 +386,11 @@ class Adversary:
 class AdversaryThread(threading.Thread):
     """Run an Adversary over MQTT (its own paho client)."""
 
-    def __init__(self, adv: Adversary, host: str, port: int, wait_s: float = 20.0) -> None:
+    def __init__(self, adv: Adversary, host: str, port: int, wait_s: float = 20.0,
+                 logins: dict[str, dict[str, Any]] | None = None) -> None:
+        """logins: node id -> HostMQTT keyword arguments (username, password[, tls_ca]) of
+        each compromised node; then every node gets its own connection and publishes as
+        itself, as the broker's ACL demands. Without: one anonymous connection."""
         super().__init__(name="microfed-adversary", daemon=True)
         import queue
 
@@ -385,11 +399,21 @@ class AdversaryThread(threading.Thread):
         self.adv = adv
         self.wait_s = wait_s
         self.q: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self.mqtt = HostMQTT(host, port, f"microfed-adversary-{adv.mesh}"[:64])
+        self.clients: dict[str, HostMQTT] = {}
+        if logins:
+            for c in adv.nodes:
+                self.clients[c.node_id] = HostMQTT(host, port, f"microfed-adv-{adv.mesh}-{c.node_id}"[:64],
+                                                   **logins[c.node_id])
+            self.mqtt = next(iter(self.clients.values()))  # also reads update/+ and global
+        else:
+            self.mqtt = HostMQTT(host, port, f"microfed-adversary-{adv.mesh}"[:64])
         self.stop_event = threading.Event()
         self.error: str | None = None
 
     def start_client(self) -> None:
+        for cl in self.clients.values():
+            if cl is not self.mqtt:
+                cl.connect(15)
         self.mqtt.connect(15)
         base = self.adv.base
         self.mqtt.subscribe(base + "update/+", lambda t, p: self.q.put((t, p)))
@@ -417,10 +441,15 @@ class AdversaryThread(threading.Thread):
     def _send(self, out: list[tuple[str, bytes]]) -> None:
         self.adv.remember_own(out)
         for topic, frame in out:
-            self.mqtt.publish(topic, frame, qos=1)
+            # Each frame leaves on the connection of the node whose topic it is.
+            cl = self.clients.get(topic.rsplit("/", 1)[-1], self.mqtt)
+            cl.publish(topic, frame, qos=1)
 
     def stop(self) -> None:
         self.stop_event.set()
         if self.is_alive():
             self.join(5)
+        for cl in self.clients.values():
+            if cl is not self.mqtt:
+                cl.close()
         self.mqtt.close()

@@ -4,8 +4,10 @@ or an existing broker named by ``MICROFED_BROKER=host:port``.
     with start_broker() as b:          # kind="auto"
         print(b.kind, b.host, b.port)
 
-Both local brokers listen on 127.0.0.1 only, allow anonymous clients (the mesh's
-security is end-to-end Ed25519, not broker auth), keep no persistence (a restarted
+Both local brokers listen on 127.0.0.1 only, allow anonymous clients unless given a mesh's
+broker directory (``auth_dir``: password file + ACL from ``microfed provision``; mosquitto
+then refuses strangers, and ``tls_port`` adds a TLS listener; the embedded amqtt broker
+checks the same passwords and ACL through its plugins), keep no persistence (a restarted
 broker starts empty, like a rebooted one), cap the packet size and disable Nagle's
 algorithm (umqtt writes each packet in pieces; with Nagle on every QoS 1 round trip
 costs ~44 ms). amqtt runs in a subprocess (``python -m microfed_host.broker
@@ -78,9 +80,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def mqtt_probe(host: str, port: int, timeout: float = 2.0) -> None:
+def mqtt_probe(host: str, port: int, timeout: float = 2.0, refused_ok: bool = False) -> None:
     """One MQTT 3.1.1 CONNECT/CONNACK exchange; raises OSError/BrokerError if the
-    endpoint is not an MQTT broker that accepts anonymous clients."""
+    endpoint is not an MQTT broker that accepts anonymous clients (with refused_ok, a
+    broker that answers "not authorized" counts as up)."""
     cid = b"microfed-probe-%d" % os.getpid()
     body = b"\x00\x04MQTT\x04\x02\x00\x0a" + len(cid).to_bytes(2, "big") + cid
     with socket.create_connection((host, port), timeout=timeout) as s:
@@ -93,7 +96,7 @@ def mqtt_probe(host: str, port: int, timeout: float = 2.0) -> None:
             resp += chunk
         if resp[0] != 0x20 or resp[1] != 2:
             raise BrokerError(f"{host}:{port} is not an MQTT broker (reply {resp.hex()})")
-        if resp[3] != 0:
+        if resp[3] != 0 and not (refused_ok and resp[3] in (4, 5)):
             raise BrokerError(f"{host}:{port} refused an anonymous MQTT connection (code {resp[3]})")
         with contextlib.suppress(OSError):
             s.sendall(b"\xe0\x00")
@@ -120,6 +123,8 @@ class Broker:
         workdir: str | Path | None = None,
         startup_timeout: float = 15.0,
         external: str | None = None,
+        auth_dir: str | Path | None = None,
+        tls_port: int | None = None,
     ) -> None:
         if kind not in KINDS:
             raise BrokerError(f"unknown broker kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -143,6 +148,10 @@ class Broker:
         self._dir = Path(workdir) if workdir is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
         self._paused = False
+        self.auth_dir = Path(auth_dir).resolve() if auth_dir is not None else None
+        if tls_port is not None and (self.auth_dir is None or not 0 <= tls_port < 65536):
+            raise BrokerError("tls_port needs auth_dir (the mesh's broker/ certificates) and 0..65535")
+        self.tls_port = tls_port
 
     # -- public --------------------------------------------------------------
     @property
@@ -166,7 +175,8 @@ class Broker:
         if self._external is not None:
             self.host, self.port = self._external
             try:
-                mqtt_probe(self.host, self.port, timeout=self.startup_timeout)
+                mqtt_probe(self.host, self.port, timeout=self.startup_timeout,
+                           refused_ok=self.auth_dir is not None)
             except (OSError, BrokerError) as e:
                 raise BrokerError(f"external broker {self.address} ({ENV_VAR}) unusable: {e}") from e
             return self
@@ -222,6 +232,17 @@ class Broker:
             proc.stdout.close()
         self._proc = None
         self._paused = False
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads its password file and ACL (e.g. after a revoke; the
+        embedded amqtt broker re-reads them when they change, so this is a no-op for it).
+        Existing connections stay; the next CONNECT is checked against the new files."""
+        if self.kind == "amqtt":
+            return  # the embedded broker's auth plugins re-read changed files by themselves
+        if self.kind != "mosquitto":
+            raise BrokerError(f"cannot reload a broker of kind {self.kind}: reload it yourself")
+        if self._proc is not None and self._proc.poll() is None:
+            os.kill(self._proc.pid, signal.SIGHUP)
 
     def restart(self) -> None:
         self.stop()
@@ -284,7 +305,7 @@ class Broker:
                 self._release(proc)
                 return False, f"exited with code {proc.returncode}: {_tail(log) or '(no log)'}"
             try:
-                mqtt_probe(self.host, port, timeout=1.0)
+                mqtt_probe(self.host, port, timeout=1.0, refused_ok=self.auth_dir is not None)
                 self.port = port
                 return True, ""
             except (OSError, BrokerError) as e:
@@ -300,9 +321,15 @@ class Broker:
         assert self._dir is not None
         log = self._dir / "mosquitto.log"
         conf = self._dir / "mosquitto.conf"
-        lines = [
+        lines = ["per_listener_settings false"]
+        if self.auth_dir is not None:
+            from microfed_host import brokerauth
+
+            lines += brokerauth.mosquitto_auth_lines(self.auth_dir)
+        else:
+            lines.append("allow_anonymous true")
+        lines += [
             f"listener {port} {self.host}",
-            "allow_anonymous true",
             f"set_tcp_nodelay {'true' if self.tcp_nodelay else 'false'}",
             f"max_packet_size {self.max_packet_size}",
             "persistence false",
@@ -319,6 +346,12 @@ class Broker:
             # in our temp dir; naming the current user keeps it as is (ignored when not root).
             f"user {pwd.getpwuid(os.getuid()).pw_name}",
         ]
+        if self.tls_port is not None and self.auth_dir is not None:
+            from microfed_host import brokerauth
+
+            if not self.tls_port:
+                self.tls_port = free_port(self.host)
+            lines += brokerauth.mosquitto_tls_lines(self.auth_dir, self.tls_port, self.host)
         conf.write_text("\n".join(lines) + "\n")
         with open(self._dir / "mosquitto.stderr", "ab") as err:
             self._proc = subprocess.Popen(
@@ -335,6 +368,8 @@ class Broker:
     def _start_amqtt(self, port: int) -> tuple[bool, str]:
         if not amqtt_available():
             return False, f"amqtt not importable ({AMQTT_HINT})"
+        if self.tls_port is not None:
+            return False, "the embedded amqtt broker has no TLS listener here (use mosquitto)"
         assert self._dir is not None
         log = self._dir / "amqtt.log"
         cmd = [
@@ -342,6 +377,8 @@ class Broker:
             "--host", self.host, "--port", str(port),
             "--max-packet-size", str(self.max_packet_size), "--log", str(log),
         ]
+        if self.auth_dir is not None:
+            cmd += ["--auth-dir", str(self.auth_dir)]  # no TLS listener: mosquitto only
         env = dict(os.environ)
         # The child must import this package even when the parent runs from a checkout.
         here = str(Path(__file__).resolve().parents[1])
@@ -411,7 +448,8 @@ def _limit_packet_size(max_size: int) -> None:
     MQTTFixedHeader.from_stream = classmethod(from_stream)  # type: ignore[assignment,method-assign]
 
 
-def _serve_amqtt(host: str, port: int, max_packet_size: int, log: str | None) -> int:
+def _serve_amqtt(host: str, port: int, max_packet_size: int, log: str | None,
+                 auth_dir: str | None = None) -> int:
     import asyncio
     import logging
 
@@ -426,6 +464,12 @@ def _serve_amqtt(host: str, port: int, max_packet_size: int, log: str | None) ->
         "sys_interval": 0,
         "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
     }
+    if auth_dir is not None:
+        # The mesh's password file and ACL, enforced like mosquitto does (amqtt_auth.py).
+        config["plugins"] = {
+            "microfed_host.amqtt_auth.MeshPasswordPlugin": {"password_file": str(Path(auth_dir) / "passwd")},
+            "microfed_host.amqtt_auth.MeshACLPlugin": {"acl_file": str(Path(auth_dir) / "acl")},
+        }
 
     async def main() -> None:
         broker = AmqttBroker(config)
@@ -454,11 +498,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-packet-size", type=int, default=DEFAULT_MAX_PACKET)
     p.add_argument("--serve-amqtt", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--auth-dir", default=None,
+                   help="a mesh's broker/ directory: refuse anonymous clients, enforce its ACL")
     a = p.parse_args(argv)
     if a.serve_amqtt:
-        return _serve_amqtt(a.host, a.port, a.max_packet_size, a.log)
+        return _serve_amqtt(a.host, a.port, a.max_packet_size, a.log, a.auth_dir)
     try:
-        with Broker(a.kind, host=a.host, port=a.port, max_packet_size=a.max_packet_size) as b:
+        with Broker(a.kind, host=a.host, port=a.port, max_packet_size=a.max_packet_size,
+                    auth_dir=a.auth_dir) as b:
             print(f"{b.kind} broker on {b.address} (log: {b.log_path}); Ctrl-C stops it", flush=True)
             while b.kind == "external" or b.running():
                 time.sleep(0.5)

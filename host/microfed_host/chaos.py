@@ -97,7 +97,7 @@ def parse_chaos(doc: Any) -> Chaos | None:
     return out
 
 
-def malformed_frames(mesh: str) -> list[tuple[str, bytes]]:
+def malformed_frames(mesh: str, node: str = "node-01") -> list[tuple[str, bytes]]:
     """(topic suffix, frame) pairs that crashed or could crash a decoder before issue 8:
     an announced GLOBAL_MODEL whose last accepted-set entry runs past the payload, lengths
     that lie, counts that overflow, a frame of only a header, an empty payload."""
@@ -111,18 +111,18 @@ def malformed_frames(mesh: str) -> list[tuple[str, bytes]]:
     hdr = wire.encode_header(wire.GLOBAL_MODEL, mid, "node-01", 1, 1, 0, len(payload))
     long_entry = hdr + payload + bytes(64)
     for sub in ("update", "digest", "hello"):
-        out.append((f"{sub}/node-01", long_entry))
+        out.append((f"{sub}/{node}", long_entry))
     # A REGISTRY whose count claims more entries than there are bytes.
     reg = mid + (1).to_bytes(4, "little") + bytes(32) + (0xFFFF).to_bytes(2, "little")
     hdr = wire.encode_header(wire.REGISTRY, mid, "node-01", 1, 2, 0, len(reg))
-    out.append(("update/node-01", hdr + reg + bytes(64)))
-    # Header only; payload length that lies; empty message; a sender id with a slash.
-    out.append(("update/node-02", long_entry[:wire.HDR_FIXED]))
+    out.append((f"update/{node}", hdr + reg + bytes(64)))
+    # Header only; a payload length that lies; an empty message; zeros after the magic.
+    out.append((f"update/{node}", long_entry[:wire.HDR_FIXED]))
     lie = bytearray(long_entry)
     lie[31:35] = (0xFFFFFFF0).to_bytes(4, "little")
-    out.append(("digest/node-02", bytes(lie)))
-    out.append(("hello/node-03", b""))
-    out.append(("update/a", b"MF" + bytes(200)))
+    out.append((f"digest/{node}", bytes(lie)))
+    out.append((f"hello/{node}", b""))
+    out.append((f"update/{node}", b"MF" + bytes(200)))
     return out
 
 
@@ -132,8 +132,13 @@ class ChaosDriver:
 
     def __init__(self, chaos: Chaos, out: Path, mesh: str, broker: Any, say: Say,
                  kill_coordinator: Callable[[], None], stop_node: Callable[[str], None],
-                 start_node: Callable[[str], None]) -> None:
+                 start_node: Callable[[str], None], intruder: str,
+                 login: dict[str, Any]) -> None:
+        """`intruder`/`login`: the compromised node whose broker login sends the junk (the
+        broker refuses anonymous clients; the ACL keeps it to its own topics)."""
         self.c = chaos
+        self.intruder = intruder
+        self.login = login
         self.out = out
         self.mesh = mesh
         self.broker = broker
@@ -198,9 +203,10 @@ class ChaosDriver:
         from microfed_host.flood import Flooder
 
         base = f"microfed/{self.mesh}/"
-        topics = [base + f"{s}/junk-{i}" for s in ("update", "digest", "hello") for i in range(4)]
-        self.say(f"  *** chaos: flooding {self.c.flood_frames} junk QoS 1 frames")
+        topics = [base + f"{s}/{self.intruder}" for s in ("update", "digest", "hello")]
+        self.say(f"  *** chaos: {self.intruder} floods {self.c.flood_frames} junk QoS 1 frames")
         f = Flooder(self.broker.host, self.broker.port, topics, self.c.flood_frames, 300, 1,
+                    username=self.login.get("username"), password=self.login.get("password"),
                     seed=7)
         f.start()
         self.flooders.append(f)
@@ -210,9 +216,11 @@ class ChaosDriver:
         import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion
 
-        frames = malformed_frames(self.mesh)
-        self.say(f"  *** chaos: {len(frames)} malformed frames")
+        frames = malformed_frames(self.mesh, self.intruder)
+        self.say(f"  *** chaos: {self.intruder} sends {len(frames)} malformed frames")
         cli = paho.Client(CallbackAPIVersion.VERSION2, client_id="microfed-chaos-malformed")
+        if self.login.get("username"):
+            cli.username_pw_set(self.login["username"], self.login.get("password"))
         cli.connect(self.broker.host, self.broker.port)
         cli.loop_start()
         try:
@@ -229,6 +237,7 @@ class ChaosDriver:
 
         node = self.c.revoke_node
         reg = revoke_node(self.out / "mesh", node)
+        self._reload_broker()
         self.revoked.add(node)
         self.say(f"  *** chaos: revoked {node} (registry v{reg.version})")
         self._act("revoke", node=node, version=reg.version)
@@ -242,10 +251,19 @@ class ChaosDriver:
         shutil.rmtree(nd / "state", ignore_errors=True)
         (nd / "state").mkdir()
         reg = reenrol_node(self.out / "mesh", node)
+        self._reload_broker()  # the new broker password of the re-enrolled node
         shutil.copy(self.out / "mesh" / "bundles" / f"{node}.json", nd / "bundle.json")
         self.awaiting_registry = node
         self.say(f"  *** chaos: {node} wiped and re-enrolled (registry v{reg.version})")
         self._act("reenrol", node=node, version=reg.version)
+
+    def _reload_broker(self) -> None:
+        from microfed_host.broker import BrokerError
+
+        try:
+            self.broker.reload()
+        except BrokerError as e:  # an external broker: the operator reloads it
+            self.say(f"  chaos: {e}")
 
     def close(self) -> None:
         for f in self.flooders:

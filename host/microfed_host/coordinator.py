@@ -837,6 +837,7 @@ def serve(run_dir: Path, host: str, port: int, log: Log = _json_log,
     redelivered into a loop. A broker outage pauses the round (deadlines stop); the
     coordinator waits for the broker however long it takes, then re-publishes its retained
     registry and global."""
+    from microfed_host import brokerauth
     from microfed_host.mqtt import HostMQTT, MQTTError
     from microfed_host.provision import MeshDir
 
@@ -851,7 +852,8 @@ def serve(run_dir: Path, host: str, port: int, log: Log = _json_log,
         # before they reach the queue, which bounds memory at QUEUE_SIZE x MAX_MESSAGE.
         client = HostMQTT(host, port, f"microfed-coordinator-{mesh}"[:64], durable=True,
                           max_message=MAX_MESSAGE, queue_size=QUEUE_SIZE,
-                          reconnect_min=0.5, reconnect_max=4.0)
+                          reconnect_min=0.5, reconnect_max=4.0,
+                          **brokerauth.client_auth(Path(cfg.mesh_dir)))
         for sub in ("update/+", "digest/+", "hello/+"):
             client.subscribe(t["base"] + sub)
         try:

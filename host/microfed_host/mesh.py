@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from microfed_host import adversary as advmod
-from microfed_host import upy
+from microfed_host import brokerauth, upy
 from microfed_host.chaos import Chaos, ChaosDriver
 from microfed_host.inproc import run_inproc
 from microfed_host.report import Progress, summarize, table
@@ -141,7 +141,9 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
     coord: _Coord | None = None
     adv_thread: advmod.AdversaryThread | None = None
     try:
-        broker = broker_from_arg(broker_arg, workdir=out / "broker")
+        # The broker refuses strangers: password file + ACL from the provisioned mesh.
+        broker = broker_from_arg(broker_arg, workdir=out / "broker",
+                                 auth_dir=out / "mesh" / brokerauth.BROKER_DIR)
     except BrokerError as e:
         raise MeshError(str(e)) from None
     try:
@@ -151,6 +153,12 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
             raise MeshError(str(e)) from None
         info["broker"] = {"kind": broker.kind, "address": broker.address}
         prog.say(f"  broker: {broker.kind} on {broker.address}")
+        if broker.kind == "external":
+            prog.say("  clients log in with this run's fresh credentials (mesh/broker/passwd): an "
+                     "external broker enforces them only if it loads that file and mesh/broker/acl")
+        else:
+            prog.say("  broker auth: anonymous clients refused; logins and topic ACL from "
+                     "mesh/broker/passwd and mesh/broker/acl")
         addr = (broker.host, broker.port)
         for nid in sc.honest_ids():
             write_node_config(out / "nodes" / nid, sc, addr)
@@ -178,8 +186,12 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
                                 + _tail(out / "coordinator.log"))
         adv = make_adversary(sc, out, doc["mesh"])
         if adv is not None:
+            # Compromised REGISTERED nodes: each logs in as itself, and its wire attacks go
+            # out on its own topic (the ACL drops anything else; adversary.py explains).
+            adv.own_topics = broker.kind != "external"
+            logins = {c.node_id: brokerauth.client_auth(out / "mesh", c.node_id) for c in adv.nodes}
             adv_thread = advmod.AdversaryThread(adv, broker.host, broker.port,
-                                                wait_s=max(5.0, sc.deadline_s / 2))
+                                                wait_s=max(5.0, sc.deadline_s / 2), logins=logins)
             adv_thread.start_client()
             adv_thread.start()
         env = dict(os.environ)
@@ -202,8 +214,15 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
         restart_coord = {"now": False}
         driver = None
         if chaos is not None:
+            byz = sc.byzantine_ids()
+            if not byz and (chaos.faults and (chaos.flood_round or chaos.malformed_round)):
+                raise MeshError("chaos: the flood and the malformed frames come from a "
+                                "compromised node's login: add an [[attackers]] group")
+            intruder = byz[0] if byz else ""
             driver = ChaosDriver(chaos, out, doc["mesh"], broker, prog.say,
-                                 lambda: restart_coord.update(now=True), stop_node, start_node)
+                                 lambda: restart_coord.update(now=True), stop_node, start_node,
+                                 intruder, brokerauth.client_auth(out / "mesh", intruder)
+                                 if intruder else {})
         for nid in sc.honest_ids():
             start_node(nid)
         prog.say(f"  started the coordinator, {len(nodes)} MicroPython nodes"

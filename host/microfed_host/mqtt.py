@@ -81,6 +81,9 @@ class HostMQTT:
         reconnect_min: float = 0.25,
         reconnect_max: float = 8.0,
         durable: bool = False,
+        username: str | None = None,
+        password: str | None = None,
+        tls_ca: str | None = None,
     ) -> None:
         if not client_id:
             raise MQTTError("client_id must not be empty")
@@ -120,6 +123,11 @@ class HostMQTT:
         if durable:
             c.max_inflight_messages_set(100)
         c.reconnect_delay_set(max(1, int(reconnect_min)), max(1, int(reconnect_max)))
+        if username is not None:
+            c.username_pw_set(username, password)
+        if tls_ca is not None:
+            # TLS verified against the mesh CA (broker/ca.crt): certificate and host name.
+            c.tls_set(ca_certs=tls_ca)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message

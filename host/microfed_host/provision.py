@@ -7,7 +7,10 @@ DIR layout (docs/security.md):
     coordinator.key / .pub  the coordinator's Ed25519 seed (0600) and public key
     nodes/ID.key / ID.pub   one key pair per node (seed 0600)
     registry.json           node id -> public key, signed by the coordinator (a REGISTRY frame)
-    bundles/ID.json         what one device needs, deploy it as /bundle.json (0600: has the seed)
+    bundles/ID.json         what one device needs, deploy it as /bundle.json (0600: has the seed
+                            and the node's MQTT password)
+    coordinator.mqtt, nodes/ID.mqtt, broker/   MQTT credentials, mosquitto password file, ACL
+                            and TLS material (microfed_host.brokerauth)
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from microfed import wire
-from microfed_host import keys
+from microfed_host import brokerauth, keys
 from microfed_host import registry as regmod
 from microfed_host.registry import MeshRegistry, NodeEntry
 
@@ -83,11 +86,12 @@ class MeshDir:
         return self.root / "bundles" / f"{node_id}.json"
 
     def existing(self) -> list[Path]:
-        found = [p for p in (self.mesh_file, self.coord_key, self.coord_pub, self.registry_file) if p.exists()]
-        for sub in ("nodes", "bundles"):
+        found = [p for p in (self.mesh_file, self.coord_key, self.coord_pub, self.registry_file,
+                             brokerauth.cred_path(self.root, brokerauth.COORDINATOR_USER)) if p.exists()]
+        for sub in ("nodes", "bundles", brokerauth.BROKER_DIR):
             d = self.root / sub
             if d.is_dir():
-                found += sorted(p for p in d.iterdir() if p.suffix in (".key", ".pub", ".json"))
+                found += sorted(p for p in d.iterdir() if p.is_file())
         return found
 
     def read_mesh(self) -> dict[str, Any]:
@@ -119,6 +123,13 @@ def write_registry_and_bundles(md: MeshDir, mesh: dict[str, Any], seed: bytes, r
         raise ProvisionError("registry too large for one frame")
     regmod.save(md.registry_file, reg, frame)
     digest = reg.digest().hex()
+    active = [e.node_id for e in reg.nodes.values() if e.active]
+    revoked = [e.node_id for e in reg.nodes.values() if not e.active]
+    try:
+        brokerauth.write_broker_files(md.root, reg.mesh, active, revoked, mesh["broker"]["host"])
+    except brokerauth.BrokerAuthError as e:
+        raise ProvisionError(str(e)) from None
+    ca = brokerauth.ca_der(brokerauth.broker_dir(md.root)).hex()
     for e in reg.nodes.values():
         path = md.bundle(e.node_id)
         if not e.active:
@@ -139,6 +150,10 @@ def write_registry_and_bundles(md: MeshDir, mesh: dict[str, Any], seed: bytes, r
             "registry_version": reg.version,
             "registry_frame": frame.hex(),
             "broker": mesh["broker"],
+            # The broker refuses anonymous clients: this node's own login, and the mesh CA
+            # (DER) that a TLS connection verifies the broker's certificate against.
+            "mqtt": brokerauth.read_credentials(md.root, e.node_id),
+            "broker_ca": ca,
         }
         keys.write_secret_file(path, json.dumps(bundle, indent=2) + "\n")
     return frame
@@ -153,7 +168,7 @@ def new_node_key(md: MeshDir, node_id: str, force: bool) -> bytes:
 
 
 def init_mesh(out: Path, name: str, nodes: int, broker: str = DEFAULT_BROKER,
-              force: bool = False) -> tuple[dict[str, Any], MeshRegistry]:
+              force: bool = False, tls: bool = False) -> tuple[dict[str, Any], MeshRegistry]:
     """A new mesh in `out`: coordinator key, `nodes` node keys, signed registry v1, bundles.
     Refuses to overwrite the keys of an existing mesh unless `force`."""
     md = MeshDir(Path(out))
@@ -161,6 +176,8 @@ def init_mesh(out: Path, name: str, nodes: int, broker: str = DEFAULT_BROKER,
         raise ProvisionError(f"--nodes must be in 1..{MAX_NODES}")
     check_mesh_name(name)
     broker_doc = parse_broker(broker)
+    if tls:
+        broker_doc["tls"] = True  # clients use TLS, verified against broker/ca.crt
     old = md.existing()
     if old and not force:
         raise ProvisionError(
@@ -168,8 +185,8 @@ def init_mesh(out: Path, name: str, nodes: int, broker: str = DEFAULT_BROKER,
             "overwrite keys. Use another --out, or --force to replace every key in it."
         )
     for p in old:
-        if p.parent.name in ("nodes", "bundles"):
-            p.unlink()
+        if p.parent.name in ("nodes", "bundles", brokerauth.BROKER_DIR) or p.suffix == ".mqtt":
+            p.unlink()  # --force: new keys, new MQTT passwords, a new CA
     md.root.mkdir(parents=True, exist_ok=True)
     seed = keys.generate_seed()
     keys.write_private_key(md.coord_key, seed, force=force)
@@ -247,7 +264,8 @@ def reenrol_node(mesh_dir: Path, node_id: str) -> MeshRegistry:
     The key change starts a new counter epoch for the node everywhere: the coordinator and the
     peers drop the node's old replay counters when they adopt this registry (frames signed
     with the old key can never verify again), so the wiped device may count from 1 again.
-    The old key file is replaced: a stolen copy of the old bundle is useless from now on."""
+    The old key file and broker password are replaced: a stolen copy of the old bundle is
+    useless from now on (at the broker once it re-reads its password file)."""
     md = MeshDir(Path(mesh_dir))
     check_node_id(node_id)
     mesh, seed, reg = md.load()
@@ -257,6 +275,8 @@ def reenrol_node(mesh_dir: Path, node_id: str) -> MeshRegistry:
     if not e.active:
         raise ProvisionError(f"{node_id} was revoked; a revoked id cannot be re-enrolled")
     e.public_key = new_node_key(md, node_id, force=True)
+    # A new broker password too: the old bundle's login stops working at the broker.
+    brokerauth.cred_path(md.root, node_id).unlink(missing_ok=True)
     reg.version += 1
     write_registry_and_bundles(md, mesh, seed, reg)
     return reg

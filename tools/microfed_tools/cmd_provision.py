@@ -1,6 +1,6 @@
 """`microfed provision`: create a mesh's identities and keep its registry.
 
-    microfed provision init   --mesh NAME --nodes N --out DIR [--broker HOST:PORT] [--force]
+    microfed provision init   --mesh NAME --nodes N --out DIR [--broker HOST:PORT] [--tls] [--force]
     microfed provision add    --dir DIR NODE_ID [--force]
     microfed provision revoke --dir DIR NODE_ID
     microfed provision reenrol --dir DIR NODE_ID
@@ -36,7 +36,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     seed = getattr(args, "seed", 1)
     if not 0 <= seed <= 0xFFFFFFFF:  # checked before any key is written
         raise ProvisionError(f"--seed must be in 0..2^32-1, got {seed}")
-    mesh, reg = init_mesh(Path(args.out), args.mesh, args.nodes, args.broker, args.force)
+    mesh, reg = init_mesh(Path(args.out), args.mesh, args.nodes, args.broker, args.force,
+                          getattr(args, "tls", False))
     root = Path(args.out)
     print(f"mesh {args.mesh!r} (id {mesh['mesh_id']}) in {root}: coordinator + {args.nodes} nodes, "
           f"registry v{reg.version} digest {reg.digest().hex()[:16]}")
@@ -45,6 +46,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         write_digit_shards(root / SHARDS_DIR, node_ids(args.nodes), args.split, args.seed)
         print(f"training data: digits, {args.split} shards in {root / SHARDS_DIR} "
               "(deploy copies each node's shard as /shard.bin)")
+    print(f"broker login: {root / 'broker'} holds the mosquitto password file, ACL and TLS "
+          f"certificates; run the broker with: mosquitto -c {root / 'broker' / 'mosquitto.conf'}")
     print(f"deploy {root / 'bundles'}/<node>.json to each device as /bundle.json")
     return 0
 
@@ -58,7 +61,8 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     reg = revoke_node(Path(args.dir), args.node_id)
-    print(f"revoked {args.node_id}: registry v{reg.version} re-signed; its bundle was removed")
+    print(f"revoked {args.node_id}: registry v{reg.version} re-signed; its bundle and broker login "
+          "were removed (send mosquitto SIGHUP to reload broker/passwd and broker/acl)")
     return 0
 
 
@@ -98,6 +102,8 @@ def register(subparsers: Any) -> None:
     pi.add_argument("--out", required=True, help="output directory")
     pi.add_argument("--broker", default=DEFAULT_BROKER, help=f"MQTT broker HOST:PORT (default {DEFAULT_BROKER})")
     pi.add_argument("--force", action="store_true", help="replace the keys of an existing mesh in --out")
+    pi.add_argument("--tls", action="store_true",
+                    help="clients connect over TLS (--broker names the broker's TLS port, e.g. 8883)")
     pi.add_argument("--data", choices=("digits", "none"), default="digits",
                     help="training data to shard for the nodes (default: digits, the reference task)")
     pi.add_argument("--split", choices=("iid", "dirichlet"), default="iid",
