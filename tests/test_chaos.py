@@ -1,7 +1,7 @@
 """The chaos run (issue 8, item 9), short: one real mesh (mosquitto, the coordinator process,
 MicroPython unix-port nodes) that in one run gets malformed frames, a junk flood, a broker
-restart with an outage, a SIGKILLed coordinator, a revocation and a wiped node that is
-re-enrolled — and must end with the final digest of the same scenario run with the
+restart with an outage, a SIGKILLed coordinator, a revocation, a node that lost its counter
+file and a wiped node that is re-enrolled — and must end with the final digest of the same scenario run with the
 membership changes only. scenarios/chaos.toml is the full version (`microfed mesh run
 --scenario scenarios/chaos.toml`).
 """
@@ -53,12 +53,15 @@ def test_chaos_run_ends_with_the_reference_runs_digest(chaos_run: dict[str, Any]
 def test_every_fault_happened(chaos_run: dict[str, Any]) -> None:
     actions = [a["action"] for a in chaos_run["summary"]["chaos"]["actions"]]
     assert sorted(actions) == sorted(["malformed", "flood", "broker_restart", "kill_coordinator",
-                                      "revoke", "reenrol"])
+                                      "revoke", "reenrol", "wipe"])
     s = chaos_run["summary"]
     assert s["coordinator_restarts"] == 1
     # The malformed frames and the flood were rejected and counted, nothing crashed.
-    junk = sum(n for r, n in s["rejected"].items() if r not in ("duplicate", "banned"))
+    junk = sum(n for r, n in s["rejected"].items()
+               if r not in ("duplicate", "banned", "counter_behind"))
     assert junk >= len(malformed_frames("x")) + 1000
+    # The wiped node's first frame had a stale counter: it was told so, and caught up.
+    assert s["rejected"]["counter_behind"] >= 1
 
 
 def test_membership_changes_take_effect_in_the_next_round(chaos_run: dict[str, Any]) -> None:
@@ -78,6 +81,8 @@ def test_membership_changes_take_effect_in_the_next_round(chaos_run: dict[str, A
         assert c.revoke_node not in accepted[rnd], (rnd, accepted[rnd])
     # Wiped and re-enrolled when round c.reenrol_round closed: back in the next round.
     assert c.reenrol_node in accepted[c.reenrol_round + 1]
+    # Wiped (counter file lost, same key): back in the next round through the notice.
+    assert c.wipe_node in accepted[c.wipe_round + 1]
 
 
 def test_chaos_table_errors_name_the_key() -> None:

@@ -443,7 +443,22 @@ class AdversaryThread(threading.Thread):
         for topic, frame in out:
             # Each frame leaves on the connection of the node whose topic it is.
             cl = self.clients.get(topic.rsplit("/", 1)[-1], self.mqtt)
-            cl.publish(topic, frame, qos=1)
+            self._publish_through_outages(cl, topic, frame)
+
+    def _publish_through_outages(self, cl: Any, topic: str, frame: bytes,
+                                 give_up_s: float = 600.0) -> None:
+        """Like a node's outbox: a broker outage delays the frame, it does not end the attack."""
+        from microfed_host.mqtt import MQTTError
+
+        deadline = time.monotonic() + give_up_s
+        while True:
+            try:
+                cl.publish(topic, frame, qos=1)
+                return
+            except MQTTError:
+                if self.stop_event.is_set() or time.monotonic() > deadline:
+                    raise
+                cl.wait_connected(1.0)
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -12,6 +12,9 @@ applied by `microfed mesh run` (mqtt transport) at fixed points of the run.
     revoke_round = 2
     reenrol_node = "node-02"    # wiped (state deleted) and re-enrolled with a new key when
     reenrol_round = 3           #   round `reenrol_round` closes, then restarted
+    wipe_node = "node-03"       # its counter file and state deleted (the bundle kept) when
+    wipe_round = 2              #   round `wipe_round` closes, then restarted: the coordinator
+                                #   answers its stale counter with a notice and it catches up
 
 Faults (broker restart, coordinator kill, flood, malformed frames, the wipe) must not change
 the result; membership changes (revocation) do. So `microfed mesh run` runs the scenario
@@ -50,6 +53,8 @@ class Chaos:
     revoke_round: int = 0
     reenrol_node: str = ""
     reenrol_round: int = 0
+    wipe_node: str = ""
+    wipe_round: int = 0
     faults: bool = True  # False: the reference run (membership changes only)
 
     def reference(self) -> Chaos:
@@ -57,7 +62,7 @@ class Chaos:
 
     def check(self, node_ids: list[str], rounds: int) -> None:
         for name in ("broker_restart_round", "kill_coordinator_round", "flood_round",
-                     "malformed_round", "revoke_round", "reenrol_round"):
+                     "malformed_round", "revoke_round", "reenrol_round", "wipe_round"):
             v = getattr(self, name)
             if not 0 <= v <= rounds:
                 raise ChaosError(f"chaos.{name} = {v} is not a round of this run (0..{rounds})")
@@ -65,14 +70,15 @@ class Chaos:
             raise ChaosError(f"chaos.outage_s must be in (0, 600] seconds, got {self.outage_s}")
         if not 0 <= self.flood_frames <= 1_000_000:
             raise ChaosError("chaos.flood_frames must be in 0..1000000")
-        for name in ("revoke_node", "reenrol_node"):
+        for name in ("revoke_node", "reenrol_node", "wipe_node"):
             node = getattr(self, name)
             if node and node not in node_ids:
                 raise ChaosError(f"chaos.{name} = {node!r} is not an honest node of this run")
             if bool(node) != bool(getattr(self, name.replace("node", "round"))):
                 raise ChaosError(f"chaos.{name} and its round must be given together")
-        if self.revoke_node and self.revoke_node == self.reenrol_node:
-            raise ChaosError("chaos: revoke_node and reenrol_node must differ")
+        named = [n for n in (self.revoke_node, self.reenrol_node, self.wipe_node) if n]
+        if len(set(named)) != len(named):
+            raise ChaosError("chaos: revoke_node, reenrol_node and wipe_node must differ")
 
     def summary(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -185,6 +191,11 @@ class ChaosDriver:
                 self._revoke()
             if c.faults and c.reenrol_node and r == c.reenrol_round and self._once("reenrol"):
                 self._wipe_and_reenrol()
+            if c.faults and c.wipe_node and r == c.wipe_round and self._once("wipe"):
+                self._wipe(c.wipe_node)
+                self.say(f"  *** chaos: {c.wipe_node} lost its counter file; restarting it")
+                self._act("wipe", node=c.wipe_node)
+                self.start_node(c.wipe_node)
         elif k == "registry" and self.awaiting_registry:
             node, self.awaiting_registry = self.awaiting_registry, None
             if node in ev.get("reenrolled", []):
@@ -246,16 +257,21 @@ class ChaosDriver:
         from microfed_host.provision import reenrol_node
 
         node = self.c.reenrol_node
-        self.stop_node(node)
+        self._wipe(node)
         nd = self.out / "nodes" / node
-        shutil.rmtree(nd / "state", ignore_errors=True)
-        (nd / "state").mkdir()
         reg = reenrol_node(self.out / "mesh", node)
         self._reload_broker()  # the new broker password of the re-enrolled node
         shutil.copy(self.out / "mesh" / "bundles" / f"{node}.json", nd / "bundle.json")
         self.awaiting_registry = node
         self.say(f"  *** chaos: {node} wiped and re-enrolled (registry v{reg.version})")
         self._act("reenrol", node=node, version=reg.version)
+
+    def _wipe(self, node: str) -> None:
+        """SIGKILL the node and delete its state directory (counters, last round)."""
+        self.stop_node(node)
+        nd = self.out / "nodes" / node
+        shutil.rmtree(nd / "state", ignore_errors=True)
+        (nd / "state").mkdir()
 
     def _reload_broker(self) -> None:
         from microfed_host.broker import BrokerError
