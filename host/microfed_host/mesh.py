@@ -124,7 +124,8 @@ def _tail(path: Path, n: int = 15) -> str:
 
 def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | None = None,
              progress: Progress | None = None, kill_coordinator_at: int = 0,
-             timeout: float = 1800.0) -> dict[str, Any]:
+             timeout: float = 1800.0,
+             on_ready: Callable[[str, int, str], None] | None = None) -> dict[str, Any]:
     from microfed_host.broker import BrokerError, broker_from_arg
 
     exe = upy.find_micropython()
@@ -172,6 +173,10 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
             if time.monotonic() > ready_by:
                 raise MeshError("the coordinator did not get ready within 60 s:\n"
                                 + _tail(out / "coordinator.log"))
+        if on_ready is not None:
+            # A hook (tests, benchmarks: a junk flood) that runs once the coordinator is
+            # subscribed and before the nodes start: (broker host, port, mesh name).
+            on_ready(broker.host, broker.port, str(doc["mesh"]))
         adv = make_adversary(sc, out, doc["mesh"])
         if adv is not None:
             adv_thread = advmod.AdversaryThread(adv, broker.host, broker.port,
@@ -261,7 +266,11 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
 
 def run(sc: Scenario, out: Path, transport: str = "mqtt", broker: str | None = None,
         force: bool = False, say: Callable[[str], None] | None = print,
-        kill_coordinator_at: int = 0, timeout: float = 1800.0) -> dict[str, Any]:
+        kill_coordinator_at: int = 0, timeout: float = 1800.0,
+        on_ready: Callable[[str, int, str], None] | None = None) -> dict[str, Any]:
+    """Run scenario `sc` into run directory `out` and return its summary. on_ready (mqtt
+    only): called with (broker host, port, mesh name) once the coordinator is ready, before
+    the nodes start."""
     if transport not in TRANSPORTS:
         raise MeshError(f"transport must be one of {', '.join(TRANSPORTS)}")
     t0 = time.monotonic()
@@ -272,10 +281,10 @@ def run(sc: Scenario, out: Path, transport: str = "mqtt", broker: str | None = N
              f"{sc.split}, seed {sc.seed}, transport {transport}")
     prog.say(f"  run directory: {out}")
     if transport == "mqtt":
-        info = run_mqtt(sc, out, doc, broker, prog, kill_coordinator_at, timeout)
+        info = run_mqtt(sc, out, doc, broker, prog, kill_coordinator_at, timeout, on_ready)
     else:
-        if kill_coordinator_at:
-            raise MeshError("--kill-coordinator-at needs the mqtt transport")
+        if kill_coordinator_at or on_ready is not None:
+            raise MeshError("--kill-coordinator-at and on_ready need the mqtt transport")
         info = run_inproc(sc, out, doc, prog)
     return summarize(out, doc, info, time.monotonic() - t0)
 
