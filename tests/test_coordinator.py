@@ -248,30 +248,45 @@ def test_retained_publisher_keeps_what_the_broker_did_not_take() -> None:
     from microfed_host.coordinator import RetainedPublisher
     from microfed_host.mqtt import MQTTError
 
+    class Info:
+        def __init__(self, acked: bool) -> None:
+            self.acked = acked
+
+        def is_published(self) -> bool:
+            return self.acked
+
     class FakeClient:
         connected = False
+        acks = True
         sent: list[tuple[str, bytes]] = []
 
-        def publish(self, topic: str, payload: bytes, qos: int, retain: bool,
-                    timeout: float) -> None:
+        def publish_nowait(self, topic: str, payload: bytes, qos: int,
+                           retain: bool) -> Info:
             if not self.connected:
                 raise MQTTError("not connected")
-            assert retain and qos == 1
+            assert qos == 1
             self.sent.append((topic, payload))
+            return Info(self.acks)
 
     cli = FakeClient()
     logs: list[dict[str, Any]] = []
-    pub = RetainedPublisher(cli, logs.append)
+    pub = RetainedPublisher(cli, logs.append, resend_s=0.0)
     pub.publish("g", b"1", True)
     pub.publish("g", b"2", True)  # only the latest matters
     pub.publish("r", b"reg", True)
     assert cli.sent == [] and pub.pending == {"g", "r"}
     cli.connected = True
-    pub.flush()
-    assert cli.sent == [("g", b"2"), ("r", b"reg")] and pub.pending == set()
+    pub.flush()  # sent, not yet known to be acknowledged
+    assert cli.sent == [("g", b"2"), ("r", b"reg")]
+    pub.flush()  # acknowledged: nothing pending
+    assert pub.pending == set() and len(cli.sent) == 2
     pub.republish_all()  # a reconnect: the broker may have lost both
+    cli.acks = False
     pub.flush()
-    assert cli.sent[2:] == [("g", b"2"), ("r", b"reg")]
+    pub.flush()  # not acknowledged: sent again (resend_s = 0)
+    assert cli.sent[2:] == [("g", b"2"), ("r", b"reg")] * 2
+    assert pub.pending == {"g", "r"}
+    assert any(e["ev"] == "publish_pending" for e in logs)
 
 
 def test_deadline_closes_with_what_arrived_and_waits_below_the_minimum(tmp_path: Path) -> None:

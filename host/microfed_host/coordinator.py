@@ -757,13 +757,20 @@ class RetainedPublisher:
     """The coordinator's only publications are retained (registry, global): keep the latest
     payload per topic and (re)send it until the broker acknowledges it. A broker outage
     leaves them pending instead of killing the coordinator; every reconnect marks them all
-    pending again, because a restarted broker may have lost its retained messages."""
+    pending again, because a restarted broker may have lost its retained messages.
 
-    def __init__(self, client: Any, log: Log) -> None:
+    flush() never waits for a PUBACK (HostMQTT.publish_nowait): it runs on the thread that
+    drains the receive queue, and under a flood that queue is full, so the network thread
+    that reads PUBACKs is waiting for room. A publication not acknowledged within
+    `resend_s` is logged (publish_pending) and sent again."""
+
+    def __init__(self, client: Any, log: Log, resend_s: float = 10.0) -> None:
         self.client = client
         self.log = log
+        self.resend_s = resend_s
         self.latest: dict[str, bytes] = {}
         self.pending: set[str] = set()
+        self.inflight: dict[str, tuple[bytes, Any, float]] = {}
         self._lock = threading.Lock()
 
     def publish(self, topic: str, payload: bytes, retain: bool) -> None:
@@ -782,7 +789,7 @@ class RetainedPublisher:
         if not self.client.connected:
             return
         try:
-            self.client.publish(topic, payload, qos=1, retain=False, timeout=5.0)
+            self.client.publish_nowait(topic, payload, qos=1, retain=False)
         except MQTTError as e:
             self.log({"ev": "publish_failed", "topic": topic, "why": str(e)[:200],
                       "t": time.time()})
@@ -790,6 +797,7 @@ class RetainedPublisher:
     def republish_all(self) -> None:
         with self._lock:
             self.pending |= set(self.latest)
+            self.inflight.clear()
 
     def flush(self) -> None:
         from microfed_host.mqtt import MQTTError
@@ -801,15 +809,31 @@ class RetainedPublisher:
         for topic in todo:
             with self._lock:
                 payload = self.latest[topic]
+                cur = self.inflight.get(topic)
+            if cur is not None and cur[0] is payload:
+                try:
+                    done = bool(cur[1].is_published())
+                    why = "not acknowledged within %g s" % self.resend_s
+                except (RuntimeError, ValueError) as e:
+                    done, why = False, str(e)
+                if done:
+                    with self._lock:
+                        self.inflight.pop(topic, None)
+                        if self.latest.get(topic) is payload:
+                            self.pending.discard(topic)
+                    continue
+                if time.monotonic() - cur[2] < self.resend_s and why.startswith("not ack"):
+                    continue
+                self.log({"ev": "publish_pending", "topic": topic, "why": why[:200],
+                          "t": time.time()})
             try:
-                self.client.publish(topic, payload, qos=1, retain=True, timeout=10.0)
+                info = self.client.publish_nowait(topic, payload, qos=1, retain=True)
             except MQTTError as e:
                 self.log({"ev": "publish_pending", "topic": topic, "why": str(e)[:200],
                           "t": time.time()})
                 return
             with self._lock:
-                if self.latest.get(topic) is payload:
-                    self.pending.discard(topic)
+                self.inflight[topic] = (payload, info, time.monotonic())
 
 
 def load_config(run_dir: Path) -> CoordinatorConfig:
@@ -906,7 +930,13 @@ def serve(run_dir: Path, host: str, port: int, log: Log = _json_log,
         store.flush()
         for m in deferred:
             client.ack(m)
-        pub.flush()
+        # The final global must reach the broker. Whatever still arrives is not handled any
+        # more (the run is over); it is drained so the network thread can read the PUBACK.
+        end = time.monotonic() + 10.0
+        while pub.pending and client.connected and time.monotonic() < end:
+            client.drain()
+            pub.flush()
+            time.sleep(0.01)
         return 0
     finally:
         if client is not None:

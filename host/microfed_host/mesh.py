@@ -128,7 +128,8 @@ def _tail(path: Path, n: int = 15) -> str:
 
 def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | None = None,
              progress: Progress | None = None, kill_coordinator_at: int = 0,
-             timeout: float = 1800.0, chaos: Chaos | None = None) -> dict[str, Any]:
+             timeout: float = 1800.0, chaos: Chaos | None = None,
+             on_ready: Callable[[str, int, str], None] | None = None) -> dict[str, Any]:
     from microfed_host.broker import BrokerError, broker_from_arg
 
     exe = upy.find_micropython()
@@ -184,6 +185,10 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
             if time.monotonic() > ready_by:
                 raise MeshError("the coordinator did not get ready within 60 s:\n"
                                 + _tail(out / "coordinator.log"))
+        if on_ready is not None:
+            # A hook (tests, benchmarks: a junk flood) that runs once the coordinator is
+            # subscribed and before the nodes start: (broker host, port, mesh name).
+            on_ready(broker.host, broker.port, str(doc["mesh"]))
         adv = make_adversary(sc, out, doc["mesh"])
         if adv is not None:
             # Compromised REGISTERED nodes: each logs in as itself, and its wire attacks go
@@ -316,7 +321,11 @@ EXIT_REVOKED = 5
 
 def run(sc: Scenario, out: Path, transport: str = "mqtt", broker: str | None = None,
         force: bool = False, say: Callable[[str], None] | None = print,
-        kill_coordinator_at: int = 0, timeout: float = 1800.0) -> dict[str, Any]:
+        kill_coordinator_at: int = 0, timeout: float = 1800.0,
+        on_ready: Callable[[str, int, str], None] | None = None) -> dict[str, Any]:
+    """Run scenario `sc` into run directory `out` and return its summary. on_ready (mqtt
+    only): called with (broker host, port, mesh name) once the coordinator is ready, before
+    the nodes start."""
     if transport not in TRANSPORTS:
         raise MeshError(f"transport must be one of {', '.join(TRANSPORTS)}")
     if not (isinstance(timeout, (int, float)) and math.isfinite(timeout)
@@ -328,13 +337,17 @@ def run(sc: Scenario, out: Path, transport: str = "mqtt", broker: str | None = N
         raise MeshError(f"--kill-coordinator-at must be a round in 1..{sc.rounds} (0: never), "
                         f"got {kill_coordinator_at}")
     if sc.chaos is not None:
+        if on_ready is not None:
+            raise MeshError("on_ready is not supported for a [chaos] scenario")
         return run_chaos(sc, out, transport, broker, force, say, timeout)
-    return _run_once(sc, out, transport, broker, force, say, kill_coordinator_at, timeout)
+    return _run_once(sc, out, transport, broker, force, say, kill_coordinator_at, timeout,
+                     None, on_ready)
 
 
 def _run_once(sc: Scenario, out: Path, transport: str, broker: str | None, force: bool,
               say: Callable[[str], None] | None, kill_coordinator_at: int, timeout: float,
-              chaos: Chaos | None = None) -> dict[str, Any]:
+              chaos: Chaos | None = None,
+              on_ready: Callable[[str, int, str], None] | None = None) -> dict[str, Any]:
     t0 = time.monotonic()
     doc = prepare(sc, out, force)
     prog = Progress(sc, say)
@@ -343,10 +356,11 @@ def _run_once(sc: Scenario, out: Path, transport: str, broker: str | None, force
              f"{sc.split}, seed {sc.seed}, transport {transport}")
     prog.say(f"  run directory: {out}")
     if transport == "mqtt":
-        info = run_mqtt(sc, out, doc, broker, prog, kill_coordinator_at, timeout, chaos)
+        info = run_mqtt(sc, out, doc, broker, prog, kill_coordinator_at, timeout, chaos,
+                        on_ready)
     else:
-        if kill_coordinator_at:
-            raise MeshError("--kill-coordinator-at needs the mqtt transport")
+        if kill_coordinator_at or on_ready is not None:
+            raise MeshError("--kill-coordinator-at and on_ready need the mqtt transport")
         info = run_inproc(sc, out, doc, prog)
     return summarize(out, doc, info, time.monotonic() - t0)
 

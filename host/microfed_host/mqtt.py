@@ -223,6 +223,21 @@ class HostMQTT:
         if not info.is_published():
             raise MQTTError(f"publish to {topic!r} not acknowledged within {timeout:g} s")
 
+    def publish_nowait(self, topic: str, payload: bytes, qos: int = 1,
+                       retain: bool = False) -> paho.MQTTMessageInfo:
+        """Queue a publication and return at once; poll the result's is_published(). The
+        thread that drains a durable client's queue must publish this way: waiting for a PUBACK
+        there deadlocks once the queue is full, because the network thread that would read the
+        PUBACK is itself waiting for queue room. Raises MQTTError if it cannot be queued."""
+        if qos not in (0, 1):
+            raise MQTTError("qos must be 0 or 1")
+        if len(payload) > self.max_message:
+            raise MQTTError(f"payload of {len(payload)} bytes exceeds max_message {self.max_message}")
+        info = self._c.publish(topic, bytes(payload), qos=qos, retain=retain)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            raise MQTTError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
+        return info
+
     def ack(self, msg: Message) -> None:
         """Acknowledge a QoS 1 message taken from the queue (durable clients only): the
         broker forgets it. Call it once the message is handled, whatever the verdict."""
