@@ -56,6 +56,8 @@ def test_every_fault_happened(chaos_run: dict[str, Any]) -> None:
                                       "revoke", "reenrol", "wipe"])
     s = chaos_run["summary"]
     assert s["coordinator_restarts"] == 1
+    flood = [a for a in s["chaos"]["actions"] if a["action"] == "flood"][0]
+    assert flood["acknowledged"] == chaos_run["chaos"].flood_frames
     # The malformed frames and the flood were rejected and counted, nothing crashed.
     junk = sum(n for r, n in s["rejected"].items()
                if r not in ("duplicate", "banned", "counter_behind"))

@@ -487,3 +487,40 @@ def test_counter_notice_codec() -> None:
     assert wire.counter_notice_seq({"state": 0, "label": "behind 12"}) is None
     with pytest.raises(wire.WireError):
         wire.encode_counter_notice(1, 2**63)
+
+
+def test_scheduled_revocation_applies_exactly_after_its_round(tmp_path: Path) -> None:
+    m = Mesh(tmp_path, revoke_at={"node-05": 1})
+    m.coord.start()
+    for n in m.ids:
+        m.send(n, m.update(n))
+    assert m.coord.round == 2
+    ev = [e for e in m.events if e["ev"] == "registry"][-1]
+    assert ev["revoked"] == ["node-05"] and ev["version"] == 2
+    # Published before any update of round 2 is handled: registry after global.
+    assert [t.rsplit("/", 1)[-1] for t, _ in m.published[-2:]] == ["global", "registry"]
+    m.send("node-05", m.update("node-05"))
+    assert m.last_rejection() == "revoked"
+    for n in m.ids[:4]:
+        m.send(n, m.update(n))
+    assert m.coord.round == 3
+    # Idempotent across a restart: nothing is revoked twice.
+    m.store.close()
+    m.coord = m.new_coordinator()
+    m.coord.start()
+    assert [e for e in m.events if e["ev"] == "registry_error"] == []
+
+
+def test_round_min_s_paces_rounds(tmp_path: Path) -> None:
+    m = Mesh(tmp_path, round_min_s=5.0)
+    m.coord.start()
+    for n in m.ids:
+        m.send(n, m.update(n))
+    assert m.coord.round == 1  # every update is in, but the round is not 5 s old
+    m.clock.t += 4.9
+    m.coord.tick()
+    assert m.coord.round == 1
+    m.clock.t += 0.2
+    m.coord.tick()
+    assert m.coord.round == 2
+    assert [e["close_reason"] for e in m.events if e["ev"] == "round"] == ["quorum"]

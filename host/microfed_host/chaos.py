@@ -8,8 +8,8 @@ applied by `microfed mesh run` (mqtt transport) at fixed points of the run.
     flood_round = 2             # junk QoS 1 frames on the coordinator's topics
     flood_frames = 2000
     malformed_round = 1         # hand-made malformed frames (the issue-8 crash frames)
-    revoke_node = "node-05"     # revoked when round `revoke_round` closes
-    revoke_round = 2
+    revoke_node = "node-05"     # revoked by the coordinator when round `revoke_round` closes
+    revoke_round = 2            #   (coordinator.json revoke_at: exact in both runs)
     reenrol_node = "node-02"    # wiped (state deleted) and re-enrolled with a new key when
     reenrol_round = 3           #   round `reenrol_round` closes, then restarted
     wipe_node = "node-03"       # its counter file and state deleted (the bundle kept) when
@@ -156,6 +156,9 @@ class ChaosDriver:
         self.revoked: set[str] = set()
         self.awaiting_registry: str | None = None
         self.flooders: list[Any] = []
+        self.junk_sent = 0  # malformed + flood frames the broker acknowledged
+        self.rejected_seen = 0  # the coordinator's "rejected" events
+        self.outage_due: float | None = None
         self.report: dict[str, Any] = {"actions": []}
 
     def _once(self, name: str) -> bool:
@@ -172,6 +175,15 @@ class ChaosDriver:
     def on_event(self, ev: dict[str, Any]) -> None:
         k = ev.get("ev")
         c = self.c
+        if k == "rejected":
+            self.rejected_seen += 1
+        if self.outage_due is not None and (self.rejected_seen >= self.junk_sent
+                                            or time.monotonic() > self.outage_due):
+            # A broker without persistence loses what it still queues for the coordinator:
+            # the outage waits until the junk sent so far has been handled, so the junk
+            # counts stay exact (honest updates are re-sent by the nodes either way).
+            self.outage_due = None
+            self._broker_outage()
         if k == "accepted":
             r = int(ev.get("round", 0))
             if c.faults and r == c.malformed_round and self._once("malformed"):
@@ -179,7 +191,8 @@ class ChaosDriver:
             if c.faults and r == c.flood_round and c.flood_frames and self._once("flood"):
                 self._flood()
             if c.faults and r == c.broker_restart_round and self._once("broker"):
-                self._broker_outage()
+                self.outage_due = time.monotonic() + 60.0
+                self.on_event({"ev": "tick"})
             if (c.faults and r == c.kill_coordinator_round and ev.get("have", 0) >= 1
                     and ev.get("have", 0) < ev.get("want", 0) and self._once("kill")):
                 self.say(f"  *** chaos: SIGKILL to the coordinator in round {r}")
@@ -187,8 +200,6 @@ class ChaosDriver:
                 self.kill_coordinator()
         elif k == "round":
             r = int(ev.get("round", 0))
-            if c.revoke_node and r == c.revoke_round and self._once("revoke"):
-                self._revoke()
             if c.faults and c.reenrol_node and r == c.reenrol_round and self._once("reenrol"):
                 self._wipe_and_reenrol()
             if c.faults and c.wipe_node and r == c.wipe_round and self._once("wipe"):
@@ -196,7 +207,15 @@ class ChaosDriver:
                 self.say(f"  *** chaos: {c.wipe_node} lost its counter file; restarting it")
                 self._act("wipe", node=c.wipe_node)
                 self.start_node(c.wipe_node)
-        elif k == "registry" and self.awaiting_registry:
+        elif k == "registry" and ev.get("revoked"):
+            # The coordinator revoked on its schedule (coordinator.json revoke_at): the
+            # broker re-reads its password file, so the revoked login stops working.
+            self._reload_broker()
+            self.revoked.update(ev["revoked"])
+            self._act("revoke", node=",".join(ev["revoked"]), version=ev.get("version"))
+            self.say(f"  *** chaos: coordinator revoked {', '.join(ev['revoked'])} "
+                     f"(registry v{ev.get('version')})")
+        if k == "registry" and self.awaiting_registry:
             node, self.awaiting_registry = self.awaiting_registry, None
             if node in ev.get("reenrolled", []):
                 self.say(f"  *** chaos: coordinator adopted {node}'s new key; restarting it")
@@ -221,7 +240,12 @@ class ChaosDriver:
                     seed=7)
         f.start()
         self.flooders.append(f)
-        self._act("flood", frames=self.c.flood_frames)
+        # Wait until the broker holds all of it: it is then queued for the coordinator AHEAD
+        # of the nodes' next messages, so the run cannot end before every frame is handled.
+        f.join(120)
+        self.junk_sent += f.sent
+        self._act("flood", frames=self.c.flood_frames, acknowledged=f.sent,
+                  seconds=round(f.elapsed, 2))
 
     def _malformed(self) -> None:
         import paho.mqtt.client as paho
@@ -240,18 +264,9 @@ class ChaosDriver:
         finally:
             cli.disconnect()
             cli.loop_stop()
+        self.junk_sent += len(frames)
         self._act("malformed", frames=len(frames),
                   sha256=[hashlib.sha256(f).hexdigest()[:16] for _s, f in frames])
-
-    def _revoke(self) -> None:
-        from microfed_host.provision import revoke_node
-
-        node = self.c.revoke_node
-        reg = revoke_node(self.out / "mesh", node)
-        self._reload_broker()
-        self.revoked.add(node)
-        self.say(f"  *** chaos: revoked {node} (registry v{reg.version})")
-        self._act("revoke", node=node, version=reg.version)
 
     def _wipe_and_reenrol(self) -> None:
         from microfed_host.provision import reenrol_node

@@ -102,6 +102,10 @@ class CoordinatorConfig:
     crosscheck: str = "always"
     deadline_s: float = 60.0
     digest_grace_s: float = 5.0
+    # No round closes sooner than this after it opened, even with every update in: paces a
+    # mesh (battery-powered nodes that sleep between rounds) and gives operators (and the
+    # chaos runs) a window to act between rounds. 0: close as soon as the quorum is in.
+    round_min_s: float = 0.0
     wait_hello_s: float = 0.0  # > 0: round 1 starts when every expected node said HELLO
     init_seed: int = 1
     model: str = "softmax"
@@ -111,6 +115,11 @@ class CoordinatorConfig:
     max_abs: int = DEFAULT_MAX_ABS
     reputation: dict[str, int] = field(default_factory=dict)
     expected: list[str] = field(default_factory=list)  # empty: every active registry node
+    # Scheduled revocations: node -> the round after whose close the coordinator revokes it
+    # (re-signs the registry in the mesh directory and adopts it before any update of the
+    # next round is handled). Exact round for reproducible experiments; `microfed provision
+    # revoke` does the same at any time, effective within a second.
+    revoke_at: dict[str, int] = field(default_factory=dict)
 
     def check(self) -> None:
         if self.rule not in RULES:
@@ -121,8 +130,14 @@ class CoordinatorConfig:
             raise CoordinatorError("f, m and trim must fit 0..255 (they travel as u8)")
         if not 1 <= self.rounds <= 100000:
             raise CoordinatorError("rounds must be in 1..100000")
+        for node, rr in self.revoke_at.items():
+            if not isinstance(node, str) or type(rr) is not int or not 1 <= rr <= self.rounds:
+                raise CoordinatorError(f"revoke_at: {node!r} -> {rr!r} must name a node and a "
+                                       f"round in 1..{self.rounds}")
         if not self.deadline_s > 0 or not self.digest_grace_s >= 0:
             raise CoordinatorError("deadline_s must be > 0 and digest_grace_s >= 0")
+        if not 0 <= self.round_min_s <= self.deadline_s:
+            raise CoordinatorError("round_min_s must be in [0, deadline_s]")
         try:
             Policy.parse(self.crosscheck)
         except ValueError as e:
@@ -232,6 +247,7 @@ class Coordinator:
         self.gate_open = True
         self.gate_deadline = 0.0
         self.paused_since: float | None = None
+        self.round_opened = 0.0
 
     # -- plumbing -----------------------------------------------------------------------
     def log(self, ev: str, **kw: Any) -> None:
@@ -278,6 +294,22 @@ class Coordinator:
     def _active(self, node: str) -> bool:
         e = self.registry.nodes.get(node)
         return e is not None and bool(e[1])
+
+    def _scheduled_revocations(self, closed: int) -> None:
+        """cfg.revoke_at: revoke each node whose round has closed (idempotent: a restart
+        after a crash finds it revoked already)."""
+        from microfed_host.provision import ProvisionError, revoke_node
+
+        due = sorted(n for n, rr in self.cfg.revoke_at.items()
+                     if rr <= closed and self._active(n))
+        if not due:
+            return
+        for node in due:
+            try:
+                revoke_node(Path(self.cfg.mesh_dir), node)
+            except ProvisionError as e:
+                self.log("registry_error", error=f"scheduled revocation of {node}: {e}"[:300])
+        self.check_registry(force=True)
 
     # -- live registry -------------------------------------------------------------------
     def check_registry(self, force: bool = False) -> bool:
@@ -385,6 +417,7 @@ class Coordinator:
             if st["done"]:
                 self.done = True
         self.publish(self.t["registry"], self.registry_frame, True)
+        self._scheduled_revocations(self.round - 1)
         if self.gate_open:
             self._open_round_one_or_resume()
         else:
@@ -403,6 +436,7 @@ class Coordinator:
         if self.round > self.cfg.rounds and not self.done:
             self._begin_finish()
         self.deadline = self.clock() + self.cfg.deadline_s
+        self.round_opened = self.clock()
         if not self.finishing and not self.done:
             self.maybe_close()
 
@@ -597,6 +631,7 @@ class Coordinator:
         gap = self.clock() - self.paused_since
         self.paused_since = None
         self.deadline += gap
+        self.round_opened += gap
         self.finish_deadline += gap
         self.gate_deadline += gap
         self.log("resumed", round=self.round, paused_s=round(gap, 3))
@@ -617,6 +652,10 @@ class Coordinator:
             if now >= self.finish_deadline:
                 self._finish("grace period over")
             return
+        if self.cfg.round_min_s:
+            self.maybe_close()
+            if self.finishing or self.done:
+                return
         if now >= self.deadline:
             if len(self.pending) >= self.n_min:
                 self.close_round("deadline")
@@ -630,6 +669,8 @@ class Coordinator:
             return
         want = self.expected_now()
         if want and all(n in self.pending for n in want):
+            if self.clock() < self.round_opened + self.cfg.round_min_s:
+                return  # paced: tick() closes it when round_min_s is up
             self.close_round("quorum")
 
     def close_round(self, reason: str) -> None:
@@ -684,12 +725,14 @@ class Coordinator:
         self.coord_seq, self.global_frame = seq, frame
         self.last_accuracy = acc
         self.deadline = self.clock() + self.cfg.deadline_s
+        self.round_opened = self.clock()
         self.log("round", round=r, accuracy=acc, accepted=ids, selected=res.get("selected"),
                  agg_digest=res["digest"], model_digest=model_digest,
                  banned=self.book.banned(), newly_banned=newly, close_reason=reason,
                  crosschecked=crosschecked, rejected=dict(self.rejected),
                  verdicts={k: v for k, v in verdicts.items() if v != BANNED})
         self.publish(self.t["global"], frame, True)
+        self._scheduled_revocations(r)
         if final:
             self._begin_finish()
 

@@ -276,7 +276,7 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
                                     + _tail(out / "coordinator.log"))
             for nid, p in nodes.items():
                 rc = p.poll()
-                if rc == EXIT_REVOKED and driver is not None and nid in driver.revoked:
+                if rc == EXIT_REVOKED and _revoked(out, nid):
                     continue  # it learnt of its revocation and stopped, as it should
                 if rc is not None and rc != 0:
                     raise MeshError(f"node {nid} exited with code {rc}:\n"
@@ -314,6 +314,19 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
 
 # A node's exit code when the registry revoked it (firmware/node.py).
 EXIT_REVOKED = 5
+
+
+def _revoked(out: Path, node: str) -> bool:
+    """True if the run's signed registry marks `node` revoked."""
+    from microfed_host.provision import MeshDir, ProvisionError
+    from microfed_host.registry import RegistryError
+
+    try:
+        _mesh, _seed, reg = MeshDir(out / "mesh").load()
+    except (ProvisionError, RegistryError, OSError, ValueError):
+        return False
+    e = reg.nodes.get(node)
+    return e is not None and not e.active
 
 
 # ------------------------------------------------------------------ in-process engine

@@ -87,6 +87,7 @@ class Scenario:
     batch: int = 10
     crosscheck: str = "always"
     deadline_s: float = 60.0
+    round_min_s: float = 0.0  # the coordinator closes no round sooner (pacing; chaos runs)
     reputation: dict[str, int] = field(default_factory=dict)
     allow_more_byzantine: bool = False
     chaos: Chaos | None = None  # the [chaos] table (microfed_host.chaos); mqtt transport only
@@ -162,6 +163,8 @@ class Scenario:
                             f"{self.epochs} and {self.batch}")
         self.deadline_s = _finite("deadline (seconds)", self.deadline_s, 0.0, MAX_DEADLINE_S,
                                   lo_open=True)
+        self.round_min_s = _finite("round_min_s (seconds)", self.round_min_s, 0.0,
+                                   self.deadline_s)
         if not 0 <= self.f <= 255 or not 0 <= self.m <= 255 or not -1 <= self.trim <= 255:
             raise MeshError(f"f and m must be in 0..255 and trim in -1..255, got f={self.f}, "
                             f"m={self.m}, trim={self.trim}")
@@ -214,7 +217,7 @@ class Scenario:
 
 
 _TOP = {"chaos", "name", "description", "honest", "rule", "f", "m", "trim", "rounds", "mode", "seed",
-        "crosscheck", "deadline_s", "split", "alpha", "max_samples", "attackers", "train",
+        "crosscheck", "deadline_s", "round_min_s", "split", "alpha", "max_samples", "attackers", "train",
         "data", "reputation", "allow_more_byzantine"}
 
 
@@ -231,7 +234,7 @@ def load_scenario(path: Path) -> Scenario:
     sc = Scenario(name=Path(path).stem)
     try:
         for k in ("name", "description", "honest", "rule", "f", "m", "trim", "rounds", "mode",
-                  "seed", "crosscheck", "deadline_s", "split", "alpha", "max_samples",
+                  "seed", "crosscheck", "deadline_s", "round_min_s", "split", "alpha", "max_samples",
                   "allow_more_byzantine"):
             if k in doc:
                 setattr(sc, k, doc[k])
@@ -275,7 +278,7 @@ def load_scenario(path: Path) -> Scenario:
         if type(getattr(sc, k)) is not typ:
             what = {int: "an integer", str: "a string", bool: "true or false"}[typ]
             raise MeshError(f"scenario {path}: {k} must be {what}")
-    for k in ("alpha", "deadline_s"):
+    for k in ("alpha", "deadline_s", "round_min_s"):
         v = getattr(sc, k)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise MeshError(f"scenario {path}: {k} must be a number")
@@ -371,9 +374,12 @@ def prepare(sc: Scenario, out: Path, force: bool = False) -> dict[str, Any]:
     cfg = CoordinatorConfig(mesh_dir=str(out / "mesh"), rule=sc.rule, f=sc.f, m=sc.m,
                             trim=sc.trim, rounds=sc.rounds, mode=sc.mode,
                             crosscheck=sc.crosscheck, deadline_s=sc.deadline_s,
+                            round_min_s=sc.round_min_s,
                             init_seed=sc.seed, test_shard=str(ddir / "test.mfds"),
                             reputation=dict(sc.reputation), expected=ids,
-                            wait_hello_s=min(30.0, sc.deadline_s))
+                            wait_hello_s=min(30.0, sc.deadline_s),
+                            revoke_at=({sc.chaos.revoke_node: sc.chaos.revoke_round}
+                                       if sc.chaos is not None and sc.chaos.revoke_node else {}))
     (out / coordmod.CONFIG_NAME).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
     doc = sc.to_json()
     doc.update({"mesh": mesh_name, "honest_ids": sc.honest_ids(),
