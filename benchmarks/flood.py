@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/flood.py [--scenario scenarios/default.toml] [--count 50000]
 
-1. The scenario clean, then again with `--count` QoS 1 junk frames (microfed_host.flood) on
-   the coordinator's update/, digest/ and hello/ topics: the nodes start once the broker has
+1. The scenario clean, then again with `--count` QoS 1 junk frames (microfed_host.flood) from
+   node-01's leaked broker login on its own update/, digest/ and hello/ topics (the broker
+   refuses anonymous clients): the nodes start once the broker has
    acknowledged `--count` of them, the flood goes on (up to `--overlap` more) during the rounds.
 2. The small test scenario (5 honest nodes, 4 rounds) with 500 x 1,000,000-byte and
-   500 x 60,000-byte QoS 0 junk frames on update/.
+   500 x 60,000-byte QoS 0 junk frames on node-01's update/ topic.
 The coordinator's RSS (VmRSS) is sampled every 50 ms throughout. Prints the figures; asserts
 nothing (tests/test_flood.py does, on a small run).
 """

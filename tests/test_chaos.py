@@ -98,3 +98,25 @@ def test_chaos_table_errors_name_the_key() -> None:
         c.check(["node-01"], 5)
     with pytest.raises(ChaosError, match="not a round of this run"):
         Chaos(flood_round=9).check(["node-01"], 5)
+
+
+def test_a_broker_outage_longer_than_any_timeout_costs_nothing(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """35 s without a broker (the coordinator used to exit after 30 s): it pauses, the nodes
+    keep retrying, the broker comes back empty, the coordinator re-publishes its retained
+    registry and global, and the run ends with the reference run's digest."""
+    _need_tools()
+    from microfed_host import mesh
+
+    sc = mesh.Scenario(name="outage", honest=5, rule="krum", f=1, rounds=4, seed=11,
+                       max_samples=60, deadline_s=30.0, round_min_s=1.0,
+                       chaos=Chaos(broker_restart_round=2, outage_s=35.0))
+    out = tmp_path_factory.mktemp("outage") / "run"
+    s = mesh.run(sc, out, say=None, broker="mosquitto")
+    res = json.loads((out / "chaos.json").read_text())
+    assert res["same_final_digest"] is True
+    assert [a["action"] for a in s["chaos"]["actions"]] == ["broker_restart"]
+    log = [json.loads(x) for x in (out / "chaos" / "coordinator.log").read_text().splitlines()]
+    paused = [e for e in log if e["ev"] == "resumed"]
+    assert paused and paused[0]["paused_s"] >= 30.0
+    assert [e["round"] for e in log if e["ev"] == "round"] == [1, 2, 3, 4]
