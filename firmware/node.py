@@ -310,7 +310,9 @@ class Node:
         except Exception:
             self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
-    def verify_global(self, msg):
+    def coordinator_frame(self, msg, kind, what):
+        """Decode a frame that must be `kind` from the coordinator, signed with the key
+        pinned in the bundle. Raises Rejected."""
         if not isinstance(msg, (bytes, bytearray)):
             raise Rejected("bad_type", "frame must be bytes")
         if len(msg) > wire.MAX_FRAME:
@@ -320,13 +322,17 @@ class Node:
         except WireError as e:
             raise Rejected(e.reason, e.message)
         if fr.mesh_id != self.mesh_id:
-            raise Rejected("wrong_mesh", "global model for another mesh")
-        if fr.kind != wire.GLOBAL_MODEL:
-            raise Rejected("wrong_kind", "%s on the global topic" % fr.kind_name)
+            raise Rejected("wrong_mesh", "%s for another mesh" % what)
+        if fr.kind != kind:
+            raise Rejected("wrong_kind", "%s where a %s belongs" % (fr.kind_name, what))
         if fr.sender != wire.COORDINATOR:
-            raise Rejected("wrong_role", "global model not from the coordinator")
+            raise Rejected("wrong_role", "%s not from the coordinator" % what)
         if not ed25519.verify(self.b.coordinator_key, fr.signing_digest(), fr.signature):
-            raise Rejected("bad_signature", "global model signature does not verify")
+            raise Rejected("bad_signature", "%s signature does not verify" % what)
+        return fr
+
+    def verify_global(self, msg):
+        fr = self.coordinator_frame(msg, wire.GLOBAL_MODEL, "global model")
         bad = self.gguard.check(wire.COORDINATOR, wire.GLOBAL_MODEL, fr.seq, fr.round,
                                 fr.timestamp, self.clock(), self.state.last_round + 1, None)
         if bad is not None:
@@ -419,16 +425,7 @@ class Node:
         """The coordinator says our counter is behind what it accepted before (this device
         lost its counter file): skip past it, and re-sign the current update so this round
         still counts. Only the coordinator's signature makes us move; moving up is safe."""
-        try:
-            fr = wire.decode(msg)
-        except WireError as e:
-            raise Rejected(e.reason, e.message)
-        if fr.mesh_id != self.mesh_id:
-            raise Rejected("wrong_mesh", "notice for another mesh")
-        if fr.kind != wire.STATUS or fr.sender != wire.COORDINATOR:
-            raise Rejected("wrong_role", "notices come from the coordinator as STATUS")
-        if not ed25519.verify(self.b.coordinator_key, fr.signing_digest(), fr.signature):
-            raise Rejected("bad_signature", "notice signature does not verify")
+        fr = self.coordinator_frame(msg, wire.STATUS, "notice")
         seq = wire.counter_notice_seq(fr.body)
         if seq is None:
             raise Rejected("bad_payload", "not a counter notice")

@@ -242,16 +242,23 @@ def add_node(mesh_dir: Path, node_id: str, force: bool = False) -> MeshRegistry:
     return reg
 
 
-def revoke_node(mesh_dir: Path, node_id: str) -> MeshRegistry:
-    """Mark a node revoked: registry version + 1, re-signed; its bundle is deleted."""
+def _active_entry(mesh_dir: Path, node_id: str, if_revoked: str, if_unknown: str
+                  ) -> tuple[MeshDir, dict[str, Any], bytes, MeshRegistry, NodeEntry]:
+    """The loaded mesh and the registry entry of an active node, else ProvisionError."""
     md = MeshDir(Path(mesh_dir))
     check_node_id(node_id)
     mesh, seed, reg = md.load()
     e = reg.nodes.get(node_id)
     if e is None:
-        raise ProvisionError(f"{node_id} is not in the registry")
+        raise ProvisionError(f"{node_id} is not in the registry{if_unknown}")
     if not e.active:
-        raise ProvisionError(f"{node_id} is already revoked")
+        raise ProvisionError(f"{node_id} {if_revoked}")
+    return md, mesh, seed, reg, e
+
+
+def revoke_node(mesh_dir: Path, node_id: str) -> MeshRegistry:
+    """Mark a node revoked: registry version + 1, re-signed; its bundle is deleted."""
+    md, mesh, seed, reg, e = _active_entry(mesh_dir, node_id, "is already revoked", "")
     e.active = False
     reg.version += 1
     write_registry_and_bundles(md, mesh, seed, reg)
@@ -266,14 +273,9 @@ def reenrol_node(mesh_dir: Path, node_id: str) -> MeshRegistry:
     with the old key can never verify again), so the wiped device may count from 1 again.
     The old key file and broker password are replaced: a stolen copy of the old bundle is
     useless from now on (at the broker once it re-reads its password file)."""
-    md = MeshDir(Path(mesh_dir))
-    check_node_id(node_id)
-    mesh, seed, reg = md.load()
-    e = reg.nodes.get(node_id)
-    if e is None:
-        raise ProvisionError(f"{node_id} is not in the registry (use `provision add`)")
-    if not e.active:
-        raise ProvisionError(f"{node_id} was revoked; a revoked id cannot be re-enrolled")
+    md, mesh, seed, reg, e = _active_entry(
+        mesh_dir, node_id, "was revoked; a revoked id cannot be re-enrolled",
+        " (use `provision add`)")
     e.public_key = new_node_key(md, node_id, force=True)
     # A new broker password too: the old bundle's login stops working at the broker.
     brokerauth.cred_path(md.root, node_id).unlink(missing_ok=True)

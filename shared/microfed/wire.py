@@ -260,6 +260,18 @@ def _need(cond, msg):
         raise WireError("bad_payload", msg)
 
 
+def _entry_id(p, off, n, tail, what):
+    """The node id of a length-prefixed entry at p[off] that `tail` more bytes follow
+    (registry and accepted-set entries). Each entry's start is checked, not only the count:
+    the count bound assumes short entries, and one long entry can use up the rest."""
+    _need(off < n, what + " entry truncated")
+    ln = p[off]
+    _need(1 <= ln <= MAX_ID and off + 1 + ln + tail <= n, what + " entry truncated")
+    b = bytes(p[off + 1:off + 1 + ln])
+    _need(valid_id(b) and b != COORDINATOR.encode(), "bad node id in " + what)
+    return b
+
+
 def decode_payload(kind, p):
     """Parse a payload of `kind` into a dict; every length is checked against len(p) first."""
     if not isinstance(p, (bytes, bytearray, memoryview)):
@@ -302,11 +314,8 @@ def decode_payload(kind, p):
         entries = []
         prev = None
         for _ in range(count):
-            _need(off < n, "registry entry truncated")
-            ln = p[off]
-            _need(1 <= ln <= MAX_ID and off + 1 + ln + 33 <= n, "registry entry truncated")
-            b = bytes(p[off + 1:off + 1 + ln])
-            _need(valid_id(b) and b != COORDINATOR.encode(), "bad node id in registry")
+            b = _entry_id(p, off, n, 33, "registry")
+            ln = len(b)
             _need(prev is None or b > prev, "registry ids not strictly ascending")
             prev = b
             pub = bytes(p[off + 1 + ln:off + 33 + ln])
@@ -441,12 +450,8 @@ def decode_global_payload(p):
     acc = []
     seen = {}
     for _ in range(count):
-        # The count bound assumes short entries; one long entry can use up the rest.
-        _need(off < n, "accepted entry truncated")
-        ln = p[off]
-        _need(1 <= ln <= MAX_ID and off + 1 + ln + 32 <= n, "accepted entry truncated")
-        b = bytes(p[off + 1:off + 1 + ln])
-        _need(valid_id(b) and b != COORDINATOR.encode(), "bad node id in accepted set")
+        b = _entry_id(p, off, n, 32, "accepted set")
+        ln = len(b)
         _need(b not in seen, "node id twice in accepted set")
         seen[b] = 1
         acc.append((b.decode(), bytes(p[off + 1 + ln:off + 33 + ln])))
