@@ -78,6 +78,11 @@ def test_membership_changes_take_effect_in_the_next_round(chaos_run: dict[str, A
     finally:
         store.close()
     assert c.revoke_node in accepted[c.revoke_round]
+    # The revoked node learnt it from the re-published registry and stopped (exit code 5);
+    # every other honest node ran to the end.
+    codes = chaos_run["summary"]["node_exit_codes"]
+    assert codes.pop(c.revoke_node) == 5
+    assert set(codes.values()) == {0}
     # Revoked when round c.revoke_round closed: absent from every later round.
     for rnd in range(c.revoke_round + 1, 6):
         assert c.revoke_node not in accepted[rnd], (rnd, accepted[rnd])

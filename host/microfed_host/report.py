@@ -143,6 +143,8 @@ def summarize(out: Path, doc: dict[str, Any], info: dict[str, Any], duration: fl
         summary["broker"] = info["broker"]
     if "chaos" in info:
         summary["chaos"] = info["chaos"]
+    if "node_exit_codes" in info:
+        summary["node_exit_codes"] = info["node_exit_codes"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(out / "rounds.csv", "w", newline="") as fh:
         w = csv.writer(fh)
