@@ -14,6 +14,9 @@ from microfed_tools import rawrepl
 
 @pytest.fixture
 def fileset(tmp_path, device):
+    if not device.cap("filesystem", True):
+        pytest.skip("board %s has no filesystem: microfed is frozen into its firmware "
+                    "(microfed firmware build), nothing is deployed" % device.name)
     a = tmp_path / "a.py"
     a.write_text("def f():\n    return 6 * 7\n")
     blob = tmp_path / "blob.bin"

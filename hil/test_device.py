@@ -19,7 +19,10 @@ ROOT = dv.ROOT
 
 
 def _core_files(repl, device, names):
-    """Write shared/microfed/<names> to <root>lib/microfed/ (verified) and make it importable."""
+    """Write shared/microfed/<names> to <root>lib/microfed/ (verified) and make it importable.
+    Firmware with microfed frozen in has them already (and may have no filesystem)."""
+    if device.cap("frozen_core", False):
+        return
     for name in ("__init__",) + tuple(names):
         data = (ROOT / "shared" / "microfed" / (name + ".py")).read_bytes()
         path = device.root + "lib/microfed/%s.py" % name

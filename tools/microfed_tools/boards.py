@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 FLASHERS: tuple[str, ...] = ("esptool", "uf2", "dfu", "nrfjprog", "none", "qemu")
-FAMILIES: tuple[str, ...] = ("esp32", "rp2", "stm32", "nrf", "unix")
+FAMILIES: tuple[str, ...] = ("esp32", "rp2", "stm32", "nrf", "unix", "qemu")
 NETWORKS: tuple[str, ...] = ("wifi", "none", "host")
 
 # Chips esptool can talk to, mapped to the CHIP_NAME esptool reports after detection.
@@ -52,6 +52,8 @@ class Capabilities:
     max_model_params: int
     hashlib_sha256: bool
     network: str
+    filesystem: bool = True  # False: nothing can be written; code comes frozen in
+    frozen_core: bool = False  # microfed (shared/ + firmware/) frozen into the firmware
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,11 @@ _CAP_KEYS: dict[str, type] = {
     "max_model_params": int,
     "hashlib_sha256": bool,
     "network": str,
+    "filesystem": bool,
+    "frozen_core": bool,
 }
+_CAP_REQUIRED = ("ed25519_on_device", "gossip_aggregation", "max_model_params",
+                 "hashlib_sha256", "network")
 _TRANSFER_KEYS: dict[str, type] = {"chunk_size": int, "chunk_delay_ms": int}
 
 
@@ -172,7 +178,7 @@ def _parse(path: Path) -> Board:
     where = str(path)
     _check_table(where, raw, _TOP_KEYS, _REQUIRED)
     caps = raw["capabilities"]
-    _check_table(f"{where} [capabilities]", caps, _CAP_KEYS, tuple(_CAP_KEYS))
+    _check_table(f"{where} [capabilities]", caps, _CAP_KEYS, _CAP_REQUIRED)
     transfer = raw["transfer"]
     _check_table(f"{where} [transfer]", transfer, _TRANSFER_KEYS, tuple(_TRANSFER_KEYS))
 

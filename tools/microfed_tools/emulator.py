@@ -62,6 +62,14 @@ def missing_requirements(board: Any) -> str | None:
     package = emu.get("package", program)
     if not shutil.which(program):
         return "%s not installed: apt-get install -y %s" % (program, package)
+    from microfed_tools import firmware
+
+    target = firmware.built_target(board)
+    if target is not None:
+        t = firmware.TARGETS.get(target)
+        if t is None:
+            return "board %s names an unknown firmware target %r" % (board.name, target)
+        return firmware.missing_tools(t)  # the image itself is built on first use
     image = getattr(board, "image", "")
     if image and not os.path.exists(image):
         return "MicroPython image %s missing: apt-get install -y %s" % (image, package)
@@ -80,15 +88,22 @@ class Emulator:
 
     def command(self) -> list[str]:
         emu = getattr(self.board, "emulator", None) or {}
+        from microfed_tools import firmware
+
         program = emu.get("program", "qemu-system-arm")
-        image = getattr(self.board, "image", "")
+        image = firmware.image_path(self.board)  # builds a firmware: image on first use
         return [program] + [str(a).replace("{image}", image) for a in emu.get("args", [])]
 
     def start(self) -> str:
         why = missing_requirements(self.board)
         if why:
             raise EmulatorError(why)
-        argv = self.command()
+        from microfed_tools.firmware import FirmwareError
+
+        try:
+            argv = self.command()
+        except FirmwareError as e:
+            raise EmulatorError(str(e)) from e
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, start_new_session=True)

@@ -699,7 +699,15 @@ def open_transport(port: str | None, board: Any = None) -> Transport:
     `port` (a directory, default: the current one); anything else is a serial port/pty."""
     if is_unix_board(board) or (port or "").startswith("unix:"):
         root = (port or "")[5:] if (port or "").startswith("unix:") else port
-        return UnixPortTransport(root or None, board_value(board, "heap_bytes"))
+        program = None
+        from microfed_tools import firmware
+
+        if firmware.built_target(board) is not None:
+            try:
+                program = firmware.image_path(board)  # e.g. unix32, built here
+            except firmware.FirmwareError as e:
+                raise TransportError(str(e)) from e
+        return UnixPortTransport(root or None, board_value(board, "heap_bytes"), program)
     if not port:
         raise TransportError("no port given: pass --port (e.g. /dev/ttyUSB0 or /dev/pts/N)")
     return SerialTransport(port, int(board_value(board, "serial_baud", default=115200) or 115200))

@@ -1,0 +1,10 @@
+# What `microfed firmware build` freezes into every firmware it builds
+# (tools/microfed_tools/firmware.py): the portable core and the node application, compiled to
+# bytecode in flash, so importing them costs the heap only the objects they create. Paths are
+# relative to this file; MicroPython's tools/manifestfile.py documents the calls.
+package("microfed", base_path="../../shared")
+package("hal", base_path="../../firmware")
+package("umqtt", base_path="../../firmware/lib")
+module("config.py", base_path="../../firmware")
+module("mqtt.py", base_path="../../firmware")
+module("node.py", base_path="../../firmware")

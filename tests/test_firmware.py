@@ -1,0 +1,92 @@
+"""`microfed firmware build`: MicroPython 1.29 from the vendored source with microfed frozen
+in. The 32-bit unix build is made for real (or reused from the cache) and run: it has an
+MCU's 31-bit small ints and imports the frozen core without any file on its path. The
+rebuild rule is checked without compiling: same inputs -> no make; a changed frozen file ->
+make runs again. pytest hil --board mps2-an385 | virt-rv32 | unix32 runs the vectors on them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from microfed_tools import firmware
+
+
+def _need(target: str) -> None:
+    why = firmware.missing_tools(firmware.TARGETS[target])
+    if why:
+        pytest.skip(why)
+    try:
+        firmware.find_tarball()
+    except firmware.FirmwareError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def unix32() -> Path:
+    _need("unix32")
+    return firmware.build("unix32", say=lambda _m: None)
+
+
+def test_unix32_is_32_bit_and_has_microfed_frozen_in(unix32: Path, tmp_path: Path) -> None:
+    code = ("import sys, gc\n"
+            "import microfed.wire, microfed.ed25519, microfed.q16, node\n"
+            "print(sys.maxsize, microfed.q16.mul(3 << 16, 5 << 16) >> 16, "
+            "microfed.wire.mesh_id('lab').hex())\n")
+    # An empty working directory and no MICROPYPATH: the modules can only come from the image.
+    out = subprocess.run([str(unix32), "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    from microfed import wire
+
+    assert out.stdout.split() == [str(2**31 - 1), "15", wire.mesh_id("lab").hex()]
+
+
+def test_same_inputs_do_not_rebuild(unix32: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_make(*a: Any, **k: Any) -> None:
+        raise AssertionError("make ran although no input changed")
+
+    monkeypatch.setattr(firmware, "_make", no_make)
+    assert firmware.build("unix32", say=lambda _m: None) == unix32
+
+
+def test_a_changed_frozen_file_rebuilds(unix32: Path, monkeypatch: pytest.MonkeyPatch,
+                                        tmp_path: Path) -> None:
+    extra = tmp_path / "extra.py"
+    extra.write_text("X = 1\n")
+    real = firmware.frozen_files
+    monkeypatch.setattr(firmware, "frozen_files", lambda: [*real(), extra])
+    calls: list[list[str]] = []
+
+    def fake_make(args: list[str], log: Path, say: Any, what: str) -> None:
+        calls.append(args)
+
+    monkeypatch.setattr(firmware, "_make", fake_make)
+    stamp_file = firmware.build_dir("unix32") / ".microfed-stamp"
+    before = stamp_file.read_text()
+    try:
+        firmware.build("unix32", say=lambda _m: None)
+        assert len(calls) == 1 and "FROZEN_MANIFEST=%s" % firmware.MANIFEST in calls[0]
+        assert stamp_file.read_text() != before
+    finally:
+        stamp_file.write_text(before)  # the image on disk is still the real build's
+
+
+def test_unknown_target_and_missing_tools_say_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(firmware.FirmwareError, match="unknown firmware target 'esp8266'"):
+        firmware.build("esp8266")
+    monkeypatch.setattr(firmware.shutil, "which", lambda _c: None)
+    why = firmware.missing_tools(firmware.TARGETS["mps2-an385"])
+    assert why is not None and "apt-get install -y" in why and "gcc-arm-none-eabi" in why
+
+
+def test_the_manifest_freezes_the_core_and_the_node() -> None:
+    text = firmware.MANIFEST.read_text()
+    assert 'package("microfed", base_path="../../shared")' in text
+    assert 'module("node.py", base_path="../../firmware")' in text
+    files = {p.relative_to(firmware.REPO).as_posix() for p in firmware.frozen_files()}
+    assert "shared/microfed/wire.py" in files and "firmware/node.py" in files
