@@ -159,6 +159,7 @@ class ChaosDriver:
         self.junk_sent = 0  # malformed + flood frames the broker acknowledged
         self.rejected_seen = 0  # the coordinator's "rejected" events
         self.outage_due: float | None = None
+        self.reload_at_next_round = False
         self.report: dict[str, Any] = {"actions": []}
 
     def _once(self, name: str) -> bool:
@@ -200,6 +201,9 @@ class ChaosDriver:
                 self.kill_coordinator()
         elif k == "round":
             r = int(ev.get("round", 0))
+            if self.reload_at_next_round:
+                self.reload_at_next_round = False
+                self._reload_broker()
             if c.faults and c.reenrol_node and r == c.reenrol_round and self._once("reenrol"):
                 self._wipe_and_reenrol()
             if c.faults and c.wipe_node and r == c.wipe_round and self._once("wipe"):
@@ -208,9 +212,11 @@ class ChaosDriver:
                 self._act("wipe", node=c.wipe_node)
                 self.start_node(c.wipe_node)
         elif k == "registry" and ev.get("revoked"):
-            # The coordinator revoked on its schedule (coordinator.json revoke_at): the
-            # broker re-reads its password file, so the revoked login stops working.
-            self._reload_broker()
+            # The coordinator revoked on its schedule (coordinator.json revoke_at). The broker
+            # re-reads its password file when the next round closes, so the revoked login
+            # stops working only after the node had a round to receive the signed registry
+            # (both enforcement points are then exercised, in a fixed order).
+            self.reload_at_next_round = True
             self.revoked.update(ev["revoked"])
             self._act("revoke", node=",".join(ev["revoked"]), version=ev.get("version"))
             self.say(f"  *** chaos: coordinator revoked {', '.join(ev['revoked'])} "
