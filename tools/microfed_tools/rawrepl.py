@@ -520,6 +520,7 @@ class RawRepl:
         n, a, b = checksum(block)
         prog = "%s(%s,%d,%d,%d)" % (call, bytes_literal(block), n, a, b)
         last = ""
+        collected = False
         for _attempt in range(self.retries + 1):
             try:
                 out, err = self.exec_raw(prog)
@@ -538,6 +539,12 @@ class RawRepl:
                 return
             self._clean_blocks = 0
             last = _last_line(err) if err else out.strip()
+            if err and "MemoryError" in err and not collected:
+                # A 9 KB heap can be too fragmented to parse the next block although enough
+                # is free: collect once and try again (a second MemoryError is final).
+                collected = True
+                self.exec_raw("import gc\ngc.collect()")
+                continue
             if err and ("NameError" in err or "MemoryError" in err):
                 break  # helpers gone (device reset?) or heap full: retrying cannot help
             self.slowdown = min(8, self.slowdown * 2)
