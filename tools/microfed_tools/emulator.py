@@ -79,9 +79,13 @@ def missing_requirements(board: Any) -> str | None:
 class Emulator:
     """One emulated board. `start()` returns the pty path once the REPL answered."""
 
-    def __init__(self, board: Any, *, boot_timeout: float = 30.0) -> None:
+    def __init__(self, board: Any, *, boot_timeout: float = 30.0,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        """extra_args go to QEMU after the profile's, e.g. ("-icount", "shift=0"): virtual
+        time, one instruction = 1 ns, so the guest's ticks_us() counts instructions."""
         self.board = board
         self.boot_timeout = boot_timeout
+        self.extra_args = tuple(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
         self.pty: str | None = None
         self.banner = ""
@@ -92,7 +96,8 @@ class Emulator:
 
         program = emu.get("program", "qemu-system-arm")
         image = firmware.image_path(self.board)  # builds a firmware: image on first use
-        return [program] + [str(a).replace("{image}", image) for a in emu.get("args", [])]
+        return ([program] + [str(a).replace("{image}", image) for a in emu.get("args", [])]
+                + list(self.extra_args))
 
     def start(self) -> str:
         why = missing_requirements(self.board)

@@ -1,0 +1,72 @@
+"""Instruction counts per phase on the emulated MCUs, as a regression gate (not a timed test):
+QEMU runs with `-icount shift=0`, so a count is the guest's instructions (in ticks_us() steps of
+1 000); the same phase measured twice differs by at most 0.1 % (a garbage collection can land
+at another point; measured: up to 12 000 of 52.8 M). Each phase must stay under its budget
+below. The device's results must also
+equal the host's (the work really ran). Figures and the command: docs/boards.md,
+"Device cost" (`python benchmarks/device.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from microfed_tools import devicecost, rawrepl
+
+# Budgets: the counts measured on 2026-11-26 plus 5 %, in instructions. Lower them when the
+# code gets faster; a change that needs more must say why in its commit.
+BUDGETS: dict[str, dict[str, int]] = {
+    "mps2-an385": {"import": 540_000, "public_key": 55_470_000, "sign": 40_330_000,
+                   "verify": 41_440_000, "train_epoch": 67_260_000,
+                   "encode_and_sign_update": 44_510_000, "decode_update": 340_000,
+                   "krum_13x650_f3": 125_140_000},
+    "virt-rv32": {"import": 590_000, "public_key": 56_430_000, "sign": 41_730_000,
+                  "verify": 42_510_000, "train_epoch": 76_260_000,
+                  "encode_and_sign_update": 45_600_000, "decode_update": 350_000,
+                  "krum_13x650_f3": 133_120_000},
+}
+
+
+@pytest.fixture(scope="module")
+def counted(target: Any) -> list[dict[str, Any]]:
+    """Two measurements on a second emulator of the same board, started with -icount."""
+    board = target.board
+    if getattr(board, "name", "") not in BUDGETS:
+        pytest.skip("no instruction budget for board %s (QEMU instruction counting: "
+                    "%s)" % (getattr(board, "name", board), ", ".join(BUDGETS)))
+    from microfed_tools.emulator import Emulator
+
+    emu = Emulator(board, extra_args=devicecost.ICOUNT_ARGS)
+    pty = emu.start()
+    try:
+        runs = []
+        for _ in range(2):
+            repl = rawrepl.connect(pty, board, timeout=60, soft_reset=True)
+            try:
+                runs.append(devicecost.measure(repl))
+            finally:
+                repl.close()
+        return runs
+    finally:
+        emu.stop()
+
+
+def test_device_results_equal_the_host(counted: list[dict[str, Any]]) -> None:
+    want = devicecost.host_expectations()
+    for run in counted:
+        assert {k: run[k] for k in want} == want
+
+
+def test_counts_repeat(counted: list[dict[str, Any]]) -> None:
+    a, b = counted
+    for phase in devicecost.PHASES:
+        assert abs(a[phase] - b[phase]) <= max(1000, a[phase] // 1000), (phase, a[phase], b[phase])
+
+
+def test_every_phase_within_its_budget(counted: list[dict[str, Any]], target: Any) -> None:
+    budget = BUDGETS[target.board.name]
+    over = {p: (counted[0][p], budget[p]) for p in devicecost.PHASES
+            if counted[0][p] > budget[p]}
+    assert over == {}, "instructions over budget (measured, budget): %r" % over
