@@ -223,6 +223,9 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
             if not byz and (chaos.faults and (chaos.flood_round or chaos.malformed_round)):
                 raise MeshError("chaos: the flood and the malformed frames come from a "
                                 "compromised node's login: add an [[attackers]] group")
+            if broker.kind == "external" and chaos.faults and chaos.broker_restart_round:
+                raise MeshError("chaos: broker_restart_round needs a broker microfed starts "
+                                "(mosquitto or amqtt), not an external one")
             intruder = byz[0] if byz else ""
             driver = ChaosDriver(chaos, out, doc["mesh"], broker, prog.say,
                                  lambda: restart_coord.update(now=True), stop_node, start_node,
