@@ -36,7 +36,21 @@ ST_ERROR = 6
 ST_IDLE_EXIT = 7
 
 # Node-side reasons, beyond microfed.verify.REASONS.
-EXTRA_REASONS = ("buffer_full", "bad_topic", "handler_error", "aggregate_error")
+EXTRA_REASONS = ("buffer_full", "bad_topic", "handler_error", "aggregate_error",
+                 "out_of_memory")
+
+
+def _failure(e, phase):
+    """(reason, message) for an exception while doing `phase`. A MemoryError is reported
+    as what it is, with the heap left after a collection, never as a protocol problem."""
+    if isinstance(e, MemoryError):
+        gc.collect()
+        try:
+            free = gc.mem_free()
+        except Exception:
+            free = -1
+        return "out_of_memory", "%s: MemoryError, %d bytes free after gc" % (phase, free)
+    return None, repr(e)
 
 STATE_MAGIC = b"microfed-node 1"
 _HEX = "0123456789abcdef"
@@ -301,7 +315,8 @@ class Node:
             self._failed(topic, msg, e.reason, e.message)
         except Exception as e:
             self.errors += 1
-            self._failed(topic, msg, "handler_error", repr(e))
+            reason, message = _failure(e, "handling %s" % _src(topic, self))
+            self._failed(topic, msg, reason or "handler_error", message)
 
     def _failed(self, topic, msg, reason, message):
         # Never raises either: if even logging fails (out of memory), the count still moves.
@@ -527,7 +542,8 @@ class Node:
                             wire.rule_params(rule, b["p1"], b["p2"], weights))
         except Exception as e:
             vecs = None
-            self.reject("announce", "aggregate_error", repr(e))
+            reason, message = _failure(e, "aggregating round %d" % rr)
+            self.reject("announce", reason or "aggregate_error", message)
             return
         vecs = None
         d = bytes.fromhex(res["digest"])
@@ -610,7 +626,8 @@ class Node:
                 self.process_global(fr, h)
             except Exception as e:
                 # e.g. MemoryError while training: this round is lost, the node is not.
-                self.reject("global", "handler_error", repr(e), _hex(h[:8]))
+                reason, message = _failure(e, "round %d" % fr.round)
+                self.reject("global", reason or "handler_error", message, _hex(h[:8]))
                 self.errors += 1
                 gc.collect()
         if not self.hello_sent and self.t.connected:
