@@ -8,23 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from microfed_tools import devicecost, rawrepl
+from microfed_tools import devicecost
 from microfed_tools.boards import load_board
-from microfed_tools.emulator import Emulator
-
-
-def measure(name: str) -> dict[str, object]:
-    board = load_board(name)
-    emu = Emulator(board, extra_args=devicecost.ICOUNT_ARGS)
-    pty = emu.start()
-    try:
-        repl = rawrepl.connect(pty, board, timeout=60, soft_reset=True)
-        try:
-            return devicecost.measure(repl)
-        finally:
-            repl.close()
-    finally:
-        emu.stop()
 
 
 def main() -> None:
@@ -32,7 +17,7 @@ def main() -> None:
     ap.add_argument("--board", action="append", default=None)
     a = ap.parse_args()
     boards = a.board or ["mps2-an385", "virt-rv32"]
-    results = {b: measure(b) for b in boards}
+    results = {b: devicecost.measure_board(load_board(b))[0] for b in boards}
     want = devicecost.host_expectations()
     print("| phase | " + " | ".join(boards) + " |")
     print("| --- | " + " | ".join("---:" for _ in boards) + " |")

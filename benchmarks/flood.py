@@ -81,6 +81,19 @@ def honest_lost(out: Path, honest: list[str]) -> int:
     return lost
 
 
+def run_flooded(sc: Any, out: Path, on_ready: Any, floods: list[Flooder],
+                peak: Peak) -> tuple[dict[str, Any], float]:
+    """Run `sc` with `on_ready` starting the floods; stop them and the RSS sampler whatever
+    happens. Returns the summary and the coordinator's peak RSS (MB)."""
+    try:
+        s = mesh.run(sc, out, say=None, broker="mosquitto", on_ready=on_ready)
+    finally:
+        rss = peak.stop()
+        for f in floods:
+            f.stop()
+    return s, rss
+
+
 def qos1_flood(sc: Any, root: Path, count: int, overlap: int) -> None:
     t0 = time.monotonic()
     clean = mesh.run(sc, root / "clean", say=None, broker="mosquitto")
@@ -95,14 +108,8 @@ def qos1_flood(sc: Any, root: Path, count: int, overlap: int) -> None:
             time.sleep(0.01)
 
     out = root / "flooded"
-    peak = Peak(out)
     t0 = time.monotonic()
-    try:
-        s = mesh.run(sc, out, say=None, broker="mosquitto", on_ready=on_ready)
-    finally:
-        rss = peak.stop()
-        for f in floods:
-            f.stop()
+    s, rss = run_flooded(sc, out, on_ready, floods, Peak(out))
     took = time.monotonic() - t0
     f = floods[0]
     evs = [json.loads(x) for x in (out / "coordinator.log").read_text().splitlines() if x.startswith("{")]
@@ -141,12 +148,7 @@ def big_frames(root: Path) -> None:
             time.sleep(0.05)
 
     t0 = time.monotonic()
-    try:
-        s = mesh.run(sc, out, say=None, broker="mosquitto", on_ready=on_ready)
-    finally:
-        rss = peak.stop()
-        for fl in floods:
-            fl.stop()
+    s, rss = run_flooded(sc, out, on_ready, floods, peak)
     print("500 x 1,000,000 B + 500 x 60,000 B QoS 0 junk on update/ (5 honest nodes, 4 rounds):")
     for fl in floods:
         print(f"  {fl.size} B: {fl.sent} sent in {fl.elapsed:.1f} s, error {fl.error}")

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from microfed_tools import devicecost, rawrepl
+from microfed_tools import devicecost
 
 # Budgets: the counts measured on 2026-11-26 plus 5 %, in instructions. Lower them when the
 # code gets faster; a change that needs more must say why in its commit.
@@ -37,21 +37,7 @@ def counted(target: Any) -> list[dict[str, Any]]:
     if getattr(board, "name", "") not in BUDGETS:
         pytest.skip("no instruction budget for board %s (QEMU instruction counting: "
                     "%s)" % (getattr(board, "name", board), ", ".join(BUDGETS)))
-    from microfed_tools.emulator import Emulator
-
-    emu = Emulator(board, extra_args=devicecost.ICOUNT_ARGS)
-    pty = emu.start()
-    try:
-        runs = []
-        for _ in range(2):
-            repl = rawrepl.connect(pty, board, timeout=60, soft_reset=True)
-            try:
-                runs.append(devicecost.measure(repl))
-            finally:
-                repl.close()
-        return runs
-    finally:
-        emu.stop()
+    return devicecost.measure_board(board, runs=2)
 
 
 def test_device_results_equal_the_host(counted: list[dict[str, Any]]) -> None:

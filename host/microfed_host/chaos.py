@@ -259,9 +259,10 @@ class ChaosDriver:
 
         frames = malformed_frames(self.mesh, self.intruder)
         self.say(f"  *** chaos: {self.intruder} sends {len(frames)} malformed frames")
+        from microfed_host.brokerauth import apply_paho
+
         cli = paho.Client(CallbackAPIVersion.VERSION2, client_id="microfed-chaos-malformed")
-        if self.login.get("username"):
-            cli.username_pw_set(self.login["username"], self.login.get("password"))
+        apply_paho(cli, self.login)
         cli.connect(self.broker.host, self.broker.port)
         cli.loop_start()
         try:

@@ -344,8 +344,7 @@ class Coordinator:
         self.registry_frame = frame
         for v in (self.v_update, self.v_digest, self.v_hello):
             v.registry = new
-        rekeyed = self.store.adopt_keys(
-            {n: pub for n, (pub, active) in new.nodes.items() if active})
+        rekeyed = self.store.adopt_keys(_active_keys(new))
         revoked = sorted(n for n, (_p, a) in new.nodes.items()
                          if not a and old.nodes.get(n, (b"", False))[1])
         added = sorted(n for n, (_p, a) in new.nodes.items() if a and n not in old.nodes)
@@ -368,8 +367,7 @@ class Coordinator:
 
     # -- start / resume ---------------------------------------------------------------
     def start(self) -> None:
-        self.store.adopt_keys(
-            {n: pub for n, (pub, active) in self.registry.nodes.items() if active})
+        self.store.adopt_keys(_active_keys(self.registry))
         stored = self.store.get_config()
         mine = self.cfg.to_json()
         if stored is None:
@@ -476,17 +474,22 @@ class Coordinator:
         # global / registry: our own retained messages echoed back; nothing else subscribed.
 
     def _reject(self, reason: str, message: str, raw: bytes, sha: str,
-                fr: wire.Frame | None = None, record: bool = True) -> None:
-        """Count and log one rejected message. Nothing here touches a replay counter."""
+                fr: wire.Frame | None = None, record: bool = True,
+                header: tuple[str, int, int, int] | None = None) -> None:
+        """Count and log one rejected message. Nothing here touches a replay counter.
+        `header` (sender, kind, round, seq), when the verifier already decoded the frame,
+        saves decoding it again."""
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         sender = rnd = seq = kind = None
-        if fr is None and len(raw) <= wire.MAX_FRAME:
+        if fr is None and header is None and len(raw) <= wire.MAX_FRAME:
             try:
                 fr = wire.decode(raw)
             except Exception:
                 fr = None
         if fr is not None:
             sender, rnd, seq, kind = fr.sender, fr.round, fr.seq, fr.kind
+        elif header is not None:
+            sender, kind, rnd, seq = header
         if record:
             self.store.record_rejection(reason, message, len(raw), sha, sender, kind, rnd, seq)
         self.log("rejected", reason=reason, node=sender, round=rnd, msg=message[:200],
@@ -506,7 +509,8 @@ class Coordinator:
         except Rejected as e:
             self.store.drop_staged()
             # HostVerifier has written the audit row; only count it.
-            self._reject(e.reason, e.message, raw, sha, record=False)
+            self._reject(e.reason, e.message, raw, sha, header=self.v_update.last_header,
+                         record=False)
             if e.reason == "counter_behind":
                 self._notify_counter_behind(raw)
             return
@@ -570,7 +574,8 @@ class Coordinator:
             fr = self.v_digest.verify(raw, None, 1, max(1, last_closed))
         except Rejected as e:
             self.store.drop_staged()
-            self._reject(e.reason, e.message, raw, sha, record=False)
+            self._reject(e.reason, e.message, raw, sha, header=self.v_digest.last_header,
+                         record=False)
             return
         if fr.sender != topic_node:
             self.store.drop_staged()
@@ -599,7 +604,8 @@ class Coordinator:
             fr = self.v_hello.verify(raw, None)
         except Rejected as e:
             self.store.drop_staged()
-            self._reject(e.reason, e.message, raw, sha, record=False)
+            self._reject(e.reason, e.message, raw, sha, header=self.v_hello.last_header,
+                         record=False)
             return
         if fr.sender != topic_node:
             self.store.drop_staged()
@@ -762,6 +768,11 @@ class Coordinator:
                  crosscheck={"checked": self.checker.checked,
                              "mismatches": self.checker.mismatches},
                  rejected=dict(self.rejected))
+
+
+def _active_keys(reg: Any) -> dict[str, bytes]:
+    """Node id -> public key of every active node of a portable Registry."""
+    return {n: pub for n, (pub, active) in reg.nodes.items() if active}
 
 
 def _pack(values: list[int]) -> bytes:

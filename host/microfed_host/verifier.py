@@ -54,6 +54,11 @@ class HostVerifier:
         return dict(self._v.stats)
 
     @property
+    def last_header(self) -> tuple[str, int, int, int] | None:
+        """(sender, kind, round, seq) of the frame the last verify() decoded, or None."""
+        return self._v.last_header
+
+    @property
     def registry(self) -> verify.Registry:
         return self._v.registry
 
@@ -87,11 +92,7 @@ class HostVerifier:
         sender = kind = rnd = seq = None
         # Oversized frames are logged by size only: nothing is hashed or parsed past the limit.
         if 0 <= size <= self.max_frame:
-            raw = bytes(data)  # type: ignore[arg-type]
-            digest = hashlib.sha256(raw).hexdigest()
-            try:
-                fr = wire.decode(raw, self.max_frame)
-                sender, kind, rnd, seq = fr.sender, fr.kind, fr.round, fr.seq
-            except wire.WireError:
-                pass
+            digest = hashlib.sha256(bytes(data)).hexdigest()  # type: ignore[arg-type]
+            if self._v.last_header is not None:  # decoded by the pipeline, if it got that far
+                sender, kind, rnd, seq = self._v.last_header
         self.store.record_rejection(e.reason, e.message, size, digest, sender, kind, rnd, seq)

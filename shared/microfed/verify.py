@@ -125,6 +125,9 @@ class Verifier:
         self.limits = limits or Limits()
         self.kinds = kinds
         self.stats = {"accepted": 0}
+        # (sender, kind, round, seq) of the last frame verify() decoded, or None: callers that
+        # log a rejection need not decode it again (a tuple, not the frame: no vector is kept).
+        self.last_header = None
         for r in REASONS:
             self.stats[r] = 0
 
@@ -135,6 +138,7 @@ class Verifier:
     def verify(self, data, now=0, min_round=None, max_round=None):
         """Return the accepted Frame or raise Rejected. `now` is the receiver's Unix time
         (0 = no clock); [min_round, max_round] the rounds it currently accepts."""
+        self.last_header = None
         # 1: before decode, before hashing, before copying.
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise self._reject("bad_type", "frame must be bytes")
@@ -146,6 +150,7 @@ class Verifier:
             fr = wire.decode(data, self.max_frame)
         except WireError as e:
             raise self._reject(e.reason, e.message)
+        self.last_header = (fr.sender, fr.kind, fr.round, fr.seq)
         # 3
         if fr.mesh_id != self.mesh_id:
             raise self._reject("wrong_mesh", "frame for another mesh")

@@ -21,21 +21,24 @@ ICOUNT_ARGS = ("-icount", "shift=0")
 # trains on 32 and says so (48 fits on the Cortex-M3 build, not on RV32).
 SAMPLES = 32
 
-# Runs on the device (MicroPython 1.29, microfed frozen in). Prints one dict literal.
-DEVICE_PROGRAM = '''
+# The phases, portable: the device runs them (MicroPython 1.29, microfed frozen in) and the
+# host runs the very same function under CPython for the results the device must reproduce
+# (CPython has no ticks_us or mem_free: its counts are zeros and are not used).
+COST_FUNCTION = '''
 import time, gc
 SAMPLES = @SAMPLES@
 def _mfcost():
-    tk = time.ticks_us
-    td = time.ticks_diff
+    tk = getattr(time, "ticks_us", None) or (lambda: 0)
+    td = getattr(time, "ticks_diff", None) or (lambda a, b: a - b)
+    free = getattr(gc, "mem_free", None) or (lambda: 0)
     out = {}
     gc.collect()
-    f0 = gc.mem_free()
+    f0 = free()
     t = tk()
     from microfed import wire, ed25519, model, aggregate
     out["import"] = td(tk(), t)
     gc.collect()
-    out["import_heap"] = f0 - gc.mem_free()
+    out["import_heap"] = f0 - free()
     seed = bytes(range(32))
     msg = bytes(range(32, 64))
     gc.collect(); t = tk()
@@ -79,9 +82,11 @@ def _mfcost():
     out["krum_13x650_f3"] = td(tk(), t)
     out["krum_selected"] = res[1]
     return out
-print(repr(_mfcost()))
-del _mfcost
 '''.replace("@SAMPLES@", str(SAMPLES))
+
+# What the device runs: the function, then one dict literal on stdout.
+DEVICE_PROGRAM = COST_FUNCTION + "print(repr(_mfcost()))\ndel _mfcost\n"
+
 
 # Phases whose cost is counted (in units of 1000 instructions); the rest are results that
 # must equal the host's (the work really happened, and the same way).
@@ -89,24 +94,15 @@ PHASES = ("import", "public_key", "sign", "verify", "train_epoch", "encode_and_s
           "decode_update", "krum_13x650_f3")
 
 
-def host_expectations() -> dict[str, Any]:
-    """What the device must compute: the same phases' results on CPython."""
-    from microfed import aggregate, ed25519, model
+RESULTS = ("verify_ok", "train_digest", "krum_selected")
 
-    m = model.get("softmax", n_features=64, n_classes=10)
-    p = m.init(1)
-    r = model.XorShift32(7)
-    xs = [[(r.next() % 17) << 12 for _ in range(64)] for _ in range(SAMPLES)]
-    ys = [r.next() % 10 for _ in range(SAMPLES)]
-    new = m.train(p, (xs, ys), model.TrainConfig(32768, 1, 10, 5))
-    vecs = [[(r.next() % 131072) - 65536 for _ in range(650)] for _ in range(13)]
-    ids = ["node-%02d" % i for i in range(13)]
-    seed = bytes(range(32))
-    msg = bytes(range(32, 64))
-    pub = ed25519.public_key(seed)
-    return {"verify_ok": ed25519.verify(pub, msg, ed25519.sign(seed, msg)),
-            "train_digest": model.params_digest(new),
-            "krum_selected": aggregate.krum(ids, vecs, 3)[1]}
+
+def host_expectations() -> dict[str, Any]:
+    """What the device must compute: the same function's results on CPython."""
+    ns: dict[str, Any] = {}
+    exec(compile(COST_FUNCTION, "devicecost", "exec"), ns)
+    out = ns["_mfcost"]()
+    return {k: out[k] for k in RESULTS}
 
 
 def measure(repl: Any) -> dict[str, Any]:
@@ -118,3 +114,24 @@ def measure(repl: Any) -> dict[str, Any]:
     for k in PHASES:
         out[k] = int(raw[k]) * 1000
     return out
+
+
+def measure_board(board: Any, runs: int = 1) -> list[dict[str, Any]]:
+    """Boot `board` in QEMU with instruction counting and measure `runs` times (each from a
+    soft reset)."""
+    from microfed_tools import rawrepl
+    from microfed_tools.emulator import Emulator
+
+    emu = Emulator(board, extra_args=ICOUNT_ARGS)
+    pty = emu.start()
+    try:
+        out = []
+        for _ in range(runs):
+            repl = rawrepl.connect(pty, board, timeout=60, soft_reset=True)
+            try:
+                out.append(measure(repl))
+            finally:
+                repl.close()
+        return out
+    finally:
+        emu.stop()
