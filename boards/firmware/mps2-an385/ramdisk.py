@@ -11,7 +11,6 @@
 # machine.soft_reset()), so files survive a node restart the way they survive on flash, and a
 # fresh QEMU starts with a blank disk (mount() formats it).
 
-import os
 import uctypes
 import vfs
 
@@ -46,15 +45,12 @@ class RamBlockDev:
 
 def mount(path="/", fresh=False):
     """Mount the RAM disk at `path` (formatting it if it holds no filesystem, or if `fresh`);
-    return True if it was formatted. Mounting twice is harmless."""
-    try:
-        os.statvfs(path)
-        if path in [m[1] for m in _mounts()]:
+    return True if it was formatted. Mounting it again is harmless."""
+    for _fs, where in vfs.mount():
+        if where == path:
             if not fresh:
                 return False
             vfs.umount(path)
-    except OSError:
-        pass
     bdev = RamBlockDev()
     if not fresh:
         try:
@@ -65,10 +61,3 @@ def mount(path="/", fresh=False):
     vfs.VfsLfs2.mkfs(bdev)
     vfs.mount(vfs.VfsLfs2(bdev, mtime=False), path)
     return True
-
-
-def _mounts():
-    try:
-        return vfs.mount()
-    except TypeError:
-        return []
