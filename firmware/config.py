@@ -7,6 +7,8 @@ import json
 
 BUNDLE_FORMAT = "microfed-bundle/1"
 MODES = ("coordinated", "gossip")
+PEER_CHECKS = ("announce", "signature")  # microfed.noderound.PEER_CHECKS
+VECTOR_STORES = ("flash", "ram")
 
 # config.json keys and their defaults (firmware/README.md documents each).
 DEFAULTS = {
@@ -27,6 +29,8 @@ DEFAULTS = {
     "gossip_buffer": 0,         # peer updates buffered (two rounds); 0: 2 * per_sender * nodes
     "per_sender": 2,            # distinct verified updates kept per sender and round
     "max_abs": 256 * 65536,     # value range of a peer update (must equal the coordinator's)
+    "peer_check": "announce",   # how peers' updates are trusted (microfed.noderound.PEER_CHECKS)
+    "vectors": "flash",         # where peers' update vectors wait: "flash" (state_dir) or "ram"
     "status_interval_ms": 250,  # minimum gap between two STATUS frames
     "idle_exit_s": 0,           # exit (code 4) after this long without a GLOBAL_MODEL; 0: never
     "log": "",                  # "": stdout; else a file name in the node directory
@@ -167,6 +171,9 @@ class Config:
         d.update(doc)
         if d["mode"] not in MODES:
             raise ConfigError("%s: 'mode' must be one of %s" % (where, ", ".join(MODES)))
+        for key, allowed in (("peer_check", PEER_CHECKS), ("vectors", VECTOR_STORES)):
+            if d[key] not in allowed:
+                raise ConfigError("%s: '%s' must be one of %s" % (where, key, ", ".join(allowed)))
         for key in ("model", "shard", "state_dir", "log"):
             if not isinstance(d[key], str):
                 raise ConfigError("%s: '%s' must be a string" % (where, key))
@@ -213,6 +220,8 @@ class Config:
         self.gossip_buffer = d["gossip_buffer"]
         self.per_sender = d["per_sender"]
         self.max_abs = d["max_abs"]
+        self.peer_check = d["peer_check"]
+        self.vectors = d["vectors"]
         self.status_interval_ms = d["status_interval_ms"]
         self.idle_exit_s = d["idle_exit_s"]
         self.log = d["log"]

@@ -34,14 +34,6 @@ def emit(d):
             pass
 
 
-def _read(path):
-    f = open(path, "rb")
-    try:
-        return f.read()
-    finally:
-        f.close()
-
-
 def _mkdir(path):
     try:
         os.mkdir(path)
@@ -87,7 +79,8 @@ def boot(argv):
         _out[0] = open(cfg.log, "a")
     hal = halmod.load()
     try:
-        shard = _read(cfg.shard)
+        # Opened, not read: the node reads one sample row at a time from flash.
+        shard = open(cfg.shard, "rb")
     except OSError:
         raise BootError("%s: cannot read the data shard (host/microfed_host/data.py writes it)"
                         % cfg.shard)
@@ -115,7 +108,7 @@ def boot(argv):
         nd = nodemod.Node(bundle, cfg, shard, t, hal, emit)
     except (ValueError, nodemod.StateError, replay.StoreError, model.ModelError) as e:
         raise BootError(str(e))
-    shard = None
+    shard = None  # the node holds the open file now
     n_nodes = len(nd.registry.nodes)
     # Peers publish together at the end of a round: while our own PUBACK is awaited their
     # updates queue here, so make room for all of them.
