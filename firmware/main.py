@@ -1,6 +1,6 @@
 # microfed node boot: load bundle and config, bring the board's network up, connect to the
 # broker, run the node loop. Runs as /main.py on a board and as
-#   MICROPYPATH=<repo>/shared:<repo>/firmware:<repo>/firmware/lib \
+#   MICROPYPATH=<repo>/shared:<repo>/firmware \
 #       micropython -X heapsize=4m <repo>/firmware/main.py [NODE_DIR]
 # on the unix port (firmware/README.md has the whole contract). Output: one JSON object per
 # line on stdout (or config "log"). Exit codes: 0 run finished (final GLOBAL_MODEL),
@@ -103,7 +103,7 @@ def boot(argv):
     try:
         from mqtt import Transport
     except ImportError as e:
-        raise BootError("MQTT client missing (%r): put firmware/lib on the module path" % e)
+        raise BootError("MQTT client missing (%r): put firmware/ on the module path" % e)
     login = bundle.mqtt or {}
     t = Transport(bundle.node_id, broker["host"], broker["port"], user=login.get("username"),
                   password=login.get("password"), ssl=_tls(bundle, broker),
