@@ -7,6 +7,7 @@ import json
 
 BUNDLE_FORMAT = "microfed-bundle/1"
 MODES = ("coordinated", "gossip")
+LINKS = ("tcp", "serial")
 
 # config.json keys and their defaults (firmware/README.md documents each).
 DEFAULTS = {
@@ -17,6 +18,7 @@ DEFAULTS = {
     "train": None,              # {"lr": raw Q16.16, "epochs", "batch", "seed": base seed}
     "max_rounds": 0,            # 0: run until a final GLOBAL_MODEL
     "broker": None,             # {"host", "port"[, "tls"]}: overrides the bundle's broker
+    "link": "tcp",              # "tcp": the board's network; "serial": via `microfed bridge`
     "wifi": None,               # {"ssid", "password"}: overrides the bundle's wifi
     "wifi_timeout_ms": 20000,
     "keepalive": 30,
@@ -167,6 +169,8 @@ class Config:
         d.update(doc)
         if d["mode"] not in MODES:
             raise ConfigError("%s: 'mode' must be one of %s" % (where, ", ".join(MODES)))
+        if d["link"] not in LINKS:
+            raise ConfigError("%s: 'link' must be one of %s" % (where, ", ".join(LINKS)))
         for key in ("model", "shard", "state_dir", "log"):
             if not isinstance(d[key], str):
                 raise ConfigError("%s: '%s' must be a string" % (where, key))
@@ -203,6 +207,7 @@ class Config:
         self.train = d["train"]
         self.max_rounds = d["max_rounds"]
         self.broker = d["broker"]
+        self.link = d["link"]
         self.wifi = d["wifi"]
         self.wifi_timeout_ms = d["wifi_timeout_ms"]
         self.keepalive = d["keepalive"]

@@ -18,17 +18,9 @@ import hashlib
 
 import mqttc
 
-try:
-    from micropython import const
-except ImportError:  # pragma: no cover - CPython tooling only
-
-    def const(x):
-        return x
-
-
-_ETIMEDOUT = const(110)
-_IPPROTO_TCP = const(6)
-_TCP_NODELAY = const(1)
+_ETIMEDOUT = 110
+_IPPROTO_TCP = 6
+_TCP_NODELAY = 1
 
 ticks_ms = time.ticks_ms
 ticks_diff = time.ticks_diff

@@ -264,3 +264,70 @@ def test_the_bridge_survives_garbage_and_counts_it() -> None:
     assert lines[-1] == "still here"
     assert s["bad_frames"] >= 200 and s["stale"] >= 1 and s["handler_errors"] == 0
     assert sf.Decoder().feed(sent[-1])[0][:2] == (sf.CLOSE, 9)  # the device is told
+
+
+def test_a_deployed_node_with_link_serial_takes_part_in_a_mesh(tmp_path: Path,
+                                                                micropython: str) -> None:
+    """The hardware path of tests/test_hardware_path.py with one of the five boards on
+    config "link": "serial": its main.py reaches the broker only through the bridge."""
+    from test_hardware_path import microfed
+
+    from microfed_host import broker as brokermod
+
+    try:
+        br = brokermod.start_broker()
+    except brokermod.BrokerError as e:
+        pytest.skip(f"no MQTT broker could start: {e}")
+    procs: list[subprocess.Popen] = []
+    bridge: Bridge | None = None
+    try:
+        mesh = tmp_path / "mesh"
+        microfed("provision", "init", "--mesh", "lab", "--nodes", "5", "--out", str(mesh),
+                 "--broker", f"{br.host}:{br.port}")
+        boards = []
+        for i in range(1, 6):
+            dev = tmp_path / f"board{i}"
+            dev.mkdir()
+            microfed("deploy", "--board", "unix", "--port", str(dev),
+                     "--bundle", str(mesh / "bundles" / f"node-{i:02d}.json"))
+            boards.append(dev)
+        (boards[0] / "config.json").write_text(json.dumps({"link": "serial"}))
+        coord = subprocess.Popen(
+            [sys.executable, "-m", "microfed_tools.cli", "coordinator", "--mesh", str(mesh),
+             "--rounds", "2", "--f", "1", "--deadline", "90", "--out", str(tmp_path / "run")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(coord)
+        env = dict(os.environ, MICROPYPATH="lib")
+        for dev in boards[1:]:
+            procs.append(subprocess.Popen([micropython, "-X", "heapsize=4m", "main.py"],
+                                          cwd=dev, env=env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.STDOUT))
+        master, slave = os.openpty()
+        tty.setraw(slave)
+        p = subprocess.Popen([micropython, "-X", "heapsize=4m", "main.py"], cwd=boards[0],
+                             env=env, stdin=slave, stdout=slave, stderr=subprocess.PIPE)
+        os.close(slave)
+        procs.append(p)
+        events: list[dict[str, Any]] = []
+        bridge = Bridge(FdLine(master), br.host, br.port,
+                        on_log=lambda line: events.append(json.loads(line)), say=lambda m: None)
+        bridge.start()
+        out, err = coord.communicate(timeout=300)
+        assert coord.returncode == 0, err[-2000:]
+        rounds = [json.loads(x) for x in out.splitlines() if '"ev": "round"' in x]
+        assert [r["round"] for r in rounds] == [1, 2]
+        assert all("node-01" in r["accepted"] and len(r["accepted"]) == 5 for r in rounds)
+        assert p.wait(60) == 0
+        assert wait_for(lambda: any(e.get("ev") == "exit" for e in events))
+        ex = [e for e in events if e.get("ev") == "exit"][0]
+        assert ex["code"] == 0 and ex["counters"]["mqtt"]["connects"] >= 1
+        assert bridge.stats()["handler_errors"] == 0
+        os.close(master)
+    finally:
+        if bridge is not None:
+            bridge.stop()
+        for q in procs:
+            if q.poll() is None:
+                q.kill()
+                q.wait()
+        br.stop()
