@@ -30,13 +30,9 @@ class Link:
 
     def __init__(self, rx=None, tx=None):
         if rx is None:
+            # Ctrl-C stays an interrupt: no frame contains one (serialframe escapes every
+            # control byte), so the host can still stop the program with it.
             rx = sys.stdin.buffer
-            try:
-                import micropython
-
-                micropython.kbd_intr(-1)  # Ctrl-C on the line is data, not an interrupt
-            except (ImportError, AttributeError):
-                pass
         if tx is None:
             tx = sys.stdout.buffer
         self.rx = rx
