@@ -9,6 +9,7 @@ BUNDLE_FORMAT = "microfed-bundle/1"
 MODES = ("coordinated", "gossip")
 PEER_CHECKS = ("announce", "signature")  # microfed.noderound.PEER_CHECKS
 VECTOR_STORES = ("flash", "ram")
+LINKS = ("tcp", "serial")
 
 # config.json keys and their defaults (firmware/README.md documents each).
 DEFAULTS = {
@@ -19,6 +20,7 @@ DEFAULTS = {
     "train": None,              # {"lr": raw Q16.16, "epochs", "batch", "seed": base seed}
     "max_rounds": 0,            # 0: run until a final GLOBAL_MODEL
     "broker": None,             # {"host", "port"[, "tls"]}: overrides the bundle's broker
+    "link": "tcp",              # "tcp": the board's network; "serial": via `microfed bridge`
     "wifi": None,               # {"ssid", "password"}: overrides the bundle's wifi
     "wifi_timeout_ms": 20000,
     "keepalive": 30,
@@ -174,6 +176,8 @@ class Config:
         for key, allowed in (("peer_check", PEER_CHECKS), ("vectors", VECTOR_STORES)):
             if d[key] not in allowed:
                 raise ConfigError("%s: '%s' must be one of %s" % (where, key, ", ".join(allowed)))
+        if d["link"] not in LINKS:
+            raise ConfigError("%s: 'link' must be one of %s" % (where, ", ".join(LINKS)))
         for key in ("model", "shard", "state_dir", "log"):
             if not isinstance(d[key], str):
                 raise ConfigError("%s: '%s' must be a string" % (where, key))
@@ -210,6 +214,7 @@ class Config:
         self.train = d["train"]
         self.max_rounds = d["max_rounds"]
         self.broker = d["broker"]
+        self.link = d["link"]
         self.wifi = d["wifi"]
         self.wifi_timeout_ms = d["wifi_timeout_ms"]
         self.keepalive = d["keepalive"]

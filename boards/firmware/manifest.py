@@ -4,7 +4,8 @@
 # relative to this file; MicroPython's tools/manifestfile.py documents the calls.
 package("microfed", base_path="../../shared")
 package("hal", base_path="../../firmware")
-package("umqtt", base_path="../../firmware/lib")
 module("config.py", base_path="../../firmware")
 module("mqtt.py", base_path="../../firmware")
+module("mqttc.py", base_path="../../firmware")
 module("node.py", base_path="../../firmware")
+module("serialstream.py", base_path="../../firmware")

@@ -200,8 +200,7 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
             adv_thread.start_client()
             adv_thread.start()
         env = dict(os.environ)
-        env["MICROPYPATH"] = os.pathsep.join(
-            [str(REPO / "shared"), str(FIRMWARE), str(FIRMWARE / "lib")])
+        env["MICROPYPATH"] = os.pathsep.join([str(REPO / "shared"), str(FIRMWARE)])
 
         def start_node(nid: str) -> None:
             nd = out / "nodes" / nid
