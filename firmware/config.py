@@ -27,7 +27,6 @@ DEFAULTS = {
     "publish_timeout_ms": 5000,
     "io_timeout_ms": 5000,
     "max_msg": 16384,           # largest MQTT message kept (bytes); a 650-param global is ~3.3 KB
-    "max_pending": 0,           # messages queued while awaiting an ack; 0: 2 * nodes + 4
     "gossip_buffer": 0,         # peer updates buffered (two rounds); 0: 2 * per_sender * nodes
     "per_sender": 2,            # distinct verified updates kept per sender and round
     "max_abs": 256 * 65536,     # value range of a peer update (must equal the coordinator's)
@@ -186,7 +185,7 @@ class Config:
         for key, lo, hi in (("max_rounds", 0, 0xFFFFFFFE), ("wifi_timeout_ms", 1, 600000),
                             ("keepalive", 0, 65535), ("publish_timeout_ms", 1, 600000),
                             ("io_timeout_ms", 1, 600000), ("max_msg", 256, 1 << 20),
-                            ("max_pending", 0, 1024), ("gossip_buffer", 0, 4096),
+                            ("gossip_buffer", 0, 4096),
                             ("per_sender", 1, 16), ("max_abs", 1, 0x7FFFFFFF),
                             ("status_interval_ms", 0, 600000), ("idle_exit_s", 0, 1 << 30),
                             ("seq_block", 1, 1 << 20)):
@@ -221,7 +220,6 @@ class Config:
         self.publish_timeout_ms = d["publish_timeout_ms"]
         self.io_timeout_ms = d["io_timeout_ms"]
         self.max_msg = d["max_msg"]
-        self.max_pending = d["max_pending"]
         self.gossip_buffer = d["gossip_buffer"]
         self.per_sender = d["per_sender"]
         self.max_abs = d["max_abs"]

@@ -117,17 +117,16 @@ def boot(argv):
                   ssl=_tls(bundle, broker) if stream is None else None, stream=stream,
                   keepalive=cfg.keepalive,
                   nodelay=True, max_msg=cfg.max_msg, io_timeout_ms=cfg.io_timeout_ms,
-                  publish_timeout_ms=cfg.publish_timeout_ms, max_pending=8,
+                  publish_timeout_ms=cfg.publish_timeout_ms,
                   log=lambda m: emit({"ev": "mqtt", "node": bundle.node_id, "msg": m}))
     try:
         nd = nodemod.Node(bundle, cfg, shard, t, hal, emit)
     except (ValueError, nodemod.StateError, replay.StoreError, model.ModelError) as e:
         raise BootError(str(e))
     shard = None  # the node holds the open file now
-    n_nodes = len(nd.registry.nodes)
-    # Peers publish together at the end of a round: while our own PUBACK is awaited their
-    # updates queue here, so make room for all of them.
-    t.max_pending = cfg.max_pending or (2 * n_nodes + 4)
+    # Node.on_message never publishes (its output waits for step()): messages that arrive
+    # while a PUBACK is awaited go straight to it, instead of waiting in RAM, 2.7 KB each.
+    t.deliver_while_busy = True
     t.set_handler(nd.on_message)
     nd.subscribe()
     wifi = cfg.wifi or bundle.wifi

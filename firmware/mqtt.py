@@ -129,6 +129,9 @@ class Transport:
         self._handler = None
         self._subs = []  # [topic bytes, qos]; replayed on every reconnect
         self._pending = []  # messages that arrived while an ack was awaited
+        # A handler that never publishes (the node's: it queues its output for step()) can
+        # take messages while an ack is awaited, so none waits in RAM: set this to True.
+        self.deliver_while_busy = False
         self._busy = False
         self._attempt = 0
         self._next_try = ticks_ms()
@@ -306,7 +309,7 @@ class Transport:
         _close(s)
 
     def _on_publish(self, topic, msg):
-        if self._busy:
+        if self._busy and not self.deliver_while_busy:
             if len(self._pending) >= self.max_pending:
                 self._pending.pop(0)  # the newest state matters more than the oldest
                 self._n["dropped_pending"] += 1
