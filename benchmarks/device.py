@@ -1,33 +1,96 @@
 """Instructions per phase of a node's work on the emulated MCUs (QEMU -icount shift=0: one
-instruction = 1 ns of guest time, so counts repeat). Prints a Markdown table for docs/boards.md.
+instruction = 1 ns of guest time, so counts repeat), and a node's whole round on recorded
+inputs (tools/microfed_tools/roundcase.py) with its heap. Prints Markdown tables for
+docs/boards.md.
 
-    .venv/bin/python benchmarks/device.py [--board mps2-an385 --board virt-rv32]
+    .venv/bin/python benchmarks/device.py [--board mps2-an385 --board virt-rv32] [--no-round]
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
 
-from microfed_tools import devicecost
+from microfed_tools import devicecost, firmware, roundcase
 from microfed_tools.boards import load_board
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--board", action="append", default=None)
-    a = ap.parse_args()
-    boards = a.board or ["mps2-an385", "virt-rv32"]
+def _n(v: int) -> str:
+    return f"{int(v):,}".replace(",", " ")
+
+
+def components(boards: list[str]) -> None:
     results = {b: devicecost.measure_board(load_board(b))[0] for b in boards}
     want = devicecost.host_expectations()
     print("| phase | " + " | ".join(boards) + " |")
     print("| --- | " + " | ".join("---:" for _ in boards) + " |")
     for phase in devicecost.PHASES:
-        cells = [f"{int(results[b][phase]):,}".replace(",", " ") for b in boards]
-        print(f"| {phase} | " + " | ".join(cells) + " |")
-    heap = ["{:,}".format(int(results[b]["import_heap"])).replace(",", " ") + " B" for b in boards]
+        print(f"| {phase} | " + " | ".join(_n(results[b][phase]) for b in boards) + " |")
+    heap = [_n(results[b]["import_heap"]) + " B" for b in boards]
     print("| heap taken by the frozen imports | " + " | ".join(heap) + " |")
     same = all({k: results[b][k] for k in want} == want for b in boards)
     print(f"\nresults equal the host's (signature verifies, training digest, Krum winner): {same}")
+
+
+PHASES = ("boot_registry", "boot_shard", "check_global", "peer_checks", "aggregate",
+          "sign_digest", "train", "sign_update")
+
+
+def rounds(boards: list[str]) -> None:
+    cases = {m: roundcase.make_case(gossip=m == "gossip") for m in ("gossip", "coordinated")}
+    want = {m: roundcase.run_reference(c) for m, c in cases.items()}
+    res: dict[tuple[str, str], dict[str, Any]] = {}
+    for b in boards:
+        for m, c in cases.items():
+            r = roundcase.measure_board(load_board(b), c)
+            r["same"] = r["out"] == want[m]["out"]
+            res[(b, m)] = r
+    cols = [(b, m) for b in boards for m in cases]
+    print("\n| phase (instructions, both rounds) | "
+          + " | ".join(f"{b} {m}" for b, m in cols) + " |")
+    print("| --- | " + " | ".join("---:" for _ in cols) + " |")
+    for p in PHASES:
+        print(f"| {p} | " + " | ".join(_n(res[c]["cost"].get(p, 0)) if p in res[c]["cost"]
+                                        else "–" for c in cols) + " |")
+    for k in ("gossip_round", "coordinated_round", "round_1"):
+        cells = [_n(roundcase.round_costs(res[c]).get(k, 0)) if k in roundcase.round_costs(res[c])
+                 else "–" for c in cols]
+        print(f"| **{k}** | " + " | ".join(cells) + " |")
+    print("| live heap, most after any phase (B) | "
+          + " | ".join(_n(max(res[c]["live"].values())) for c in cols) + " |")
+    print("\nequal to the x86 reference bit for bit: "
+          + ", ".join(f"{b} {m}: {res[(b, m)]['same']}" for b, m in cols))
+
+
+def unix32_heap() -> None:
+    exe = str(firmware.build("unix32"))
+    print("\n| unix32 (files for shard and vectors) | gossip | coordinated |")
+    print("| --- | ---: | ---: |")
+    live, small = [], []
+    for m in ("gossip", "coordinated"):
+        c = roundcase.make_case(gossip=m == "gossip")
+        with tempfile.TemporaryDirectory() as d:
+            r = roundcase.run_unix(exe, c, Path(d), "512k")
+            assert r["out"] == roundcase.run_reference(c)["out"]
+            live.append(max(r["live"].values()))
+            small.append(roundcase.smallest_heap(exe, c, Path(d)))
+    print("| live heap, most after any phase (B) | " + " | ".join(_n(v) for v in live) + " |")
+    print("| smallest -X heapsize the round runs in (B) | "
+          + " | ".join(_n(v) for v in small) + " |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--board", action="append", default=None)
+    ap.add_argument("--no-round", action="store_true", help="only the component phases")
+    a = ap.parse_args()
+    boards = a.board or ["mps2-an385", "virt-rv32"]
+    components(boards)
+    if not a.no_round:
+        rounds(boards)
+        unix32_heap()
 
 
 if __name__ == "__main__":

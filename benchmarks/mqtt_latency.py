@@ -3,9 +3,9 @@ with and without TCP_NODELAY on the node and on the broker.
 
     .venv/bin/python benchmarks/mqtt_latency.py [--count 200] [--sizes 64,3000]
 
-umqtt writes header, topic, packet id and payload as separate send() calls; with Nagle's
-algorithm on, the later pieces wait for the ACK of the first (delayed ACK: ~40 ms on
-Linux). Prints a table of median / p90 microseconds per configuration; nothing is
+firmware/mqttc.py writes a PUBLISH of 1 KB or more as two send() calls (header + topic +
+packet id, then the payload); with Nagle's algorithm on, the second waits for the ACK of the
+first (delayed ACK: ~40 ms on Linux). Prints a table of median / p90 microseconds per configuration; nothing is
 asserted (speed is measured here, never in tests).
 """
 
@@ -22,7 +22,7 @@ from microfed_host.broker import Broker, BrokerError, amqtt_available, find_mosq
 from microfed_host.upy import find_micropython
 
 REPO = Path(__file__).resolve().parents[1]
-MICROPYPATH = os.pathsep.join(str(REPO / d) for d in ("firmware", "firmware/lib", "shared"))
+MICROPYPATH = os.pathsep.join(str(REPO / d) for d in ("firmware", "shared"))
 
 DRIVER = r'''
 import sys, json, time

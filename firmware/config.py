@@ -7,6 +7,9 @@ import json
 
 BUNDLE_FORMAT = "microfed-bundle/1"
 MODES = ("coordinated", "gossip")
+PEER_CHECKS = ("announce", "signature")  # microfed.noderound.PEER_CHECKS
+VECTOR_STORES = ("flash", "ram")
+LINKS = ("tcp", "serial")
 
 # config.json keys and their defaults (firmware/README.md documents each).
 DEFAULTS = {
@@ -17,16 +20,18 @@ DEFAULTS = {
     "train": None,              # {"lr": raw Q16.16, "epochs", "batch", "seed": base seed}
     "max_rounds": 0,            # 0: run until a final GLOBAL_MODEL
     "broker": None,             # {"host", "port"[, "tls"]}: overrides the bundle's broker
+    "link": "tcp",              # "tcp": the board's network; "serial": via `microfed bridge`
     "wifi": None,               # {"ssid", "password"}: overrides the bundle's wifi
     "wifi_timeout_ms": 20000,
     "keepalive": 30,
     "publish_timeout_ms": 5000,
     "io_timeout_ms": 5000,
     "max_msg": 16384,           # largest MQTT message kept (bytes); a 650-param global is ~3.3 KB
-    "max_pending": 0,           # messages queued while awaiting an ack; 0: 2 * nodes + 4
     "gossip_buffer": 0,         # peer updates buffered (two rounds); 0: 2 * per_sender * nodes
     "per_sender": 2,            # distinct verified updates kept per sender and round
     "max_abs": 256 * 65536,     # value range of a peer update (must equal the coordinator's)
+    "peer_check": "announce",   # how peers' updates are trusted (microfed.noderound.PEER_CHECKS)
+    "vectors": "flash",         # where peers' update vectors wait: "flash" (state_dir) or "ram"
     "status_interval_ms": 250,  # minimum gap between two STATUS frames
     "idle_exit_s": 0,           # exit (code 4) after this long without a GLOBAL_MODEL; 0: never
     "log": "",                  # "": stdout; else a file name in the node directory
@@ -167,6 +172,11 @@ class Config:
         d.update(doc)
         if d["mode"] not in MODES:
             raise ConfigError("%s: 'mode' must be one of %s" % (where, ", ".join(MODES)))
+        for key, allowed in (("peer_check", PEER_CHECKS), ("vectors", VECTOR_STORES)):
+            if d[key] not in allowed:
+                raise ConfigError("%s: '%s' must be one of %s" % (where, key, ", ".join(allowed)))
+        if d["link"] not in LINKS:
+            raise ConfigError("%s: 'link' must be one of %s" % (where, ", ".join(LINKS)))
         for key in ("model", "shard", "state_dir", "log"):
             if not isinstance(d[key], str):
                 raise ConfigError("%s: '%s' must be a string" % (where, key))
@@ -175,7 +185,7 @@ class Config:
         for key, lo, hi in (("max_rounds", 0, 0xFFFFFFFE), ("wifi_timeout_ms", 1, 600000),
                             ("keepalive", 0, 65535), ("publish_timeout_ms", 1, 600000),
                             ("io_timeout_ms", 1, 600000), ("max_msg", 256, 1 << 20),
-                            ("max_pending", 0, 1024), ("gossip_buffer", 0, 4096),
+                            ("gossip_buffer", 0, 4096),
                             ("per_sender", 1, 16), ("max_abs", 1, 0x7FFFFFFF),
                             ("status_interval_ms", 0, 600000), ("idle_exit_s", 0, 1 << 30),
                             ("seq_block", 1, 1 << 20)):
@@ -203,16 +213,18 @@ class Config:
         self.train = d["train"]
         self.max_rounds = d["max_rounds"]
         self.broker = d["broker"]
+        self.link = d["link"]
         self.wifi = d["wifi"]
         self.wifi_timeout_ms = d["wifi_timeout_ms"]
         self.keepalive = d["keepalive"]
         self.publish_timeout_ms = d["publish_timeout_ms"]
         self.io_timeout_ms = d["io_timeout_ms"]
         self.max_msg = d["max_msg"]
-        self.max_pending = d["max_pending"]
         self.gossip_buffer = d["gossip_buffer"]
         self.per_sender = d["per_sender"]
         self.max_abs = d["max_abs"]
+        self.peer_check = d["peer_check"]
+        self.vectors = d["vectors"]
         self.status_interval_ms = d["status_interval_ms"]
         self.idle_exit_s = d["idle_exit_s"]
         self.log = d["log"]

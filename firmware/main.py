@@ -1,9 +1,10 @@
 # microfed node boot: load bundle and config, bring the board's network up, connect to the
 # broker, run the node loop. Runs as /main.py on a board and as
-#   MICROPYPATH=<repo>/shared:<repo>/firmware:<repo>/firmware/lib \
+#   MICROPYPATH=<repo>/shared:<repo>/firmware \
 #       micropython -X heapsize=4m <repo>/firmware/main.py [NODE_DIR]
 # on the unix port (firmware/README.md has the whole contract). Output: one JSON object per
-# line on stdout (or config "log"). Exit codes: 0 run finished (final GLOBAL_MODEL),
+# line on stdout (or config "log"; with config "link": "serial", as L frames on the serial line
+# that also carries the MQTT session: docs/bridge.md). Exit codes: 0 run finished (final GLOBAL_MODEL),
 # 2 bad bundle/config/shard/state (message says which), 4 idle exit, 1 unexpected fatal error,
 # 130 interrupted. Bad input at run time is never fatal: it is logged, counted and reported.
 
@@ -19,12 +20,16 @@ EXIT_CONFIG = 2
 EXIT_IDLE = 4
 
 _out = [None]  # the log file, when config "log" names one
+_link = [None]  # the serialstream.Link, when config "link" is "serial"
 
 
 def emit(d):
     line = json.dumps(d)
     f = _out[0]
-    if f is None:
+    link = _link[0]
+    if link is not None and f is None:
+        link.log(line)
+    elif f is None:
         print(line)
     else:
         f.write(line + "\n")
@@ -32,14 +37,6 @@ def emit(d):
             f.flush()
         except Exception:
             pass
-
-
-def _read(path):
-    f = open(path, "rb")
-    try:
-        return f.read()
-    finally:
-        f.close()
 
 
 def _mkdir(path):
@@ -87,7 +84,8 @@ def boot(argv):
         _out[0] = open(cfg.log, "a")
     hal = halmod.load()
     try:
-        shard = _read(cfg.shard)
+        # Opened, not read: the node reads one sample row at a time from flash.
+        shard = open(cfg.shard, "rb")
     except OSError:
         raise BootError("%s: cannot read the data shard (host/microfed_host/data.py writes it)"
                         % cfg.shard)
@@ -103,23 +101,32 @@ def boot(argv):
     try:
         from mqtt import Transport
     except ImportError as e:
-        raise BootError("MQTT client missing (%r): put firmware/lib on the module path" % e)
+        raise BootError("MQTT client missing (%r): put firmware/ on the module path" % e)
     login = bundle.mqtt or {}
+    stream = None
+    if cfg.link == "serial":
+        # The board's serial line carries both the log and the MQTT session; the broker is
+        # whatever `microfed bridge` on the other end connects to (TLS is the bridge's).
+        import serialstream
+
+        link = serialstream.Link()
+        _link[0] = link
+        stream = link.open
     t = Transport(bundle.node_id, broker["host"], broker["port"], user=login.get("username"),
-                  password=login.get("password"), ssl=_tls(bundle, broker),
+                  password=login.get("password"),
+                  ssl=_tls(bundle, broker) if stream is None else None, stream=stream,
                   keepalive=cfg.keepalive,
                   nodelay=True, max_msg=cfg.max_msg, io_timeout_ms=cfg.io_timeout_ms,
-                  publish_timeout_ms=cfg.publish_timeout_ms, max_pending=8,
+                  publish_timeout_ms=cfg.publish_timeout_ms,
                   log=lambda m: emit({"ev": "mqtt", "node": bundle.node_id, "msg": m}))
     try:
         nd = nodemod.Node(bundle, cfg, shard, t, hal, emit)
     except (ValueError, nodemod.StateError, replay.StoreError, model.ModelError) as e:
         raise BootError(str(e))
-    shard = None
-    n_nodes = len(nd.registry.nodes)
-    # Peers publish together at the end of a round: while our own PUBACK is awaited their
-    # updates queue here, so make room for all of them.
-    t.max_pending = cfg.max_pending or (2 * n_nodes + 4)
+    shard = None  # the node holds the open file now
+    # Node.on_message never publishes (its output waits for step()): messages that arrive
+    # while a PUBACK is awaited go straight to it, instead of waiting in RAM, 2.7 KB each.
+    t.deliver_while_busy = True
     t.set_handler(nd.on_message)
     nd.subscribe()
     wifi = cfg.wifi or bundle.wifi
@@ -166,7 +173,8 @@ def run(argv):
     nd.log("boot", hal=hal.NAME, mode=cfg.mode, broker="%s:%d" % (broker["host"], broker["port"]),
            last_round=nd.state.last_round, next_seq=nd.seqs.last + 1,
            params=nd.model.n_params, samples=nd.n_samples, free_heap=hal.free_heap())
-    while not hal.connect(wifi, cfg.wifi_timeout_ms, lambda m: nd.log("hal", msg=m)):
+    while cfg.link == "tcp" and not hal.connect(wifi, cfg.wifi_timeout_ms,
+                                                lambda m: nd.log("hal", msg=m)):
         time.sleep_ms(2000)
     # The first attempt may wait; after that poll() reconnects with back-off by itself.
     if not t.connect(5000):
@@ -182,7 +190,7 @@ def run(argv):
                 down_since = None
             elif down_since is None:
                 down_since = time.ticks_ms()
-            elif time.ticks_diff(time.ticks_ms(), down_since) > 30000:
+            elif cfg.link == "tcp" and time.ticks_diff(time.ticks_ms(), down_since) > 30000:
                 # The broker has been unreachable for a while: maybe the Wi-Fi dropped.
                 hal.connect(wifi, cfg.wifi_timeout_ms, lambda m: nd.log("hal", msg=m))
                 down_since = time.ticks_ms()

@@ -1,44 +1,26 @@
-# microfed node transport: MQTT on the umqtt.simple API, made robust.
+# microfed node transport: the policy around mqttc (the MQTT client).
 #
-# umqtt.simple (frozen into ESP32 images; firmware/lib/umqtt/simple.py on the unix port)
-# never pings, blocks forever waiting for PUBACK/SUBACK/CONNACK, reads any payload the
-# broker sends into RAM, and writes each packet in several small pieces. This module
-# subclasses its MQTTClient (so whichever copy is installed keeps doing the packet
-# encoding for publish/subscribe/ping) and adds:
-#   - a deadline on every blocking operation (connect, subscribe, QoS 1 publish);
-#   - TCP_NODELAY, because the split writes otherwise cost ~44 ms of Nagle delay per
-#     QoS 1 round trip instead of ~0.3 ms;
-#   - a bounded receive path: a PUBLISH whose remaining length exceeds max_msg is
-#     skipped in small chunks (and acknowledged) before any of it is kept in memory;
-#   - keepalive pings on a schedule and a dead-link check on the PINGRESP;
-#   - reconnect with bounded exponential back-off, deterministic per-node jitter,
-#     and the subscription list re-established on every reconnect.
+# mqttc.py encodes and decodes packets over one byte stream; this module decides when and
+# how long: a deadline on every blocking operation (connect, subscribe, QoS 1 publish);
+# keepalive pings on a schedule and a dead-link check on the PINGRESP; reconnect with
+# bounded exponential back-off and deterministic per-node jitter; the subscription list
+# re-established on every reconnect; messages that arrive while an acknowledgement is
+# awaited queued (bounded) and delivered afterwards, in order; counters for all of it.
+# The byte stream comes from a factory: TCP (TCP_NODELAY on, because a QoS 1 round trip
+# otherwise costs ~44 ms of Nagle delay instead of ~0.3 ms), TLS on top of it, or whatever
+# the caller passes as stream= (serialstream.Link.open: the board's serial line, bridged to
+# the broker by `microfed bridge`).
 # MicroPython only (time.ticks_*); no f-strings, no typing.
 
 import time
-import select
-import socket
 import struct
 import hashlib
 
-from umqtt.simple import MQTTClient, MQTTException
+import mqttc
 
-try:
-    from micropython import const
-except ImportError:  # pragma: no cover - CPython tooling only
-
-    def const(x):
-        return x
-
-
-_ETIMEDOUT = const(110)
-_IPPROTO_TCP = const(6)
-_TCP_NODELAY = const(1)
-_SKIP_CHUNK = const(256)
-_MAX_PACKET = const(268435455)  # MQTT 3.1.1 remaining-length limit
-_UMQTT_MAX = const(2097152)  # umqtt.simple asserts publish size < this
-_PUBACK = const(0x40)
-_SUBACK = const(0x90)
+_ETIMEDOUT = 110
+_IPPROTO_TCP = 6
+_TCP_NODELAY = 1
 
 ticks_ms = time.ticks_ms
 ticks_diff = time.ticks_diff
@@ -52,259 +34,64 @@ def _b(s):
     return bytes(s)
 
 
-def _field(s):
-    s = _b(s)
-    return struct.pack("!H", len(s)) + s
-
-
-def _varint(n):
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return out
-
-
 def _is_timeout(e):
     return isinstance(e, OSError) and len(e.args) > 0 and e.args[0] == _ETIMEDOUT
 
 
-class _Client(MQTTClient):
-    # umqtt's publish() and subscribe() call self.wait_msg() while they wait for their
-    # acknowledgement, so overriding wait_msg/check_msg/connect is enough to bound them.
+def tcp_stream(server, port, timeout_ms, ssl=None, nodelay=True):
+    """A connected TCP stream (TLS on top when ssl is an SSLContext); returns
+    (stream, nodelay_ok). Reads and writes time out after timeout_ms."""
+    import socket
 
-    def __init__(self, client_id, server, port, user, password, keepalive, ssl,
-                 io_timeout_ms, max_msg, nodelay):
-        if ssl:
-            MQTTClient.__init__(self, client_id, server, port, user, password, keepalive, ssl)
-        else:
-            MQTTClient.__init__(self, client_id, server, port, user, password, keepalive)
-        self.io_timeout_ms = io_timeout_ms
-        self.max_msg = max_msg
-        self.nodelay = nodelay
-        self.nodelay_ok = False
-        self.deadline = None  # ticks_ms by which the current operation must be done
-        self.expect = None  # ack opcode the running publish/subscribe wants returned
-        self.poller = None
-        self.raw_sock = None
-        self.last_rx = ticks_ms()
-        self.pongs = 0
-        self.dropped = 0
-        self.dropped_bytes = 0
-        self._skipbuf = bytearray(_SKIP_CHUNK)
-
-    # --- socket helpers -------------------------------------------------------------
-    def close_sock(self):
-        s = self.sock
-        self.sock = None
-        self.poller = None
-        if s is not None:
-            try:
-                s.close()
-            except Exception:
-                pass
-
-    def set_timeout_ms(self, ms):
-        s = self.sock
-        if s is not None:
-            if not hasattr(s, "settimeout"):
-                s = self.raw_sock  # an SSLSocket has none: time out its TCP socket's reads
-            s.settimeout(ms / 1000)
-
-    def _read(self, n):
-        if n == 0:
-            return b""
-        data = self.sock.read(n)
-        if not data or len(data) != n:
-            raise OSError(-1)  # connection closed (or cut mid-packet)
-        return data
-
-    def _skip(self, n):
-        buf = self._skipbuf
-        while n > 0:
-            k = n if n < _SKIP_CHUNK else _SKIP_CHUNK
-            got = self.sock.readinto(buf, k)
-            if not got:
-                raise OSError(-1)
-            n -= got
-
-    def _recv_len(self):
-        # Bounded: the remaining length has at most 4 bytes; a 5th means garbage.
-        n = 0
-        sh = 0
-        for _ in range(4):
-            b = self._read(1)[0]
-            n |= (b & 0x7F) << sh
-            if not b & 0x80:
-                return n
-            sh += 7
-        raise MQTTException("malformed remaining length")
-
-    def readable(self, wait_ms):
-        # poll first so an idle wait never hits the socket timeout: on the unix port a
-        # read that times out part-way through loses the bytes it already had.
-        return bool(self.poller.poll(wait_ms))
-
-    # --- protocol ---------------------------------------------------------------
-    def connect(self, clean_session=True):
-        self.close_sock()
-        addr = socket.getaddrinfo(self.server, self.port)[0][-1]
-        s = socket.socket()
-        self.sock = s
-        self.raw_sock = s
-        self.set_timeout_ms(self.io_timeout_ms)
+    addr = socket.getaddrinfo(server, port)[0][-1]
+    s = socket.socket()
+    try:
+        # An SSLSocket has no settimeout: the TCP socket's timeout bounds its reads too.
+        s.settimeout(timeout_ms / 1000)
         s.connect(addr)
-        self.nodelay_ok = False
-        if self.nodelay:
+        ok = False
+        if nodelay:
             try:
                 s.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
-                self.nodelay_ok = True
+                ok = True
             except Exception:
-                pass  # port without the option: correct, only slower
-        if self.ssl:
-            if hasattr(self.ssl, "wrap_socket"):  # newer umqtt: an SSLContext
-                s = self.ssl.wrap_socket(s, server_hostname=self.server)
-            else:
-                import ssl
+                pass  # a port without the option: correct, only slower
+        if ssl is not None:
+            s = ssl.wrap_socket(s, server_hostname=server)
+        return s, ok
+    except Exception:
+        s.close()
+        raise
 
-                s = ssl.wrap_socket(s, **getattr(self, "ssl_params", {}))
-            self.sock = s
-        flags = (1 if clean_session else 0) << 1
-        payload = _field(self.client_id)
-        if self.lw_topic:
-            flags |= 0x4 | (self.lw_qos & 0x3) << 3 | (1 if self.lw_retain else 0) << 5
-            payload += _field(self.lw_topic) + _field(self.lw_msg)
-        if self.user is not None:
-            flags |= 0x80
-            payload += _field(self.user)
-            if self.pswd is not None:
-                flags |= 0x40
-                payload += _field(self.pswd)
-        ka = self.keepalive
-        body = b"\x00\x04MQTT\x04" + bytes((flags, ka >> 8, ka & 0xFF)) + payload
-        # One write: CONNECT goes out as a single segment even before NODELAY matters.
-        s.write(b"\x10" + _varint(len(body)) + body)
-        resp = self._read(4)
-        if resp[0] != 0x20 or resp[1] != 0x02:
-            raise MQTTException("bad CONNACK")
-        if resp[3] != 0:
-            raise MQTTException(resp[3])
-        p = select.poll()
-        p.register(s, select.POLLIN)
-        self.poller = p
-        self.last_rx = ticks_ms()
-        return resp[2] & 1
 
-    def _wrap_pid(self):
-        # umqtt increments pid without bound; 0 is not a valid packet id.
-        if self.pid >= 65535:
-            self.pid = 0
-
-    def publish(self, topic, msg, retain=False, qos=0):
-        self._wrap_pid()
-        self.expect = _PUBACK
+def _close(s):
+    if s is not None:
         try:
-            return MQTTClient.publish(self, topic, msg, retain, qos)
-        finally:
-            self.expect = None
-
-    def subscribe(self, topic, qos=0):
-        self._wrap_pid()
-        self.expect = _SUBACK
-        try:
-            return MQTTClient.subscribe(self, topic, qos)
-        finally:
-            self.expect = None
-
-    def wait_msg(self):
-        d = self.deadline
-        if d is None:
-            wait = -1
-        else:
-            wait = ticks_diff(d, ticks_ms())
-            if wait < 0:
-                raise OSError(_ETIMEDOUT)
-        if not self.readable(wait):
-            if d is None:
-                return None
-            raise OSError(_ETIMEDOUT)
-        return self.packet()
-
-    def check_msg(self):
-        if not self.readable(0):
-            return None
-        return self.packet()
-
-    def packet(self):
-        # Read one whole packet. Returns the opcode only when the running publish or
-        # subscribe expects it (that caller reads the body, as in umqtt); every other
-        # non-PUBLISH packet is skipped whole so the stream never falls out of step.
-        res = self.sock.read(1)
-        if not res:
-            raise OSError(-1)
-        self.last_rx = ticks_ms()
-        op = res[0]
-        if op == 0xD0:
-            if self._read(1) != b"\x00":
-                raise MQTTException("bad PINGRESP")
-            self.pongs += 1
-            return None
-        if op & 0xF0 != 0x30:
-            if op == self.expect:
-                return op
-            self._skip(self._recv_len())
-            return None
-        sz = self._recv_len()
-        qos = (op >> 1) & 3
-        if qos > 1:
-            raise MQTTException("QoS 2 PUBLISH on a QoS <= 1 subscription")
-        head = 4 if qos else 2
-        if sz < head:
-            raise MQTTException("short PUBLISH")
-        tl = self._read(2)
-        tl = tl[0] << 8 | tl[1]
-        if tl + head > sz:
-            raise MQTTException("PUBLISH topic longer than packet")
-        n = sz - tl - head
-        if sz > self.max_msg:
-            self._skip(tl)
-            pid = self._read(2) if qos else None
-            self._skip(n)
-            self.dropped += 1
-            self.dropped_bytes += sz
-            if qos:
-                self.sock.write(b"\x40\x02" + pid)
-            return None
-        topic = self._read(tl)
-        pid = self._read(2) if qos else None
-        msg = self._read(n)
-        if qos:
-            # Ack before the callback: the message is fully received, and a callback
-            # that publishes must not interleave with a half-written PUBACK.
-            self.sock.write(b"\x40\x02" + pid)
-        self.cb(topic, msg)
-        return None
+            s.close()
+        except Exception:
+            pass
 
 
 class Transport:
     """A node's MQTT link. Never blocks longer than its timeouts; reports failures
-    by return value and counters (stats()), reconnects by itself."""
+    by return value and counters (stats()), reconnects by itself.
+
+    stream: None for TCP to server:port (TLS when ssl is an SSLContext), or a callable
+    stream(timeout_ms) returning a fresh connected byte stream for each connection
+    (e.g. serialstream.Link(...).open); server and port are then only labels."""
 
     def __init__(self, client_id, server, port=1883, user=None, password=None,
                  keepalive=30, nodelay=True, max_msg=16384, io_timeout_ms=5000,
                  publish_timeout_ms=5000, backoff_min_ms=250, backoff_max_ms=8000,
-                 jitter_pct=25, max_pending=8, clean_session=True, ssl=None, log=None):
+                 jitter_pct=25, max_pending=8, clean_session=True, ssl=None, log=None,
+                 stream=None):
         if not client_id or len(_b(client_id)) > 65535:
             raise ValueError("client_id must be 1..65535 bytes")
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ValueError("port must be 1..65535")
         if not isinstance(keepalive, int) or not 0 <= keepalive <= 65535:
             raise ValueError("keepalive must be 0..65535 s")
-        if not isinstance(max_msg, int) or not 16 <= max_msg <= _MAX_PACKET:
+        if not isinstance(max_msg, int) or not 16 <= max_msg <= mqttc.MAX_REMAINING:
             raise ValueError("max_msg must be 16..268435455 bytes")
         if io_timeout_ms <= 0 or publish_timeout_ms <= 0:
             raise ValueError("timeouts must be > 0 ms")
@@ -312,9 +99,20 @@ class Transport:
             raise ValueError("need 0 < backoff_min_ms <= backoff_max_ms")
         if not 0 <= jitter_pct < 100:
             raise ValueError("jitter_pct must be 0..99")
-        self.client = _Client(client_id, server, port, user, password, keepalive, ssl,
-                              io_timeout_ms, max_msg, nodelay)
-        self.client.set_callback(self._on_publish)
+        self.client_id = client_id
+        self.server = server
+        self.port = port
+        self.user = user
+        self.password = password
+        self.ssl = ssl
+        self.nodelay = nodelay
+        self.max_msg = max_msg
+        self.stream_factory = stream
+        self.client = None  # the mqttc.Client of the live connection
+        self._stream = None
+        self._nodelay_ok = False
+        self._dropped = 0  # oversize drops of earlier connections
+        self._dropped_bytes = 0
         self._id = _b(client_id)
         self.keepalive = keepalive
         self.io_timeout_ms = io_timeout_ms
@@ -331,6 +129,9 @@ class Transport:
         self._handler = None
         self._subs = []  # [topic bytes, qos]; replayed on every reconnect
         self._pending = []  # messages that arrived while an ack was awaited
+        # A handler that never publishes (the node's: it queues its output for step()) can
+        # take messages while an ack is awaited, so none waits in RAM: set this to True.
+        self.deliver_while_busy = False
         self._busy = False
         self._attempt = 0
         self._next_try = ticks_ms()
@@ -349,9 +150,11 @@ class Transport:
 
     def stats(self):
         d = dict(self._n)
-        d["dropped_oversize"] = self.client.dropped
-        d["dropped_oversize_bytes"] = self.client.dropped_bytes
-        d["nodelay"] = self.client.nodelay_ok
+        c = self.client
+        d["dropped_oversize"] = self._dropped + (c.dropped if c is not None else 0)
+        d["dropped_oversize_bytes"] = self._dropped_bytes + (c.dropped_bytes if c is not None
+                                                             else 0)
+        d["nodelay"] = self._nodelay_ok
         d["connected"] = self.connected
         return d
 
@@ -410,23 +213,24 @@ class Transport:
         topic = _b(topic)
         if not topic:
             raise ValueError("empty topic")
-        if 2 + len(topic) + len(msg) + 2 >= _UMQTT_MAX:
-            raise ValueError("message too large for umqtt (>= 2 MiB)")
+        if 2 + len(topic) + len(msg) + 2 > mqttc.MAX_REMAINING:
+            raise ValueError("message too large for MQTT (> 256 MiB)")
         if not self.connected and not self._try_connect():
             self._n["publish_failures"] += 1
             self.last_error = "publish: not connected"
             return False
-        self._begin(self.publish_timeout_ms if timeout_ms is None else timeout_ms)
+        self._busy = True
         try:
-            self.client.publish(topic, msg, retain, qos)
+            self.client.publish(topic, msg, qos, retain,
+                                self.publish_timeout_ms if timeout_ms is None else timeout_ms)
         except Exception as e:
+            self._busy = False
             self._n["publish_failures"] += 1
             if _is_timeout(e):
                 self._n["publish_timeouts"] += 1
-            self._end()
             self._fail("publish", e)
             return False
-        self._end()
+        self._busy = False
         self._last_tx = ticks_ms()
         self._n["published"] += 1
         return True
@@ -471,7 +275,7 @@ class Transport:
                 self.client.disconnect()
             except Exception:
                 pass
-        self.client.close_sock()
+        self._drop()
         self.connected = False
 
     # --- internals --------------------------------------------------------------
@@ -479,24 +283,33 @@ class Transport:
         if self.log is not None:
             self.log(msg)
 
-    def _begin(self, timeout_ms):
-        c = self.client
-        c.deadline = ticks_add(ticks_ms(), timeout_ms)  # pyright: ignore[reportAttributeAccessIssue]  (stub types ticks as _TicksMs)
-        c.set_timeout_ms(timeout_ms if timeout_ms < self.io_timeout_ms else self.io_timeout_ms)
-        self._busy = True
+    def _open(self):
+        """A fresh stream and an mqttc.Client on it, CONNECT acknowledged."""
+        self._drop()
+        t = self.io_timeout_ms
+        if self.stream_factory is None:
+            s, self._nodelay_ok = tcp_stream(self.server, self.port, t, self.ssl, self.nodelay)
+        else:
+            s = self.stream_factory(t)
+            self._nodelay_ok = False
+        self._stream = s
+        c = mqttc.Client(s, self.max_msg, self._on_publish)
+        self.client = c
+        c.connect(self.client_id, self.keepalive, self.clean_session, self.user,
+                  self.password, None, t)
 
-    def _end(self):
+    def _drop(self):
         c = self.client
-        c.deadline = None
-        self._busy = False
-        if c.sock is not None:
-            try:
-                c.set_timeout_ms(self.io_timeout_ms)
-            except Exception:
-                pass
+        if c is not None:
+            self._dropped += c.dropped
+            self._dropped_bytes += c.dropped_bytes
+        self.client = None
+        s = self._stream
+        self._stream = None
+        _close(s)
 
     def _on_publish(self, topic, msg):
-        if self._busy:
+        if self._busy and not self.deliver_while_busy:
             if len(self._pending) >= self.max_pending:
                 self._pending.pop(0)  # the newest state matters more than the oldest
                 self._n["dropped_pending"] += 1
@@ -525,14 +338,14 @@ class Transport:
             self._deliver(t, m)
 
     def _sub_now(self, topic, qos):
-        self._begin(self.io_timeout_ms)
+        self._busy = True
         try:
-            self.client.subscribe(topic, qos)
+            self.client.subscribe(topic, qos, self.io_timeout_ms)
         except Exception as e:
-            self._end()
+            self._busy = False
             self._fail("subscribe", e)
             return False
-        self._end()
+        self._busy = False
         self._last_tx = ticks_ms()
         return True
 
@@ -542,9 +355,9 @@ class Transport:
         if ticks_diff(self._next_try, ticks_ms()) > 0:
             return False
         try:
-            self.client.connect(self.clean_session)
+            self._open()
         except Exception as e:
-            self.client.close_sock()
+            self._drop()
             self._n["connect_failures"] += 1
             self.last_error = "connect: " + repr(e)
             self._retry_later()
@@ -578,7 +391,7 @@ class Transport:
         if self.connected:
             self._n["disconnects"] += 1
         self.connected = False
-        self.client.close_sock()
+        self._drop()
         self._retry_later()
 
     def _keepalive(self):

@@ -6,23 +6,24 @@
 #      above the last accepted one, round above the persisted last round, clock window),
 #      dimension, the model's own digest;
 #   2. gossip mode: aggregate exactly the announced accepted set of round r-1 from the peer
-#      updates buffered during r-1 (verified against the bundle's registry) with the announced
-#      rule, publish GOSSIP_DIGEST(r-1) = audit.digest of the result;
+#      updates kept during r-1 (checked as config "peer_check" says) with the announced rule,
+#      publish GOSSIP_DIGEST(r-1) = audit.digest of the result;
 #   3. unless the run is over: train on the local shard from the global parameters (seed
 #      derived from (base seed, r, node id)), delta = new - global (saturating), take the next
 #      persisted sequence counter, sign MODEL_UPDATE(r), persist (last round, coordinator
 #      counter, frame hash) atomically, THEN publish it.
 # Nothing a peer or the network sends can crash the node: every rejection is counted by
 # reason, logged, and reported in a signed STATUS frame; the loop goes on.
+# The round's steps themselves are microfed.noderound's (shared with the host's engines);
+# this module adds the transport, persistence, counters and reports around them.
 
 import gc
 import hashlib
-import struct
 import time
 
-from microfed import audit, ed25519, model, replay, wire
-from microfed.replay import MemoryStore, ReplayGuard, SequenceSource
-from microfed.verify import Limits, Rejected, Verifier, load_registry_frame
+from microfed import ed25519, model, noderound, replay, wire
+from microfed.replay import ReplayGuard, SequenceSource
+from microfed.verify import Rejected, load_registry_frame
 from microfed.wire import WireError
 
 # STATUS / HELLO state byte.
@@ -144,18 +145,12 @@ class _CoordStore:
         return True
 
 
-def check_mesh_name(name):
-    for c in "/+#":
-        if c in name:
-            raise ValueError("mesh name %r cannot be part of an MQTT topic (has %r)" % (name, c))
-
-
 class Node:
     def __init__(self, bundle, cfg, shard, transport, hal, log, clock=replay.wall_clock):
-        """bundle: config.Bundle; cfg: config.Config; shard: bytes of the MFDS shard file;
-        transport: mqtt.Transport (or anything with publish/subscribe/poll/connected);
-        hal: a hal module; log(dict): one event per call."""
-        check_mesh_name(bundle.mesh)
+        """bundle: config.Bundle; cfg: config.Config; shard: the MFDS shard file opened "rb"
+        (read a row at a time) or its bytes; transport: mqtt.Transport (or anything with
+        publish/subscribe/poll/connected); hal: a hal module; log(dict): one event per call."""
+        topics = noderound.Topics(bundle.mesh, bundle.node_id)
         self.b = bundle
         self.cfg = cfg
         self.t = transport
@@ -181,15 +176,11 @@ class Node:
         if me is None or me[0] != bundle.public_key or not me[1]:
             raise ValueError("bundle: this node is not an active registry member with its key")
 
-        # Data and model.
-        xs, ys, info = model.decode_shard(shard)
-        self.data = (xs, ys)
-        self.n_samples = len(ys)
-        self.model = model.get(cfg.model, n_features=info["n_features"],
-                               n_classes=info["n_classes"])
+        # Data and model: the shard stays where it is (flash), read a row at a time.
+        self.data = model.Shard(shard)
+        self.n_samples = self.data.n
+        self.model = model.get(cfg.model, n_features=self.data.d, n_classes=self.data.k)
         self.model.check_data(self.data)
-        tr = cfg.train
-        self.train_base = tr["seed"]
 
         # Persistent state.
         sd = cfg.state_dir
@@ -199,25 +190,29 @@ class Node:
         # long round legitimately receives a frame minutes old. Freshness comes from the
         # persisted counter and "round above the last one done"; the future bound stays.
         self.gguard = ReplayGuard(_CoordStore(self.state.coord_seq), max_age=1 << 62)
-        n_nodes = len(reg.nodes)
-        self.buffer_cap = cfg.gossip_buffer or (2 * cfg.per_sender * n_nodes)
-        self.peers = Verifier(self.mesh_id, reg, ReplayGuard(MemoryStore()), ed25519.verify,
-                              limits=Limits(self.model.n_params, cfg.max_abs),
-                              kinds=(wire.MODEL_UPDATE,))
         self.registry = reg
+        self.peers = None
+        if self.gossip:
+            # Peers' updates of the open rounds (two): per_sender per registered node each.
+            d = self.model.n_params
+            if cfg.vectors == "flash":
+                vectors = noderound.FileVectors(sd + "/peers.bin", d)
+            else:
+                vectors = noderound.RamVectors(d)
+            self.peers = noderound.Peers(
+                self.mesh_id, reg, d, cfg.max_abs, ed25519.verify, vectors,
+                cfg.gossip_buffer or (2 * cfg.per_sender * len(reg.nodes)), cfg.per_sender,
+                cfg.peer_check)
 
-        base = "microfed/" + bundle.mesh + "/"
-        self.t_global = base + "global"
-        self.t_registry = base + "registry"
-        self.t_update = base + "update/" + self.node_id
-        self.t_updates = base + "update/+"
-        self.t_update_prefix = base + "update/"
-        self.t_digest = base + "digest/" + self.node_id
-        self.t_hello = base + "hello/" + self.node_id
-        self.t_notice = base + "notice/" + self.node_id
+        self.t_global = topics.global_
+        self.t_registry = topics.registry
+        self.t_update = topics.update
+        self.t_updates = topics.updates
+        self.t_update_prefix = topics.update_prefix
+        self.t_digest = topics.digest
+        self.t_hello = topics.hello
+        self.t_notice = topics.notice
 
-        self.buffers = {}  # round -> {frame hash: (sender, samples, packed values)}
-        self.buffered = 0
         self.outbox = []  # [topic, frame, what] awaiting a successful QoS 1 publish
         self.rejected = {}
         self.dirty = []  # reasons whose counter changed since the last STATUS about them
@@ -326,41 +321,13 @@ class Node:
             self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     def coordinator_frame(self, msg, kind, what):
-        """Decode a frame that must be `kind` from the coordinator, signed with the key
-        pinned in the bundle. Raises Rejected."""
-        if not isinstance(msg, (bytes, bytearray)):
-            raise Rejected("bad_type", "frame must be bytes")
-        if len(msg) > wire.MAX_FRAME:
-            raise Rejected("oversize", "frame of %d bytes" % len(msg))
-        try:
-            fr = wire.decode(msg)
-        except WireError as e:
-            raise Rejected(e.reason, e.message)
-        if fr.mesh_id != self.mesh_id:
-            raise Rejected("wrong_mesh", "%s for another mesh" % what)
-        if fr.kind != kind:
-            raise Rejected("wrong_kind", "%s where a %s belongs" % (fr.kind_name, what))
-        if fr.sender != wire.COORDINATOR:
-            raise Rejected("wrong_role", "%s not from the coordinator" % what)
-        if not ed25519.verify(self.b.coordinator_key, fr.signing_digest(), fr.signature):
-            raise Rejected("bad_signature", "%s signature does not verify" % what)
-        return fr
+        return noderound.coordinator_frame(msg, self.mesh_id, self.b.coordinator_key, kind,
+                                           what, ed25519.verify)
 
     def verify_global(self, msg):
-        fr = self.coordinator_frame(msg, wire.GLOBAL_MODEL, "global model")
-        bad = self.gguard.check(wire.COORDINATOR, wire.GLOBAL_MODEL, fr.seq, fr.round,
-                                fr.timestamp, self.clock(), self.state.last_round + 1, None)
-        if bad is not None:
-            raise Rejected(bad[0], bad[1])
-        vals = fr.body["values"]
-        if len(vals) != self.model.n_params:
-            raise Rejected("bad_dim", "global model has %d values, model needs %d"
-                           % (len(vals), self.model.n_params))
-        if not wire.values_digest_ok(fr):
-            raise Rejected("bad_digest", "global model digest does not match its vector")
-        if not self.gguard.commit(wire.COORDINATOR, wire.GLOBAL_MODEL, fr.seq):
-            raise Rejected("replay", "coordinator counter already used")
-        return fr
+        return noderound.check_global(msg, self.mesh_id, self.b.coordinator_key,
+                                      ed25519.verify, self.gguard, self.state.last_round,
+                                      self.model.n_params, self.clock())
 
     def on_global(self, msg):
         h = _sha(msg)
@@ -384,28 +351,9 @@ class Node:
             self.log("global_dropped", round=old.round)
 
     def on_update(self, msg):
-        h = _sha(msg)
-        for buf in self.buffers.values():
-            if h in buf:
-                self.duplicates += 1  # our own echo, or a redelivery
-                return
-        cur = self.state.last_round
-        fr = self.peers.verify(msg, self.clock(), cur if cur > 0 else 1, cur + 1)
-        buf = self.buffers.get(fr.round)
-        if buf is None:
-            buf = {}
-            self.buffers[fr.round] = buf
-        same = 0
-        for e in buf.values():
-            if e[0] == fr.sender:
-                same += 1
-        if same >= self.cfg.per_sender:
-            raise Rejected("buffer_full", "%d updates of %s for round %d already buffered"
-                           % (same, fr.sender, fr.round))
-        if self.buffered >= self.buffer_cap:
-            raise Rejected("buffer_full", "gossip buffer holds %d updates" % self.buffered)
-        buf[h] = (fr.sender, fr.body["samples"], bytes(fr.payload[8:]))
-        self.buffered += 1
+        # Checked and kept as it arrives: hash, the cheap checks, values into a slot.
+        if self.peers.offer(msg, self.clock(), self.state.last_round) is None:
+            self.duplicates += 1  # our own echo, or a redelivery
 
     def on_registry(self, msg):
         reg = load_registry_frame(msg, self.mesh_id, self.b.coordinator_key, ed25519.verify)
@@ -414,18 +362,15 @@ class Node:
             return
         old = self.registry
         self.registry = reg
-        self.peers.registry = reg
         # A peer re-enrolled with a new key starts a new counter epoch: forget its counters
         # (frames signed with its old key can never verify again).
         rekeyed = []
-        store = self.peers.guard.store
         for nid in reg.nodes:
             prev = old.nodes.get(nid)
             if prev is not None and prev[0] != reg.nodes[nid][0]:
                 rekeyed.append(nid)
-                for k in list(store.counters.keys()):
-                    if k[0] == nid:
-                        del store.counters[k]
+        if self.peers is not None:
+            self.peers.set_registry(reg, rekeyed)
         self.log("registry", version=reg.version, nodes=len(reg.nodes), reenrolled=rekeyed)
         me = reg.lookup(self.node_id)
         if me is None or not me[1] or me[0] != self.b.public_key:
@@ -467,12 +412,14 @@ class Node:
     # ---------------------------------------------------------------- the round
     def process_global(self, fr, h):
         r = fr.round
+        seq = fr.seq
         b = fr.body
         self.log("global", round=r, seq=fr.seq, final=b["final"], rule=b["rule"],
                  accepted=len(b["accepted"]))
         if self.gossip and b["rule"] is not None and r > 1:
             self.gossip_digest(r - 1, b)
-        self.drop_buffers(r)
+        if self.peers is not None:
+            self.peers.drop_before(r)  # keep r (collecting now) and r+1 (early peers)
         self.last_update = None
         mr = self.cfg.max_rounds
         if b["final"] or (mr and r > mr):
@@ -481,24 +428,23 @@ class Node:
             self.log("final", round=r)
             self.done = True
             return
+        # Free what training does not need (the caller still holds the frame): the payload
+        # copy now, the decoded global once the delta exists.
         g = b["values"]
-        tr = self.cfg.train
-        tc = model.TrainConfig(tr["lr"], tr["epochs"], tr["batch"],
-                               model.derive_seed(self.train_base, r, self.node_id))
+        fr.payload = None
+        fr.body = b = None
         t0 = time.ticks_ms()
-        new = self.model.train(g, self.data, tc)
-        delta = self.model.delta(g, new)
-        new = None
+        delta = noderound.local_update(self.model, self.data, self.cfg.train, r, self.node_id, g)
+        g = None
+        gc.collect()
         t1 = time.ticks_ms()
-        frame = self.frame(wire.MODEL_UPDATE, r, wire.encode_model_update(self.n_samples, delta))
+        frame = self.frame(wire.MODEL_UPDATE, r, noderound.update_payload(self.n_samples, delta))
         # Persist BEFORE publishing: after a crash from here on, this round is never redone.
-        self.state.save(r, fr.seq, h)
+        self.state.save(r, seq, h)
         fh = _sha(frame)
-        if self.gossip:
-            self.buffers.setdefault(r, {})[fh] = (self.node_id, self.n_samples,
-                                                  bytes(frame[wire.HDR_FIXED + len(self.node_id)
-                                                              + 8:-wire.SIG_LEN]))
-            self.buffered += 1
+        if self.peers is not None:
+            self.peers.keep(r, fh, self.node_id, self.n_samples,
+                            noderound.update_values(frame, self.node_id))
         self.queue(self.t_update, frame, "update")
         # Kept until the next global: re-sent after a reconnect, because a broker that
         # restarted may have lost it (the same signed bytes: at worst a harmless duplicate).
@@ -510,43 +456,19 @@ class Node:
         delta = None
         gc.collect()
 
-    def drop_buffers(self, r):
-        # Keep round r (collecting now) and r+1 (early peers); older rounds are settled.
-        for k in list(self.buffers.keys()):
-            if k < r:
-                self.buffered -= len(self.buffers[k])
-                del self.buffers[k]
-
     def gossip_digest(self, rr, b):
         rule = b["rule"]
-        buf = self.buffers.get(rr, {})
-        ids = []
-        vecs = []
-        weights = []
-        missing = 0
-        for node_id, fh in b["accepted"]:
-            e = buf.get(fh)
-            if e is None or e[0] != node_id:
-                missing += 1
-                continue
-            ids.append(node_id)
-            vecs.append(list(struct.unpack("<%di" % (len(e[2]) // 4), e[2])))
-            weights.append(e[1])
-        if missing:
-            self.missing_rounds += 1
-            self.notes.append((ST_MISSING, "missing %d %d" % (rr, missing)))
-            self.log("digest_skipped", round=rr, missing=missing, announced=len(b["accepted"]))
-            return
         try:
-            res = audit.run(rule, ids, vecs,
-                            wire.rule_params(rule, b["p1"], b["p2"], weights))
+            d, ids = self.peers.digest(rr, b)
         except Exception as e:
-            vecs = None
             reason, message = _failure(e, "aggregating round %d" % rr)
             self.reject("announce", reason or "aggregate_error", message)
             return
-        vecs = None
-        d = bytes.fromhex(res["digest"])
+        if d is None:
+            self.missing_rounds += 1
+            self.notes.append((ST_MISSING, "missing %d %d" % (rr, ids)))
+            self.log("digest_skipped", round=rr, missing=ids, announced=len(b["accepted"]))
+            return
         agree = d == b["agg_digest"]
         if agree:
             self.digest_agree += 1
@@ -556,9 +478,8 @@ class Node:
                            wire.encode_gossip_digest(d, rule, b["p1"], b["p2"], len(ids)))
         self.queue(self.t_digest, frame, "digest")
         self.digests_sent += 1
-        self.log("digest", round=rr, digest=res["digest"], rule=rule, count=len(ids),
+        self.log("digest", round=rr, digest=_hex(d), rule=rule, count=len(ids),
                  agrees_with_coordinator=agree)
-        res = None
         gc.collect()
 
     # ---------------------------------------------------------------- output

@@ -112,8 +112,8 @@ def test_ed25519_vectors_on_device(device):
 
 
 def test_one_round_mini_mesh(device, request):
-    """The device joins the host's broker, receives a global model, publishes its update;
-    the host checks the bytes against the reference."""
+    """The device joins the host's broker with firmware/mqttc.py, receives a global model,
+    publishes its update; the host checks the bytes against the reference."""
     broker = request.config.getoption("--broker")
     network = device.cap("network", "none")
     if network == "none":
@@ -132,10 +132,10 @@ def test_one_round_mini_mesh(device, request):
         pytest.fail("broker %s unreachable from the host: %s" % (broker, e))
 
     repl = device.repl
-    umqtt = (ROOT / "firmware" / "lib" / "umqtt" / "simple.py").read_bytes()
-    if repl.exec("try:\n import umqtt.simple\n print('FROZEN')\nexcept ImportError:\n print('NO')"
+    client = (ROOT / "firmware" / "mqttc.py").read_bytes()
+    if repl.exec("try:\n import mqttc\n print('FROZEN')\nexcept ImportError:\n print('NO')"
                  ).strip() != "FROZEN":
-        repl.write_file(device.root + "lib/umqtt/simple.py", umqtt)
+        repl.write_file(device.root + "lib/mqttc.py", client)
     _core_files(repl, device, ["q16"])
 
     tag = os.urandom(4).hex()
@@ -156,12 +156,16 @@ def test_one_round_mini_mesh(device, request):
         cli.publish(t_global, struct.pack("<4i", *model), qos=1, retain=True).wait_for_publish(5)
         repl.exec_verified(
             "import sys\nif 'lib' not in sys.path:\n sys.path.insert(0,'lib')\n"
-            "import ustruct\nfrom umqtt.simple import MQTTClient\nfrom microfed import q16\n"
-            "_box=[]\n_c=MQTTClient(%r,%r,%d)\n_c.set_callback(lambda t,m:_box.append(m))\n"
-            "_c.connect()\n_c.subscribe(%r)\n_c.wait_msg()\n"
+            "import socket, ustruct, mqttc\nfrom microfed import q16\n"
+            "_box=[]\n_s=socket.socket()\n_s.settimeout(10)\n"
+            "_s.connect(socket.getaddrinfo(%r,%d)[0][-1])\n"
+            "_c=mqttc.Client(_s,16384,lambda t,m:_box.append(m))\n"
+            "_c.connect(%r,0,True,None,None,None,10000)\n_c.subscribe(%r,0,10000)\n"
+            "while not _box and _c.readable(10000):\n _c.packet()\n"
             "_g=list(ustruct.unpack('<4i',_box[0]))\n"
-            "_c.publish(%r,ustruct.pack('<4i',*q16.vadd(_g,%r)))\n_c.disconnect()\nprint('SENT')\n"
-            % ("dev-" + tag, host, port, t_global, t_update, local), timeout=60, what="mini-mesh")
+            "_c.publish(%r,ustruct.pack('<4i',*q16.vadd(_g,%r)))\n_c.disconnect()\n_s.close()\n"
+            "print('SENT')\n"
+            % (host, port, "dev-" + tag, t_global, t_update, local), timeout=60, what="mini-mesh")
         deadline = time.monotonic() + 10
         while not got and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -261,7 +261,7 @@ def test_micropython_node_over_tls(mesh: Path, broker: Broker, tmp_path: Path, g
     coord.connect(5)
     coord.subscribe(BASE + "update/+")
     script = tmp_path / "tls_node.py"
-    paths = os.pathsep.join([str(REPO / "shared"), str(REPO / "firmware"), str(REPO / "firmware" / "lib")])
+    paths = os.pathsep.join([str(REPO / "shared"), str(REPO / "firmware")])
     script.write_text(NODE_TLS % {"bundle": str(mesh / "bundles" / "node-01.json"),
                                   "host": "127.0.0.1", "port": broker.tls_port, "good": good,
                                   "topic": BASE + "update/node-01"})

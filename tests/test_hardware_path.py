@@ -45,7 +45,7 @@ def test_provision_deploy_coordinate_on_unix_port_boards(tmp_path: Path, micropy
                            "--bundle", str(mesh / "bundles" / f"node-{i:02d}.json"))
             assert "shard.bin" in out
             for f in ("main.py", "node.py", "bundle.json", "shard.bin", "lib/microfed/q16.py",
-                      "lib/microfed/ed25519.py", "lib/umqtt/simple.py"):
+                      "lib/microfed/ed25519.py", "mqttc.py"):
                 assert (dev / f).is_file(), f
             boards.append(dev)
         # A re-run copies nothing: every file's checksum already matches on the device.

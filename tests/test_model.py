@@ -12,6 +12,7 @@ import json
 import math
 import random
 import sys
+from pathlib import Path
 
 import model_runner
 import numpy as np
@@ -368,3 +369,43 @@ if __name__ == "__main__":
         print(f"wrote {VECTOR_FILE} ({len(build_cases())} cases)")
     else:
         print("usage: python tests/test_model.py --write")
+
+
+# ---- training straight from the shard's bytes ------------------------------------------------
+
+def _random_shard(rng: random.Random, n: int, d: int, k: int, shift: int) -> bytes:
+    xs = [[rng.choice((0, 0, 0, rng.randint(0, 255))) << shift for _ in range(d)] for _ in range(n)]
+    ys = [rng.randrange(k) for _ in range(n)]
+    return data.encode_shard(data.Dataset(np.asarray(xs, dtype=np.int64),
+                                          np.asarray(ys, dtype=np.int64), k), shift=shift)
+
+
+@pytest.mark.parametrize("shift", [0, 4, 12, 16, 23])
+def test_training_on_a_shard_equals_training_on_decoded_lists(shift: int, tmp_path: Path) -> None:
+    """model.Shard keeps features as stored bytes and applies the shift once per sum; the
+    result must be the decoded lists' bit for bit, also when sums saturate (shift 23 makes
+    features up to 255 * 2^7 in value)."""
+    rng = random.Random(shift)
+    m = model.SoftmaxRegression(n_features=9, n_classes=4)
+    buf = _random_shard(rng, 23, 9, 4, shift)
+    xs, ys, _info = model.decode_shard(buf)
+    path = tmp_path / "s.bin"
+    path.write_bytes(buf)
+    for seed in range(3):
+        p = m.init(seed)
+        if seed == 2:
+            p = [rng.choice((model.MAX_RAW, model.MIN_RAW, 12345)) for _ in p]
+        cfg = model.TrainConfig(rng.choice((1, 32768, 1 << 20)), 2, 5, seed)
+        want = m.train(p, (xs, ys), cfg)
+        assert m.train(p, model.Shard(buf), cfg) == want
+        with open(path, "rb") as f:
+            assert m.train(p, model.Shard(f), cfg) == want
+
+
+def test_shard_from_a_file_checks_what_bytes_check(tmp_path: Path) -> None:
+    buf = bytearray(_random_shard(random.Random(1), 5, 4, 3, 12))
+    buf[20] ^= 1
+    path = tmp_path / "bad.bin"
+    path.write_bytes(bytes(buf))
+    with open(path, "rb") as f, pytest.raises(model.ModelError, match="SHA-256"):
+        model.Shard(f)

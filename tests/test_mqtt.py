@@ -30,7 +30,7 @@ from microfed_host.mqtt import HostMQTT, MQTTError
 from microfed_host.upy import find_micropython
 
 REPO = Path(__file__).resolve().parents[1]
-MICROPYPATH = os.pathsep.join(str(REPO / d) for d in ("firmware", "firmware/lib", "shared"))
+MICROPYPATH = os.pathsep.join(str(REPO / d) for d in ("firmware", "shared"))
 
 # A node under test: firmware/mqtt.py driven by commands on stdin, reporting JSON lines.
 DRIVER = r'''

@@ -6,8 +6,9 @@
 # mesh runner's unix32 nodes); the QEMU boards never run a main.py by themselves.
 package("microfed", base_path="../../shared")
 package("hal", base_path="../../firmware")
-package("umqtt", base_path="../../firmware/lib")
 module("config.py", base_path="../../firmware")
 module("main.py", base_path="../../firmware")
 module("mqtt.py", base_path="../../firmware")
+module("mqttc.py", base_path="../../firmware")
 module("node.py", base_path="../../firmware")
+module("serialstream.py", base_path="../../firmware")

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from microfed import audit, model, q16, wire
+from microfed import audit, model, noderound, q16, wire
 from microfed_host import keys
 
 MODEL_ATTACKS = ("none", "sign-flip", "ipm", "alie", "gaussian", "scaling", "label-flip",
@@ -172,11 +172,9 @@ class Adversary:
         return c.seq
 
     def _train(self, c: Compromised, g: list[int], r: int, flip: bool = False) -> list[int]:
-        tr = self.train
+        # An honest node's local update (microfed.noderound), on flipped labels if asked.
         ys = [self.model.k - 1 - y for y in c.ys] if flip else c.ys  # type: ignore[attr-defined]
-        cfg = model.TrainConfig(tr["lr"], tr["epochs"], tr["batch"],
-                                model.derive_seed(tr["seed"], r, c.node_id))
-        return self.model.delta(g, self.model.train(g, (c.xs, ys), cfg))
+        return noderound.local_update(self.model, (c.xs, ys), self.train, r, c.node_id, g)
 
     def _clip(self, v: np.ndarray) -> list[int]:
         m = self.max_abs
@@ -200,12 +198,12 @@ class Adversary:
     # -- input --------------------------------------------------------------------------
     def on_global(self, raw: bytes) -> list[tuple[str, bytes]]:
         try:
-            fr = wire.decode(raw)
+            fr = noderound.coordinator_frame(raw, self.mesh_id, self.coord_pub,
+                                             wire.GLOBAL_MODEL, "global model",
+                                             keys.check_signature)
         except wire.WireError:
             return []
-        if (fr.kind != wire.GLOBAL_MODEL or fr.mesh_id != self.mesh_id
-                or fr.sender != wire.COORDINATOR or fr.round <= self.global_round_seen
-                or not keys.check_signature(self.coord_pub, fr.signing_digest(), fr.signature)):
+        if fr.round <= self.global_round_seen:
             return []
         self.global_round_seen = fr.round
         out: list[tuple[str, bytes]] = []
@@ -360,9 +358,8 @@ class Adversary:
             ids.append(node_id)
             vecs.append(e[1])
             weights.append(e[2])
-        res = audit.run(b["rule"], ids, vecs, wire.rule_params(b["rule"], b["p1"], b["p2"],
-                                                               weights))
-        return bytes.fromhex(res["digest"])
+        return noderound.announced_digest(b, ids, noderound.list_reader(vecs), len(vecs[0]),
+                                          weights)
 
     def remember_own(self, frames: list[tuple[str, bytes]]) -> None:
         """Keep our own valid updates (needed to tell the truth under `none` in gossip)."""

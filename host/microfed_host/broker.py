@@ -9,8 +9,8 @@ broker directory (``auth_dir``: password file + ACL from ``microfed provision``;
 then refuses strangers, and ``tls_port`` adds a TLS listener; the embedded amqtt broker
 checks the same passwords and ACL through its plugins), keep no persistence (a restarted
 broker starts empty, like a rebooted one), cap the packet size and disable Nagle's
-algorithm (umqtt writes each packet in pieces; with Nagle on every QoS 1 round trip
-costs ~44 ms). amqtt runs in a subprocess (``python -m microfed_host.broker
+algorithm (the node writes a large PUBLISH in two pieces; with Nagle on every QoS 1 round
+trip costs ~44 ms). amqtt runs in a subprocess (``python -m microfed_host.broker
 --serve-amqtt``) so it can be killed, paused and restarted exactly like mosquitto.
 
 Run a broker in the foreground:  python -m microfed_host.broker [--kind K] [--port P]

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from microfed import audit, model, wire
+from microfed import model, noderound, wire
 from microfed.replay import MemoryStore, ReplayGuard
-from microfed.verify import Limits, Rejected, Verifier
+from microfed.verify import Rejected
 from microfed_host import coordinator as coordmod
 from microfed_host import keys
 from microfed_host.coordinator import Coordinator
@@ -62,99 +62,84 @@ def _match(flt: str, topic: str) -> bool:
 
 
 class SimNode:
-    """What firmware/node.py does on a GLOBAL_MODEL, with the same portable calls (model.train
-    with derive_seed, wire frames, microfed.verify for peers, microfed.audit for the gossip
-    aggregate), signing with `cryptography` instead of the pure-Python Ed25519 for speed."""
+    """firmware/node.py's round without the device around it: the same microfed.noderound
+    steps (check the global, local update, peers' updates, the announced aggregate's digest),
+    signing with `cryptography` instead of the pure-Python Ed25519 for speed."""
 
-    def __init__(self, bundle: dict[str, Any], xs: list[list[int]], ys: list[int], sc: Scenario,
-                 registry: Any, bus: Bus, max_abs: int = coordmod.DEFAULT_MAX_ABS) -> None:
+    def __init__(self, bundle: dict[str, Any], shard: bytes, sc: Scenario, registry: Any,
+                 bus: Bus, max_abs: int = coordmod.DEFAULT_MAX_ABS) -> None:
         self.id = bundle["node_id"]
         self.mesh = bundle["mesh"]
         self.mesh_id = wire.mesh_id(self.mesh)
+        self.topics = noderound.Topics(self.mesh, self.id)
         self.seed = bytes.fromhex(bundle["seed"])
         self.sign = keys.signer(self.seed)
         self.coord_pub = bytes.fromhex(bundle["coordinator_public_key"])
-        self.data = (xs, ys)
-        self.m = model.get("softmax")
+        self.data = model.Shard(shard)
+        self.m = model.get("softmax", n_features=self.data.d, n_classes=self.data.k)
         self.train = {"lr": sc.lr, "epochs": sc.epochs, "batch": sc.batch, "seed": sc.seed}
         self.gossip = sc.mode == "gossip"
         self.bus = bus
         self.last_round = 0
+        self.guard = ReplayGuard(MemoryStore(), max_age=1 << 62)  # the coordinator's counter
         self.seq = 0
         self.done = False
-        self.buffers: dict[int, dict[bytes, tuple[str, int, list[int]]]] = {}
-        self.peers = Verifier(self.mesh_id, registry, ReplayGuard(MemoryStore()),
-                              keys.check_signature, limits=Limits(self.m.n_params, max_abs),
-                              kinds=(wire.MODEL_UPDATE,))
-        self.base = f"microfed/{self.mesh}/"
+        per_sender = 2
+        self.peers = noderound.Peers(self.mesh_id, registry, self.m.n_params, max_abs,
+                                     keys.check_signature,
+                                     noderound.RamVectors(self.m.n_params),
+                                     2 * per_sender * len(registry.nodes), per_sender)
         self.digests: dict[int, str] = {}
         self.rejected: dict[str, int] = {}
 
     def hello(self) -> None:
         payload = wire.encode_status(0, 0, 0, 0, "boot inproc " + ("gossip" if self.gossip else "coordinated"))
-        self.bus.publish(self.base + "hello/" + self.id, self._frame(wire.HELLO, 0, payload))
+        self.bus.publish(self.topics.hello, self._frame(wire.HELLO, 0, payload))
 
     def _frame(self, kind: int, r: int, payload: bytes) -> bytes:
         self.seq += 1
         return wire.encode(kind, self.mesh_id, self.id, r, self.seq, int(time.time()), payload,
                            self.sign)
 
+    def _reject(self, e: Rejected) -> None:
+        self.rejected[e.reason] = self.rejected.get(e.reason, 0) + 1
+
     def on_global(self, topic: str, raw: bytes) -> None:
         try:
-            fr = wire.decode(raw)
-        except wire.WireError:
-            return
-        if (fr.kind != wire.GLOBAL_MODEL or fr.sender != wire.COORDINATOR
-                or fr.round <= self.last_round
-                or not keys.check_signature(self.coord_pub, fr.signing_digest(), fr.signature)):
+            fr = noderound.check_global(raw, self.mesh_id, self.coord_pub, keys.check_signature,
+                                        self.guard, self.last_round, self.m.n_params,
+                                        int(time.time()))
+        except Rejected as e:
+            self._reject(e)
             return
         r, b = fr.round, fr.body
         if self.gossip and b["rule"] is not None and r > 1:
             self._digest(r - 1, b)
-        for k in [k for k in self.buffers if k < r]:
-            del self.buffers[k]
+        self.peers.drop_before(r)
         self.last_round = r
-        if b["final"] or r > 0xFFFFFFFE:
+        if b["final"]:
             self.done = True
             return
-        g = b["values"]
-        tr = self.train
-        cfg = model.TrainConfig(tr["lr"], tr["epochs"], tr["batch"],
-                                model.derive_seed(tr["seed"], r, self.id))
-        delta = self.m.delta(g, self.m.train(g, self.data, cfg))
-        frame = self._frame(wire.MODEL_UPDATE, r, wire.encode_model_update(len(self.data[1]), delta))
+        delta = noderound.local_update(self.m, self.data, self.train, r, self.id, b["values"])
+        frame = self._frame(wire.MODEL_UPDATE, r, noderound.update_payload(self.data.n, delta))
         if self.gossip:
-            self.buffers.setdefault(r, {})[wire.sha256(frame)] = (self.id, len(self.data[1]), delta)
-        self.bus.publish(self.base + "update/" + self.id, frame)
+            self.peers.keep(r, wire.sha256(frame), self.id, self.data.n,
+                            noderound.update_values(frame, self.id))
+        self.bus.publish(self.topics.update, frame)
 
     def on_update(self, topic: str, raw: bytes) -> None:
-        h = wire.sha256(raw)
-        if any(h in b for b in self.buffers.values()):
-            return
-        cur = self.last_round
         try:
-            fr = self.peers.verify(raw, int(time.time()), cur if cur > 0 else 1, cur + 1)
+            self.peers.offer(raw, int(time.time()), self.last_round)
         except Rejected as e:
-            self.rejected[e.reason] = self.rejected.get(e.reason, 0) + 1
-            return
-        self.buffers.setdefault(fr.round, {})[h] = (fr.sender, fr.body["samples"], fr.body["values"])
+            self._reject(e)
 
     def _digest(self, rr: int, b: dict[str, Any]) -> None:
-        buf = self.buffers.get(rr, {})
-        ids, vecs, weights = [], [], []
-        for node_id, fh in b["accepted"]:
-            e = buf.get(fh)
-            if e is None or e[0] != node_id:
-                return  # a missing frame: no digest for this round (the firmware does the same)
-            ids.append(node_id)
-            vecs.append(e[2])
-            weights.append(e[1])
-        res = audit.run(b["rule"], ids, vecs, wire.rule_params(b["rule"], b["p1"], b["p2"],
-                                                               weights))
-        self.digests[rr] = res["digest"]
-        payload = wire.encode_gossip_digest(bytes.fromhex(res["digest"]), b["rule"], b["p1"],
-                                            b["p2"], len(ids))
-        self.bus.publish(self.base + "digest/" + self.id, self._frame(wire.GOSSIP_DIGEST, rr, payload))
+        d, _ids = self.peers.digest(rr, b)
+        if d is None:
+            return  # a missing frame: no digest for this round (the firmware does the same)
+        self.digests[rr] = d.hex()
+        payload = wire.encode_gossip_digest(d, b["rule"], b["p1"], b["p2"], len(b["accepted"]))
+        self.bus.publish(self.topics.digest, self._frame(wire.GOSSIP_DIGEST, rr, payload))
 
 
 def run_inproc(sc: Scenario, out: Path, doc: dict[str, Any],
@@ -170,8 +155,7 @@ def run_inproc(sc: Scenario, out: Path, doc: dict[str, Any],
         for nid in sc.honest_ids():
             nd = out / "nodes" / nid
             bundle = json.loads((nd / "bundle.json").read_text())
-            xs, ys, _info = model.decode_shard((nd / "shard.bin").read_bytes())
-            sims.append(SimNode(bundle, xs, ys, sc, reg, bus))
+            sims.append(SimNode(bundle, (nd / "shard.bin").read_bytes(), sc, reg, bus))
         base = f"microfed/{doc['mesh']}/"
         for s in sims:
             bus.subscribe(base + "global", s.on_global)

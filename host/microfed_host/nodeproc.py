@@ -119,8 +119,7 @@ def unix_launcher(exe: str | None = None) -> NodeLauncher:
     if exe is None:
         raise NodeError(f"MicroPython unix port missing: {upy.INSTALL_HINT}")
     env = dict(os.environ)
-    env["MICROPYPATH"] = os.pathsep.join(
-        [str(upy.SHARED), str(upy.FIRMWARE), str(upy.FIRMWARE / "lib")])
+    env["MICROPYPATH"] = os.pathsep.join([str(upy.SHARED), str(upy.FIRMWARE)])
     program = exe
 
     def launch(node_id: str, node_dir: Path) -> NodeProcess:

@@ -206,9 +206,10 @@ class SoftmaxRegression(Model):
         # z_c = sat(b_c + round_half_up(sum_j W_cj * x_j / 2^16)); the sum is exact.
         if len(x) != self.d:
             raise ModelError("sample has %d features, expected %d" % (len(x), self.d))
-        return self._logits(params, _nonzero(x))
+        return self._logits(params, _nonzero(x), 0)
 
-    def _logits(self, params, nz):
+    def _logits(self, params, nz, shift):
+        # nz: (index, value) pairs of the non-zero features, each exactly x_j >> shift.
         d = self.d
         bo = self.k * d
         z = []
@@ -217,7 +218,7 @@ class SoftmaxRegression(Model):
             acc = 0
             for j, v in nz:
                 acc += params[o + j] * v
-            z.append(sat(params[bo + c] + ((acc + 32768) >> 16)))
+            z.append(sat(params[bo + c] + (((acc << shift) + 32768) >> 16)))
         return z
 
     def probs(self, params, x):
@@ -233,6 +234,13 @@ class SoftmaxRegression(Model):
         return best
 
     def check_data(self, data):
+        if isinstance(data, Shard):
+            # A Shard checked its labels against its own class count when it was opened.
+            if data.d != self.d:
+                raise ModelError("data: shard has %d features, expected %d" % (data.d, self.d))
+            if data.k > self.k:
+                raise ModelError("data: shard has %d classes, the model %d" % (data.k, self.k))
+            return
         xs, ys = data
         if len(xs) != len(ys):
             raise ModelError("data: %d feature rows but %d labels" % (len(xs), len(ys)))
@@ -254,28 +262,33 @@ class SoftmaxRegression(Model):
         #   Gb_c  = sum over samples of g_c                 (exact, scale 2^16)
         #   W_cj <- sat(W_cj - rdiv(lr * GW_cj, m << 32))
         #   b_c  <- sat(b_c  - rdiv(lr * Gb_c,  m << 16))
+        # `data` is (xs, ys), lists of raw Q16.16 features, or a Shard, whose features are
+        # bytes b with x = b << shift. The sums then run over b and the shift is applied once
+        # per sum (exact: (sum w*b) << s == sum w*(b << s)): a 32-bit port multiplies small
+        # ints instead of allocating a long int per product, and no decoded copy exists.
         self.check_params(params)
         self.check_data(data)
-        xs, ys = data
+        row, label, n, shift = _samples(data)
         d = self.d
         k = self.k
         bo = k * d
         lr = cfg.lr
+        lrw = lr << shift  # the weights' gradient sums are 2^shift too small
         p = list(params)
+        gw = [0] * bo  # allocated once, zeroed again as each batch consumes it
+        gb = [0] * k
         rng = XorShift32(cfg.seed)
-        order = list(range(len(xs)))
+        order = list(range(n))
         for _ in range(cfg.epochs):
             rng.shuffle(order)
-            for start in range(0, len(order), cfg.batch):
+            for start in range(0, n, cfg.batch):
                 batch = order[start:start + cfg.batch]
-                gw = [0] * bo
-                gb = [0] * k
                 for i in batch:
                     # Rebuilt per use rather than kept for the shard: a few % of the time,
                     # and a 32-bit port's heap would not hold a tuple per non-zero pixel.
-                    nz = _nonzero(xs[i])
-                    q = softmax(self._logits(p, nz))
-                    q[ys[i]] -= ONE
+                    nz = _nonzero(row(i))
+                    q = softmax(self._logits(p, nz, shift))
+                    q[label(i)] -= ONE
                     for c in range(k):
                         g = q[c]
                         if g:
@@ -291,14 +304,24 @@ class SoftmaxRegression(Model):
                 for t in range(bo):
                     g = gw[t]
                     if g:
-                        v = p[t] - (2 * lr * g + mw) // mw2
+                        gw[t] = 0
+                        v = p[t] - (2 * lrw * g + mw) // mw2
                         p[t] = MAX_RAW if v > MAX_RAW else (MIN_RAW if v < MIN_RAW else v)
                 for c in range(k):
                     g = gb[c]
                     if g:
+                        gb[c] = 0
                         v = p[bo + c] - (2 * lr * g + mb) // mb2
                         p[bo + c] = MAX_RAW if v > MAX_RAW else (MIN_RAW if v < MIN_RAW else v)
         return p
+
+
+def _samples(data):
+    # (row(i), label(i), n, shift) for (xs, ys) lists or a Shard.
+    if isinstance(data, Shard):
+        return data.row, data.label, data.n, data.shift
+    xs, ys = data
+    return (lambda i: xs[i]), (lambda i: ys[i]), len(xs), 0
 
 
 def _nonzero(x):
@@ -330,36 +353,105 @@ def params_digest(params):
 SHARD_MAGIC = b"MFDS"
 SHARD_HEADER = "<4sBBHHIHH"
 SHARD_HEADER_SIZE = 18
+_CHUNK = 256
+
+
+class Shard:
+    """An MFDS v1 shard used in place: a row comes out as its d stored bytes (feature =
+    byte << shift) and nothing is decoded into lists. `src` is the file's bytes, or a file
+    opened "rb": then rows are read from it one at a time (a board keeps one 64-byte row in
+    RAM, not the ~38 KB a decoded 111-sample shard takes on a 32-bit port). The whole file is
+    checked when the Shard is made: SHA-256 trailer, header, length, labels. Raises only
+    ModelError, whatever the bytes."""
+
+    def __init__(self, src):
+        self._f = None
+        self._mv = None
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            self._mv = memoryview(src)
+            size = len(src)
+        else:
+            self._f = src
+            try:
+                size = src.seek(0, 2)
+            except Exception as e:
+                raise ModelError("shard: cannot seek the file (%r)" % e)
+        if size < SHARD_HEADER_SIZE + 32:
+            raise ModelError("shard: %d bytes is too short" % size)
+        self._check_sha(size)
+        magic, version, shift, d, k, n, index, count = struct.unpack(
+            SHARD_HEADER, self._read(0, SHARD_HEADER_SIZE))
+        if magic != SHARD_MAGIC or version != 1:
+            raise ModelError("shard: not an MFDS v1 file")
+        if size != SHARD_HEADER_SIZE + n * d + n + 32:
+            raise ModelError("shard: length does not match its header")
+        if shift > 23:
+            # 255 << 23 is the largest stored feature that still fits a Q16.16 int32.
+            raise ModelError("shard: shift %d above 23" % shift)
+        if n < 1 or d < 1:
+            raise ModelError("shard: no samples or no features")
+        self.d = d
+        self.k = k
+        self.n = n
+        self.shift = shift
+        self.index = index
+        self.count = count
+        self.labels = self._read(SHARD_HEADER_SIZE + n * d, n)
+        for y in self.labels:
+            if y >= k:
+                raise ModelError("shard: label %d outside 0..%d" % (y, k - 1))
+        self._row = bytearray(d) if self._f is not None else None
+
+    def _read(self, off, n):
+        if self._mv is not None:
+            return bytes(self._mv[off:off + n])
+        f = self._f
+        f.seek(off)
+        b = f.read(n)
+        if b is None or len(b) != n:
+            raise ModelError("shard: file changed while reading")
+        return b
+
+    def _check_sha(self, size):
+        h = hashlib.sha256()
+        end = size - 32
+        if self._mv is not None:
+            h.update(self._mv[:end])
+        else:
+            off = 0
+            while off < end:
+                step = end - off if end - off < _CHUNK else _CHUNK
+                h.update(self._read(off, step))
+                off += step
+        if h.digest() != self._read(end, 32):
+            raise ModelError("shard: SHA-256 mismatch (truncated or corrupted)")
+
+    def info(self):
+        return {"n_features": self.d, "n_classes": self.k, "n_samples": self.n,
+                "index": self.index, "count": self.count, "shift": self.shift}
+
+    def row(self, i):
+        """Sample i's stored feature bytes (a view or a reused buffer: use it before the next
+        call)."""
+        o = SHARD_HEADER_SIZE + i * self.d
+        if self._mv is not None:
+            return self._mv[o:o + self.d]
+        f = self._f
+        f.seek(o)
+        if f.readinto(self._row) != self.d:
+            raise ModelError("shard: file changed while reading")
+        return self._row
+
+    def label(self, i):
+        return self.labels[i]
 
 
 def decode_shard(buf):
-    # -> (xs, ys, info); xs rows of raw Q16.16 ints (stored byte << shift). Checks the
-    # SHA-256 trailer first so a truncated or corrupted file is refused, not trained on.
-    # Raises only ModelError, whatever the bytes.
+    # -> (xs, ys, info); xs rows of raw Q16.16 ints (stored byte << shift): the host's view
+    # (evaluation, tests). Raises only ModelError, whatever the bytes.
     if not isinstance(buf, (bytes, bytearray, memoryview)):
         raise ModelError("shard: must be bytes")
-    n_buf = len(buf)
-    if n_buf < SHARD_HEADER_SIZE + 32:
-        raise ModelError("shard: %d bytes is too short" % n_buf)
-    mv = memoryview(buf)
-    if hashlib.sha256(mv[:n_buf - 32]).digest() != bytes(mv[n_buf - 32:]):
-        raise ModelError("shard: SHA-256 mismatch (truncated or corrupted)")
-    magic, version, shift, d, k, n, index, count = struct.unpack(SHARD_HEADER, bytes(mv[:SHARD_HEADER_SIZE]))
-    if magic != SHARD_MAGIC or version != 1:
-        raise ModelError("shard: not an MFDS v1 file")
-    if n_buf != SHARD_HEADER_SIZE + n * d + n + 32:
-        raise ModelError("shard: length does not match its header")
-    if shift > 23:
-        # 255 << 23 is the largest stored feature that still fits a Q16.16 int32.
-        raise ModelError("shard: shift %d above 23" % shift)
-    xs = []
-    o = SHARD_HEADER_SIZE
-    for _ in range(n):
-        xs.append([b << shift for b in buf[o:o + d]])
-        o += d
-    ys = list(buf[o:o + n])
-    for y in ys:
-        if y >= k:
-            raise ModelError("shard: label %d outside 0..%d" % (y, k - 1))
-    info = {"n_features": d, "n_classes": k, "n_samples": n, "index": index, "count": count, "shift": shift}
-    return xs, ys, info
+    s = Shard(buf)
+    sh = s.shift
+    xs = [[b << sh for b in s.row(i)] for i in range(s.n)]
+    return xs, list(s.labels), s.info()

@@ -13,6 +13,7 @@ from typing import NoReturn
 
 COMMANDS: tuple[str, ...] = (
     "microfed_tools.cmd_aggregate",
+    "microfed_tools.cmd_bridge",
     "microfed_tools.cmd_deploy",
     "microfed_tools.cmd_emulate",
     "microfed_tools.cmd_provision",

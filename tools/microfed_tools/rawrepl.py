@@ -608,6 +608,26 @@ class RawRepl:
                 raise TransferError("%s: %s (%d bytes) failed the whole-upload check: %s"
                                     % (self.name, what, n, out.strip()))
 
+    def start(self, code: str | bytes, what: str = "program") -> None:
+        """Upload code verified, start it and return at once: while it runs the line belongs
+        to the caller (e.g. microfed_tools.bridge.Bridge on self.transport). Call resume()
+        after the program has ended. Raises TransferError if the upload was corrupted."""
+        data = code.encode() if isinstance(code, str) else bytes(code)
+        self.upload_data(data, what)
+        self._drain()
+        self._send(b"_mfC=_mfD\n_mfD=None\nexec(_mfC)")
+        self.transport.write(b"\x04")
+        head = self._read_until(b"OK", self.timeout, "'OK' acknowledging the program")
+        self.in_raw = False
+        if head.strip(b"\r\n>"):
+            raise ReplError("%s: unexpected reply before OK: %r" % (self.name, head[-200:]))
+
+    def resume(self) -> None:
+        """Back to the raw REPL after a start()ed program (interrupting it if it still runs);
+        whatever it printed and the caller did not read is discarded."""
+        self._pending = b""
+        self.enter()
+
     def eval_verified(self, expr: str, timeout: float | None = None) -> Any:
         """Evaluate an expression on the device (code verified), parse its repr on the host."""
         import ast

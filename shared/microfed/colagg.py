@@ -1,0 +1,152 @@
+# The aggregation rules of microfed.aggregate, computed a chunk of coordinates at a time, for a
+# node that keeps its peers' updates in flash (or in one preallocated buffer) instead of as n
+# lists in RAM. What a node needs from the aggregate is its digest (GOSSIP_DIGEST), so the
+# result is never held whole either: it is hashed as it is produced.
+#
+#   digest, selected = run(rule, ids, read, d, params)
+#
+# `read(i, start, count)` returns values [start, start + count) of update i (any int
+# sequence). RAM: `chunk` values of each of the n updates, plus the n x n distance matrix for
+# the Krum rules. Every rule is exactly microfed.aggregate's (same integers, same ties, same
+# errors): tests/test_colagg.py compares them bit for bit on random and adversarial cases.
+# Portable MicroPython 1.29 / CPython; no floats.
+
+import hashlib
+import struct
+
+from microfed.aggregate import AggregationError
+from microfed.q16 import rdiv
+
+CHUNK = 64
+
+
+def _columns(read, n, start, count):
+    return [read(i, start, count) for i in range(n)]
+
+
+def _hash_chunk(h, values):
+    h.update(struct.pack("<%di" % len(values), *values))
+
+
+def krum_scores(read, n, d, f, chunk=CHUNK):
+    """microfed.aggregate.krum_scores: the pairwise squared distances are summed over chunks
+    (an exact sum of exact parts)."""
+    if f < 0:
+        raise AggregationError("f must be >= 0")
+    if n < 2 * f + 3:
+        raise AggregationError("krum needs n >= 2f + 3: n=%d, f=%d" % (n, f))
+    dm = [[0] * n for _ in range(n)]
+    for start in range(0, d, chunk):
+        cols = _columns(read, n, start, min(chunk, d - start))
+        for i in range(n):
+            u = cols[i]
+            row = dm[i]
+            for j in range(i + 1, n):
+                s = 0
+                for a, b in zip(u, cols[j]):
+                    t = a - b
+                    s += t * t
+                row[j] += s
+        cols = None
+    for i in range(n):
+        for j in range(i + 1, n):
+            dm[j][i] = dm[i][j]
+    k = n - f - 2
+    scores = []
+    for i in range(n):
+        row = dm[i][:i] + dm[i][i + 1:]
+        row.sort()
+        scores.append(sum(row[:k]))
+    return scores
+
+
+def _rank(ids, scores):
+    # microfed.aggregate.krum_rank
+    return sorted(range(len(ids)), key=lambda i: (scores[i], ids[i]))
+
+
+def _column_rule(h, read, n, d, chunk, per_coordinate):
+    for start in range(0, d, chunk):
+        count = min(chunk, d - start)
+        cols = _columns(read, n, start, count)
+        out = [per_coordinate([c[x] for c in cols]) for x in range(count)]
+        cols = None
+        _hash_chunk(h, out)
+
+
+def run(rule, ids, read, d, params, chunk=CHUNK):
+    """(SHA-256 of the aggregate as little-endian int32 = microfed.audit.digest, selected ids
+    or None). Raises AggregationError where microfed.aggregate does."""
+    n = len(ids)
+    if n < 1:
+        raise AggregationError("no updates")
+    if d < 1:
+        raise AggregationError("empty vector")
+    h = hashlib.sha256()
+    selected = None
+    if rule == "krum" or rule == "multi_krum":
+        f = params["f"]
+        scores = krum_scores(read, n, d, f, chunk)
+        order = _rank(ids, scores)
+        if rule == "krum":
+            sel = order[:1]
+            w = sel[0]
+            for start in range(0, d, chunk):
+                _hash_chunk(h, list(read(w, start, min(chunk, d - start))))
+        else:
+            m = params["m"]
+            if m < 1 or m > n - f:
+                raise AggregationError("multi_krum needs 1 <= m <= n - f: m=%d, n=%d, f=%d"
+                                       % (m, n, f))
+            sel = order[:m]
+
+            def pick(i, start, count):
+                return read(sel[i], start, count)
+
+            _column_rule(h, pick, m, d, chunk, lambda col: rdiv(sum(col), m))
+        selected = [ids[i] for i in sel]
+    elif rule == "median":
+        half = n // 2
+        if n % 2:
+            def med(col):
+                col.sort()
+                return col[half]
+        else:
+            def med(col):
+                col.sort()
+                return rdiv(col[half - 1] + col[half], 2)
+        _column_rule(h, read, n, d, chunk, med)
+    elif rule == "trimmed_mean":
+        trim = params["trim"]
+        if trim < 0 or n - 2 * trim < 1:
+            raise AggregationError("trimmed_mean needs 0 <= trim and n - 2*trim >= 1: "
+                                   "n=%d, trim=%d" % (n, trim))
+        keep = n - 2 * trim
+
+        def tmean(col):
+            col.sort()
+            return rdiv(sum(col[trim:trim + keep]), keep)
+
+        _column_rule(h, read, n, d, chunk, tmean)
+    elif rule == "fedavg":
+        weights = params["weights"]
+        if len(weights) != n:
+            raise AggregationError("fedavg needs one weight per update")
+        total = 0
+        for w in weights:
+            if w < 0:
+                raise AggregationError("fedavg weights must be >= 0")
+            total += w
+        if total <= 0:
+            raise AggregationError("fedavg needs a positive total weight")
+
+        def wavg(col):
+            s = 0
+            for i in range(n):
+                s += weights[i] * col[i]
+            return rdiv(s, total)
+
+        _column_rule(h, read, n, d, chunk, wavg)
+    else:
+        raise AggregationError("unknown rule %r" % (rule,))
+    return h.digest(), selected

@@ -1,0 +1,349 @@
+# A mesh node's round, written once. firmware/node.py (the device), microfed_host.inproc (the
+# in-process engine) and microfed_host.adversary (what its compromised nodes do honestly) all
+# call these functions, so the three cannot drift apart (docs/protocol.md, "A node's round"):
+#
+#   1 check the GLOBAL_MODEL      check_global: size, decode, mesh, kind, role, the pinned
+#                                 coordinator key, counter/round window, dimension, digest
+#   2 local update                local_update: train from the global on the node's data with
+#                                 the per-round seed; the saturating delta
+#   3 sign                        update_payload + the caller's wire.encode (it owns counters)
+#   4 check peers' updates        Peers.offer: as they arrive; see PEER_CHECKS
+#   5 rebuild the announced       Peers.digest: exactly the announced accepted set, with the
+#     aggregate, digest           announced rule, chunk by chunk (microfed.colagg)
+#
+# Portable MicroPython 1.29 / CPython; no floats, no f-strings.
+
+import hashlib
+
+from microfed import colagg, model, wire
+from microfed.q16 import MAX_RAW, MIN_RAW
+from microfed.replay import MemoryStore, ReplayGuard
+from microfed.verify import Limits, Rejected, Verifier
+from microfed.wire import WireError
+
+# How a node trusts a peer's MODEL_UPDATE (docs/security.md, "Trusting peers' updates"):
+#   "announce"   the coordinator's signed GLOBAL_MODEL lists the SHA-256 of every frame it
+#                accepted (it checked their signatures); a node keeps a peer's frame after the
+#                checks that cost nothing (structure, mesh, registered sender, round window,
+#                dimension, range), uses it only if its hash is announced, and verifies a
+#                signature only when a sender holds more than one frame for a round (so a
+#                forged copy cannot push the real one out). One signature check per round
+#                instead of one per peer.
+#   "signature"  every peer frame's Ed25519 signature and counter are checked on arrival, as
+#                the coordinator does: a node then also catches a coordinator that announces
+#                a frame the named peer never signed.
+PEER_CHECKS = ("announce", "signature")
+
+
+class Topics:
+    """The MQTT topics of one node in mesh `mesh` (docs/protocol.md)."""
+
+    def __init__(self, mesh, node_id):
+        for c in "/+#":
+            if c in mesh:
+                raise ValueError("mesh name %r cannot be part of an MQTT topic (has %r)"
+                                 % (mesh, c))
+        base = "microfed/" + mesh + "/"
+        self.global_ = base + "global"
+        self.registry = base + "registry"
+        self.update_prefix = base + "update/"
+        self.updates = base + "update/+"
+        self.update = base + "update/" + node_id
+        self.digest = base + "digest/" + node_id
+        self.hello = base + "hello/" + node_id
+        self.notice = base + "notice/" + node_id
+
+
+# ---------------------------------------------------------------- 1: the global model
+
+def coordinator_frame(msg, mesh_id, coordinator_key, kind, what, check_sig):
+    """Decode a frame that must be `kind` from the coordinator, signed with its PINNED key.
+    Raises Rejected."""
+    if not isinstance(msg, (bytes, bytearray, memoryview)):
+        raise Rejected("bad_type", "frame must be bytes")
+    if len(msg) > wire.MAX_FRAME:
+        raise Rejected("oversize", "frame of %d bytes" % len(msg))
+    try:
+        fr = wire.decode(msg)
+    except WireError as e:
+        raise Rejected(e.reason, e.message)
+    if fr.mesh_id != mesh_id:
+        raise Rejected("wrong_mesh", "%s for another mesh" % what)
+    if fr.kind != kind:
+        raise Rejected("wrong_kind", "%s where a %s belongs" % (fr.kind_name, what))
+    if fr.sender != wire.COORDINATOR:
+        raise Rejected("wrong_role", "%s not from the coordinator" % what)
+    if not check_sig(coordinator_key, fr.signing_digest(), fr.signature):
+        raise Rejected("bad_signature", "%s signature does not verify" % what)
+    return fr
+
+
+def check_global(msg, mesh_id, coordinator_key, check_sig, guard, last_round, n_params, now):
+    """Step 1: the verified GLOBAL_MODEL frame, or Rejected. `guard`: a ReplayGuard over the
+    coordinator's counter; the round must be above `last_round` (the last one acted on).
+    The counter is committed last, when everything else passed."""
+    fr = coordinator_frame(msg, mesh_id, coordinator_key, wire.GLOBAL_MODEL, "global model",
+                           check_sig)
+    bad = guard.check(wire.COORDINATOR, wire.GLOBAL_MODEL, fr.seq, fr.round, fr.timestamp, now,
+                      last_round + 1, None)
+    if bad is not None:
+        raise Rejected(bad[0], bad[1])
+    vals = fr.body["values"]
+    if len(vals) != n_params:
+        raise Rejected("bad_dim", "global model has %d values, model needs %d"
+                       % (len(vals), n_params))
+    if not wire.values_digest_ok(fr):
+        raise Rejected("bad_digest", "global model digest does not match its vector")
+    if not guard.commit(wire.COORDINATOR, wire.GLOBAL_MODEL, fr.seq):
+        raise Rejected("replay", "coordinator counter already used")
+    return fr
+
+
+# ---------------------------------------------------------------- 2, 3: the local update
+
+def local_update(mdl, data, train, round_, node_id, g):
+    """Step 2: delta = train(g) - g (saturating), trained with seed derive_seed(train["seed"],
+    round, node id). `train`: {"lr", "epochs", "batch", "seed"}; `data`: (xs, ys) or a
+    microfed.model.Shard."""
+    cfg = model.TrainConfig(train["lr"], train["epochs"], train["batch"],
+                            model.derive_seed(train["seed"], round_, node_id))
+    new = mdl.train(g, data, cfg)
+    # mdl.delta(g, new), computed in place: no third 650-value list on a small heap.
+    for i in range(len(new)):
+        v = new[i] - g[i]
+        new[i] = MAX_RAW if v > MAX_RAW else (MIN_RAW if v < MIN_RAW else v)
+    return new
+
+
+def update_payload(n_samples, delta):
+    """Step 3's payload; the caller signs it with wire.encode (it owns the counter)."""
+    return wire.encode_model_update(n_samples, delta)
+
+
+def update_values(frame, sender):
+    """The packed int32 values inside an encoded MODEL_UPDATE frame of `sender` (no copy of
+    the rest, no decode)."""
+    start = wire.HDR_FIXED + len(sender) + 8
+    return memoryview(frame)[start:len(frame) - wire.SIG_LEN]
+
+
+# ---------------------------------------------------------------- 4: peers' updates
+
+class RamVectors:
+    """Update vectors in RAM: one bytearray of d int32 per slot, made on first use and reused
+    after (no per-round allocation, no fragmentation once the high-water mark is reached)."""
+
+    def __init__(self, d):
+        self.d = d
+        self.slots = []
+
+    def put(self, slot, packed):
+        while len(self.slots) <= slot:
+            self.slots.append(bytearray(4 * self.d))
+        self.slots[slot][:] = packed
+
+    def read(self, slot, start, count):
+        return _unpack(self.slots[slot], 4 * start, count)
+
+
+class FileVectors:
+    """Update vectors in one file of fixed-size slots (a board's flash): RAM holds one chunk."""
+
+    def __init__(self, path, d):
+        self.d = d
+        self.path = path
+        self.f = open(path, "w+b")
+        self.buf = bytearray(4 * colagg.CHUNK)
+
+    def put(self, slot, packed):
+        f = self.f
+        f.seek(slot * 4 * self.d)
+        f.write(packed)
+        f.flush()
+
+    def read(self, slot, start, count):
+        f = self.f
+        f.seek((slot * self.d + start) * 4)
+        buf = self.buf if count == colagg.CHUNK else bytearray(4 * count)
+        if f.readinto(buf) != 4 * count:
+            raise OSError("vector file %s is short" % self.path)
+        return _unpack(buf, 0, count)
+
+    def close(self):
+        self.f.close()
+
+
+def _unpack(buf, off, count):
+    import struct
+    return struct.unpack_from("<%di" % count, buf, off)
+
+
+class _NoCounters:
+    """A ReplayGuard store that remembers nothing: in "announce" mode a peer's counter is not
+    checked (an unverified frame must not move it; the coordinator checked it)."""
+
+    def last(self, sender, kind):
+        return 0
+
+    def advance(self, sender, kind, seq):
+        return True
+
+
+class Peers:
+    """Step 4 and 5: the peers' MODEL_UPDATEs of the open rounds, kept as what the aggregate
+    needs (sender, sample count, values in a vector slot), found again by frame SHA-256."""
+
+    def __init__(self, mesh_id, registry, n_params, max_abs, check_sig, vectors, slots,
+                 per_sender=2, check="announce"):
+        if check not in PEER_CHECKS:
+            raise ValueError("peer check %r is not one of %s" % (check, ", ".join(PEER_CHECKS)))
+        self.check = check
+        self.check_sig = check_sig
+        self.per_sender = per_sender
+        self.vectors = vectors
+        self.n_slots = slots
+        self.free = list(range(slots - 1, -1, -1))
+        self.rounds = {}  # round -> {sha256: [sender, samples, slot, unchecked signature]}
+        self.sig_checks = 0
+        self.evicted = 0
+        store = MemoryStore() if check == "signature" else _NoCounters()
+        self.verifier = Verifier(mesh_id, registry, ReplayGuard(store),
+                                 check_sig if check == "signature" else None,
+                                 limits=Limits(n_params, max_abs), kinds=(wire.MODEL_UPDATE,))
+
+    @property
+    def registry(self):
+        return self.verifier.registry
+
+    def set_registry(self, reg, rekeyed=()):
+        self.verifier.registry = reg
+        store = self.verifier.guard.store
+        if isinstance(store, MemoryStore):
+            for k in list(store.counters.keys()):
+                if k[0] in rekeyed:
+                    del store.counters[k]
+
+    def held(self):
+        n = 0
+        for buf in self.rounds.values():
+            n += len(buf)
+        return n
+
+    def has(self, h):
+        for buf in self.rounds.values():
+            if h in buf:
+                return True
+        return False
+
+    def offer(self, msg, now, cur_round):
+        """A peer frame as it arrives: keep it (returns its SHA-256), or raise Rejected. A frame
+        already held returns None (our own echo, a redelivery)."""
+        h = hashlib.sha256(msg).digest()
+        if self.has(h):
+            return None
+        fr = self.verifier.verify(msg, now, cur_round if cur_round > 0 else 1, cur_round + 1)
+        checked = self.check == "signature"
+        buf = self.rounds.get(fr.round)
+        mine = []
+        if buf is not None:
+            for k in buf:
+                if buf[k][0] == fr.sender:
+                    mine.append(k)
+        if len(mine) >= self.per_sender and not checked:
+            # Contention: only now do signatures matter. A forged frame goes; so does a
+            # forged copy already held (it must not push the signed one out).
+            self._check(fr.sender, fr.signing_digest(), fr.signature)
+            checked = True
+            for k in mine:
+                e = buf[k]
+                if e[3] is not None:
+                    try:
+                        self._check(e[0], e[3][0], e[3][1])
+                        e[3] = None
+                    except Rejected:
+                        self._release(fr.round, k)
+                        self.evicted += 1
+            mine = [k for k in mine if k in buf]
+        if len(mine) >= self.per_sender:
+            raise Rejected("buffer_full", "%d updates of %s for round %d already held"
+                           % (len(mine), fr.sender, fr.round))
+        # Unchecked: keep what a later signature check needs (96 bytes, not the frame).
+        sig = None if checked else (fr.signing_digest(), bytes(fr.signature))
+        self.keep(fr.round, h, fr.sender, fr.body["samples"], update_values(msg, fr.sender), sig)
+        return h
+
+    def _check(self, sender, signing_digest, signature):
+        self.sig_checks += 1
+        entry = self.verifier.registry.lookup(sender)
+        if entry is None or not self.check_sig(entry[0], signing_digest, signature):
+            raise Rejected("bad_signature", "signature of %s does not verify" % sender)
+
+    def keep(self, round_, h, sender, samples, packed, sig=None):
+        """Hold one update: ours, or a peer's (`sig`: (signing digest, signature) while its
+        signature is unchecked). Raises Rejected("buffer_full")."""
+        if not self.free:
+            raise Rejected("buffer_full", "all %d update slots are in use" % self.n_slots)
+        slot = self.free.pop()
+        self.vectors.put(slot, packed)
+        buf = self.rounds.get(round_)
+        if buf is None:
+            buf = {}
+            self.rounds[round_] = buf
+        buf[h] = [sender, samples, slot, sig]
+
+    def _release(self, round_, h):
+        e = self.rounds[round_].pop(h)
+        self.free.append(e[2])
+
+    def drop_before(self, r):
+        """Forget rounds below r (settled)."""
+        for k in list(self.rounds.keys()):
+            if k < r:
+                for e in self.rounds[k].values():
+                    self.free.append(e[2])
+                del self.rounds[k]
+
+    def gather(self, rr, accepted):
+        """(ids, slots, weights, missing) for the announced accepted set of round rr."""
+        buf = self.rounds.get(rr, {})
+        ids = []
+        slots = []
+        weights = []
+        missing = 0
+        for node_id, fh in accepted:
+            e = buf.get(fh)
+            if e is None or e[0] != node_id:
+                missing += 1
+                continue
+            ids.append(node_id)
+            slots.append(e[2])
+            weights.append(e[1])
+        return ids, slots, weights, missing
+
+    def digest(self, rr, body):
+        """Step 5: (digest of the announced aggregate, ids) or (None, missing count). Raises
+        AggregationError where microfed.aggregate would (and MemoryError as itself)."""
+        ids, slots, weights, missing = self.gather(rr, body["accepted"])
+        if missing:
+            return None, missing
+        vec = self.vectors
+
+        def read(i, start, count):
+            return vec.read(slots[i], start, count)
+
+        return announced_digest(body, ids, read, self.verifier.limits.dim, weights), ids
+
+
+def announced_digest(body, ids, read, d, weights):
+    """The digest of the aggregate a GLOBAL_MODEL announces (`body`: its decoded payload),
+    over the updates `ids` in announced order, update i read by read(i, start, count)."""
+    rule = body["rule"]
+    return colagg.run(rule, ids, read, d,
+                      wire.rule_params(rule, body["p1"], body["p2"], weights))[0]
+
+
+def list_reader(vecs):
+    """read(i, start, count) over in-memory vectors (host engines, tests)."""
+    def read(i, start, count):
+        return vecs[i][start:start + count]
+    return read

@@ -1,0 +1,168 @@
+# Frames for one serial line shared by a node's log and its MQTT byte stream (docs/bridge.md).
+#
+#   frame   = "~" escaped(body) "\n"
+#   body    = channel (1) | session (1) | sequence (1) | payload (0..MAX_PAYLOAD) | CRC-32 (4)
+#   CRC-32  = binascii.crc32 (the zlib polynomial) of channel..payload, big-endian
+#   escaped = every body byte < 0x20, 0x7D "}", 0x7E "~" and 0x7F becomes 0x7D, byte ^ 0x20
+#
+# A frame is one line of printable bytes: no control character (so no raw-REPL Ctrl-A..E,
+# no Ctrl-C, no newline) ever appears inside one, and text that is not framed (a traceback,
+# a print) passes between frames as ordinary lines. The Decoder is total: any byte sequence
+# yields frames, text lines and BAD events (counted), never an exception, and it holds at
+# most MAX_PAYLOAD + 7 body bytes and max_text text bytes.
+# Shared by firmware/serialstream.py (device side) and microfed_tools.bridge (host side).
+# MicroPython subset: no f-strings, no typing.
+
+import struct
+
+try:
+    from binascii import crc32
+except ImportError:  # pragma: no cover - ports built without binascii.crc32
+
+    def crc32(data, crc=0):
+        crc ^= 0xFFFFFFFF
+        for b in data:
+            crc ^= b
+            for _ in range(8):
+                crc = (crc >> 1) ^ (0xEDB88320 & -(crc & 1))
+        return crc ^ 0xFFFFFFFF
+
+
+FLAG = 0x7E
+END = 0x0A
+ESC = 0x7D
+MAX_PAYLOAD = 1024
+
+# Channels (one printable byte each).
+LOG = 0x4C  # "L" device -> host: one log line (UTF-8), session 0
+OPEN = 0x43  # "C" device -> host: open session `session` (a fresh TCP connection)
+ACCEPT = 0x4F  # "O" host -> device: session `session` is connected to the broker
+DATA = 0x44  # "D" both ways: MQTT bytes of session `session`, sequence 0, 1, ... 255, 0, ...
+CLOSE = 0x58  # "X" both ways: session `session` is over; payload: the reason (UTF-8)
+
+# Decoder events that are not frames (their "channel" is below any valid channel byte).
+TEXT = 0  # a line that was not a frame: (TEXT, 0, 0, line without its line ending)
+BAD = 1  # a frame that failed its checks and was dropped: (BAD, 0, 0, reason)
+
+
+def _escaped(b):
+    return b < 0x20 or 0x7D <= b <= 0x7F
+
+
+def encode(channel, session, seq, payload=b""):
+    """One frame as bytes."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError("frame payload longer than %d bytes" % MAX_PAYLOAD)
+    if not 0x20 <= channel < 0x7F:
+        raise ValueError("channel must be a printable byte")
+    body = bytes((channel, session & 0xFF, seq & 0xFF)) + payload
+    body += struct.pack(">I", crc32(body) & 0xFFFFFFFF)
+    out = bytearray(b"~")
+    for b in body:
+        if b < 0x20 or 0x7D <= b <= 0x7F:
+            out.append(ESC)
+            out.append(b ^ 0x20)
+        else:
+            out.append(b)
+    out.append(END)
+    return bytes(out)
+
+
+class Decoder:
+    """Bytes in, events out: (channel, session, seq, payload) for a good frame, (TEXT, 0, 0,
+    line) for an unframed line, (BAD, 0, 0, reason) for a dropped frame."""
+
+    def __init__(self, max_text=512):
+        self.max_text = max_text
+        self.body = bytearray()
+        self.text = bytearray()
+        self.mode = 0  # 0 text, 1 frame, 2 frame after ESC, 3 skipping a bad frame
+        self.frames = 0
+        self.bad = 0
+        self.lines = 0
+
+    def feed(self, data):
+        """Every event that the bytes in data complete, in order."""
+        out = []
+        for b in data:
+            ev = self.byte(b)
+            if ev is not None:
+                out.append(ev)
+        return out
+
+    def _bad(self, why):
+        self.bad += 1
+        self.body = bytearray()
+        return (BAD, 0, 0, why)
+
+    def byte(self, b):
+        """Feed one byte; returns the event it completes, or None."""
+        mode = self.mode
+        if b == FLAG:
+            ev = None
+            if mode == 1 or mode == 2:
+                ev = self._bad(b"truncated frame")
+            elif mode == 0 and self.text:
+                ev = self._line()
+            self.body = bytearray()
+            self.mode = 1
+            return ev
+        if mode == 0:
+            if b == END:
+                if self.text:
+                    return self._line()
+                return None
+            self.text.append(b)
+            if len(self.text) >= self.max_text:
+                return self._line()
+            return None
+        if mode == 3:
+            if b == END:
+                self.mode = 0
+            return None
+        if b == END:
+            self.mode = 0
+            if mode == 2:
+                return self._bad(b"frame ends in an escape")
+            return self._frame()
+        if b == 0x0D and mode == 1:
+            return None  # a tty that turns "\n" into "\r\n": never a body byte (escaped)
+        if mode == 2:
+            b ^= 0x20
+            if not _escaped(b):
+                self.mode = 3
+                return self._bad(b"bad escape")
+            self.mode = 1
+        elif b == ESC:
+            self.mode = 2
+            return None
+        elif _escaped(b):
+            self.mode = 3
+            return self._bad(b"raw control byte in a frame")
+        if len(self.body) >= MAX_PAYLOAD + 7:
+            self.mode = 3
+            return self._bad(b"frame too long")
+        self.body.append(b)
+        return None
+
+    def _line(self):
+        t = self.text
+        self.text = bytearray()
+        if t and t[-1] == 0x0D:
+            t = t[:-1]
+        self.lines += 1
+        return (TEXT, 0, 0, bytes(t))
+
+    def _frame(self):
+        body = self.body
+        self.body = bytearray()
+        n = len(body)
+        if n < 7:
+            return self._bad(b"frame too short")
+        want = body[n - 4] << 24 | body[n - 3] << 16 | body[n - 2] << 8 | body[n - 1]
+        if crc32(body[:n - 4]) & 0xFFFFFFFF != want:
+            return self._bad(b"CRC mismatch")
+        if not 0x20 <= body[0] < 0x7F:
+            return self._bad(b"bad channel")
+        self.frames += 1
+        return (body[0], body[1], body[2], bytes(body[3:n - 4]))

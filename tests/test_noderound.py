@@ -1,0 +1,183 @@
+"""microfed.noderound, the round every engine runs: how peers' updates are trusted ("announce"
+vs "signature"), what contention does to a forged copy, slot accounting, the announced
+aggregate's digest (RAM and file vector stores) against microfed.audit, and the global
+model's checks."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import pytest
+
+from microfed import audit, noderound, verify, wire
+from microfed.replay import MemoryStore, ReplayGuard
+from microfed.verify import Rejected
+from microfed_host import keys
+
+MESH = wire.mesh_id("demo")
+IDS = ["node-%02d" % i for i in range(1, 8)]
+D = 70
+
+
+def seed(label: str) -> bytes:
+    return hashlib.sha256(b"microfed-test:" + label.encode()).digest()
+
+
+def registry() -> verify.Registry:
+    return verify.Registry(MESH, keys.public_key(seed("coordinator")),
+                           [(n, keys.public_key(seed(n)), True) for n in IDS], version=1)
+
+
+def vec(i: int, salt: int = 0) -> list[int]:
+    rng = random.Random(i * 1000 + salt)
+    return [rng.randint(-90000, 90000) for _ in range(D)]
+
+
+def update(sender: str, round_: int = 3, seq: int = 1, values: list[int] | None = None,
+           key: str | None = None, samples: int = 10) -> bytes:
+    payload = wire.encode_model_update(samples, values if values is not None else vec(IDS.index(sender)))
+    return wire.encode(wire.MODEL_UPDATE, MESH, sender, round_, seq, 0, payload,
+                       keys.signer(seed(key or sender)))
+
+
+def peers(tmp_path: Path | None = None, check: str = "announce", slots: int = 16,
+          per_sender: int = 1) -> noderound.Peers:
+    store = (noderound.FileVectors(str(tmp_path / "peers.bin"), D) if tmp_path is not None
+             else noderound.RamVectors(D))
+    return noderound.Peers(MESH, registry(), D, 1 << 24, keys.check_signature, store, slots,
+                           per_sender, check)
+
+
+def announce(frames: list[bytes], rule: str = "krum", p1: int = 1, p2: int = 0) -> dict:
+    acc = [(wire.decode(f).sender, hashlib.sha256(f).digest()) for f in frames]
+    return {"rule": rule, "p1": p1, "p2": p2, "accepted": acc}
+
+
+def reference(frames: list[bytes], body: dict) -> bytes:
+    decoded = [wire.decode(f) for f in frames]
+    res = audit.run(body["rule"], [f.sender for f in decoded], [f.body["values"] for f in decoded],
+                    wire.rule_params(body["rule"], body["p1"], body["p2"],
+                                     [f.body["samples"] for f in decoded]))
+    return bytes.fromhex(res["digest"])
+
+
+@pytest.mark.parametrize("store", ["ram", "file"])
+@pytest.mark.parametrize("rule,p1,p2", [("krum", 1, 0), ("multi_krum", 1, 3), ("median", 0, 0),
+                                        ("trimmed_mean", 2, 0), ("fedavg", 0, 0)])
+def test_digest_of_the_announced_set_equals_the_reference(store: str, rule: str, p1: int, p2: int,
+                                                          tmp_path: Path) -> None:
+    p = peers(tmp_path if store == "file" else None)
+    frames = [update(n, samples=3 + i) for i, n in enumerate(IDS)]
+    for f in frames:
+        assert p.offer(f, 0, 3) == hashlib.sha256(f).digest()
+    assert p.sig_checks == 0  # "announce": no signature checked without contention
+    body = announce(frames[1:], rule, p1, p2)  # the coordinator left node-01 out
+    digest, ids = p.digest(3, body)
+    assert ids == IDS[1:]
+    assert digest == reference(frames[1:], body)
+
+
+def test_a_forged_copy_held_first_is_evicted_when_the_signed_one_arrives() -> None:
+    p = peers()
+    forged = update("node-02", values=vec(9), key="node-99")
+    real = update("node-02", seq=2)
+    p.offer(forged, 0, 3)  # kept: no signature checked yet
+    assert p.offer(real, 0, 3) is not None  # contention: both checked, the forgery goes
+    assert p.sig_checks == 2 and p.evicted == 1
+    assert not p.has(hashlib.sha256(forged).digest())
+    frames = [real] + [update(n) for n in IDS[2:]]
+    for f in frames[1:]:
+        p.offer(f, 0, 3)
+    body = announce(frames)
+    assert p.digest(3, body) == (reference(frames, body), [f"node-{i:02d}" for i in range(2, 8)])
+
+
+def test_a_forged_copy_arriving_second_is_rejected_and_changes_nothing() -> None:
+    p = peers()
+    real = update("node-02")
+    p.offer(real, 0, 3)
+    with pytest.raises(Rejected) as e:
+        p.offer(update("node-02", seq=5, values=vec(9), key="node-99"), 0, 3)
+    assert e.value.reason == "bad_signature"
+    assert p.has(hashlib.sha256(real).digest()) and p.held() == 1
+
+
+def test_a_second_signed_update_over_the_quota_is_buffer_full() -> None:
+    p = peers()
+    p.offer(update("node-02"), 0, 3)
+    with pytest.raises(Rejected) as e:
+        p.offer(update("node-02", seq=2, values=vec(5)), 0, 3)
+    assert e.value.reason == "buffer_full"
+
+
+def test_signature_mode_checks_every_frame_and_its_counter() -> None:
+    p = peers(check="signature")
+    with pytest.raises(Rejected) as e:
+        p.offer(update("node-02", key="node-99"), 0, 3)
+    assert e.value.reason == "bad_signature"
+    p.offer(update("node-02", seq=4), 0, 3)
+    p.offer(update("node-03", seq=4, round_=4), 0, 3)
+    with pytest.raises(Rejected) as e:
+        p.offer(update("node-03", seq=3, round_=4, values=vec(1)), 0, 3)
+    assert e.value.reason == "replay"
+    assert p.sig_checks == 0  # the Verifier checked them, not the contention path
+
+
+def test_cheap_checks_apply_in_announce_mode() -> None:
+    p = peers()
+    for bad, reason in ((update("node-02", round_=9), "future_round"),
+                        (update("node-02", values=[1] * (D - 1)), "bad_dim"),
+                        (update("node-02", values=[1 << 25] * D), "out_of_range"),
+                        (wire.encode(wire.MODEL_UPDATE, MESH, "node-42", 3, 1, 0,
+                                     wire.encode_model_update(1, vec(1)),
+                                     keys.signer(seed("node-42"))), "unregistered")):
+        with pytest.raises(Rejected) as e:
+            p.offer(bad, 0, 3)
+        assert e.value.reason == reason
+    assert p.held() == 0
+
+
+def test_slots_run_out_and_come_back_when_a_round_settles() -> None:
+    p = peers(slots=3)
+    for n in IDS[:3]:
+        p.offer(update(n), 0, 3)
+    with pytest.raises(Rejected) as e:
+        p.offer(update(IDS[3]), 0, 3)
+    assert e.value.reason == "buffer_full"
+    p.drop_before(4)
+    assert p.held() == 0
+    p.offer(update(IDS[3], round_=4), 0, 3)
+    assert p.held() == 1
+
+
+def test_a_missing_frame_gives_no_digest() -> None:
+    p = peers()
+    frames = [update(n) for n in IDS]
+    for f in frames[:-1]:
+        p.offer(f, 0, 3)
+    assert p.digest(3, announce(frames)) == (None, 1)
+
+
+def test_check_global_refuses_another_mesh_an_old_round_and_a_reused_counter() -> None:
+    coord = keys.signer(seed("coordinator"))
+    pub = keys.public_key(seed("coordinator"))
+    guard = ReplayGuard(MemoryStore(), max_age=1 << 62)
+
+    def glob(mesh: bytes = MESH, round_: int = 5, seq: int = 10) -> bytes:
+        return wire.encode(wire.GLOBAL_MODEL, mesh, wire.COORDINATOR, round_, seq, 0,
+                           wire.encode_global_payload(vec(0)), coord)
+
+    def check(msg: bytes, last_round: int = 4) -> str:
+        try:
+            noderound.check_global(msg, MESH, pub, keys.check_signature, guard, last_round, D, 0)
+        except Rejected as e:
+            return e.reason
+        return "ok"
+
+    assert check(glob(mesh=wire.mesh_id("other"))) == "wrong_mesh"
+    assert check(glob(round_=4)) == "stale_round"
+    assert check(glob()) == "ok"
+    assert check(glob(round_=6, seq=10), last_round=5) == "replay"
+    assert check(glob(round_=6, seq=11), last_round=5) == "ok"
