@@ -8,6 +8,7 @@ Small on purpose (5 honest nodes, 60-sample shards, 3 rounds).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,7 @@ def _scenario(**kw: Any) -> mesh.Scenario:
 
 
 def test_a_unix32_node_runs_the_frozen_modules(unix32: Path, tmp_path: Path) -> None:
-    node = nodeproc.unix32_launcher(unix32, 256 * 1024)("node-01", tmp_path)
+    node = nodeproc.unix32_launcher(unix32, 256 * 1024)("node-01", tmp_path, ("127.0.0.1", 1))
     assert isinstance(node, nodeproc.SubprocessNode)
     assert node.argv[-3:] == ["-m", "main", str(tmp_path)]
     assert node.env["MICROPYPATH"] == ".frozen"
@@ -159,3 +160,123 @@ def test_bad_board_flags_exit_2(tmp_path: Path, args: list[str], message: str) -
     assert p.returncode == 2, p.stderr
     assert message in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_unix32_and_mps2_nodes_in_a_coordinated_mesh(unix32: Path, tmp_path: Path) -> None:
+    """Two emulated Cortex-M3 nodes (QEMU each, node directory on the RAM disk, MQTT over
+    the serial line and microfed_tools.bridge) beside three unix32 nodes."""
+    from microfed_host.broker import find_mosquitto
+    from microfed_tools import emunode, firmware
+    from microfed_tools.boards import load_board
+    from microfed_tools.emulator import missing_requirements
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto not installed: apt-get install mosquitto")
+    why = missing_requirements(load_board("mps2-an385"))
+    if why:
+        pytest.skip(why)
+    firmware.build("mps2-an385", say=lambda _m: None)
+    sc = _scenario(boards="unix32:3,mps2-an385:2")
+    out = tmp_path / "m3"
+    s = mesh.run(sc, out, broker="mosquitto", say=None,
+                 launchers={"unix32": nodeproc.unix32_launcher(unix32, sc.unix32_heap),
+                            "mps2-an385": emunode.launcher("mps2-an385")})
+    assert [s["boards"][n] for n in sorted(s["boards"])] == ["unix32"] * 3 + ["mps2-an385"] * 2
+    assert s["node_exit_codes"] == dict.fromkeys(s["boards"], 0)
+    assert s["rounds"] == 3 and s["rejected"] == {} and s["honest_banned"] == []
+    for nid in ("node-04", "node-05"):
+        nd = out / "nodes" / nid
+        assert json.loads((nd / "config.json").read_text())["link"] == "serial"
+        events = [json.loads(x) for x in (nd / "node.log").read_text().splitlines()
+                  if x.startswith("{")]
+        assert events[0]["ev"] == "boot" and events[0]["node"] == nid
+        assert events[-1]["ev"] == "exit" and events[-1]["counters"]["rounds"] == 3
+        # The board's state/ came back from its RAM disk when the node had finished.
+        assert (nd / "state" / "node.state").stat().st_size > 0
+    ref = mesh.run(_scenario(), tmp_path / "inproc", transport="inproc", say=None)
+    assert s["final_digest"] == ref["final_digest"]
+    assert s["accuracy"] == ref["accuracy"]
+
+
+class _FakeDevice:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.up = False
+
+    def start(self) -> None:
+        self.calls.append("start")
+        self.up = True
+
+    def install(self, node_dir: Path) -> None:
+        self.calls.append("install")
+
+    def boot(self) -> str:
+        self.calls.append("boot")
+        return "LINE"
+
+    def alive(self) -> bool:
+        return self.up
+
+    def stop(self, node_dir: Path | None) -> None:
+        self.calls.append(f"stop:{'save' if node_dir else 'nosave'}")
+        self.up = False
+
+
+class _FakeBridge:
+    def __init__(self, line: Any, broker: tuple[str, int], on_log: Any) -> None:
+        assert line == "LINE" and broker == ("h", 1)
+        self.on_log = on_log
+        self.up = False
+
+    def start(self) -> None:
+        self.up = True
+
+    def stop(self) -> None:
+        self.up = False
+
+    def running(self) -> bool:
+        return self.up
+
+
+def test_a_bridged_node_reads_its_exit_code_from_its_events(tmp_path: Path) -> None:
+    bridges: list[_FakeBridge] = []
+
+    def factory(line: Any, broker: tuple[str, int], on_log: Any) -> _FakeBridge:
+        bridges.append(_FakeBridge(line, broker, on_log))
+        return bridges[-1]
+
+    dev = _FakeDevice()
+    node = nodeproc.BridgedNode("node-04", tmp_path, "mps2-an385", dev, factory, ("h", 1))
+    node.start()
+    assert dev.calls == ["start", "install", "boot"] and node.poll() is None
+    bridges[-1].on_log('{"ev": "boot", "node": "node-04"}')
+    bridges[-1].on_log("plain text")
+    assert node.poll() is None
+    bridges[-1].on_log('{"ev": "exit", "code": 0}')
+    assert node.wait(1.0) == 0
+    node.stop()
+    assert dev.calls[-1] == "stop:save"  # finished: its state/ is saved
+    assert "plain text" in (tmp_path / "node.log").read_text()
+    # Stopped while running: no state to save; a dead emulator or bridge is a failure.
+    node.start()
+    dev.up = False
+    assert node.poll() == 1
+    node.start()
+    bridges[-1].up = False
+    assert node.poll() == 1
+    node.start()
+    bridges[-1].on_log('{"ev": "boot_error", "error": "x"}')
+    assert node.poll() == 2
+    node.start()
+    node.stop(0.0)
+    assert dev.calls[-1] == "stop:nosave"
+    assert "stopped while running" in (tmp_path / "node.log").read_text()
+
+
+def test_chaos_is_refused_with_emulated_nodes() -> None:
+    from microfed_host.chaos import parse_chaos
+
+    sc = _scenario(boards="unix32:3,mps2-an385:2")
+    sc.chaos = parse_chaos({"broker_restart_round": 2})
+    with pytest.raises(MeshError, match="mps2-an385 nodes do not survive"):
+        sc.check()

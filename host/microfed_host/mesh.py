@@ -49,7 +49,14 @@ from microfed_host import adversary as advmod
 from microfed_host import brokerauth
 from microfed_host.chaos import Chaos, ChaosDriver
 from microfed_host.inproc import run_inproc
-from microfed_host.nodeproc import NodeError, NodeLauncher, NodeProcess, stop_process, unix_launcher
+from microfed_host.nodeproc import (
+    SERIAL_KINDS,
+    NodeError,
+    NodeLauncher,
+    NodeProcess,
+    stop_process,
+    unix_launcher,
+)
 from microfed_host.report import Progress, board_counts, summarize, table
 from microfed_host.scenario import (
     DEFAULT_SCENARIO,
@@ -171,8 +178,9 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
             prog.say("  broker auth: anonymous clients refused; logins and topic ACL from "
                      "mesh/broker/passwd and mesh/broker/acl")
         addr = (broker.host, broker.port)
-        for nid in sc.honest_ids():
-            write_node_config(out / "nodes" / nid, sc, addr)
+        for nid, kind in sc.node_boards().items():
+            write_node_config(out / "nodes" / nid, sc, addr,
+                              "serial" if kind in SERIAL_KINDS else "tcp")
         events: queue.Queue[dict[str, Any]] = queue.Queue()
         coord = _Coord(out, broker.address, events)
         # Nodes start once the coordinator's session is subscribed (it says "ready"): from
@@ -216,7 +224,7 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
             launch = launchers.get(board_of[nid])
             if launch is None:  # checked before the broker started; a guard
                 raise MeshError(f"no launcher for board kind {board_of[nid]}")
-            node = launch(nid, out / "nodes" / nid)
+            node = launch(nid, out / "nodes" / nid, addr)
             try:
                 node.start()
             except NodeError as e:

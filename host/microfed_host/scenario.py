@@ -20,7 +20,7 @@ from microfed_host import coordinator as coordmod
 from microfed_host import data, keys
 from microfed_host.chaos import Chaos, parse_chaos
 from microfed_host.coordinator import CoordinatorConfig
-from microfed_host.nodeproc import BOARD_KINDS, DEFAULT_UNIX32_HEAP
+from microfed_host.nodeproc import BOARD_KINDS, DEFAULT_UNIX32_HEAP, SERIAL_KINDS
 
 REPO = Path(__file__).resolve().parents[2]
 FIRMWARE = REPO / "firmware"
@@ -194,7 +194,11 @@ class Scenario:
                             f"(bans can leave only those), got {self.honest}; add honest nodes "
                             "or lower --f (below --byzantine only with --allow-more-byzantine)")
         self._check_byzantine_budget()
-        self.board_counts()
+        serial = [k for k, _n in self.board_counts() if k in SERIAL_KINDS]
+        if serial and self.chaos is not None:
+            raise MeshError(f"a [chaos] scenario stops and restarts nodes mid-run, which "
+                            f"{serial[0]} nodes do not survive yet (QEMU's UART has no Ctrl-C: "
+                            "their RAM disk would go with the emulator); use unix or unix32")
         self.unix32_heap = parse_heap(self.unix32_heap)
         if not isinstance(self.reputation, dict):
             raise MeshError("[reputation] must be a table")
@@ -463,7 +467,9 @@ def prepare(sc: Scenario, out: Path, force: bool = False) -> dict[str, Any]:
     return doc
 
 
-def write_node_config(nd: Path, sc: Scenario, broker: tuple[str, int] | None) -> None:
+def write_node_config(nd: Path, sc: Scenario, broker: tuple[str, int] | None,
+                      link: str = "tcp") -> None:
+    """link "serial": the node's MQTT goes over its serial line to a bridge (mps2-an385)."""
     conf: dict[str, Any] = {
         "mode": sc.mode,
         "train": {"lr": sc.lr, "epochs": sc.epochs, "batch": sc.batch, "seed": sc.seed},
@@ -473,6 +479,8 @@ def write_node_config(nd: Path, sc: Scenario, broker: tuple[str, int] | None) ->
     }
     if broker is not None:
         conf["broker"] = {"host": broker[0], "port": broker[1]}
+    if link != "tcp":
+        conf["link"] = link
     (nd / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
 
 

@@ -91,12 +91,14 @@ def board_launchers(sc: Any) -> dict[str, Any]:
     for kind, _n in sc.board_counts():
         if kind == "unix":
             continue
-        if kind == "mps2-an385":
-            raise MeshError("mps2-an385 nodes need the serial bridge to the broker (microfed_tools."
-                            "bridge, not on this branch yet); use unix or unix32 for now")
         try:
             image = firmware.build(kind, say=lambda m: print(m, file=sys.stderr))
-            out[kind] = nodeproc.unix32_launcher(image, sc.unix32_heap)
+            if kind == "mps2-an385":
+                from microfed_tools import emunode
+
+                out[kind] = emunode.launcher(kind)  # QEMU + RAM disk + serial bridge
+            else:
+                out[kind] = nodeproc.unix32_launcher(image, sc.unix32_heap)
         except (firmware.FirmwareError, nodeproc.NodeError) as e:
             raise MeshError(f"board kind {kind}: {e}") from None
     return out
