@@ -224,3 +224,16 @@ def round_costs(res: dict[str, Any]) -> dict[str, int]:
     else:
         out["coordinated_round"] = c["round_2"]
     return out
+
+
+def sweep(exe: str, case: Case, workdir: Path, lo: int, hi: int = 512 * 1024,
+          step: int = 16 * 1024, store: bool = True) -> list[int]:
+    """Heap sizes in [lo, hi] (every `step` bytes) at which the round does NOT run: a failure
+    above the smallest working heap would be fragmentation, which bisection alone misses."""
+    failed = []
+    for heap in range(lo, hi + 1, step):
+        try:
+            run_unix(exe, case, workdir, str(heap), store)
+        except RuntimeError:
+            failed.append(heap)
+    return failed
