@@ -281,11 +281,13 @@ class Peers:
     def keep(self, round_, h, sender, samples, packed, sig=None):
         """Hold one update: ours, or a peer's (`sig`: (signing digest, signature) while its
         signature is unchecked). Raises Rejected("buffer_full")."""
+        buf = self.rounds.get(round_)
+        if buf is not None and h in buf:
+            return  # held already (a copy offered first)
         if not self.free:
             raise Rejected("buffer_full", "all %d update slots are in use" % self.n_slots)
         slot = self.free.pop()
         self.vectors.put(slot, packed)
-        buf = self.rounds.get(round_)
         if buf is None:
             buf = {}
             self.rounds[round_] = buf
