@@ -1,6 +1,6 @@
 # A mesh node's round, written once. firmware/node.py (the device), microfed_host.inproc (the
 # in-process engine) and microfed_host.adversary (what its compromised nodes do honestly) all
-# call these functions, so the three cannot drift apart (docs/protocol.md, "A node's round"):
+# call these functions, so the three cannot drift apart (docs/protocol.md, 3 "Round flow"):
 #
 #   1 check the GLOBAL_MODEL      check_global: size, decode, mesh, kind, role, the pinned
 #                                 coordinator key, counter/round window, dimension, digest
