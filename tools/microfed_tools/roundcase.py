@@ -141,16 +141,25 @@ def run_reference(case: Case) -> dict[str, Any]:
     return ast.literal_eval(lines[-1])
 
 
-def run_repl(repl: Any, case: Case, store: str = "", chunk: int = 1024,
+def run_repl(repl: Any, case: Case, files: bool = False, chunk: int = 1024,
              timeout: float = 600) -> dict[str, Any]:
-    """On a board behind a raw REPL (microfed frozen in). `store`: a directory on the board's
-    filesystem for the peers' vectors, "" for RAM."""
+    """On a board behind a raw REPL (microfed frozen in). `files`: the board has a filesystem
+    (its flash): the shard goes there first and the node reads it from there, and the peers'
+    vectors wait there (`vectors = "flash"`); else both sit in RAM."""
+    store = shard_path = ""
+    if files:
+        repl.write_file(BOARD_DIR + "/shard.bin", case.shard)
+        store, shard_path = BOARD_DIR, BOARD_DIR + "/shard.bin"
     repl.exec_verified("import gc\ngc.collect()\n_h0 = gc.mem_free()\n", what="heap baseline")
     repl.exec_verified(PROGRAM.read_text(), timeout=timeout, what="round program")
     text = ""
-    for stmt in script(case, "_h0", store, "", chunk):
+    for stmt in script(case, "_h0", store, shard_path, chunk):
         text = repl.exec_verified(stmt + "\n", timeout=timeout, what="round step")
     return ast.literal_eval(text.strip().splitlines()[-1])
+
+
+# Where run_repl(files=True) puts the shard and the vector file on a board.
+BOARD_DIR = "/mfround"
 
 
 def run_unix(exe: str, case: Case, heapsize: str = "256k", store: bool = True,
@@ -196,18 +205,20 @@ def smallest_heap(exe: str, case: Case, lo: int = 8 * 1024,
     return hi
 
 
-def measure_board(board: Any, case: Case, store: str = "") -> dict[str, Any]:
-    """Boot `board` in QEMU with instruction counting (devicecost.ICOUNT_ARGS) and run the
-    case once from a soft reset; counts come back in instructions (not thousands)."""
+def measure_board(board: Any, case: Case, files: bool = False,
+                  image: str | None = None) -> dict[str, Any]:
+    """Boot `board` in QEMU with instruction counting (devicecost.ICOUNT_ARGS), optionally from
+    another `image` (e.g. a smaller-heap build), and run the case once from a soft reset;
+    counts come back in instructions (not thousands)."""
     from microfed_tools import devicecost, rawrepl
     from microfed_tools.emulator import Emulator
 
-    emu = Emulator(board, extra_args=devicecost.ICOUNT_ARGS)
+    emu = Emulator(board, extra_args=devicecost.ICOUNT_ARGS, image=image)
     pty = emu.start()
     try:
         repl = rawrepl.connect(pty, board, timeout=60, soft_reset=True)
         try:
-            res = run_repl(repl, case, store)
+            res = run_repl(repl, case, files)
         finally:
             repl.close()
     finally:
