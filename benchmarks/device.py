@@ -4,12 +4,19 @@ inputs (tools/microfed_tools/roundcase.py) with its heap. Prints Markdown tables
 docs/boards.md.
 
     .venv/bin/python benchmarks/device.py [--board mps2-an385 --board virt-rv32] [--no-round]
+                                          [--write docs/boards.md]
+
+--write replaces the text between the `<!-- benchmarks/device.py -->` and
+`<!-- end benchmarks/device.py -->` markers of that file with the tables (and the date).
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import contextlib
+import datetime
+import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +67,10 @@ def rounds(boards: list[str]) -> None:
         print(f"| **{k}** | " + " | ".join(cells) + " |")
     print("| live heap, most after any phase (B) | "
           + " | ".join(_n(max(res[c]["live"].values())) for c in cols) + " |")
+    for p in PHASES:
+        print(f"| live heap after {p} (B) | "
+              + " | ".join(_n(res[c]["live"][p]) if p in res[c]["live"] else "–" for c in cols)
+              + " |")
     print("\nequal to the x86 reference bit for bit: "
           + ", ".join(f"{b} {m}: {res[(b, m)]['same']}" for b, m in cols))
 
@@ -71,26 +82,45 @@ def unix32_heap() -> None:
     live, small = [], []
     for m in ("gossip", "coordinated"):
         c = roundcase.make_case(gossip=m == "gossip")
-        with tempfile.TemporaryDirectory() as d:
-            r = roundcase.run_unix(exe, c, Path(d), "512k")
-            assert r["out"] == roundcase.run_reference(c)["out"]
-            live.append(max(r["live"].values()))
-            small.append(roundcase.smallest_heap(exe, c, Path(d)))
+        r = roundcase.run_unix(exe, c, "512k")
+        assert r["out"] == roundcase.run_reference(c)["out"]
+        live.append(max(r["live"].values()))
+        small.append(roundcase.smallest_heap(exe, c))
     print("| live heap, most after any phase (B) | " + " | ".join(_n(v) for v in live) + " |")
     print("| smallest -X heapsize the round runs in (B) | "
           + " | ".join(_n(v) for v in small) + " |")
+
+
+BEGIN = "<!-- benchmarks/device.py -->"
+END = "<!-- end benchmarks/device.py -->"
+
+
+def write_into(path: Path, text: str) -> None:
+    doc = path.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{path}: no {BEGIN} ... {END} markers to write between")
+    stamp = f"Measured {datetime.date.today().isoformat()} with `python benchmarks/device.py`:\n\n"
+    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END),
+                 lambda _m: BEGIN + "\n" + stamp + text.strip() + "\n" + END, doc, flags=re.S)
+    path.write_text(new)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--board", action="append", default=None)
     ap.add_argument("--no-round", action="store_true", help="only the component phases")
+    ap.add_argument("--write", type=Path, default=None, help="also write the tables into this file")
     a = ap.parse_args()
     boards = a.board or ["mps2-an385", "virt-rv32"]
-    components(boards)
-    if not a.no_round:
-        rounds(boards)
-        unix32_heap()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        components(boards)
+        if not a.no_round:
+            rounds(boards)
+            unix32_heap()
+    print(out.getvalue())
+    if a.write is not None:
+        write_into(a.write, out.getvalue())
 
 
 if __name__ == "__main__":

@@ -443,8 +443,14 @@ class Node:
         self.state.save(r, seq, h)
         fh = _sha(frame)
         if self.peers is not None:
-            self.peers.keep(r, fh, self.node_id, self.n_samples,
-                            noderound.update_values(frame, self.node_id))
+            # Kept before it is published: our own echo is then a duplicate, not a peer frame.
+            try:
+                self.peers.keep(r, fh, self.node_id, self.n_samples,
+                                noderound.update_values(frame, self.node_id))
+            except Rejected as e:
+                # No slot left for our own values: this round's digest will be missing, our
+                # update is not.
+                self.reject("update", e.reason, e.message)
         self.queue(self.t_update, frame, "update")
         # Kept until the next global: re-sent after a reconnect, because a broker that
         # restarted may have lost it (the same signed bytes: at worst a harmless duplicate).

@@ -181,3 +181,22 @@ def test_check_global_refuses_another_mesh_an_old_round_and_a_reused_counter() -
     assert check(glob()) == "ok"
     assert check(glob(round_=6, seq=10), last_round=5) == "replay"
     assert check(glob(round_=6, seq=11), last_round=5) == "ok"
+
+
+def test_our_own_update_kept_twice_takes_one_slot() -> None:
+    p = peers()
+    own = update("node-01")
+    h = hashlib.sha256(own).digest()
+    p.offer(own, 0, 3)  # our echo came first
+    p.keep(3, h, "node-01", 10, noderound.update_values(own, "node-01"))
+    assert p.held() == 1 and len(p.free) == p.n_slots - 1
+
+
+def test_no_slot_for_our_own_update_is_buffer_full_not_a_crash() -> None:
+    p = peers(slots=1)
+    p.offer(update("node-02"), 0, 3)
+    own = update("node-01")
+    with pytest.raises(Rejected) as e:
+        p.keep(3, hashlib.sha256(own).digest(), "node-01", 10,
+               noderound.update_values(own, "node-01"))
+    assert e.value.reason == "buffer_full"

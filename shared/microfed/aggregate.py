@@ -48,6 +48,13 @@ def krum_scores(vecs, f):
             x = dist(vecs[i], vecs[j])
             dm[i][j] = x
             dm[j][i] = x
+    return scores_from_distances(dm, f)
+
+
+def scores_from_distances(dm, f):
+    # Krum score of i: the sum of its n - f - 2 smallest distances to the others (dm is the
+    # full symmetric matrix of exact squared distances).
+    n = len(dm)
     k = n - f - 2
     scores = []
     for i in range(n):

@@ -14,6 +14,7 @@
 import hashlib
 import struct
 
+from microfed import aggregate as agg
 from microfed.aggregate import AggregationError
 from microfed.q16 import rdiv
 
@@ -51,18 +52,7 @@ def krum_scores(read, n, d, f, chunk=CHUNK):
     for i in range(n):
         for j in range(i + 1, n):
             dm[j][i] = dm[i][j]
-    k = n - f - 2
-    scores = []
-    for i in range(n):
-        row = dm[i][:i] + dm[i][i + 1:]
-        row.sort()
-        scores.append(sum(row[:k]))
-    return scores
-
-
-def _rank(ids, scores):
-    # microfed.aggregate.krum_rank
-    return sorted(range(len(ids)), key=lambda i: (scores[i], ids[i]))
+    return agg.scores_from_distances(dm, f)
 
 
 def _column_rule(h, read, n, d, chunk, per_coordinate):
@@ -87,7 +77,7 @@ def run(rule, ids, read, d, params, chunk=CHUNK):
     if rule == "krum" or rule == "multi_krum":
         f = params["f"]
         scores = krum_scores(read, n, d, f, chunk)
-        order = _rank(ids, scores)
+        order = agg.krum_rank(ids, scores)
         if rule == "krum":
             sel = order[:1]
             w = sel[0]

@@ -1,6 +1,6 @@
 # A mesh node's round, written once. firmware/node.py (the device), microfed_host.inproc (the
 # in-process engine) and microfed_host.adversary (what its compromised nodes do honestly) all
-# call these functions, so the three cannot drift apart (docs/protocol.md, "A node's round"):
+# call these functions, so the three cannot drift apart (docs/protocol.md, 3 "Round flow"):
 #
 #   1 check the GLOBAL_MODEL      check_global: size, decode, mesh, kind, role, the pinned
 #                                 coordinator key, counter/round window, dimension, digest
@@ -281,11 +281,13 @@ class Peers:
     def keep(self, round_, h, sender, samples, packed, sig=None):
         """Hold one update: ours, or a peer's (`sig`: (signing digest, signature) while its
         signature is unchecked). Raises Rejected("buffer_full")."""
+        buf = self.rounds.get(round_)
+        if buf is not None and h in buf:
+            return  # held already (a copy offered first)
         if not self.free:
             raise Rejected("buffer_full", "all %d update slots are in use" % self.n_slots)
         slot = self.free.pop()
         self.vectors.put(slot, packed)
-        buf = self.rounds.get(round_)
         if buf is None:
             buf = {}
             self.rounds[round_] = buf

@@ -205,6 +205,6 @@ class Verifier:
                 if s < 1 or s > lim.max_samples:
                     return ("out_of_range", "sample count %d outside 1..%d"
                             % (s, lim.max_samples))
-            elif wire.vector_digest(fr.payload[36:36 + 4 * len(b["values"])]) != b["digest"]:
+            elif not wire.values_digest_ok(fr):
                 return ("bad_digest", "global model digest does not match its vector")
         return None

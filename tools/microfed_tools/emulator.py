@@ -80,10 +80,12 @@ class Emulator:
     """One emulated board. `start()` returns the pty path once the REPL answered."""
 
     def __init__(self, board: Any, *, boot_timeout: float = 30.0,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), image: str | None = None) -> None:
         """extra_args go to QEMU after the profile's, e.g. ("-icount", "shift=0"): virtual
-        time, one instruction = 1 ns, so the guest's ticks_us() counts instructions."""
+        time, one instruction = 1 ns, so the guest's ticks_us() counts instructions. `image`:
+        another firmware file than the profile's (e.g. a build with a smaller heap)."""
         self.board = board
+        self.image = image
         self.boot_timeout = boot_timeout
         self.extra_args = tuple(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -95,7 +97,8 @@ class Emulator:
         from microfed_tools import firmware
 
         program = emu.get("program", "qemu-system-arm")
-        image = firmware.image_path(self.board)  # builds a firmware: image on first use
+        # The profile's image is built on first use (firmware: images).
+        image = self.image or firmware.image_path(self.board)
         return ([program] + [str(a).replace("{image}", image) for a in emu.get("args", [])]
                 + list(self.extra_args))
 

@@ -3,7 +3,7 @@
     case = make_case()                      # seeded inputs: registry, shard, 3 messages kinds
     want = run_reference(case)              # tools/microfed_tools/roundprog.py under CPython
     got = run_repl(repl, case)              # the same file on a board (raw REPL)
-    got = run_unix(micropython, case, dir)  # the same file on a unix-port build, with files
+    got = run_unix(micropython, case)       # the same file on a unix-port build, with files
 
 The node is node-00 of a 13-node mesh: GLOBAL_MODEL round 1 (check, train on a 111-sample
 digits shard, sign), the 12 peers' round-1 updates (checked as they arrive, kept in flash or
@@ -20,6 +20,7 @@ import ast
 import hashlib
 import random
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,71 +141,84 @@ def run_reference(case: Case) -> dict[str, Any]:
     return ast.literal_eval(lines[-1])
 
 
-def run_repl(repl: Any, case: Case, store: str = "", chunk: int = 1024,
+def run_repl(repl: Any, case: Case, files: bool = False, chunk: int = 1024,
              timeout: float = 600) -> dict[str, Any]:
-    """On a board behind a raw REPL (microfed frozen in). `store`: a directory on the board's
-    filesystem for the peers' vectors, "" for RAM."""
+    """On a board behind a raw REPL (microfed frozen in). `files`: the board has a filesystem
+    (its flash): the shard goes there first and the node reads it from there, and the peers'
+    vectors wait there (`vectors = "flash"`); else both sit in RAM."""
+    store = shard_path = ""
+    if files:
+        repl.write_file(BOARD_DIR + "/shard.bin", case.shard)
+        store, shard_path = BOARD_DIR, BOARD_DIR + "/shard.bin"
     repl.exec_verified("import gc\ngc.collect()\n_h0 = gc.mem_free()\n", what="heap baseline")
     repl.exec_verified(PROGRAM.read_text(), timeout=timeout, what="round program")
     text = ""
-    for stmt in script(case, "_h0", store, "", chunk):
+    for stmt in script(case, "_h0", store, shard_path, chunk):
         text = repl.exec_verified(stmt + "\n", timeout=timeout, what="round step")
     return ast.literal_eval(text.strip().splitlines()[-1])
 
 
-def run_unix(exe: str, case: Case, workdir: Path, heapsize: str = "256k",
-             store: bool = True, timeout: float = 600) -> dict[str, Any]:
+# Where run_repl(files=True) puts the shard and the vector file on a board.
+BOARD_DIR = "/mfround"
+
+
+def run_unix(exe: str, case: Case, heapsize: str = "256k", store: bool = True,
+             timeout: float = 600) -> dict[str, Any]:
     """On a unix-port build (e.g. unix32, microfed frozen in) with a filesystem: the shard is
     a file and, with `store`, the peers' vectors too. Raises RuntimeError with the board's
     output when the run fails (e.g. MemoryError at this heap size)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    shard = workdir / "shard.bin"
-    shard.write_bytes(case.shard)
-    # Statement by statement, as the raw REPL does it: compiling the whole script at once
-    # would put ~100 KB of hex in RAM that a node never holds.
-    (workdir / "steps.txt").write_text(
-        "\n".join(script(case, "_h0", str(workdir) if store else "", str(shard), 1024)) + "\n")
-    (workdir / "roundprog.py").write_text(PROGRAM.read_text())
-    prog = workdir / "round.py"
-    prog.write_text("import gc\ngc.collect()\n_h0 = gc.mem_free()\n"
-                    "exec(open('roundprog.py').read())\n"
-                    "for _line in open('steps.txt'):\n"
-                    "    exec(_line)\n"
-                    "    _line = None\n")
-    env = {"MICROPYPATH": ".frozen"}
-    proc = subprocess.run([exe, "-X", f"heapsize={heapsize}", str(prog)], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=workdir)
+    # Always a directory name of the same length: the GC scans the C stack conservatively,
+    # and a longer working directory shifts what it finds there (measured: 40 more characters
+    # moved the smallest coordinated heap by 1 KB).
+    with tempfile.TemporaryDirectory(prefix="mfround-", dir="/tmp") as d:
+        work = Path(d)
+        (work / "shard.bin").write_bytes(case.shard)
+        # Statement by statement, as the raw REPL does it: compiling the whole script at once
+        # would put ~100 KB of hex in RAM that a node never holds.
+        (work / "steps.txt").write_text(
+            "\n".join(script(case, "_h0", "." if store else "", "shard.bin", 1024)) + "\n")
+        (work / "roundprog.py").write_text(PROGRAM.read_text())
+        (work / "round.py").write_text("import gc\ngc.collect()\n_h0 = gc.mem_free()\n"
+                                       "exec(open('roundprog.py').read())\n"
+                                       "for _line in open('steps.txt'):\n"
+                                       "    exec(_line)\n"
+                                       "    _line = None\n")
+        proc = subprocess.run([exe, "-X", f"heapsize={heapsize}", "round.py"],
+                              capture_output=True, text=True, timeout=timeout,
+                              env={"MICROPYPATH": ".frozen"}, cwd=work)
     if proc.returncode != 0:
         raise RuntimeError(f"round failed with heap {heapsize}: "
                            f"{(proc.stdout + proc.stderr).strip()[-600:]}")
     return ast.literal_eval(proc.stdout.strip().splitlines()[-1])
 
 
-def smallest_heap(exe: str, case: Case, workdir: Path, lo: int = 8 * 1024,
+def smallest_heap(exe: str, case: Case, lo: int = 8 * 1024,
                   hi: int = 512 * 1024, step: int = 1024, store: bool = True) -> int:
     """The smallest -X heapsize (bytes, to `step`) at which the whole round runs."""
     while hi - lo > step:
         mid = (lo + hi) // 2 // step * step
         try:
-            run_unix(exe, case, workdir, str(mid), store)
+            run_unix(exe, case, str(mid), store)
             hi = mid
         except RuntimeError:
             lo = mid
     return hi
 
 
-def measure_board(board: Any, case: Case, store: str = "") -> dict[str, Any]:
-    """Boot `board` in QEMU with instruction counting (devicecost.ICOUNT_ARGS) and run the
-    case once from a soft reset; counts come back in instructions (not thousands)."""
+def measure_board(board: Any, case: Case, files: bool = False,
+                  image: str | None = None) -> dict[str, Any]:
+    """Boot `board` in QEMU with instruction counting (devicecost.ICOUNT_ARGS), optionally from
+    another `image` (e.g. a smaller-heap build), and run the case once from a soft reset;
+    counts come back in instructions (not thousands)."""
     from microfed_tools import devicecost, rawrepl
     from microfed_tools.emulator import Emulator
 
-    emu = Emulator(board, extra_args=devicecost.ICOUNT_ARGS)
+    emu = Emulator(board, extra_args=devicecost.ICOUNT_ARGS, image=image)
     pty = emu.start()
     try:
         repl = rawrepl.connect(pty, board, timeout=60, soft_reset=True)
         try:
-            res = run_repl(repl, case, store)
+            res = run_repl(repl, case, files)
         finally:
             repl.close()
     finally:
@@ -224,3 +238,16 @@ def round_costs(res: dict[str, Any]) -> dict[str, int]:
     else:
         out["coordinated_round"] = c["round_2"]
     return out
+
+
+def sweep(exe: str, case: Case, lo: int, hi: int = 512 * 1024,
+          step: int = 16 * 1024, store: bool = True) -> list[int]:
+    """Heap sizes in [lo, hi] (every `step` bytes) at which the round does NOT run: a failure
+    above the smallest working heap would be fragmentation, which bisection alone misses."""
+    failed = []
+    for heap in range(lo, hi + 1, step):
+        try:
+            run_unix(exe, case, str(heap), store)
+        except RuntimeError:
+            failed.append(heap)
+    return failed
