@@ -13,7 +13,8 @@
 Byzantine sign-flip attackers, Krum f = 3) over a real MQTT broker and ends with a table and
 the plots' paths. Flags override the scenario file. --boards (scenario key `boards`) runs the
 honest nodes on a mix of board kinds; their firmware is built first (`microfed firmware
-build`, cached).
+build`, cached). unix32 nodes run the frozen 32-bit build; mps2-an385 nodes are one QEMU
+each, their MQTT over the serial line and microfed bridge (docs/results.md, "Board mixes").
 
 Byzantine budget: a run is refused when more nodes poison their updates than f, the number
 the rule is configured to tolerate (trimmed_mean: the trim count; median also needs an honest
