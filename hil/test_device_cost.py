@@ -19,7 +19,9 @@ from microfed_tools import devicecost
 # Budgets: the counts measured on 2026-11-26 plus 5 %, in instructions. Lower them when the
 # code gets faster; a change that needs more must say why in its commit.
 BUDGETS: dict[str, dict[str, int]] = {
-    "mps2-an385": {"import": 540_000, "public_key": 55_470_000, "sign": 40_330_000,
+    # import: 545 000 measured on 2026-11-26 with main.py and ramdisk.py frozen too (main at
+    # d9317f9 alone: 541 000, already past the old 540 000), + 5 %.
+    "mps2-an385": {"import": 573_000, "public_key": 55_470_000, "sign": 40_330_000,
                    "verify": 41_440_000, "train_epoch": 67_260_000,
                    "encode_and_sign_update": 44_510_000, "decode_update": 340_000,
                    "krum_13x650_f3": 125_140_000},

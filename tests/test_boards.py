@@ -56,11 +56,15 @@ def boards_copy(tmp_path, monkeypatch):
         ('chip = "esp32"', 'chip = "esp32"\nchips = 2', "unknown field(s) chips"),
         ('name = "esp32"', 'name = "esp-32"', "must equal the file name"),
         ("[transfer]", "[transfer", "not valid TOML"),
+        ('chip = "esp32"', 'chip = "esp32"\nfs_mount = "import ramdisk"',
+         "fs_mount needs capabilities.filesystem = true"),
     ],
 )
 def test_bad_profile_is_rejected_with_reason(boards_copy, old, new, needle):
     path = boards_copy / "esp32.toml"
     text = path.read_text()
+    if "fs_mount" in new:
+        text = text.replace("[capabilities]", "[capabilities]\nfilesystem = false")
     assert old in text
     path.write_text(text.replace(old, new, 1))
     with pytest.raises(BoardError) as err:

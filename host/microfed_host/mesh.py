@@ -8,8 +8,10 @@ Two transports run the same protocol code:
 
 - `mqtt` (default): an MQTT broker (mosquitto, else embedded amqtt, or $MICROFED_BROKER),
   the coordinator as its own process (`python -m microfed_host.coordinator`), one
-  MicroPython unix-port process per honest node (firmware/main.py, exactly what a board
-  runs), and the adversary (a host thread with the compromised nodes' registered keys).
+  MicroPython node per honest node (firmware/main.py, exactly what a board runs) on the
+  board kind the scenario's `boards` gives it (nodeproc.py: the 64-bit unix port by default,
+  the 32-bit build with microfed frozen in, an emulated Cortex-M3), and the adversary (a
+  host thread with the compromised nodes' registered keys).
 - `inproc`: one CPython process, no broker, no MicroPython: the same Coordinator object,
   the same Adversary, and simulated nodes that call the same portable functions the
   firmware calls (model.train with the same seeds, wire frames, microfed.verify,
@@ -29,7 +31,6 @@ Run directory (--out):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -45,13 +46,20 @@ from pathlib import Path
 from typing import Any
 
 from microfed_host import adversary as advmod
-from microfed_host import brokerauth, upy
+from microfed_host import brokerauth
 from microfed_host.chaos import Chaos, ChaosDriver
 from microfed_host.inproc import run_inproc
-from microfed_host.report import Progress, summarize, table
+from microfed_host.nodeproc import (
+    SERIAL_KINDS,
+    NodeError,
+    NodeLauncher,
+    NodeProcess,
+    stop_process,
+    unix_launcher,
+)
+from microfed_host.report import Progress, board_counts, summarize, table
 from microfed_host.scenario import (
     DEFAULT_SCENARIO,
-    FIRMWARE,
     MAX_TIMEOUT_S,
     REPO,
     TRANSPORTS,
@@ -101,22 +109,32 @@ class _Coord:
         self.thread.join(5)
 
     def stop(self) -> None:
-        _stop_proc(self.proc)
+        stop_process(self.proc)
         self.thread.join(5)
         self.log.close()
 
 
-def _stop_proc(p: subprocess.Popen[bytes], grace: float = 3.0) -> None:
-    if p.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        p.terminate()
-    try:
-        p.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            p.kill()
-        p.wait(10)
+def node_launchers(sc: Scenario, given: dict[str, NodeLauncher] | None) -> dict[str, NodeLauncher]:
+    """A launcher for every board kind the scenario uses: `given` (from the CLI layer, which
+    builds the firmware images) wins; `unix` needs nothing built."""
+    out = dict(given or {})
+    for kind, _n in sc.board_counts():
+        if kind in out:
+            continue
+        if kind == "unix":
+            try:
+                out[kind] = unix_launcher()
+            except NodeError as e:
+                raise MeshError(str(e)) from None
+        else:
+            raise MeshError(f"board kind {kind} needs its firmware and launcher: run it with "
+                            "`microfed mesh run --boards ...`, which builds them")
+    return out
+
+
+def board_label(sc: Scenario) -> str:
+    """ "unix32 x8, mps2-an385 x2" """
+    return board_counts(sc.node_boards())
 
 
 def _tail(path: Path, n: int = 15) -> str:
@@ -129,16 +147,15 @@ def _tail(path: Path, n: int = 15) -> str:
 def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | None = None,
              progress: Progress | None = None, kill_coordinator_at: int = 0,
              timeout: float = 1800.0, chaos: Chaos | None = None,
-             on_ready: Callable[[str, int, str], None] | None = None) -> dict[str, Any]:
+             on_ready: Callable[[str, int, str], None] | None = None,
+             launchers: dict[str, NodeLauncher] | None = None) -> dict[str, Any]:
     from microfed_host.broker import BrokerError, broker_from_arg
 
-    exe = upy.find_micropython()
-    if exe is None:
-        raise MeshError(f"MicroPython unix port missing: {upy.INSTALL_HINT}")
+    launchers = node_launchers(sc, launchers)
     prog = progress or Progress(sc, None)
-    info: dict[str, Any] = {"transport": "mqtt", "coordinator_restarts": 0}
-    nodes: dict[str, subprocess.Popen[bytes]] = {}
-    node_logs: list[Any] = []
+    info: dict[str, Any] = {"transport": "mqtt", "coordinator_restarts": 0,
+                            "boards": sc.node_boards()}
+    nodes: dict[str, NodeProcess] = {}
     coord: _Coord | None = None
     adv_thread: advmod.AdversaryThread | None = None
     try:
@@ -161,8 +178,9 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
             prog.say("  broker auth: anonymous clients refused; logins and topic ACL from "
                      "mesh/broker/passwd and mesh/broker/acl")
         addr = (broker.host, broker.port)
-        for nid in sc.honest_ids():
-            write_node_config(out / "nodes" / nid, sc, addr)
+        for nid, kind in sc.node_boards().items():
+            write_node_config(out / "nodes" / nid, sc, addr,
+                              "serial" if kind in SERIAL_KINDS else "tcp")
         events: queue.Queue[dict[str, Any]] = queue.Queue()
         coord = _Coord(out, broker.address, events)
         # Nodes start once the coordinator's session is subscribed (it says "ready"): from
@@ -199,21 +217,24 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
                                                 wait_s=max(5.0, sc.deadline_s / 2), logins=logins)
             adv_thread.start_client()
             adv_thread.start()
-        env = dict(os.environ)
-        env["MICROPYPATH"] = os.pathsep.join([str(REPO / "shared"), str(FIRMWARE)])
+        board_of = sc.node_boards()
 
         def start_node(nid: str) -> None:
-            nd = out / "nodes" / nid
-            lf = open(nd / "node.log", "ab")
-            node_logs.append(lf)
-            nodes[nid] = subprocess.Popen(
-                [exe, "-X", "heapsize=4m", str(FIRMWARE / "main.py"), str(nd)],
-                stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            stop_node(nid)
+            launch = launchers.get(board_of[nid])
+            if launch is None:  # checked before the broker started; a guard
+                raise MeshError(f"no launcher for board kind {board_of[nid]}")
+            node = launch(nid, out / "nodes" / nid, addr)
+            try:
+                node.start()
+            except NodeError as e:
+                raise MeshError(str(e)) from None
+            nodes[nid] = node
 
         def stop_node(nid: str) -> None:
-            p = nodes.pop(nid, None)
-            if p is not None:
-                _stop_proc(p, grace=0.0)
+            node = nodes.pop(nid, None)
+            if node is not None:
+                node.stop(grace=0.0)
 
         restart_coord = {"now": False}
         driver = None
@@ -232,7 +253,7 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
                                  if intruder else {})
         for nid in sc.honest_ids():
             start_node(nid)
-        prog.say(f"  started the coordinator, {len(nodes)} MicroPython nodes"
+        prog.say(f"  started the coordinator, {len(nodes)} MicroPython nodes ({board_label(sc)})"
                  + (f" and the adversary ({len(adv.nodes)} compromised)" if adv else ""))
         deadline = time.monotonic() + timeout
         done: dict[str, Any] | None = None
@@ -276,13 +297,13 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
                 if events.empty():
                     raise MeshError(f"the coordinator exited with code {coord.proc.returncode}:\n"
                                     + _tail(out / "coordinator.log"))
-            for nid, p in nodes.items():
-                rc = p.poll()
+            for nid, node in nodes.items():
+                rc = node.poll()
                 if rc == EXIT_REVOKED and _revoked(out, nid):
                     continue  # it learnt of its revocation and stopped, as it should
                 if rc is not None and rc != 0:
-                    raise MeshError(f"node {nid} exited with code {rc}:\n"
-                                    + _tail(out / "nodes" / nid / "node.log"))
+                    raise MeshError(f"node {nid} ({node.board}) exited with code {rc}:\n"
+                                    + _tail(node.log_path))
             if adv_thread is not None and adv_thread.error:
                 raise MeshError(f"adversary failed: {adv_thread.error}")
             if time.monotonic() > deadline:
@@ -290,10 +311,9 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
         info["coordinator_done"] = done
         # Nodes exit by themselves on the final GLOBAL_MODEL (after their last digest).
         end = time.monotonic() + 15
-        for p in nodes.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(max(0.1, end - time.monotonic()))
-        info["node_exit_codes"] = {nid: p.poll() for nid, p in nodes.items()}
+        for node in nodes.values():
+            node.wait(max(0.1, end - time.monotonic()))
+        info["node_exit_codes"] = {nid: node.poll() for nid, node in nodes.items()}
         coord.proc.wait(10)
         if adv is not None:
             (out / "adversary.json").write_text(json.dumps(adv.report(), indent=2) + "\n")
@@ -303,10 +323,8 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
         return info
     finally:
         # Every child goes, whatever happened (Ctrl-C, an error, a failed node).
-        for p in nodes.values():
-            _stop_proc(p)
-        for lf in node_logs:
-            lf.close()
+        for node in nodes.values():
+            node.stop()
         if coord is not None:
             coord.stop()
         if adv_thread is not None:
@@ -337,10 +355,12 @@ def _revoked(out: Path, node: str) -> bool:
 def run(sc: Scenario, out: Path, transport: str = "mqtt", broker: str | None = None,
         force: bool = False, say: Callable[[str], None] | None = print,
         kill_coordinator_at: int = 0, timeout: float = 1800.0,
-        on_ready: Callable[[str, int, str], None] | None = None) -> dict[str, Any]:
+        on_ready: Callable[[str, int, str], None] | None = None,
+        launchers: dict[str, NodeLauncher] | None = None) -> dict[str, Any]:
     """Run scenario `sc` into run directory `out` and return its summary. on_ready (mqtt
     only): called with (broker host, port, mesh name) once the coordinator is ready, before
-    the nodes start."""
+    the nodes start. launchers (mqtt only): board kind -> NodeLauncher for the kinds in
+    `sc.boards` other than unix (the CLI layer builds their firmware; nodeproc.py)."""
     if transport not in TRANSPORTS:
         raise MeshError(f"transport must be one of {', '.join(TRANSPORTS)}")
     if not (isinstance(timeout, (int, float)) and math.isfinite(timeout)
@@ -348,31 +368,36 @@ def run(sc: Scenario, out: Path, transport: str = "mqtt", broker: str | None = N
         raise MeshError(f"--timeout must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], "
                         f"got {timeout}")
     sc.check()
+    if transport != "mqtt" and sc.boards.strip() != "unix":
+        raise MeshError(f"boards {sc.boards!r} needs the mqtt transport (inproc runs no nodes "
+                        "on boards)")
     if not 0 <= kill_coordinator_at <= sc.rounds:
         raise MeshError(f"--kill-coordinator-at must be a round in 1..{sc.rounds} (0: never), "
                         f"got {kill_coordinator_at}")
     if sc.chaos is not None:
         if on_ready is not None:
             raise MeshError("on_ready is not supported for a [chaos] scenario")
-        return run_chaos(sc, out, transport, broker, force, say, timeout)
+        return run_chaos(sc, out, transport, broker, force, say, timeout, launchers)
     return _run_once(sc, out, transport, broker, force, say, kill_coordinator_at, timeout,
-                     None, on_ready)
+                     None, on_ready, launchers)
 
 
 def _run_once(sc: Scenario, out: Path, transport: str, broker: str | None, force: bool,
               say: Callable[[str], None] | None, kill_coordinator_at: int, timeout: float,
               chaos: Chaos | None = None,
-              on_ready: Callable[[str, int, str], None] | None = None) -> dict[str, Any]:
+              on_ready: Callable[[str, int, str], None] | None = None,
+              launchers: dict[str, NodeLauncher] | None = None) -> dict[str, Any]:
     t0 = time.monotonic()
     doc = prepare(sc, out, force)
     prog = Progress(sc, say)
     prog.say(f"microfed mesh: {sc.name}: {sc.honest} honest + {sc.byzantine} Byzantine "
              f"({sc.attack_label}), rule {sc.rule} f={sc.f}, {sc.rounds} rounds, {sc.mode}, "
-             f"{sc.split}, seed {sc.seed}, transport {transport}")
+             f"{sc.split}, seed {sc.seed}, transport {transport}"
+             + (f", boards {board_label(sc)}" if transport == "mqtt" else ""))
     prog.say(f"  run directory: {out}")
     if transport == "mqtt":
         info = run_mqtt(sc, out, doc, broker, prog, kill_coordinator_at, timeout, chaos,
-                        on_ready)
+                        on_ready, launchers)
     else:
         if kill_coordinator_at or on_ready is not None:
             raise MeshError("--kill-coordinator-at and on_ready need the mqtt transport")
@@ -381,7 +406,8 @@ def _run_once(sc: Scenario, out: Path, transport: str, broker: str | None, force
 
 
 def run_chaos(sc: Scenario, out: Path, transport: str, broker: str | None, force: bool,
-              say: Callable[[str], None] | None, timeout: float) -> dict[str, Any]:
+              say: Callable[[str], None] | None, timeout: float,
+              launchers: dict[str, NodeLauncher] | None = None) -> dict[str, Any]:
     """A scenario with a [chaos] table runs twice: the reference (membership changes only)
     in OUT/reference, then with every fault in OUT/chaos. The faults must cost nothing:
     both runs end with the same final digest. OUT/chaos.json compares them."""
@@ -403,9 +429,10 @@ def run_chaos(sc: Scenario, out: Path, transport: str, broker: str | None, force
     emit = say or (lambda _m: None)
     emit("chaos: 1/2 the reference run (membership changes only, no faults)")
     ref = _run_once(sc, out / "reference", transport, broker, False, say, 0, timeout,
-                    chaos.reference())
+                    chaos.reference(), launchers=launchers)
     emit("chaos: 2/2 the same scenario with every fault")
-    hit = _run_once(sc, out / "chaos", transport, broker, False, say, 0, timeout, chaos)
+    hit = _run_once(sc, out / "chaos", transport, broker, False, say, 0, timeout, chaos,
+                    launchers=launchers)
     same = hit["final_digest"] == ref["final_digest"]
     result = {"same_final_digest": same, "final_digest": hit["final_digest"],
               "reference_final_digest": ref["final_digest"],

@@ -89,7 +89,9 @@ def summarize(out: Path, doc: dict[str, Any], info: dict[str, Any], duration: fl
         last_rep[n] = (v, b)
     banned = sorted(n for n, (_v, b) in last_rep.items() if b)
     acc = [r["accuracy"] for r in rows]
+    boards: dict[str, str] = info.get("boards") or {}
     agreement = None
+    by_board: dict[str, Any] | None = None
     if doc["mode"] == "gossip":
         by_round: dict[int, dict[str, bool]] = {}
         for r, n, _d, a in dig:
@@ -103,6 +105,8 @@ def summarize(out: Path, doc: dict[str, Any], info: dict[str, Any], duration: fl
         agreement = {"rounds_agreed": agreed, "rounds": len(rows),
                      "honest_mismatches": sum(1 for r, n, _d, a in dig if n in honest and not a),
                      "flagged": sorted({n for r, n, _d, a in dig if not a})}
+        if boards:
+            by_board = _agreement_by_board(boards, by_round, rows, banned)
     injected: dict[str, Any] | None = None
     adv_path = out / "adversary.json"
     if adv_path.exists():
@@ -145,6 +149,10 @@ def summarize(out: Path, doc: dict[str, Any], info: dict[str, Any], duration: fl
         summary["chaos"] = info["chaos"]
     if "node_exit_codes" in info:
         summary["node_exit_codes"] = info["node_exit_codes"]
+    if boards:
+        summary["boards"] = boards  # honest node -> board kind (nodeproc.BOARD_KINDS)
+    if by_board is not None:
+        summary["digest_by_board"] = by_board  # the gossip digest check per board kind
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(out / "rounds.csv", "w", newline="") as fh:
         w = csv.writer(fh)
@@ -163,6 +171,35 @@ def summarize(out: Path, doc: dict[str, Any], info: dict[str, Any], duration: fl
     summary["plots"] = plot(out, doc, rows, rep)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _agreement_by_board(boards: dict[str, str], by_round: dict[int, dict[str, bool]],
+                        rows: list[dict[str, Any]], banned: list[str]) -> dict[str, Any]:
+    """The gossip digest check per board kind: in how many rounds every node of that kind
+    reported the coordinator's aggregate, and how many of its reports differed."""
+    out: dict[str, Any] = {}
+    for kind in dict.fromkeys(boards.values()):
+        mine = [n for n, k in boards.items() if k == kind and n not in banned]
+        agreed = sum(1 for row in rows
+                     if mine and all(by_round.get(row["round"], {}).get(n) is True for n in mine))
+        out[kind] = {"nodes": len(mine), "rounds_agreed": agreed,
+                     "mismatches": sum(1 for got in by_round.values() for n in mine
+                                       if got.get(n) is False)}
+    return out
+
+
+def _by_board_text(s: dict[str, Any]) -> str:
+    per = s.get("digest_by_board") or {}
+    if len(per) < 2:
+        return ""
+    n = s["digest_agreement"]["rounds"]
+    return " (" + ", ".join(f"{k} {v['rounds_agreed']}/{n}" for k, v in per.items()) + ")"
+
+
+def board_counts(boards: dict[str, str]) -> str:
+    """{node: kind} -> "unix32 x8, mps2-an385 x2" (in node order)."""
+    kinds = list(boards.values())
+    return ", ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds))
 
 
 def plot(out: Path, doc: dict[str, Any], rows: list[dict[str, Any]],
@@ -221,6 +258,7 @@ def table(summary: dict[str, Any]) -> str:
     rows = [
         ("rule", f"{s['rule']} (f={s['f']})"),
         ("nodes", f"{s['honest']} honest + {s['byzantine']} Byzantine ({s['attack']})"),
+        *([("boards", board_counts(s["boards"]))] if s.get("boards") else []),
         ("mode / split", f"{s['mode']} / {s['split']}"),
         ("rounds", str(s["rounds"])),
         ("accuracy", f"{_pct(s['accuracy'][0]).strip()} after round 1 -> "
@@ -231,7 +269,8 @@ def table(summary: dict[str, Any]) -> str:
         ("cross-check", f"{s['crosscheck']['checked']} rounds checked, "
                         f"{s['crosscheck']['mismatches']} mismatches"),
         ("digest agreement", "n/a (coordinated)" if da is None else
-         f"{da['rounds_agreed']}/{da['rounds']} rounds, flagged: {', '.join(da['flagged']) or 'none'}"),
+         f"{da['rounds_agreed']}/{da['rounds']} rounds, flagged: {', '.join(da['flagged']) or 'none'}"
+         + _by_board_text(s)),
         ("final digest", s["final_digest"]),
         ("time", f"{s['duration_s']:.1f} s ({s['transport']})"),
     ]

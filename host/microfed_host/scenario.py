@@ -20,6 +20,7 @@ from microfed_host import coordinator as coordmod
 from microfed_host import data, keys
 from microfed_host.chaos import Chaos, parse_chaos
 from microfed_host.coordinator import CoordinatorConfig
+from microfed_host.nodeproc import BOARD_KINDS, DEFAULT_UNIX32_HEAP, SERIAL_KINDS
 
 REPO = Path(__file__).resolve().parents[2]
 FIRMWARE = REPO / "firmware"
@@ -32,6 +33,9 @@ MAX_ATTACK_PARAM = 1e6  # |tau|, |sigma|, |scale|, |z|: far beyond Q16.16's +-32
 MAX_ALPHA = 1e6
 MAX_DEADLINE_S = 86400.0
 MAX_TIMEOUT_S = 7 * 86400.0
+# unix32 heap bounds: below 64 KB the node cannot even decode its shard; 64 MB is far beyond
+# any MCU (the point of unix32 is an MCU's constraints).
+UNIX32_HEAP_RANGE = (64 * 1024, 64 * 1024 * 1024)
 # Attacks whose compromised node still sends an honestly trained update (the wire attacks
 # inject extra frames the verifier rejects): they do not count against the rule's f.
 HONEST_UPDATE_ATTACKS = ("none",) + advmod.WIRE_ATTACKS
@@ -91,6 +95,10 @@ class Scenario:
     reputation: dict[str, int] = field(default_factory=dict)
     allow_more_byzantine: bool = False
     chaos: Chaos | None = None  # the [chaos] table (microfed_host.chaos); mqtt transport only
+    # Which board kind runs each honest node (microfed_host.nodeproc): "KIND[:COUNT],...",
+    # in node order; one entry without a count takes the rest. mqtt transport only.
+    boards: str = "unix"
+    unix32_heap: int = DEFAULT_UNIX32_HEAP  # -X heapsize= of the unix32 nodes, bytes
 
     @property
     def byzantine(self) -> int:
@@ -118,6 +126,15 @@ class Scenario:
 
     def byzantine_ids(self) -> list[str]:
         return self.node_ids()[self.honest:]
+
+    def board_counts(self) -> list[tuple[str, int]]:
+        """`boards` parsed and checked against `honest`: [(kind, count), ...] in node order."""
+        return parse_boards(self.boards, self.honest)
+
+    def node_boards(self) -> dict[str, str]:
+        """Honest node id -> board kind (the compromised nodes run in the adversary)."""
+        ids = iter(self.honest_ids())
+        return {next(ids): kind for kind, n in self.board_counts() for _ in range(n)}
 
     def check(self) -> None:
         if (not isinstance(self.name, str) or not 1 <= len(self.name) <= 64
@@ -177,6 +194,12 @@ class Scenario:
                             f"(bans can leave only those), got {self.honest}; add honest nodes "
                             "or lower --f (below --byzantine only with --allow-more-byzantine)")
         self._check_byzantine_budget()
+        serial = [k for k, _n in self.board_counts() if k in SERIAL_KINDS]
+        if serial and self.chaos is not None:
+            raise MeshError(f"a [chaos] scenario stops and restarts nodes mid-run, which "
+                            f"{serial[0]} nodes do not survive yet (QEMU's UART has no Ctrl-C: "
+                            "their RAM disk would go with the emulator); use unix or unix32")
+        self.unix32_heap = parse_heap(self.unix32_heap)
         if not isinstance(self.reputation, dict):
             raise MeshError("[reputation] must be a table")
         known = ReputationBook().params()
@@ -216,7 +239,61 @@ class Scenario:
         return d
 
 
-_TOP = {"chaos", "name", "description", "honest", "rule", "f", "m", "trim", "rounds", "mode", "seed",
+def parse_boards(spec: Any, honest: int) -> list[tuple[str, int]]:
+    """ "unix32:8,mps2-an385:2" -> [("unix32", 8), ("mps2-an385", 2)]. Counts must add up to
+    the honest nodes, unless one entry has no count: it takes the rest."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise MeshError(f"boards must be a string like \"unix32:8,mps2-an385:2\", got {spec!r}")
+    kinds = ", ".join(BOARD_KINDS)
+    out: list[tuple[str, int]] = []
+    rest: str | None = None
+    for item in spec.split(","):
+        kind, sep, count = item.strip().partition(":")
+        kind = kind.strip()
+        if kind not in BOARD_KINDS:
+            raise MeshError(f"boards: unknown board kind {kind!r} in {spec!r} (kinds: {kinds})")
+        if any(k == kind for k, _n in out) or kind == rest:
+            raise MeshError(f"boards: {kind} appears twice in {spec!r}")
+        if not sep:
+            if rest is not None:
+                raise MeshError(f"boards: only one kind may go without a count (it takes the "
+                                f"rest), got {rest} and {kind} in {spec!r}")
+            rest = kind
+            out.append((kind, -1))
+            continue
+        if not count.strip().isdigit() or int(count) < 1:
+            raise MeshError(f"boards: {kind}:{count} needs a node count >= 1 in {spec!r}")
+        out.append((kind, int(count)))
+    given = sum(n for _k, n in out if n > 0)
+    if rest is None and given != honest:
+        raise MeshError(f"boards {spec!r} puts {given} nodes on boards but there are {honest} "
+                        f"honest nodes; make the counts add up to {honest}, or leave one kind "
+                        "without a count to take the rest (e.g. unix32:8,unix)")
+    if rest is not None and given >= honest:
+        raise MeshError(f"boards {spec!r} leaves no node for {rest}: the counts already give "
+                        f"{given} of the {honest} honest nodes")
+    return [(k, honest - given if n < 0 else n) for k, n in out]
+
+
+def parse_heap(v: Any) -> int:
+    """A heap size in bytes: an integer, or a string with a k/m suffix (\"512k\")."""
+    n: int | None = None
+    if isinstance(v, int) and not isinstance(v, bool):
+        n = v
+    elif isinstance(v, str):
+        t = v.strip().lower()
+        mult = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
+        digits = t[:-1] if mult > 1 else t
+        if digits.isdigit():
+            n = int(digits) * mult
+    lo, hi = UNIX32_HEAP_RANGE
+    if n is None or not lo <= n <= hi:
+        raise MeshError(f"unix32_heap must be bytes (or \"512k\", \"1m\") in "
+                        f"{lo // 1024}k..{hi // (1024 * 1024)}m, got {v!r}")
+    return n
+
+
+_TOP = {"boards", "unix32_heap", "chaos", "name", "description", "honest", "rule", "f", "m", "trim", "rounds", "mode", "seed",
         "crosscheck", "deadline_s", "round_min_s", "split", "alpha", "max_samples", "attackers", "train",
         "data", "reputation", "allow_more_byzantine"}
 
@@ -235,7 +312,7 @@ def load_scenario(path: Path) -> Scenario:
     try:
         for k in ("name", "description", "honest", "rule", "f", "m", "trim", "rounds", "mode",
                   "seed", "crosscheck", "deadline_s", "round_min_s", "split", "alpha", "max_samples",
-                  "allow_more_byzantine"):
+                  "allow_more_byzantine", "boards", "unix32_heap"):
             if k in doc:
                 setattr(sc, k, doc[k])
         for section, keys_ in (("train", ("lr", "epochs", "batch")),
@@ -274,7 +351,8 @@ def load_scenario(path: Path) -> Scenario:
     for k, typ in (("honest", int), ("f", int), ("rounds", int), ("seed", int), ("lr", int),
                    ("epochs", int), ("batch", int), ("max_samples", int), ("m", int), ("trim", int),
                    ("name", str), ("description", str), ("rule", str), ("mode", str),
-                   ("split", str), ("crosscheck", str), ("allow_more_byzantine", bool)):
+                   ("split", str), ("crosscheck", str), ("allow_more_byzantine", bool),
+                   ("boards", str)):
         if type(getattr(sc, k)) is not typ:
             what = {int: "an integer", str: "a string", bool: "true or false"}[typ]
             raise MeshError(f"scenario {path}: {k} must be {what}")
@@ -291,7 +369,7 @@ def apply_overrides(sc: Scenario, a: Any) -> Scenario:
     is configured to tolerate the attackers asked for); wire attacks, whose nodes send honest
     updates, leave f alone."""
     for k in ("honest", "rule", "f", "rounds", "mode", "split", "alpha", "seed", "crosscheck",
-              "max_samples"):
+              "max_samples", "boards", "unix32_heap"):
         v = getattr(a, k, None)
         if v is not None:
             setattr(sc, k, v)
@@ -389,7 +467,9 @@ def prepare(sc: Scenario, out: Path, force: bool = False) -> dict[str, Any]:
     return doc
 
 
-def write_node_config(nd: Path, sc: Scenario, broker: tuple[str, int] | None) -> None:
+def write_node_config(nd: Path, sc: Scenario, broker: tuple[str, int] | None,
+                      link: str = "tcp") -> None:
+    """link "serial": the node's MQTT goes over its serial line to a bridge (mps2-an385)."""
     conf: dict[str, Any] = {
         "mode": sc.mode,
         "train": {"lr": sc.lr, "epochs": sc.epochs, "batch": sc.batch, "seed": sc.seed},
@@ -399,6 +479,8 @@ def write_node_config(nd: Path, sc: Scenario, broker: tuple[str, int] | None) ->
     }
     if broker is not None:
         conf["broker"] = {"host": broker[0], "port": broker[1]}
+    if link != "tcp":
+        conf["link"] = link
     (nd / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
 
 

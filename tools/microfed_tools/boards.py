@@ -85,6 +85,9 @@ class Board:
     mpy_arch: str | None = None
     notes: str = ""
     emulator: dict[str, Any] = field(default_factory=dict)
+    # Statement that mounts the filesystem after every reset, for a filesystem the firmware
+    # does not mount by itself (mps2-an385's RAM disk); "" = nothing to do.
+    fs_mount: str = ""
 
     @property
     def esptool_chip(self) -> str | None:
@@ -115,6 +118,7 @@ _TOP_KEYS: dict[str, type | tuple[type, ...]] = {
     "capabilities": dict,
     "transfer": dict,
     "emulator": dict,
+    "fs_mount": str,
 }
 _REQUIRED = (
     "name", "description", "chip", "family", "flasher", "image", "image_url",
@@ -221,6 +225,8 @@ def _parse(path: Path) -> Board:
                              f"not {raw['flash_offset']:#x}")
     elif "flash_offset" in raw:
         raise BoardError(f"{where}: flash_offset only applies to esptool boards")
+    if raw.get("fs_mount") and not caps.get("filesystem", True):
+        raise BoardError(f"{where}: fs_mount needs capabilities.filesystem = true")
     if raw["flasher"] == "qemu" and "emulator" not in raw:
         raise BoardError(f"{where}: a qemu board needs an [emulator] table")
     working_set = GOSSIP_PEERS * caps["max_model_params"] * 4
@@ -255,6 +261,7 @@ def _parse(path: Path) -> Board:
         mpy_arch=raw.get("mpy_arch"),
         notes=raw.get("notes", ""),
         emulator=raw.get("emulator", {}),
+        fs_mount=raw.get("fs_mount", ""),
     )
 
 

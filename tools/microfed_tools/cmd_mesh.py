@@ -5,12 +5,16 @@
                         [--rounds R] [--mode coordinated|gossip]
                         [--split iid|dirichlet] [--alpha A] [--seed S] [--out DIR]
                         [--crosscheck always|sampled:N|off] [--transport mqtt|inproc]
+                        [--boards unix32:8,mps2-an385:2] [--unix32-heap 512k]
                         [--broker auto|mosquitto|amqtt|HOST:PORT]
     microfed mesh sweep [--rounds 30] [--jobs 2] [--out DIR] [--md docs/results.md]
 
 `run` without arguments runs scenarios/default.toml (10 honest MicroPython nodes + 3
 Byzantine sign-flip attackers, Krum f = 3) over a real MQTT broker and ends with a table and
-the plots' paths. Flags override the scenario file.
+the plots' paths. Flags override the scenario file. --boards (scenario key `boards`) runs the
+honest nodes on a mix of board kinds; their firmware is built first (`microfed firmware
+build`, cached). unix32 nodes run the frozen 32-bit build; mps2-an385 nodes are one QEMU
+each, their MQTT over the serial line and microfed bridge (docs/results.md, "Board mixes").
 
 Byzantine budget: a run is refused when more nodes poison their updates than f, the number
 the rule is configured to tolerate (trimmed_mean: the trim count; median also needs an honest
@@ -43,10 +47,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         sc = mesh.load_scenario(Path(args.scenario) if args.scenario else mesh.DEFAULT_SCENARIO)
         mesh.apply_overrides(sc, args)
+        sc.check()  # bad flags fail before any firmware is built
+        launchers = board_launchers(sc) if args.transport == "mqtt" else None
         out = Path(args.out) if args.out else Path("runs") / f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         summary = mesh.run(sc, out, transport=args.transport, broker=args.broker,
                            force=args.force, kill_coordinator_at=args.kill_coordinator_at,
-                           timeout=args.timeout)
+                           timeout=args.timeout, launchers=launchers)
     except KeyboardInterrupt:
         print("microfed mesh: interrupted; every mesh process was stopped", file=sys.stderr)
         return 130
@@ -72,6 +78,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"microfed mesh: honest node(s) banned: {', '.join(bad)}", file=sys.stderr)
         return 1
     return 0
+
+
+def board_launchers(sc: Any) -> dict[str, Any]:
+    """A node launcher per board kind in `sc.boards` other than unix (which the runner starts
+    by itself): builds (or reuses) the firmware images here, in the tools layer, and hands the
+    runner what it needs (host code never imports microfed_tools)."""
+    from microfed_host import nodeproc
+    from microfed_host.mesh import MeshError
+    from microfed_tools import firmware
+
+    out: dict[str, Any] = {}
+    for kind, _n in sc.board_counts():
+        if kind == "unix":
+            continue
+        try:
+            image = firmware.build(kind, say=lambda m: print(m, file=sys.stderr))
+            if kind == "mps2-an385":
+                from microfed_tools import emunode
+
+                out[kind] = emunode.launcher(kind)  # QEMU + RAM disk + serial bridge
+            else:
+                out[kind] = nodeproc.unix32_launcher(image, sc.unix32_heap)
+        except (firmware.FirmwareError, nodeproc.NodeError) as e:
+            raise MeshError(f"board kind {kind}: {e}") from None
+    return out
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -127,6 +158,11 @@ def register(subparsers: Any) -> None:
                    help="cap every node's shard at this many samples (0: no cap)")
     r.add_argument("--crosscheck", help="reference cross-check: always | sampled:N | off")
     r.add_argument("--deadline", type=float, help="round deadline in seconds, at most 86400")
+    r.add_argument("--boards", help="board kind per honest node, in node order: KIND[:COUNT],... "
+                   "with KIND one of unix (default), unix32, mps2-an385; one kind without a "
+                   "count takes the rest (e.g. unix32:8,mps2-an385:2 or unix32); mqtt only")
+    r.add_argument("--unix32-heap", dest="unix32_heap",
+                   help="-X heapsize= of the unix32 nodes (default 512k)")
     r.add_argument("--transport", choices=("mqtt", "inproc"), default="mqtt",
                    help="mqtt: broker + MicroPython processes (default); inproc: one CPython process")
     r.add_argument("--out", help="run directory (default runs/<scenario>-<time>)")

@@ -32,7 +32,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST = REPO / "boards" / "firmware" / "manifest.py"
-FROZEN_DIRS = (REPO / "shared" / "microfed", REPO / "firmware")
+BOARDS_FW = REPO / "boards" / "firmware"  # manifests and our own board directories
+FROZEN_DIRS = (REPO / "shared" / "microfed", REPO / "firmware", BOARDS_FW)
+BUILD_SUFFIXES = (".py", ".mk", ".c", ".h")  # files whose change means a rebuild
 
 Say = Callable[[str], None]
 
@@ -48,6 +50,7 @@ class Target:
     image: str  # file name inside the build directory
     tools: tuple[tuple[str, str], ...]  # (command that must exist, Debian package(s))
     make_vars: tuple[str, ...]
+    manifest: Path = MANIFEST  # what gets frozen (a board's own manifest includes the common one)
 
     def extra_vars(self) -> list[str]:
         """Make variables that depend on this machine (found, not assumed)."""
@@ -68,7 +71,10 @@ TARGETS: dict[str, Target] = {
     "mps2-an385": Target(
         "mps2-an385", "qemu", "firmware.elf",
         (("arm-none-eabi-gcc", "gcc-arm-none-eabi libnewlib-arm-none-eabi"),),
-        ("BOARD=MPS2_AN385",)),
+        # Our board directory: upstream MPS2_AN385 + littlefs for the RAM disk that plays its
+        # flash (boards/firmware/mps2-an385/ramdisk.py, frozen by its manifest.py).
+        (f"BOARD_DIR={BOARDS_FW / 'mps2-an385'}",),
+        BOARDS_FW / "mps2-an385" / "manifest.py"),
     "virt-rv32": Target(
         "virt-rv32", "qemu", "firmware.elf",
         (("riscv64-unknown-elf-gcc", "gcc-riscv64-unknown-elf picolibc-riscv64-unknown-elf"),),
@@ -122,10 +128,13 @@ def _m32_works() -> bool:
 
 
 def frozen_files() -> list[Path]:
+    """Every file a build may freeze or compile (manifests, board directories): a change
+    rebuilds."""
     files = [MANIFEST]
     for d in FROZEN_DIRS:
-        files += sorted(p for p in d.rglob("*.py") if "__pycache__" not in p.parts)
-    return files
+        files += sorted(p for p in d.rglob("*") if p.suffix in BUILD_SUFFIXES
+                        and p.is_file() and "__pycache__" not in p.parts)
+    return list(dict.fromkeys(files))
 
 
 def _stamp(target: Target, tarball: Path, make_cmd: list[str]) -> str:
@@ -197,7 +206,7 @@ def build(name: str, force: bool = False, say: Say | None = None,
     out = build_dir(name, heap)
     image = out / target.image
     make_cmd = [*target.make_vars, *target.extra_vars(), *heap_vars,
-                f"FROZEN_MANIFEST={MANIFEST}"]
+                f"FROZEN_MANIFEST={target.manifest}"]
     stamp = _stamp(target, tarball, make_cmd)
     stamp_file = out / ".microfed-stamp"
     if not force and image.is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:

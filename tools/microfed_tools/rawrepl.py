@@ -350,6 +350,9 @@ class RawRepl:
         self._core = False
         self._files = False
         self._pending = b""
+        # Run after every soft reset (and by connect() on entry): e.g. mount a RAM disk that a
+        # reset unmounted (the board profile's fs_mount).
+        self.after_reset = ""
 
     # ---------------------------------------------------------------- plumbing
 
@@ -430,11 +433,16 @@ class RawRepl:
         if self.transport.restart():
             self.in_raw = False
             self.enter()
-            return
-        self.transport.write(b"\x04")
-        self._read_until(b"soft reboot", self.timeout, "soft reboot")
-        self._read_until(BANNER, self.timeout, "raw REPL prompt after soft reboot")
-        self.in_raw = True
+        else:
+            self.transport.write(b"\x04")
+            self._read_until(b"soft reboot", self.timeout, "soft reboot")
+            self._read_until(BANNER, self.timeout, "raw REPL prompt after soft reboot")
+            self.in_raw = True
+        self.run_after_reset()
+
+    def run_after_reset(self) -> None:
+        if self.after_reset:
+            self.exec(self.after_reset)
 
     def exit(self) -> None:
         self.transport.write(b"\x02")
@@ -741,16 +749,22 @@ def open_transport(port: str | None, board: Any = None) -> Transport:
 
 
 def connect(port: str | None, board: Any = None, *, timeout: float = 10.0,
-            retries: int = 3, soft_reset: bool = False) -> RawRepl:
-    """Open `port`, pace writes as `board`'s [transfer] table says, enter the raw REPL."""
+            retries: int = 3, soft_reset: bool = False, fs_mount: bool = True) -> RawRepl:
+    """Open `port`, pace writes as `board`'s [transfer] table says, enter the raw REPL, and
+    (unless fs_mount is False) mount the filesystem as the profile's fs_mount says, now and
+    after every soft reset."""
     transport = open_transport(port, board)
     chunk = int(board_value(board, "transfer", "chunk_size", default=256))
     delay_ms = float(board_value(board, "transfer", "chunk_delay_ms", default=0))
     block = board_value(board, "transfer", "block_size")
     repl = RawRepl(transport, chunk_size=chunk, chunk_delay=delay_ms / 1000.0,
                    block_size=int(block) if block else None, timeout=timeout, retries=retries)
+    if fs_mount:
+        repl.after_reset = str(board_value(board, "fs_mount", default="") or "")
     try:
         repl.enter(soft_reset=soft_reset)
+        if not soft_reset:
+            repl.run_after_reset()
     except BaseException:
         transport.close()
         raise

@@ -216,7 +216,9 @@ def measure_board(board: Any, case: Case, files: bool = False,
     emu = Emulator(board, extra_args=devicecost.ICOUNT_ARGS, image=image)
     pty = emu.start()
     try:
-        repl = rawrepl.connect(pty, board, timeout=60, soft_reset=True)
+        # The RAM disk (mps2-an385's fs_mount) only when the case uses files: mounted, every
+        # import first looks on it, which is the filesystem's cost, not the round's.
+        repl = rawrepl.connect(pty, board, timeout=60, soft_reset=True, fs_mount=files)
         try:
             res = run_repl(repl, case, files)
         finally:
