@@ -196,7 +196,7 @@ class Node:
             # Peers' updates of the open rounds (two): per_sender per registered node each.
             d = self.model.n_params
             if cfg.vectors == "flash":
-                vectors = noderound.FileVectors(sd + "/peers.bin", d)
+                vectors = noderound.FileVectors(sd, d)
             else:
                 vectors = noderound.RamVectors(d)
             self.peers = noderound.Peers(

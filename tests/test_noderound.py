@@ -44,7 +44,7 @@ def update(sender: str, round_: int = 3, seq: int = 1, values: list[int] | None 
 
 def peers(tmp_path: Path | None = None, check: str = "announce", slots: int = 16,
           per_sender: int = 1) -> noderound.Peers:
-    store = (noderound.FileVectors(str(tmp_path / "peers.bin"), D) if tmp_path is not None
+    store = (noderound.FileVectors(str(tmp_path), D) if tmp_path is not None
              else noderound.RamVectors(D))
     return noderound.Peers(MESH, registry(), D, 1 << 24, keys.check_signature, store, slots,
                            per_sender, check)
@@ -200,3 +200,18 @@ def test_no_slot_for_our_own_update_is_buffer_full_not_a_crash() -> None:
         p.keep(3, hashlib.sha256(own).digest(), "node-01", 10,
                noderound.update_values(own, "node-01"))
     assert e.value.reason == "buffer_full"
+
+
+def test_file_vectors_are_one_file_per_round_and_go_with_it(tmp_path: Path) -> None:
+    (tmp_path / "peers-7.bin").write_bytes(b"left by an earlier boot")
+    p = peers(tmp_path)
+    assert not (tmp_path / "peers-7.bin").exists()
+    frames = {r: [update(n, round_=r, seq=r) for n in IDS] for r in (3, 4)}
+    for r in (3, 4):
+        for f in frames[r]:
+            p.offer(f, 0, 3)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["peers-3.bin", "peers-4.bin"]
+    body = announce(frames[4], "median")
+    p.drop_before(4)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["peers-4.bin"]
+    assert p.digest(4, body)[0] == reference(frames[4], body)

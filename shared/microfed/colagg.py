@@ -3,16 +3,18 @@
 # lists in RAM. What a node needs from the aggregate is its digest (GOSSIP_DIGEST), so the
 # result is never held whole either: it is hashed as it is produced.
 #
-#   digest, selected = run(rule, ids, read, d, params)
+#   digest, selected = run(rule, ids, read_into, d, params)
 #
-# `read(i, start, count)` returns values [start, start + count) of update i (any int
-# sequence). RAM: `chunk` values of each of the n updates, plus the n x n distance matrix for
-# the Krum rules. Every rule is exactly microfed.aggregate's (same integers, same ties, same
+# `read_into(i, start, count, out)` puts values [start, start + count) of update i into
+# out[0:count] (`out`: an array("i")). RAM: one `chunk`-value array per update, allocated once
+# per run and refilled for every chunk (a board's heap sees no allocation per chunk), plus the
+# n x n distance matrix for the Krum rules. Every rule is exactly microfed.aggregate's (same integers, same ties, same
 # errors): tests/test_colagg.py compares them bit for bit on random and adversarial cases.
 # Portable MicroPython 1.29 / CPython; no floats.
 
 import hashlib
 import struct
+from array import array
 
 from microfed import aggregate as agg
 from microfed.aggregate import AggregationError
@@ -21,15 +23,20 @@ from microfed.q16 import rdiv
 CHUNK = 64
 
 
-def _columns(read, n, start, count):
-    return [read(i, start, count) for i in range(n)]
+def _buffers(n, chunk):
+    return [array("i", bytes(4 * chunk)) for _ in range(n)]
 
 
-def _hash_chunk(h, values):
-    h.update(struct.pack("<%di" % len(values), *values))
+def _fill(read_into, cols, start, count):
+    for i in range(len(cols)):
+        read_into(i, start, count, cols[i])
 
 
-def krum_scores(read, n, d, f, chunk=CHUNK):
+def _hash_chunk(h, values, count):
+    h.update(struct.pack("<%di" % count, *values[:count]))
+
+
+def krum_scores(read_into, n, d, f, chunk=CHUNK):
     """microfed.aggregate.krum_scores: the pairwise squared distances are summed over chunks
     (an exact sum of exact parts)."""
     if f < 0:
@@ -37,34 +44,37 @@ def krum_scores(read, n, d, f, chunk=CHUNK):
     if n < 2 * f + 3:
         raise AggregationError("krum needs n >= 2f + 3: n=%d, f=%d" % (n, f))
     dm = [[0] * n for _ in range(n)]
+    cols = _buffers(n, chunk)
     for start in range(0, d, chunk):
-        cols = _columns(read, n, start, min(chunk, d - start))
+        count = min(chunk, d - start)
+        _fill(read_into, cols, start, count)
         for i in range(n):
             u = cols[i]
             row = dm[i]
             for j in range(i + 1, n):
+                v = cols[j]
                 s = 0
-                for a, b in zip(u, cols[j]):
-                    t = a - b
+                for x in range(count):  # indexing: no tuple per step, as zip would make
+                    t = u[x] - v[x]
                     s += t * t
                 row[j] += s
-        cols = None
+    cols = None
     for i in range(n):
         for j in range(i + 1, n):
             dm[j][i] = dm[i][j]
     return agg.scores_from_distances(dm, f)
 
 
-def _column_rule(h, read, n, d, chunk, per_coordinate):
+def _column_rule(h, read_into, n, d, chunk, per_coordinate):
+    cols = _buffers(n, chunk)
     for start in range(0, d, chunk):
         count = min(chunk, d - start)
-        cols = _columns(read, n, start, count)
+        _fill(read_into, cols, start, count)
         out = [per_coordinate([c[x] for c in cols]) for x in range(count)]
-        cols = None
-        _hash_chunk(h, out)
+        _hash_chunk(h, out, count)
 
 
-def run(rule, ids, read, d, params, chunk=CHUNK):
+def run(rule, ids, read_into, d, params, chunk=CHUNK):
     """(SHA-256 of the aggregate as little-endian int32 = microfed.audit.digest, selected ids
     or None). Raises AggregationError where microfed.aggregate does."""
     n = len(ids)
@@ -76,13 +86,16 @@ def run(rule, ids, read, d, params, chunk=CHUNK):
     selected = None
     if rule == "krum" or rule == "multi_krum":
         f = params["f"]
-        scores = krum_scores(read, n, d, f, chunk)
+        scores = krum_scores(read_into, n, d, f, chunk)
         order = agg.krum_rank(ids, scores)
         if rule == "krum":
             sel = order[:1]
             w = sel[0]
+            buf = array("i", bytes(4 * chunk))
             for start in range(0, d, chunk):
-                _hash_chunk(h, list(read(w, start, min(chunk, d - start))))
+                count = min(chunk, d - start)
+                read_into(w, start, count, buf)
+                _hash_chunk(h, buf, count)
         else:
             m = params["m"]
             if m < 1 or m > n - f:
@@ -90,8 +103,8 @@ def run(rule, ids, read, d, params, chunk=CHUNK):
                                        % (m, n, f))
             sel = order[:m]
 
-            def pick(i, start, count):
-                return read(sel[i], start, count)
+            def pick(i, start, count, out):
+                read_into(sel[i], start, count, out)
 
             _column_rule(h, pick, m, d, chunk, lambda col: rdiv(sum(col), m))
         selected = [ids[i] for i in sel]
@@ -105,7 +118,7 @@ def run(rule, ids, read, d, params, chunk=CHUNK):
             def med(col):
                 col.sort()
                 return rdiv(col[half - 1] + col[half], 2)
-        _column_rule(h, read, n, d, chunk, med)
+        _column_rule(h, read_into, n, d, chunk, med)
     elif rule == "trimmed_mean":
         trim = params["trim"]
         if trim < 0 or n - 2 * trim < 1:
@@ -117,7 +130,7 @@ def run(rule, ids, read, d, params, chunk=CHUNK):
             col.sort()
             return rdiv(sum(col[trim:trim + keep]), keep)
 
-        _column_rule(h, read, n, d, chunk, tmean)
+        _column_rule(h, read_into, n, d, chunk, tmean)
     elif rule == "fedavg":
         weights = params["weights"]
         if len(weights) != n:
@@ -136,7 +149,7 @@ def run(rule, ids, read, d, params, chunk=CHUNK):
                 s += weights[i] * col[i]
             return rdiv(s, total)
 
-        _column_rule(h, read, n, d, chunk, wavg)
+        _column_rule(h, read_into, n, d, chunk, wavg)
     else:
         raise AggregationError("unknown rule %r" % (rule,))
     return h.digest(), selected

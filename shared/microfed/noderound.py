@@ -14,6 +14,7 @@
 # Portable MicroPython 1.29 / CPython; no floats, no f-strings.
 
 import hashlib
+from array import array
 
 from microfed import colagg, model, wire
 from microfed.q16 import MAX_RAW, MIN_RAW
@@ -130,52 +131,85 @@ def update_values(frame, sender):
 # ---------------------------------------------------------------- 4: peers' updates
 
 class RamVectors:
-    """Update vectors in RAM: one bytearray of d int32 per slot, made on first use and reused
-    after (no per-round allocation, no fragmentation once the high-water mark is reached)."""
+    """Update vectors in RAM: one array("i") of d values per slot (for boards with the heap
+    for it, and the host's engines)."""
 
     def __init__(self, d):
         self.d = d
-        self.slots = []
+        self.slots = {}
 
-    def put(self, slot, packed):
-        while len(self.slots) <= slot:
-            self.slots.append(bytearray(4 * self.d))
-        self.slots[slot][:] = packed
+    def put(self, slot, packed, round_):
+        self.slots[slot] = array("i", bytes(packed))
 
-    def read(self, slot, start, count):
-        return _unpack(self.slots[slot], 4 * start, count)
+    def read_into(self, slot, start, count, out):
+        memoryview(out)[:count] = memoryview(self.slots[slot])[start:start + count]
+
+    def drop(self, round_):
+        pass  # slots are reused as they are freed
 
 
 class FileVectors:
-    """Update vectors in one file of fixed-size slots (a board's flash): RAM holds one chunk."""
+    """Update vectors in a board's flash: one append-only file per round, removed when the
+    round is dropped; RAM holds one chunk while aggregating. Append-only because littlefs (the
+    usual MicroPython flash filesystem) rewrites a file from the written point to its end:
+    writing into the middle of one is slow and wears the flash, appending is not."""
 
-    def __init__(self, path, d):
+    PREFIX = "peers-"
+
+    def __init__(self, directory, d):
         self.d = d
-        self.path = path
-        self.f = open(path, "w+b")
-        self.buf = bytearray(4 * colagg.CHUNK)
+        self.dir = directory
+        self.files = {}  # round -> [open file, vectors written]
+        self.where = {}  # slot -> (round, index in that round's file)
+        for name in _listdir(directory):
+            if name.startswith(self.PREFIX):  # scratch left by an earlier boot
+                _remove(directory + "/" + name)
 
-    def put(self, slot, packed):
-        f = self.f
-        f.seek(slot * 4 * self.d)
-        f.write(packed)
-        f.flush()
+    def _path(self, round_):
+        return "%s/%s%d.bin" % (self.dir, self.PREFIX, round_)
 
-    def read(self, slot, start, count):
-        f = self.f
-        f.seek((slot * self.d + start) * 4)
-        buf = self.buf if count == colagg.CHUNK else bytearray(4 * count)
-        if f.readinto(buf) != 4 * count:
-            raise OSError("vector file %s is short" % self.path)
-        return _unpack(buf, 0, count)
+    def put(self, slot, packed, round_):
+        e = self.files.get(round_)
+        if e is None:
+            e = [open(self._path(round_), "w+b"), 0]
+            self.files[round_] = e
+        f = e[0]
+        f.seek(e[1] * 4 * self.d)
+        f.write(packed)  # no flush: scratch for this boot, not state
+        self.where[slot] = (round_, e[1])
+        e[1] += 1
 
-    def close(self):
-        self.f.close()
+    def read_into(self, slot, start, count, out):
+        r, i = self.where[slot]
+        f = self.files[r][0]
+        f.seek((i * self.d + start) * 4)
+        if f.readinto(memoryview(out)[:count]) != 4 * count:
+            raise OSError("vector file of round %d is short" % r)
+
+    def drop(self, round_):
+        e = self.files.pop(round_, None)
+        if e is None:
+            return
+        e[0].close()
+        _remove(self._path(round_))
+        for slot in [s for s in self.where if self.where[s][0] == round_]:
+            del self.where[slot]
 
 
-def _unpack(buf, off, count):
-    import struct
-    return struct.unpack_from("<%di" % count, buf, off)
+def _listdir(directory):
+    import os
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
+
+
+def _remove(path):
+    import os
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 class _NoCounters:
@@ -287,7 +321,7 @@ class Peers:
         if not self.free:
             raise Rejected("buffer_full", "all %d update slots are in use" % self.n_slots)
         slot = self.free.pop()
-        self.vectors.put(slot, packed)
+        self.vectors.put(slot, packed, round_)
         if buf is None:
             buf = {}
             self.rounds[round_] = buf
@@ -304,6 +338,7 @@ class Peers:
                 for e in self.rounds[k].values():
                     self.free.append(e[2])
                 del self.rounds[k]
+                self.vectors.drop(k)
 
     def gather(self, rr, accepted):
         """(ids, slots, weights, missing) for the announced accepted set of round rr."""
@@ -330,22 +365,24 @@ class Peers:
             return None, missing
         vec = self.vectors
 
-        def read(i, start, count):
-            return vec.read(slots[i], start, count)
+        def read_into(i, start, count, out):
+            vec.read_into(slots[i], start, count, out)
 
-        return announced_digest(body, ids, read, self.verifier.limits.dim, weights), ids
+        return announced_digest(body, ids, read_into, self.verifier.limits.dim, weights), ids
 
 
-def announced_digest(body, ids, read, d, weights):
+def announced_digest(body, ids, read_into, d, weights):
     """The digest of the aggregate a GLOBAL_MODEL announces (`body`: its decoded payload),
-    over the updates `ids` in announced order, update i read by read(i, start, count)."""
+    over the updates `ids` in announced order, update i read by read_into (microfed.colagg)."""
     rule = body["rule"]
-    return colagg.run(rule, ids, read, d,
+    return colagg.run(rule, ids, read_into, d,
                       wire.rule_params(rule, body["p1"], body["p2"], weights))[0]
 
 
 def list_reader(vecs):
-    """read(i, start, count) over in-memory vectors (host engines, tests)."""
-    def read(i, start, count):
-        return vecs[i][start:start + count]
-    return read
+    """microfed.colagg's read_into over in-memory int32 vectors (host engines, tests)."""
+    def read_into(i, start, count, out):
+        v = vecs[i]
+        for x in range(count):
+            out[x] = v[start + x]
+    return read_into

@@ -100,6 +100,8 @@ def load_registry_frame(data, mesh_id, coordinator_pub, check_sig, min_version=0
 def _sig_ok(check_sig, pub, fr):
     try:
         return check_sig(pub, fr.signing_digest(), fr.signature) is True
+    except MemoryError:
+        raise  # out of heap is not a bad signature: the caller reports it as what it is
     except Exception:
         # A signature backend that throws on malformed input is treated as "does not verify".
         return False

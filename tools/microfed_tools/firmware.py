@@ -212,7 +212,15 @@ def build(name: str, force: bool = False, say: Say | None = None,
     if not force and image.is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:
         return image
     top = _source(tarball, emit)
+    # make rebuilds what a changed source needs, not what changed make variables need (a new
+    # BOARD_DIR, heap or flag leaves stale objects): a different command starts from scratch.
+    cmd_file = out / ".microfed-make"
+    cmd_text = json.dumps(make_cmd)
+    if out.exists() and (not cmd_file.is_file() or cmd_file.read_text() != cmd_text):
+        emit(f"firmware {name}: make variables changed, building from scratch")
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    cmd_file.write_text(cmd_text)
     log = out / "build.log"
     log.write_text("")
     mpy_cross = top / "mpy-cross" / "build" / "mpy-cross"

@@ -86,7 +86,7 @@ class RoundCase:
         self.peers = None
         if gossip:
             if store:
-                vectors = noderound.FileVectors(store + "/peers.bin", d)
+                vectors = noderound.FileVectors(store, d)
             else:
                 vectors = noderound.RamVectors(d)
             self.peers = noderound.Peers(self.mesh_id, reg, d, 256 * 65536, ed25519.verify,

@@ -17,6 +17,10 @@ import vfs
 ADDR = 0x20000000  # ZBT SSRAM2&3, unused by the linker script (see above)
 SIZE = 0x100000  # 1 MB of its 4 MB
 BLOCK = 512
+# littlefs's read/program granularity and lookahead (bytes of allocation bitmap: 8 blocks
+# each). The defaults (32, 32, 32) make littlefs call readblocks/writeblocks (Python here) 32
+# bytes at a time and rescan the disk for free blocks every 256 allocations.
+LFS = {"readsize": 512, "progsize": 512, "lookahead": 256}
 
 
 class RamBlockDev:
@@ -54,10 +58,10 @@ def mount(path="/", fresh=False):
     bdev = RamBlockDev()
     if not fresh:
         try:
-            vfs.mount(vfs.VfsLfs2(bdev, mtime=False), path)
+            vfs.mount(vfs.VfsLfs2(bdev, mtime=False, **LFS), path)
             return False
         except OSError:
             pass  # blank RAM (a fresh QEMU) or damaged: format
-    vfs.VfsLfs2.mkfs(bdev)
-    vfs.mount(vfs.VfsLfs2(bdev, mtime=False), path)
+    vfs.VfsLfs2.mkfs(bdev, **LFS)
+    vfs.mount(vfs.VfsLfs2(bdev, mtime=False, **LFS), path)
     return True
