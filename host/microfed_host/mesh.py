@@ -48,6 +48,7 @@ from microfed_host import adversary as advmod
 from microfed_host import brokerauth, upy
 from microfed_host.chaos import Chaos, ChaosDriver
 from microfed_host.inproc import run_inproc
+from microfed_host.privacy import privacy_line
 from microfed_host.report import Progress, summarize, table
 from microfed_host.scenario import (
     DEFAULT_SCENARIO,
@@ -162,7 +163,7 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
                      "mesh/broker/passwd and mesh/broker/acl")
         addr = (broker.host, broker.port)
         for nid in sc.honest_ids():
-            write_node_config(out / "nodes" / nid, sc, addr)
+            write_node_config(out / "nodes" / nid, sc, addr, doc.get("dp_resolved"))
         events: queue.Queue[dict[str, Any]] = queue.Queue()
         coord = _Coord(out, broker.address, events)
         # Nodes start once the coordinator's session is subscribed (it says "ready"): from
@@ -370,6 +371,8 @@ def _run_once(sc: Scenario, out: Path, transport: str, broker: str | None, force
              f"({sc.attack_label}), rule {sc.rule} f={sc.f}, {sc.rounds} rounds, {sc.mode}, "
              f"{sc.split}, seed {sc.seed}, transport {transport}")
     prog.say(f"  run directory: {out}")
+    if doc.get("dp_resolved"):
+        prog.say(f"  privacy: {privacy_line(doc['dp_resolved'], sc.rounds)}")
     if transport == "mqtt":
         info = run_mqtt(sc, out, doc, broker, prog, kill_coordinator_at, timeout, chaos,
                         on_ready)

@@ -6,6 +6,8 @@
                         [--split iid|dirichlet] [--alpha A] [--seed S] [--out DIR]
                         [--crosscheck always|sampled:N|off] [--transport mqtt|inproc]
                         [--broker auto|mosquitto|amqtt|HOST:PORT]
+                        [--privacy none|dp] [--dp-epsilon E | --dp-noise-multiplier Z]
+                        [--dp-delta D] [--clip-norm C] [--dp-noise urandom|seeded]
     microfed mesh sweep [--rounds 30] [--jobs 2] [--out DIR] [--md docs/results.md]
 
 `run` without arguments runs scenarios/default.toml (10 honest MicroPython nodes + 3
@@ -16,6 +18,12 @@ Byzantine budget: a run is refused when more nodes poison their updates than f, 
 the rule is configured to tolerate (trimmed_mean: the trim count; median also needs an honest
 majority); --byzantine K without --f sets f = K. Wire attacks (replay, forged, unregistered)
 send honest updates and do not count. --allow-more-byzantine runs past the guarantee.
+Privacy (docs/privacy.md): --privacy dp makes every honest node clip its delta to L2 norm
+--clip-norm (model units) and add exact discrete Gaussian noise before signing (local DP);
+give a target --dp-epsilon for the whole run at --dp-delta (the noise multiplier is
+calibrated) or the --dp-noise-multiplier itself. The coordinator reports epsilon spent.
+The robust rules and reputation then run on the noised updates.
+
 Every bad flag or scenario value ends the command with one line and exit code 2.
 """
 
@@ -136,6 +144,19 @@ def register(subparsers: Any) -> None:
     r.add_argument("--kill-coordinator-at", dest="kill_coordinator_at", type=int, default=0,
                    metavar="ROUND", help="demonstration: SIGKILL the coordinator mid-round ROUND "
                    "and restart it (it resumes from SQLite)")
+    r.add_argument("--privacy", help="none (default) | dp: local differential privacy "
+                   "(secagg, secagg+dp: not in this build)")
+    r.add_argument("--dp-epsilon", dest="dp_epsilon", type=float,
+                   help="dp: target epsilon over the whole run (calibrates the noise)")
+    r.add_argument("--dp-noise-multiplier", dest="dp_noise_multiplier", type=float,
+                   help="dp: noise sigma = Z x clip norm, instead of a target epsilon")
+    r.add_argument("--dp-delta", dest="dp_delta", type=float,
+                   help="dp: delta of the reported (epsilon, delta) (default 1e-5)")
+    r.add_argument("--clip-norm", dest="clip_norm", type=float,
+                   help="dp: L2 clip of every delta, in model units (default 1.0)")
+    r.add_argument("--dp-noise", dest="dp_noise", choices=("urandom", "seeded"),
+                   help="dp: noise from os.urandom (default) or seeded from (seed, round, node): "
+                   "reproducible, no privacy against whoever knows the seed")
     add_broker_arguments(r)
     r.set_defaults(func=cmd_run)
 
