@@ -9,6 +9,7 @@
                         [--privacy none|dp] [--dp-epsilon E | --dp-noise-multiplier Z]
                         [--dp-delta D] [--clip-norm C] [--dp-noise urandom|seeded]
     microfed mesh sweep [--rounds 30] [--jobs 2] [--out DIR] [--md docs/results.md]
+    microfed mesh dp-sweep [--rules fedavg,krum] [--epsilons 0,16,64,256,1024] [--seeds 1,2,3]
 
 `run` without arguments runs scenarios/default.toml (10 honest MicroPython nodes + 3
 Byzantine sign-flip attackers, Krum f = 3) over a real MQTT broker and ends with a table and
@@ -100,6 +101,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dp_sweep(args: argparse.Namespace) -> int:
+    from microfed_host import mesh
+    from microfed_host.sweep import main_dp_sweep
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        main_dp_sweep(args)
+    except KeyboardInterrupt:
+        print("microfed mesh dp-sweep: interrupted", file=sys.stderr)
+        return 130
+    except mesh.MeshError as e:
+        print(f"microfed mesh dp-sweep: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"microfed mesh dp-sweep: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def register(subparsers: Any) -> None:
     from microfed_host.broker import add_broker_arguments
 
@@ -174,3 +194,19 @@ def register(subparsers: Any) -> None:
     s.add_argument("--render-only", dest="render_only", action="store_true",
                    help="rewrite the markdown from OUT/results.json without running")
     s.set_defaults(func=cmd_sweep)
+
+    d = sub.add_parser("dp-sweep", help="accuracy vs epsilon (local DP) in-process; writes "
+                       "its table into docs/results.md")
+    d.add_argument("--rules", default="fedavg,krum", help="fedavg and/or krum")
+    d.add_argument("--epsilons", default="0,16,64,256,1024",
+                   help="target epsilons over the whole run, at delta 1e-5 (0: no DP)")
+    d.add_argument("--seeds", default="1,2,3")
+    d.add_argument("--rounds", type=int, default=30)
+    d.add_argument("--jobs", type=int, default=2, help="parallel runs (default 2)")
+    d.add_argument("--out", default="runs/dp-sweep", help="directory for the runs")
+    d.add_argument("--json", default="docs/results/dp-sweep.json",
+                   help="where the raw numbers go (read back by --render-only)")
+    d.add_argument("--md", default="docs/results.md", help="markdown report to write")
+    d.add_argument("--render-only", dest="render_only", action="store_true",
+                   help="rewrite the markdown from --json without running")
+    d.set_defaults(func=cmd_dp_sweep)
