@@ -34,6 +34,7 @@ import argparse
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,41 +84,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep_command(name: str, main: Callable[[argparse.Namespace], None],
+                   args: argparse.Namespace) -> int:
+    from microfed_host import mesh
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        print(f"microfed mesh {name}: interrupted", file=sys.stderr)
+        return 130
+    except mesh.MeshError as e:
+        print(f"microfed mesh {name}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"microfed mesh {name}: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from microfed_host import mesh
 
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        mesh.main_sweep(args)
-    except KeyboardInterrupt:
-        print("microfed mesh sweep: interrupted", file=sys.stderr)
-        return 130
-    except mesh.MeshError as e:
-        print(f"microfed mesh sweep: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"microfed mesh sweep: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
-        return 2
-    return 0
+    return _sweep_command("sweep", mesh.main_sweep, args)
 
 
 def cmd_dp_sweep(args: argparse.Namespace) -> int:
-    from microfed_host import mesh
     from microfed_host.sweep import main_dp_sweep
 
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        main_dp_sweep(args)
-    except KeyboardInterrupt:
-        print("microfed mesh dp-sweep: interrupted", file=sys.stderr)
-        return 130
-    except mesh.MeshError as e:
-        print(f"microfed mesh dp-sweep: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"microfed mesh dp-sweep: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
-        return 2
-    return 0
+    return _sweep_command("dp-sweep", main_dp_sweep, args)
 
 
 def register(subparsers: Any) -> None:

@@ -24,10 +24,9 @@ SAMPLES = 32
 # The phases, portable: the device runs them (MicroPython 1.29, microfed frozen in) and the
 # host runs the very same function under CPython for the results the device must reproduce
 # (CPython has no ticks_us or mem_free: its counts are zeros and are not used).
-COST_FUNCTION = '''
-import time, gc
-SAMPLES = @SAMPLES@
-def _mfcost():
+# The start of every cost function: instruction clock, heap probe, and a clock started for
+# the imports that come first.
+_PROLOGUE = '''
     tk = getattr(time, "ticks_us", None) or (lambda: 0)
     td = getattr(time, "ticks_diff", None) or (lambda a, b: a - b)
     free = getattr(gc, "mem_free", None) or (lambda: 0)
@@ -35,7 +34,11 @@ def _mfcost():
     gc.collect()
     f0 = free()
     t = tk()
-    from microfed import wire, ed25519, model, aggregate
+'''
+COST_FUNCTION = ('''
+import time, gc
+SAMPLES = @SAMPLES@
+def _mfcost():''' + _PROLOGUE + '''    from microfed import wire, ed25519, model, aggregate
     out["import"] = td(tk(), t)
     gc.collect()
     out["import_heap"] = f0 - free()
@@ -82,7 +85,7 @@ def _mfcost():
     out["krum_13x650_f3"] = td(tk(), t)
     out["krum_selected"] = res[1]
     return out
-'''.replace("@SAMPLES@", str(SAMPLES))
+''').replace("@SAMPLES@", str(SAMPLES))
 
 # What the device runs: the function, then one dict literal on stdout.
 DEVICE_PROGRAM = COST_FUNCTION + "print(repr(_mfcost()))\ndel _mfcost\n"
@@ -105,17 +108,9 @@ RESULTS = ("verify_ok", "train_digest", "krum_selected")
 # samples must equal the host's.
 DP_SAMPLES = 200
 DP_SIGMA2 = ((14357 * 65536) ** 2, 10000 ** 2)
-DP_COST_FUNCTION = '''
+DP_COST_FUNCTION = ('''
 import time, gc
-def _mfdpcost():
-    tk = getattr(time, "ticks_us", None) or (lambda: 0)
-    td = getattr(time, "ticks_diff", None) or (lambda a, b: a - b)
-    free = getattr(gc, "mem_free", None) or (lambda: 0)
-    out = {}
-    gc.collect()
-    f0 = free()
-    t = tk()
-    from microfed import dgauss, dp, model
+def _mfdpcost():''' + _PROLOGUE + '''    from microfed import dgauss, dp, model
     out["dp_import"] = td(tk(), t)
     gc.collect()
     out["dp_import_heap"] = f0 - free()
@@ -140,7 +135,7 @@ def _mfdpcost():
     out["privatize_650"] = td(tk(), t)
     out["privatize_digest"] = model.params_digest(delta)
     return out
-'''.replace("@N@", str(DP_SAMPLES)).replace("@NUM@", str(DP_SIGMA2[0])).replace(
+''').replace("@N@", str(DP_SAMPLES)).replace("@NUM@", str(DP_SIGMA2[0])).replace(
     "@DEN@", str(DP_SIGMA2[1]))
 DP_PROGRAM = DP_COST_FUNCTION + "print(repr(_mfdpcost()))\ndel _mfdpcost\n"
 DP_PHASES = ("dp_import", "dgauss_mesh_x%d" % DP_SAMPLES, "dgauss_2_3_x%d" % DP_SAMPLES,
