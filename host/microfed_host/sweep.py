@@ -300,7 +300,9 @@ def dp_markdown(doc: dict[str, Any]) -> str:
             r = next(r for r in doc["results"] if r["epsilon_target"] == e)
             zs.append(f"epsilon {e:g}: z = {r['noise_multiplier']:g} "
                       f"(spent {r['epsilon']:.2f})")
-    return "\n".join(lines) + "\n\nNoise multipliers (sigma = z x clip): " + "; ".join(zs) + "."
+    banned = sorted({n for r in doc["results"] for n in r["honest_banned"]})
+    return ("\n".join(lines) + "\n\nNoise multipliers (sigma = z x clip): " + "; ".join(zs)
+            + f".\nHonest nodes banned by reputation in any run: {', '.join(banned) or 'none'}.")
 
 
 def main_dp_sweep(a: Any) -> None:
