@@ -52,6 +52,9 @@ class _Source:
         self.buf = b""
         self.pos = 0
 
+    def refill(self):
+        raise NotImplementedError
+
     def read(self, n):
         p = self.pos
         if p + n <= len(self.buf):
