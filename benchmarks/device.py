@@ -5,9 +5,12 @@ docs/boards.md.
 
     .venv/bin/python benchmarks/device.py [--board mps2-an385 --board virt-rv32] [--no-round]
                                           [--write docs/boards.md]
+    .venv/bin/python benchmarks/device.py --dp [--board mps2-an385] [--write docs/privacy.md]
 
 --write replaces the text between the `<!-- benchmarks/device.py -->` and
-`<!-- end benchmarks/device.py -->` markers of that file with the tables (and the date).
+`<!-- end benchmarks/device.py -->` markers of that file with the tables (and the date);
+with --dp, the local-DP costs (sampler, clip, privatising a delta) between
+`<!-- benchmarks/device.py --dp -->` and `<!-- end benchmarks/device.py --dp -->`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,26 @@ def components(boards: list[str]) -> None:
     print("| heap taken by the frozen imports | " + " | ".join(heap) + " |")
     same = all({k: results[b][k] for k in want} == want for b in boards)
     print(f"\nresults equal the host's (signature verifies, training digest, Krum winner): {same}")
+
+
+def dp_costs(boards: list[str]) -> None:
+    results = {b: devicecost.measure_board(load_board(b), program=devicecost.DP_PROGRAM,
+                                           phases=devicecost.DP_PHASES)[0] for b in boards}
+    want = devicecost.dp_host_expectations()
+    n = devicecost.DP_SAMPLES
+    print("| local DP phase (instructions) | " + " | ".join(boards) + " |")
+    print("| --- | " + " | ".join("---:" for _ in boards) + " |")
+    for phase in devicecost.DP_PHASES:
+        print(f"| {phase} | " + " | ".join(_n(results[b][phase]) for b in boards) + " |")
+    for name in ("dgauss_mesh", "dgauss_2_3"):
+        print(f"| {name}: per sample | "
+              + " | ".join(_n(results[b][f"{name}_x{n}"] // n) for b in boards) + " |")
+    print("| privatize_650: per coordinate | "
+          + " | ".join(_n(results[b]["privatize_650"] // 650) for b in boards) + " |")
+    heap = [_n(results[b]["dp_import_heap"]) + " B" for b in boards]
+    print("| heap taken by the frozen dgauss + dp imports | " + " | ".join(heap) + " |")
+    same = all({k: results[b][k] for k in want} == want for b in boards)
+    print(f"\nsamples, clip and privatised delta equal the host's bit for bit: {same}")
 
 
 PHASES = ("boot_registry", "boot_shard", "check_global", "peer_checks", "aggregate",
@@ -91,17 +114,16 @@ def unix32_heap() -> None:
           + " | ".join(_n(v) for v in small) + " |")
 
 
-BEGIN = "<!-- benchmarks/device.py -->"
-END = "<!-- end benchmarks/device.py -->"
-
-
-def write_into(path: Path, text: str) -> None:
+def write_into(path: Path, text: str, flags: str = "") -> None:
+    begin = f"<!-- benchmarks/device.py{flags} -->"
+    end = f"<!-- end benchmarks/device.py{flags} -->"
     doc = path.read_text()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{path}: no {BEGIN} ... {END} markers to write between")
-    stamp = f"Measured {datetime.date.today().isoformat()} with `python benchmarks/device.py`:\n\n"
-    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END),
-                 lambda _m: BEGIN + "\n" + stamp + text.strip() + "\n" + END, doc, flags=re.S)
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{path}: no {begin} ... {end} markers to write between")
+    stamp = (f"Measured {datetime.date.today().isoformat()} with "
+             f"`python benchmarks/device.py{flags}`:\n\n")
+    new = re.sub(re.escape(begin) + ".*?" + re.escape(end),
+                 lambda _m: begin + "\n" + stamp + text.strip() + "\n" + end, doc, flags=re.S)
     path.write_text(new)
 
 
@@ -109,18 +131,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--board", action="append", default=None)
     ap.add_argument("--no-round", action="store_true", help="only the component phases")
+    ap.add_argument("--dp", action="store_true", help="only the local-DP costs (microfed.dp)")
     ap.add_argument("--write", type=Path, default=None, help="also write the tables into this file")
     a = ap.parse_args()
-    boards = a.board or ["mps2-an385", "virt-rv32"]
+    boards = a.board or (["mps2-an385"] if a.dp else ["mps2-an385", "virt-rv32"])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        components(boards)
-        if not a.no_round:
-            rounds(boards)
-            unix32_heap()
+        if a.dp:
+            dp_costs(boards)
+        else:
+            components(boards)
+            if not a.no_round:
+                rounds(boards)
+                unix32_heap()
     print(out.getvalue())
     if a.write is not None:
-        write_into(a.write, out.getvalue())
+        write_into(a.write, out.getvalue(), " --dp" if a.dp else "")
 
 
 if __name__ == "__main__":

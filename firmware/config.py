@@ -36,6 +36,7 @@ DEFAULTS = {
     "idle_exit_s": 0,           # exit (code 4) after this long without a GLOBAL_MODEL; 0: never
     "log": "",                  # "": stdout; else a file name in the node directory
     "seq_block": 64,            # sequence counters leased per flash write
+    "dp": None,                 # local DP: {"clip", "sigma2": [num, den], "noise"} (microfed.dp)
 }
 
 
@@ -202,6 +203,13 @@ class Config:
                             ("seed", 0, 0xFFFFFFFF)):
             _int(tr, key, lo, hi, where + " train")
         d["train"] = tr
+        if d["dp"] is not None:
+            from microfed import dp
+
+            try:
+                dp.node_dp(d["dp"], 0, "")  # checked here; the node builds its own
+            except ValueError as e:
+                raise ConfigError("%s: %s" % (where, e))
         if d["broker"] is not None:
             d["broker"] = _broker(d["broker"], where)
         d["wifi"] = _wifi(d["wifi"], where)
@@ -229,6 +237,7 @@ class Config:
         self.idle_exit_s = d["idle_exit_s"]
         self.log = d["log"]
         self.seq_block = d["seq_block"]
+        self.dp = d["dp"]
 
 
 def load(bundle_path="bundle.json", config_path="config.json"):

@@ -181,6 +181,13 @@ class Node:
         self.n_samples = self.data.n
         self.model = model.get(cfg.model, n_features=self.data.d, n_classes=self.data.k)
         self.model.check_data(self.data)
+        # Local DP (config "dp"): clip and noise every delta before it is signed. Imported
+        # only when used: a node without it pays no heap for the sampler.
+        self.dp = None
+        if cfg.dp is not None:
+            from microfed import dp
+
+            self.dp = dp.node_dp(cfg.dp, cfg.train["seed"], self.node_id, cfg.max_abs)
 
         # Persistent state.
         sd = cfg.state_dir
@@ -434,7 +441,8 @@ class Node:
         fr.payload = None
         fr.body = b = None
         t0 = time.ticks_ms()
-        delta = noderound.local_update(self.model, self.data, self.cfg.train, r, self.node_id, g)
+        delta = noderound.local_update(self.model, self.data, self.cfg.train, r, self.node_id, g,
+                                       self.dp)
         g = None
         gc.collect()
         t1 = time.ticks_ms()

@@ -59,3 +59,24 @@ def test_every_phase_within_its_budget(counted: list[dict[str, Any]], target: An
     over = {p: (counted[0][p], budget[p]) for p in devicecost.PHASES
             if counted[0][p] > budget[p]}
     assert over == {}, "instructions over budget (measured, budget): %r" % over
+
+
+# Local DP (microfed.dp, docs/privacy.md "Device cost"): measured 2026-11-26 plus 5 %.
+DP_BUDGETS: dict[str, dict[str, int]] = {
+    "mps2-an385": {"dp_import": 390_000, "dgauss_mesh_x200": 39_200_000,
+                   "dgauss_2_3_x200": 23_800_000, "l2_clip_650": 3_100_000,
+                   "privatize_650": 133_600_000},
+}
+
+
+def test_dp_costs_within_budget_and_equal_the_host(target: Any) -> None:
+    board = target.board
+    if getattr(board, "name", "") not in DP_BUDGETS:
+        pytest.skip("no local-DP budget for board %s" % getattr(board, "name", board))
+    run = devicecost.measure_board(board, program=devicecost.DP_PROGRAM,
+                                   phases=devicecost.DP_PHASES)[0]
+    want = devicecost.dp_host_expectations()
+    assert {k: run[k] for k in want} == want
+    budget = DP_BUDGETS[board.name]
+    over = {p: (run[p], budget[p]) for p in devicecost.DP_PHASES if run[p] > budget[p]}
+    assert over == {}, "instructions over budget (measured, budget): %r" % over

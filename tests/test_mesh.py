@@ -193,6 +193,9 @@ def test_ctrl_c_stops_every_mesh_process(tmp_path: Path) -> None:
     (["--honest", "4", "--f", "1"], "needs at least 5 honest nodes"),
     (["--crosscheck", "sometimes"], "bad cross-check policy"),
     (["--scenario", "/nonexistent.toml"], "cannot read scenario"),
+    (["--privacy", "secagg+dp"], "allowed: 'none', 'dp'"),
+    (["--privacy", "dp"], "exactly one of"),
+    (["--dp-epsilon", "3"], "privacy is 'none'"),
 ])
 def test_bad_flags_exit_2_with_a_reason(tmp_path: Path, args: list[str], message: str) -> None:
     p = subprocess.run([sys.executable, "-m", "microfed_tools.cli", "mesh", "run",

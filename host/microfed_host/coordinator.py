@@ -38,6 +38,7 @@ from microfed import audit, model, q16, wire
 from microfed.reputation import BANNED, ReputationBook
 from microfed.reputation import from_bytes as book_from_bytes
 from microfed.verify import Limits, Rejected
+from microfed_host import privacy as privmod
 from microfed_host.crosscheck import CrossChecker, CrossCheckMismatch, Policy
 from microfed_host.rounds_store import RoundsStore
 from microfed_host.verifier import HostVerifier
@@ -120,6 +121,9 @@ class CoordinatorConfig:
     # next round is handled). Exact round for reproducible experiments; `microfed provision
     # revoke` does the same at any time, effective within a second.
     revoke_at: dict[str, int] = field(default_factory=dict)
+    # Differential privacy the nodes apply ({}: none), for the accountant: microfed_host.privacy
+    # (check_config) says what it holds; the coordinator reports epsilon spent per round.
+    privacy: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         if self.rule not in RULES:
@@ -143,6 +147,10 @@ class CoordinatorConfig:
         except ValueError as e:
             raise CoordinatorError(str(e)) from None
         ReputationBook(**self.reputation)  # raises ValueError naming a bad parameter
+        try:
+            privmod.check_config(self.privacy)
+        except privmod.PrivacyError as e:
+            raise CoordinatorError(str(e)) from None
 
     @property
     def trim_count(self) -> int:
@@ -234,6 +242,7 @@ class Coordinator:
         self.round = 0
         self.params: list[int] = []
         self.book = ReputationBook(**cfg.reputation)
+        self.accountant = privmod.Accountant(cfg.privacy)
         self.pending: dict[str, _Pending] = {}
         self.coord_seq = 0
         self.global_frame = b""
@@ -736,7 +745,8 @@ class Coordinator:
                  agg_digest=res["digest"], model_digest=model_digest,
                  banned=self.book.banned(), newly_banned=newly, close_reason=reason,
                  crosschecked=crosschecked, rejected=dict(self.rejected),
-                 verdicts={k: v for k, v in verdicts.items() if v != BANNED})
+                 verdicts={k: v for k, v in verdicts.items() if v != BANNED},
+                 **self._privacy_spent(r))
         self.publish(self.t["global"], frame, True)
         self._scheduled_revocations(r)
         if final:
@@ -767,7 +777,13 @@ class Coordinator:
                  accuracy=self.last_accuracy, banned=self.book.banned(),
                  crosscheck={"checked": self.checker.checked,
                              "mismatches": self.checker.mismatches},
-                 rejected=dict(self.rejected))
+                 rejected=dict(self.rejected), **self._privacy_spent(self.cfg.rounds))
+
+    def _privacy_spent(self, rounds: int) -> dict[str, Any]:
+        """{"privacy": epsilon spent by every honest node after `rounds` rounds} or {}."""
+        if not self.accountant.active:
+            return {}
+        return {"privacy": self.accountant.spent(rounds)}
 
 
 def _active_keys(reg: Any) -> dict[str, bytes]:

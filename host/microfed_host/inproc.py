@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from microfed import model, noderound, wire
+from microfed import dp, model, noderound, wire
 from microfed.replay import MemoryStore, ReplayGuard
 from microfed.verify import Rejected
 from microfed_host import coordinator as coordmod
@@ -67,7 +67,8 @@ class SimNode:
     signing with `cryptography` instead of the pure-Python Ed25519 for speed."""
 
     def __init__(self, bundle: dict[str, Any], shard: bytes, sc: Scenario, registry: Any,
-                 bus: Bus, max_abs: int = coordmod.DEFAULT_MAX_ABS) -> None:
+                 bus: Bus, max_abs: int = coordmod.DEFAULT_MAX_ABS,
+                 conf: dict[str, Any] | None = None) -> None:
         self.id = bundle["node_id"]
         self.mesh = bundle["mesh"]
         self.mesh_id = wire.mesh_id(self.mesh)
@@ -79,6 +80,8 @@ class SimNode:
         self.m = model.get("softmax", n_features=self.data.d, n_classes=self.data.k)
         self.train = {"lr": sc.lr, "epochs": sc.epochs, "batch": sc.batch, "seed": sc.seed}
         self.gossip = sc.mode == "gossip"
+        # The node's config.json "dp", read the way firmware/node.py reads it.
+        self.dp = dp.node_dp((conf or {}).get("dp"), sc.seed, self.id, max_abs)
         self.bus = bus
         self.last_round = 0
         self.guard = ReplayGuard(MemoryStore(), max_age=1 << 62)  # the coordinator's counter
@@ -120,7 +123,8 @@ class SimNode:
         if b["final"]:
             self.done = True
             return
-        delta = noderound.local_update(self.m, self.data, self.train, r, self.id, b["values"])
+        delta = noderound.local_update(self.m, self.data, self.train, r, self.id, b["values"],
+                                       self.dp)
         frame = self._frame(wire.MODEL_UPDATE, r, noderound.update_payload(self.data.n, delta))
         if self.gossip:
             self.peers.keep(r, wire.sha256(frame), self.id, self.data.n,
@@ -155,7 +159,9 @@ def run_inproc(sc: Scenario, out: Path, doc: dict[str, Any],
         for nid in sc.honest_ids():
             nd = out / "nodes" / nid
             bundle = json.loads((nd / "bundle.json").read_text())
-            sims.append(SimNode(bundle, (nd / "shard.bin").read_bytes(), sc, reg, bus))
+            conf = json.loads((nd / "config.json").read_text())
+            sims.append(SimNode(bundle, (nd / "shard.bin").read_bytes(), sc, reg, bus,
+                                conf=conf))
         base = f"microfed/{doc['mesh']}/"
         for s in sims:
             bus.subscribe(base + "global", s.on_global)

@@ -57,6 +57,7 @@ from microfed_host.nodeproc import (
     stop_process,
     unix_launcher,
 )
+from microfed_host.privacy import privacy_line
 from microfed_host.report import Progress, board_counts, summarize, table
 from microfed_host.scenario import (
     DEFAULT_SCENARIO,
@@ -180,7 +181,8 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
         addr = (broker.host, broker.port)
         for nid, kind in sc.node_boards().items():
             write_node_config(out / "nodes" / nid, sc, addr,
-                              "serial" if kind in SERIAL_KINDS else "tcp")
+                              "serial" if kind in SERIAL_KINDS else "tcp",
+                              doc.get("dp_resolved"))
         events: queue.Queue[dict[str, Any]] = queue.Queue()
         coord = _Coord(out, broker.address, events)
         # Nodes start once the coordinator's session is subscribed (it says "ready"): from
@@ -395,6 +397,8 @@ def _run_once(sc: Scenario, out: Path, transport: str, broker: str | None, force
              f"{sc.split}, seed {sc.seed}, transport {transport}"
              + (f", boards {board_label(sc)}" if transport == "mqtt" else ""))
     prog.say(f"  run directory: {out}")
+    if doc.get("dp_resolved"):
+        prog.say(f"  privacy: {privacy_line(doc['dp_resolved'], sc.rounds)}")
     if transport == "mqtt":
         info = run_mqtt(sc, out, doc, broker, prog, kill_coordinator_at, timeout, chaos,
                         on_ready, launchers)

@@ -12,6 +12,7 @@ from typing import Any
 
 from microfed import model
 from microfed_host import coordinator as coordmod
+from microfed_host import privacy as privmod
 from microfed_host.rounds_store import RoundsStore
 from microfed_host.scenario import MeshError, Scenario
 
@@ -38,9 +39,11 @@ class Progress:
             rej = ev.get("rejected") or {}
             rtxt = ", ".join(f"{k} {v}" for k, v in sorted(rej.items())) or "0"
             banned = ev.get("banned") or []
+            priv = ev.get("privacy")
+            eps = f"  eps {priv['epsilon']:.3g}" if priv else ""
             self.say(f"  round {ev['round']:>2}/{self.sc.rounds}  acc {_pct(ev.get('accuracy'))}"
                      f"  accepted {len(ev.get('accepted', []))}  rejected {rtxt}"
-                     f"  banned {', '.join(banned) if banned else '-'}"
+                     f"  banned {', '.join(banned) if banned else '-'}{eps}"
                      f"  ({now - self.last_round_at:.1f} s)")
             self.last_round_at = now
         elif kind == "flagged":
@@ -58,6 +61,14 @@ class Progress:
             self.say(f"  ! round {ev['round']}: fast path and reference disagree (reference used)")
         elif kind == "fatal":
             self.say(f"  coordinator error: {ev.get('error')}")
+
+
+def _privacy_cell(p: dict[str, Any] | None) -> str:
+    if not p or p["mode"] == "none":
+        return "none"
+    return (f"local DP, clip {p['clip_norm']:g}, noise multiplier {p['noise_multiplier']:g} "
+            f"({p['noise']}): epsilon {p['epsilon']:.3g} at delta {p['delta']:g} after "
+            f"{p['rounds']} rounds ({p['epsilon_per_round']:.3g} per round)")
 
 
 def _pct(x: float | None) -> str:
@@ -141,6 +152,7 @@ def summarize(out: Path, doc: dict[str, Any], info: dict[str, Any], duration: fl
         "coordinator_restarts": info.get("coordinator_restarts", 0),
         "security_events": {k: sum(1 for e in sec if e["kind"] == k)
                             for k in sorted({e["kind"] for e in sec})},
+        "privacy": privacy_summary(doc.get("dp_resolved"), len(rows)),
         "duration_s": round(duration, 2),
     }
     if "broker" in info:
@@ -200,6 +212,22 @@ def board_counts(boards: dict[str, str]) -> str:
     """{node: kind} -> "unix32 x8, mps2-an385 x2" (in node order)."""
     kinds = list(boards.values())
     return ", ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds))
+
+
+def privacy_summary(dp: dict[str, Any] | None, rounds: int) -> dict[str, Any]:
+    """summary.json's "privacy": the mode, the nodes' parameters and the epsilon spent (at the
+    stated delta) per round and over the rounds run (docs/privacy.md has the bound)."""
+    if not dp:
+        return {"mode": "none"}
+    acc = privmod.Accountant(dp)
+    z = dp["noise_multiplier"]
+    return {"mode": dp["mode"], "clip_norm": dp["clip"] / 65536, "clip_raw": dp["clip"],
+            "noise_multiplier": z[0] / z[1], "sigma2_raw": dp["sigma2"], "noise": dp["noise"],
+            "delta": acc.delta, "target_epsilon": dp.get("target_epsilon"),
+            "rho_per_round": acc.rho, "epsilon_per_round": acc.per_round(),
+            "epsilon": acc.spent(rounds)["epsilon"], "rounds": rounds,
+            "accountant": "dp-accounting RdpAccountant, ZCDpEvent(rho) x rounds; "
+                          "rho = (2 clip)^2 / (2 sigma^2) (CKS20 Thm 14, node-level, replace-one)"}
 
 
 def plot(out: Path, doc: dict[str, Any], rows: list[dict[str, Any]],
@@ -272,6 +300,7 @@ def table(summary: dict[str, Any]) -> str:
          f"{da['rounds_agreed']}/{da['rounds']} rounds, flagged: {', '.join(da['flagged']) or 'none'}"
          + _by_board_text(s)),
         ("final digest", s["final_digest"]),
+        ("privacy", _privacy_cell(s.get("privacy"))),
         ("time", f"{s['duration_s']:.1f} s ({s['transport']})"),
     ]
     if s.get("injected") and s["injected"]["total"]:

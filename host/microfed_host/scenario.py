@@ -18,6 +18,7 @@ from microfed.reputation import ReputationBook
 from microfed_host import adversary as advmod
 from microfed_host import coordinator as coordmod
 from microfed_host import data, keys
+from microfed_host import privacy as privmod
 from microfed_host.chaos import Chaos, parse_chaos
 from microfed_host.coordinator import CoordinatorConfig
 from microfed_host.nodeproc import BOARD_KINDS, DEFAULT_UNIX32_HEAP, SERIAL_KINDS
@@ -99,6 +100,14 @@ class Scenario:
     # in node order; one entry without a count takes the rest. mqtt transport only.
     boards: str = "unix"
     unix32_heap: int = DEFAULT_UNIX32_HEAP  # -X heapsize= of the unix32 nodes, bytes
+    privacy: str = "none"  # microfed_host.privacy.PRIVACY_MODES
+    # [dp] (privacy = "dp"): a target epsilon over the whole run at dp_delta, or a noise
+    # multiplier z (sigma = z * clip_norm); clip_norm in model units (converted at the edge).
+    dp_epsilon: float = 0.0
+    dp_delta: float = privmod.DEFAULT_DELTA
+    dp_noise_multiplier: float = 0.0
+    clip_norm: float = privmod.DEFAULT_CLIP_NORM
+    dp_noise: str = "urandom"
 
     @property
     def byzantine(self) -> int:
@@ -200,6 +209,7 @@ class Scenario:
                             f"{serial[0]} nodes do not survive yet (QEMU's UART has no Ctrl-C: "
                             "their RAM disk would go with the emulator); use unix or unix32")
         self.unix32_heap = parse_heap(self.unix32_heap)
+        self._check_privacy()
         if not isinstance(self.reputation, dict):
             raise MeshError("[reputation] must be a table")
         known = ReputationBook().params()
@@ -213,6 +223,50 @@ class Scenario:
                               reputation=self.reputation).check()
         except (coordmod.CoordinatorError, ValueError, TypeError) as e:
             raise MeshError(str(e)) from None
+
+    def _check_privacy(self) -> None:
+        try:
+            self.privacy = privmod.parse_privacy(self.privacy)
+        except privmod.PrivacyError as e:
+            raise MeshError(str(e)) from None
+        if self.privacy != "dp":
+            if self.dp_epsilon or self.dp_noise_multiplier:
+                raise MeshError("[dp] epsilon / noise_multiplier given but privacy is "
+                                f"{self.privacy!r}; set privacy = \"dp\" (--privacy dp)")
+            return
+        self.dp_epsilon = _finite("dp epsilon", self.dp_epsilon, 0.0, 1e6)
+        self.dp_noise_multiplier = _finite("dp noise_multiplier", self.dp_noise_multiplier, 0.0,
+                                           privmod.MAX_NOISE_MULTIPLIER)
+        if (self.dp_epsilon > 0) == (self.dp_noise_multiplier > 0):
+            raise MeshError("privacy dp needs exactly one of [dp] epsilon (a target over the "
+                            "whole run) or noise_multiplier (--dp-epsilon / "
+                            "--dp-noise-multiplier), both > 0")
+        self.dp_delta = _finite("dp delta", self.dp_delta, 0.0, 1.0, lo_open=True)
+        if self.dp_delta >= 1.0:
+            raise MeshError(f"dp delta must be below 1, got {self.dp_delta:g}")
+        self.clip_norm = _finite("clip_norm", self.clip_norm, 0.0, 256.0, lo_open=True)
+        if q16_raw(self.clip_norm) < 1:
+            raise MeshError(f"clip_norm {self.clip_norm:g} is below one Q16.16 step")
+        if self.dp_noise not in privmod.NOISE_SOURCES:
+            raise MeshError(f"dp noise must be one of {', '.join(privmod.NOISE_SOURCES)}, got "
+                            f"{self.dp_noise!r}")
+
+    def dp_config(self) -> dict[str, Any] | None:
+        """The resolved local-DP settings (None without DP): clip in raw Q16.16, the noise
+        multiplier z as an exact rational (calibrated to the target epsilon when one is
+        given), sigma^2 = (z * clip)^2 as [num, den], and the accountant's view of them."""
+        if self.privacy != "dp":
+            return None
+        clip = q16_raw(self.clip_norm)
+        try:
+            z = (privmod.calibrate(self.dp_epsilon, self.dp_delta, self.rounds)
+                 if self.dp_epsilon > 0 else privmod.noise_multiplier(self.dp_noise_multiplier))
+        except privmod.PrivacyError as e:
+            raise MeshError(str(e)) from None
+        num, den = privmod.sigma2_for(z, clip)
+        return {"mode": "dp", "clip": clip, "sigma2": [num, den], "delta": self.dp_delta,
+                "noise": self.dp_noise, "noise_multiplier": [z.numerator, z.denominator],
+                "target_epsilon": self.dp_epsilon or None}
 
     def _check_byzantine_budget(self) -> None:
         """BYZANTINE_POLICY: more poisoners than the rule's f voids its guarantee."""
@@ -295,7 +349,17 @@ def parse_heap(v: Any) -> int:
 
 _TOP = {"boards", "unix32_heap", "chaos", "name", "description", "honest", "rule", "f", "m", "trim", "rounds", "mode", "seed",
         "crosscheck", "deadline_s", "round_min_s", "split", "alpha", "max_samples", "attackers", "train",
-        "data", "reputation", "allow_more_byzantine"}
+        "data", "reputation", "allow_more_byzantine", "privacy", "dp"}
+# [dp] table key -> Scenario field.
+DP_KEYS = {"epsilon": "dp_epsilon", "delta": "dp_delta", "noise_multiplier": "dp_noise_multiplier",
+           "clip_norm": "clip_norm", "noise": "dp_noise"}
+
+
+def q16_raw(x: float) -> int:
+    """A real number at the edge -> raw Q16.16 (docs/determinism.md 2.6)."""
+    from microfed import q16
+
+    return q16.from_float(x)
 
 
 def load_scenario(path: Path) -> Scenario:
@@ -312,9 +376,20 @@ def load_scenario(path: Path) -> Scenario:
     try:
         for k in ("name", "description", "honest", "rule", "f", "m", "trim", "rounds", "mode",
                   "seed", "crosscheck", "deadline_s", "round_min_s", "split", "alpha", "max_samples",
-                  "allow_more_byzantine", "boards", "unix32_heap"):
+                  "allow_more_byzantine", "boards", "unix32_heap", "privacy"):
             if k in doc:
                 setattr(sc, k, doc[k])
+        dpt = doc.get("dp", {})
+        if not isinstance(dpt, dict):
+            raise MeshError(f"scenario {path}: [dp] must be a table")
+        for k, v in dpt.items():
+            if k not in DP_KEYS:
+                raise MeshError(f"scenario {path}: unknown key dp.{k} (known: {', '.join(DP_KEYS)})")
+            if k == "noise" and not isinstance(v, str):
+                raise MeshError(f"scenario {path}: dp.noise must be a string")
+            if k != "noise" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise MeshError(f"scenario {path}: dp.{k} must be a number")
+            setattr(sc, DP_KEYS[k], v if k == "noise" else float(v))
         for section, keys_ in (("train", ("lr", "epochs", "batch")),
                                ("data", ("split", "alpha", "max_samples"))):
             sub = doc.get(section, {})
@@ -352,7 +427,7 @@ def load_scenario(path: Path) -> Scenario:
                    ("epochs", int), ("batch", int), ("max_samples", int), ("m", int), ("trim", int),
                    ("name", str), ("description", str), ("rule", str), ("mode", str),
                    ("split", str), ("crosscheck", str), ("allow_more_byzantine", bool),
-                   ("boards", str)):
+                   ("boards", str), ("privacy", str)):
         if type(getattr(sc, k)) is not typ:
             what = {int: "an integer", str: "a string", bool: "true or false"}[typ]
             raise MeshError(f"scenario {path}: {k} must be {what}")
@@ -377,6 +452,14 @@ def apply_overrides(sc: Scenario, a: Any) -> Scenario:
         sc.allow_more_byzantine = True
     if getattr(a, "deadline", None) is not None:
         sc.deadline_s = float(a.deadline)
+    for k in ("privacy", "dp_delta", "clip_norm", "dp_noise"):
+        if getattr(a, k, None) is not None:
+            setattr(sc, k, getattr(a, k))
+    # A target epsilon and a noise multiplier exclude each other: the flag replaces the file's.
+    if getattr(a, "dp_epsilon", None) is not None:
+        sc.dp_epsilon, sc.dp_noise_multiplier = float(a.dp_epsilon), 0.0
+    if getattr(a, "dp_noise_multiplier", None) is not None:
+        sc.dp_noise_multiplier, sc.dp_epsilon = float(a.dp_noise_multiplier), 0.0
     for name in ("tau", "sigma", "scale"):
         if getattr(a, name, None) is not None:
             lo = -MAX_ATTACK_PARAM if name == "scale" else 0.0
@@ -442,19 +525,21 @@ def prepare(sc: Scenario, out: Path, force: bool = False) -> dict[str, Any]:
     for i, (nid, s) in enumerate(zip(ids, shards, strict=True)):
         data.write_shard(ddir / f"{nid}.mfds", s, i, len(ids))
     train = {"lr": sc.lr, "epochs": sc.epochs, "batch": sc.batch, "seed": sc.seed}
+    dp = sc.dp_config()
     for nid in sc.honest_ids():
         nd = out / "nodes" / nid
         (nd / "state").mkdir(parents=True)
         shutil.copy(out / "mesh" / "bundles" / f"{nid}.json", nd / "bundle.json")
         os.chmod(nd / "bundle.json", 0o600)
         shutil.copy(ddir / f"{nid}.mfds", nd / "shard.bin")
-        write_node_config(nd, sc, None)
+        write_node_config(nd, sc, None, dp=dp)
     cfg = CoordinatorConfig(mesh_dir=str(out / "mesh"), rule=sc.rule, f=sc.f, m=sc.m,
                             trim=sc.trim, rounds=sc.rounds, mode=sc.mode,
                             crosscheck=sc.crosscheck, deadline_s=sc.deadline_s,
                             round_min_s=sc.round_min_s,
                             init_seed=sc.seed, test_shard=str(ddir / "test.mfds"),
                             reputation=dict(sc.reputation), expected=ids,
+                            privacy=dp or {},
                             wait_hello_s=min(30.0, sc.deadline_s),
                             revoke_at=({sc.chaos.revoke_node: sc.chaos.revoke_round}
                                        if sc.chaos is not None and sc.chaos.revoke_node else {}))
@@ -462,14 +547,16 @@ def prepare(sc: Scenario, out: Path, force: bool = False) -> dict[str, Any]:
     doc = sc.to_json()
     doc.update({"mesh": mesh_name, "honest_ids": sc.honest_ids(),
                 "byzantine_ids": sc.byzantine_ids(), "train": train,
-                "test_samples": len(split.test), "shard_sizes": [len(s) for s in shards]})
+                "test_samples": len(split.test), "shard_sizes": [len(s) for s in shards],
+                "dp_resolved": dp})
     (out / "scenario.json").write_text(json.dumps(doc, indent=2) + "\n")
     return doc
 
 
 def write_node_config(nd: Path, sc: Scenario, broker: tuple[str, int] | None,
-                      link: str = "tcp") -> None:
-    """link "serial": the node's MQTT goes over its serial line to a bridge (mps2-an385)."""
+                      link: str = "tcp", dp: dict[str, Any] | None = None) -> None:
+    """The node's config.json. link "serial": the node's MQTT goes over its serial line to a
+    bridge (mps2-an385); `dp`: Scenario.dp_config() (its node part goes to "dp")."""
     conf: dict[str, Any] = {
         "mode": sc.mode,
         "train": {"lr": sc.lr, "epochs": sc.epochs, "batch": sc.batch, "seed": sc.seed},
@@ -481,6 +568,8 @@ def write_node_config(nd: Path, sc: Scenario, broker: tuple[str, int] | None,
         conf["broker"] = {"host": broker[0], "port": broker[1]}
     if link != "tcp":
         conf["link"] = link
+    if dp is not None:
+        conf["dp"] = {"clip": dp["clip"], "sigma2": dp["sigma2"], "noise": dp["noise"]}
     (nd / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
 
 

@@ -5,7 +5,8 @@
 #   1 check the GLOBAL_MODEL      check_global: size, decode, mesh, kind, role, the pinned
 #                                 coordinator key, counter/round window, dimension, digest
 #   2 local update                local_update: train from the global on the node's data with
-#                                 the per-round seed; the saturating delta
+#                                 the per-round seed; the saturating delta; with local DP
+#                                 (microfed.dp.NodeDP) clipped and noised before it is signed
 #   3 sign                        update_payload + the caller's wire.encode (it owns counters)
 #   4 check peers' updates        Peers.offer: as they arrive; see PEER_CHECKS
 #   5 rebuild the announced       Peers.digest: exactly the announced accepted set, with the
@@ -102,10 +103,11 @@ def check_global(msg, mesh_id, coordinator_key, check_sig, guard, last_round, n_
 
 # ---------------------------------------------------------------- 2, 3: the local update
 
-def local_update(mdl, data, train, round_, node_id, g):
+def local_update(mdl, data, train, round_, node_id, g, dp=None):
     """Step 2: delta = train(g) - g (saturating), trained with seed derive_seed(train["seed"],
     round, node id). `train`: {"lr", "epochs", "batch", "seed"}; `data`: (xs, ys) or a
-    microfed.model.Shard."""
+    microfed.model.Shard. `dp`: None, or a microfed.dp.NodeDP: the delta is then L2-clipped
+    and carries its discrete Gaussian noise (local DP) before anything else sees it."""
     cfg = model.TrainConfig(train["lr"], train["epochs"], train["batch"],
                             model.derive_seed(train["seed"], round_, node_id))
     new = mdl.train(g, data, cfg)
@@ -113,6 +115,8 @@ def local_update(mdl, data, train, round_, node_id, g):
     for i in range(len(new)):
         v = new[i] - g[i]
         new[i] = MAX_RAW if v > MAX_RAW else (MIN_RAW if v < MIN_RAW else v)
+    if dp is not None:
+        dp.apply(new, round_)
     return new
 
 

@@ -7,7 +7,10 @@
                         [--crosscheck always|sampled:N|off] [--transport mqtt|inproc]
                         [--boards unix32:8,mps2-an385:2] [--unix32-heap 512k]
                         [--broker auto|mosquitto|amqtt|HOST:PORT]
+                        [--privacy none|dp] [--dp-epsilon E | --dp-noise-multiplier Z]
+                        [--dp-delta D] [--clip-norm C] [--dp-noise urandom|seeded]
     microfed mesh sweep [--rounds 30] [--jobs 2] [--out DIR] [--md docs/results.md]
+    microfed mesh dp-sweep [--rules fedavg,krum] [--epsilons 0,16,64,256,1024] [--seeds 1,2,3]
 
 `run` without arguments runs scenarios/default.toml (10 honest MicroPython nodes + 3
 Byzantine sign-flip attackers, Krum f = 3) over a real MQTT broker and ends with a table and
@@ -20,6 +23,12 @@ Byzantine budget: a run is refused when more nodes poison their updates than f, 
 the rule is configured to tolerate (trimmed_mean: the trim count; median also needs an honest
 majority); --byzantine K without --f sets f = K. Wire attacks (replay, forged, unregistered)
 send honest updates and do not count. --allow-more-byzantine runs past the guarantee.
+Privacy (docs/privacy.md): --privacy dp makes every honest node clip its delta to L2 norm
+--clip-norm (model units) and add exact discrete Gaussian noise before signing (local DP);
+give a target --dp-epsilon for the whole run at --dp-delta (the noise multiplier is
+calibrated) or the --dp-noise-multiplier itself. The coordinator reports epsilon spent.
+The robust rules and reputation then run on the noised updates.
+
 Every bad flag or scenario value ends the command with one line and exit code 2.
 """
 
@@ -29,6 +38,7 @@ import argparse
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,22 +115,35 @@ def board_launchers(sc: Any) -> dict[str, Any]:
     return out
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
+def _sweep_command(name: str, main: Callable[[argparse.Namespace], None],
+                   args: argparse.Namespace) -> int:
     from microfed_host import mesh
 
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        mesh.main_sweep(args)
+        main(args)
     except KeyboardInterrupt:
-        print("microfed mesh sweep: interrupted", file=sys.stderr)
+        print(f"microfed mesh {name}: interrupted", file=sys.stderr)
         return 130
     except mesh.MeshError as e:
-        print(f"microfed mesh sweep: error: {e}", file=sys.stderr)
+        print(f"microfed mesh {name}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"microfed mesh sweep: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        print(f"microfed mesh {name}: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
         return 2
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from microfed_host import mesh
+
+    return _sweep_command("sweep", mesh.main_sweep, args)
+
+
+def cmd_dp_sweep(args: argparse.Namespace) -> int:
+    from microfed_host.sweep import main_dp_sweep
+
+    return _sweep_command("dp-sweep", main_dp_sweep, args)
 
 
 def register(subparsers: Any) -> None:
@@ -172,6 +195,19 @@ def register(subparsers: Any) -> None:
     r.add_argument("--kill-coordinator-at", dest="kill_coordinator_at", type=int, default=0,
                    metavar="ROUND", help="demonstration: SIGKILL the coordinator mid-round ROUND "
                    "and restart it (it resumes from SQLite)")
+    r.add_argument("--privacy", help="none (default) | dp: local differential privacy "
+                   "(secagg, secagg+dp: not in this build)")
+    r.add_argument("--dp-epsilon", dest="dp_epsilon", type=float,
+                   help="dp: target epsilon over the whole run (calibrates the noise)")
+    r.add_argument("--dp-noise-multiplier", dest="dp_noise_multiplier", type=float,
+                   help="dp: noise sigma = Z x clip norm, instead of a target epsilon")
+    r.add_argument("--dp-delta", dest="dp_delta", type=float,
+                   help="dp: delta of the reported (epsilon, delta) (default 1e-5)")
+    r.add_argument("--clip-norm", dest="clip_norm", type=float,
+                   help="dp: L2 clip of every delta, in model units (default 1.0)")
+    r.add_argument("--dp-noise", dest="dp_noise", choices=("urandom", "seeded"),
+                   help="dp: noise from os.urandom (default) or seeded from (seed, round, node): "
+                   "reproducible, no privacy against whoever knows the seed")
     add_broker_arguments(r)
     r.set_defaults(func=cmd_run)
 
@@ -189,3 +225,19 @@ def register(subparsers: Any) -> None:
     s.add_argument("--render-only", dest="render_only", action="store_true",
                    help="rewrite the markdown from OUT/results.json without running")
     s.set_defaults(func=cmd_sweep)
+
+    d = sub.add_parser("dp-sweep", help="accuracy vs epsilon (local DP) in-process; writes "
+                       "its table into docs/results.md")
+    d.add_argument("--rules", default="fedavg,krum", help="fedavg and/or krum")
+    d.add_argument("--epsilons", default="0,16,64,256,1024",
+                   help="target epsilons over the whole run, at delta 1e-5 (0: no DP)")
+    d.add_argument("--seeds", default="1,2,3")
+    d.add_argument("--rounds", type=int, default=30)
+    d.add_argument("--jobs", type=int, default=2, help="parallel runs (default 2)")
+    d.add_argument("--out", default="runs/dp-sweep", help="directory for the runs")
+    d.add_argument("--json", default="docs/results/dp-sweep.json",
+                   help="where the raw numbers go (read back by --render-only)")
+    d.add_argument("--md", default="docs/results.md", help="markdown report to write")
+    d.add_argument("--render-only", dest="render_only", action="store_true",
+                   help="rewrite the markdown from --json without running")
+    d.set_defaults(func=cmd_dp_sweep)

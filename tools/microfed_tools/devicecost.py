@@ -24,10 +24,9 @@ SAMPLES = 32
 # The phases, portable: the device runs them (MicroPython 1.29, microfed frozen in) and the
 # host runs the very same function under CPython for the results the device must reproduce
 # (CPython has no ticks_us or mem_free: its counts are zeros and are not used).
-COST_FUNCTION = '''
-import time, gc
-SAMPLES = @SAMPLES@
-def _mfcost():
+# The start of every cost function: instruction clock, heap probe, and a clock started for
+# the imports that come first.
+_PROLOGUE = '''
     tk = getattr(time, "ticks_us", None) or (lambda: 0)
     td = getattr(time, "ticks_diff", None) or (lambda a, b: a - b)
     free = getattr(gc, "mem_free", None) or (lambda: 0)
@@ -35,7 +34,11 @@ def _mfcost():
     gc.collect()
     f0 = free()
     t = tk()
-    from microfed import wire, ed25519, model, aggregate
+'''
+COST_FUNCTION = ('''
+import time, gc
+SAMPLES = @SAMPLES@
+def _mfcost():''' + _PROLOGUE + '''    from microfed import wire, ed25519, model, aggregate
     out["import"] = td(tk(), t)
     gc.collect()
     out["import_heap"] = f0 - free()
@@ -82,7 +85,7 @@ def _mfcost():
     out["krum_13x650_f3"] = td(tk(), t)
     out["krum_selected"] = res[1]
     return out
-'''.replace("@SAMPLES@", str(SAMPLES))
+''').replace("@SAMPLES@", str(SAMPLES))
 
 # What the device runs: the function, then one dict literal on stdout.
 DEVICE_PROGRAM = COST_FUNCTION + "print(repr(_mfcost()))\ndel _mfcost\n"
@@ -97,26 +100,77 @@ PHASES = ("import", "public_key", "sign", "verify", "train_epoch", "encode_and_s
 RESULTS = ("verify_ok", "train_digest", "krum_selected")
 
 
-def host_expectations() -> dict[str, Any]:
+# Local differential privacy on the node (microfed.dp, docs/privacy.md): the discrete Gaussian
+# at the variance scenarios/dp.toml resolves to (noise multiplier 1.4357 = epsilon 64 over 30
+# rounds at delta 1e-5, clip 1.0: sigma^2 = (1.4357 * 65536)^2 raw), and at sigma^2 = 2/3;
+# the exact L2 clip and the whole privatisation (clip + 650 samples) of a 650-value delta.
+# Noise from the seeded SHA-256 stream (the QEMU boards have no os.urandom), so the device's
+# samples must equal the host's.
+DP_SAMPLES = 200
+DP_SIGMA2 = ((14357 * 65536) ** 2, 10000 ** 2)
+DP_COST_FUNCTION = ('''
+import time, gc
+def _mfdpcost():''' + _PROLOGUE + '''    from microfed import dgauss, dp, model
+    out["dp_import"] = td(tk(), t)
+    gc.collect()
+    out["dp_import_heap"] = f0 - free()
+    for name, num, den in (("dgauss_mesh", @NUM@, @DEN@), ("dgauss_2_3", 2, 3)):
+        g = dgauss.DGauss(num, den)
+        src = dgauss.Sha256Stream(b"cost")
+        gc.collect(); t = tk()
+        xs = [g.sample(src) for _ in range(@N@)]
+        out[name + "_x@N@"] = td(tk(), t)
+        out[name + "_sum_sq"] = sum([x * x for x in xs])
+        out[name + "_sha256_blocks"] = src.ctr
+    r = model.XorShift32(3)
+    delta = [(r.next() % 400001) - 200000 for _ in range(650)]
+    gc.collect(); t = tk()
+    c = dp.l2_clip(delta, 65536)
+    out["l2_clip_650"] = td(tk(), t)
+    out["clip_digest"] = model.params_digest(c)
+    c = None
+    nd = dp.NodeDP(65536, @NUM@, @DEN@, "seeded", 1, "node-01")
+    gc.collect(); t = tk()
+    nd.apply(delta, 1)
+    out["privatize_650"] = td(tk(), t)
+    out["privatize_digest"] = model.params_digest(delta)
+    return out
+''').replace("@N@", str(DP_SAMPLES)).replace("@NUM@", str(DP_SIGMA2[0])).replace(
+    "@DEN@", str(DP_SIGMA2[1]))
+DP_PROGRAM = DP_COST_FUNCTION + "print(repr(_mfdpcost()))\ndel _mfdpcost\n"
+DP_PHASES = ("dp_import", "dgauss_mesh_x%d" % DP_SAMPLES, "dgauss_2_3_x%d" % DP_SAMPLES,
+             "l2_clip_650", "privatize_650")
+DP_RESULTS = ("dgauss_mesh_sum_sq", "dgauss_mesh_sha256_blocks", "dgauss_2_3_sum_sq",
+              "dgauss_2_3_sha256_blocks", "clip_digest", "privatize_digest")
+
+
+def host_expectations(function: str = COST_FUNCTION, name: str = "_mfcost",
+                      results: tuple[str, ...] = RESULTS) -> dict[str, Any]:
     """What the device must compute: the same function's results on CPython."""
     ns: dict[str, Any] = {}
-    exec(compile(COST_FUNCTION, "devicecost", "exec"), ns)
-    out = ns["_mfcost"]()
-    return {k: out[k] for k in RESULTS}
+    exec(compile(function, "devicecost", "exec"), ns)
+    out = ns[name]()
+    return {k: out[k] for k in results}
 
 
-def measure(repl: Any) -> dict[str, Any]:
+def dp_host_expectations() -> dict[str, Any]:
+    return host_expectations(DP_COST_FUNCTION, "_mfdpcost", DP_RESULTS)
+
+
+def measure(repl: Any, program: str = DEVICE_PROGRAM,
+            phases: tuple[str, ...] = PHASES) -> dict[str, Any]:
     """Run the phases on the device behind `repl` (an emulator started with ICOUNT_ARGS);
     returns {phase: instructions} plus the result fields and import_heap (bytes)."""
-    text = repl.exec_verified(DEVICE_PROGRAM, timeout=600, what="device cost")
+    text = repl.exec_verified(program, timeout=600, what="device cost")
     raw = ast.literal_eval(text.strip().splitlines()[-1])
-    out: dict[str, Any] = {k: v for k, v in raw.items() if k not in PHASES}
-    for k in PHASES:
+    out: dict[str, Any] = {k: v for k, v in raw.items() if k not in phases}
+    for k in phases:
         out[k] = int(raw[k]) * 1000
     return out
 
 
-def measure_board(board: Any, runs: int = 1) -> list[dict[str, Any]]:
+def measure_board(board: Any, runs: int = 1, program: str = DEVICE_PROGRAM,
+                  phases: tuple[str, ...] = PHASES) -> list[dict[str, Any]]:
     """Boot `board` in QEMU with instruction counting and measure `runs` times (each from a
     soft reset)."""
     from microfed_tools import rawrepl
@@ -131,7 +185,7 @@ def measure_board(board: Any, runs: int = 1) -> list[dict[str, Any]]:
             # on it ('' leads sys.path), which is the filesystem's cost, not our code's.
             repl = rawrepl.connect(pty, board, timeout=60, soft_reset=True, fs_mount=False)
             try:
-                out.append(measure(repl))
+                out.append(measure(repl, program, phases))
             finally:
                 repl.close()
         return out
