@@ -136,3 +136,45 @@ def test_micropython_decoder_raises_only_wire_error(micropython: str, tmp_path: 
             k = e.reason
         want[k] = want.get(k, 0) + 1
     assert got == want  # same outcome counts on both interpreters
+
+
+def test_packed_decoding_agrees_with_full_decoding_on_fuzzed_frames() -> None:
+    """wire.decode(values=False) and Verifier(values=False), the device's peer path, on 20 000
+    fuzzed frames: the same WireError reason, or the same frame with the vector left packed;
+    through the Verifier, the same accept / reject reason as the full decode."""
+    reg = verify.Registry(fuzzwire.MESH, fuzzwire.coordinator_key(),
+                          [(n, pub, True) for n, pub in fuzzwire.senders()])
+
+    def verifier(values: bool) -> verify.Verifier:
+        return verify.Verifier(fuzzwire.MESH, reg, replay.ReplayGuard(replay.MemoryStore()),
+                               keys.check_signature, limits=verify.Limits(None, 1 << 20),
+                               kinds=(wire.MODEL_UPDATE,), values=values)
+
+    full, packed = verifier(True), verifier(False)
+    compared = 0
+    for _label, data in fuzzwire.Fuzzer(SEED + 1).cases(20_000):
+        try:
+            want = wire.decode(data)
+        except wire.WireError as e:
+            try:
+                wire.decode(data, values=False)
+            except wire.WireError as e2:
+                assert e2.reason == e.reason
+            else:
+                raise AssertionError("packed decode accepted what the full decode refused")
+        else:
+            got = wire.decode(data, values=False)
+            assert (got.kind, got.sender, got.seq, bytes(got.payload)) == (
+                want.kind, want.sender, want.seq, want.payload)
+            if want.kind == wire.MODEL_UPDATE:
+                assert got.body == {"samples": want.body["samples"],
+                                    "dim": len(want.body["values"]), "values": None}
+                compared += 1
+        outcome = []
+        for v in (full, packed):
+            try:
+                outcome.append(("accepted", v.verify(data).seq))
+            except Rejected as e:
+                outcome.append((e.reason, e.message))
+        assert outcome[0] == outcome[1], outcome
+    assert compared > 100

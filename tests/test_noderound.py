@@ -215,3 +215,19 @@ def test_file_vectors_are_one_file_per_round_and_go_with_it(tmp_path: Path) -> N
     p.drop_before(4)
     assert sorted(x.name for x in tmp_path.iterdir()) == ["peers-4.bin"]
     assert p.digest(4, body)[0] == reference(frames[4], body)
+
+
+@pytest.mark.parametrize("bad_at", [0, 63, 64, 69])
+def test_packed_range_check_names_the_same_value_as_the_list_check(bad_at: int) -> None:
+    values = vec(1)
+    values[bad_at] = -(1 << 24) - 1
+    msg = update("node-02", values=values)
+    got = []
+    for packed in (False, True):
+        v = verify.Verifier(MESH, registry(), ReplayGuard(MemoryStore()), keys.check_signature,
+                            limits=verify.Limits(D, 1 << 24), values=not packed)
+        with pytest.raises(Rejected) as e:
+            v.verify(msg, 0, 3, 3)
+        got.append((e.value.reason, e.value.message))
+    assert got[0] == got[1] == ("out_of_range", "value[%d] = %d outside +-%d"
+                                % (bad_at, -(1 << 24) - 1, 1 << 24))

@@ -245,9 +245,11 @@ class Peers:
         self.sig_checks = 0
         self.evicted = 0
         store = MemoryStore() if check == "signature" else _NoCounters()
+        # values=False: a peer's vector stays packed in its message until it goes to a slot.
         self.verifier = Verifier(mesh_id, registry, ReplayGuard(store),
                                  check_sig if check == "signature" else None,
-                                 limits=Limits(n_params, max_abs), kinds=(wire.MODEL_UPDATE,))
+                                 limits=Limits(n_params, max_abs), kinds=(wire.MODEL_UPDATE,),
+                                 values=False)
 
     @property
     def registry(self):

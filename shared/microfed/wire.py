@@ -276,8 +276,10 @@ def _entry_id(p, off, n, tail, what):
     return b
 
 
-def decode_payload(kind, p):
-    """Parse a payload of `kind` into a dict; every length is checked against len(p) first."""
+def decode_payload(kind, p, values=True):
+    """Parse a payload of `kind` into a dict; every length is checked against len(p) first.
+    values=False: a MODEL_UPDATE's vector is not unpacked ("values" is None, "dim" says how
+    many): for a receiver that only checks the values' range and keeps them packed."""
     if not isinstance(p, (bytes, bytearray, memoryview)):
         raise WireError("bad_type", "payload must be bytes")
     n = len(p)
@@ -285,6 +287,8 @@ def decode_payload(kind, p):
         _need(n >= 8, "model update shorter than 8 bytes")
         samples, dim = struct.unpack_from("<II", p, 0)
         _need(dim >= 1 and n == 8 + 4 * dim, "model update length does not match dim")
+        if not values:
+            return {"samples": samples, "dim": dim, "values": None}
         return {"samples": samples, "values": _unpack_i32(p, 8, dim)}
     if kind == GLOBAL_MODEL:
         # digest, values, then optionally the accepted-set announcement, signed with the rest
@@ -547,10 +551,12 @@ class Frame:
             len(self.payload))
 
 
-def decode(data, max_frame=MAX_FRAME):
+def decode(data, max_frame=MAX_FRAME, values=True):
     """Parse one frame. Checks, in this order: size limit (before anything else), fixed header
     present, magic, version, kind, sender length, payload length bound, declared total vs. actual
-    size, sender id, sequence counter, payload structure. Raises only WireError."""
+    size, sender id, sequence counter, payload structure. Raises only WireError.
+    values=False (decode_payload): the payload is a view into `data`, a MODEL_UPDATE's vector
+    stays packed: a small heap holds the frame once, not four times."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError("bad_type", "frame must be bytes")
     n = len(data)
@@ -582,8 +588,8 @@ def decode(data, max_frame=MAX_FRAME):
     if not 1 <= seq < SEQ_LIMIT:
         raise WireError("bad_seq", "sequence counter outside 1 .. 2**63-1")
     hend = HDR_FIXED + slen
-    payload = data[hend:hend + plen]
-    body = decode_payload(kind, payload)
+    payload = data[hend:hend + plen] if values else memoryview(data)[hend:hend + plen]
+    body = decode_payload(kind, payload, values)
     if kind == REGISTRY and body["mesh_id"] != mesh:
         raise WireError("bad_payload", "registry mesh id differs from the header's")
     return Frame(kind, mesh, sb.decode(), round_, seq, ts, data[:hend], payload,
