@@ -3,7 +3,9 @@ bit with the x86 reference: check the global, train on a 111-sample digits shard
 12 peers' updates as they arrive, rebuild the announced Krum aggregate, digest, sign — in
 gossip and in coordinated mode. On the emulated MCUs also the instructions per phase (QEMU
 instruction counting: a regression gate, and the issue's round budgets), on unix32 the
-smallest heap the round runs in (bisection over -X heapsize) and the live heap per phase.
+smallest heap the round runs in (bisection over -X heapsize) and the live heap per phase; on
+mps2-an385 also the whole round from a firmware built with a 64 KB heap, shard and vectors on
+its filesystem.
 Figures and commands: docs/boards.md, "A node's round"."""
 
 from __future__ import annotations
@@ -141,3 +143,26 @@ def test_heap_on_unix32(unix32: str, case: roundcase.Case, want: dict[str, Any],
     # Below the smallest working heap the round fails, and says so (a MemoryError).
     with pytest.raises(RuntimeError, match="MemoryError"):
         roundcase.run_unix(unix32, case, str(smallest - 2048))
+
+
+# The emulated Cortex-M3 as a board with flash: shard and peers' vectors on its filesystem
+# (the RAM disk, docs/boards.md), MicroPython built with a 64 KB heap.
+M3_SMALL_HEAP = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def m3_small_heap(target: Any, case: roundcase.Case) -> dict[str, Any]:
+    if target.board.name != "mps2-an385":
+        pytest.skip("the 64 KB-heap firmware is built for mps2-an385; board is %s"
+                    % target.board.name)
+    from microfed_tools import firmware
+
+    image = firmware.build("mps2-an385", heap=M3_SMALL_HEAP)
+    return roundcase.measure_board(target.board, case, files=True, image=str(image))
+
+
+def test_round_runs_in_a_64k_heap_on_the_cortex_m3(m3_small_heap: dict[str, Any],
+                                                   want: dict[str, Any], mode: str) -> None:
+    assert m3_small_heap["out"] == want["out"]
+    live = max(m3_small_heap["live"].values())
+    assert live <= HEAP_BUDGETS[mode]["live"], m3_small_heap["live"]

@@ -162,9 +162,10 @@ def test_bad_board_flags_exit_2(tmp_path: Path, args: list[str], message: str) -
     assert "Traceback" not in p.stderr
 
 
-def test_unix32_and_mps2_nodes_in_a_coordinated_mesh(unix32: Path, tmp_path: Path) -> None:
+def test_unix32_and_mps2_nodes_agree_on_every_gossip_digest(unix32: Path, tmp_path: Path) -> None:
     """Two emulated Cortex-M3 nodes (QEMU each, node directory on the RAM disk, MQTT over
-    the serial line and microfed_tools.bridge) beside three unix32 nodes."""
+    the serial line and microfed_tools.bridge) beside three unix32 nodes, in gossip mode:
+    every node of every kind reports the coordinator's aggregate digest every round."""
     from microfed_host.broker import find_mosquitto
     from microfed_tools import emunode, firmware
     from microfed_tools.boards import load_board
@@ -176,7 +177,7 @@ def test_unix32_and_mps2_nodes_in_a_coordinated_mesh(unix32: Path, tmp_path: Pat
     if why:
         pytest.skip(why)
     firmware.build("mps2-an385", say=lambda _m: None)
-    sc = _scenario(boards="unix32:3,mps2-an385:2")
+    sc = _scenario(boards="unix32:3,mps2-an385:2", mode="gossip")
     out = tmp_path / "m3"
     s = mesh.run(sc, out, broker="mosquitto", say=None,
                  launchers={"unix32": nodeproc.unix32_launcher(unix32, sc.unix32_heap),
@@ -184,6 +185,10 @@ def test_unix32_and_mps2_nodes_in_a_coordinated_mesh(unix32: Path, tmp_path: Pat
     assert [s["boards"][n] for n in sorted(s["boards"])] == ["unix32"] * 3 + ["mps2-an385"] * 2
     assert s["node_exit_codes"] == dict.fromkeys(s["boards"], 0)
     assert s["rounds"] == 3 and s["rejected"] == {} and s["honest_banned"] == []
+    assert s["digest_agreement"]["rounds_agreed"] == 3
+    assert s["digest_by_board"] == {"unix32": {"nodes": 3, "rounds_agreed": 3, "mismatches": 0},
+                                    "mps2-an385": {"nodes": 2, "rounds_agreed": 3,
+                                                   "mismatches": 0}}
     for nid in ("node-04", "node-05"):
         nd = out / "nodes" / nid
         assert json.loads((nd / "config.json").read_text())["link"] == "serial"
@@ -193,7 +198,8 @@ def test_unix32_and_mps2_nodes_in_a_coordinated_mesh(unix32: Path, tmp_path: Pat
         assert events[-1]["ev"] == "exit" and events[-1]["counters"]["rounds"] == 3
         # The board's state/ came back from its RAM disk when the node had finished.
         assert (nd / "state" / "node.state").stat().st_size > 0
-    ref = mesh.run(_scenario(), tmp_path / "inproc", transport="inproc", say=None)
+        assert [e["agrees_with_coordinator"] for e in events if e["ev"] == "digest"] == [True] * 3
+    ref = mesh.run(_scenario(mode="gossip"), tmp_path / "inproc", transport="inproc", say=None)
     assert s["final_digest"] == ref["final_digest"]
     assert s["accuracy"] == ref["accuracy"]
 
