@@ -28,6 +28,15 @@ GOSSIP_DIGEST = const(3)
 HELLO = const(4)
 STATUS = const(5)
 REGISTRY = const(6)
+# Secure aggregation (microfed.secagg, docs/privacy.md): one round in four exchanges.
+SA_KEYS = const(7)      # node -> coordinator: the node's two X25519 public keys of the round
+SA_KEYSET = const(8)    # coordinator -> nodes: everyone's signed keys and the threshold t
+SA_SHARES = const(9)    # node -> coordinator: encrypted Shamir shares, one per peer
+SA_INBOX = const(10)    # coordinator -> one node: the shares addressed to it
+SA_MASKED = const(11)   # node -> coordinator: the masked, weighted update
+SA_UNMASK = const(12)   # coordinator -> nodes: who is alive, who dropped
+SA_REVEAL = const(13)   # node -> coordinator: the shares the unmasking needs
+SA_KINDS = (SA_KEYS, SA_KEYSET, SA_SHARES, SA_INBOX, SA_MASKED, SA_UNMASK, SA_REVEAL)
 
 KIND_NAMES = {
     MODEL_UPDATE: "model_update",
@@ -36,6 +45,13 @@ KIND_NAMES = {
     HELLO: "hello",
     STATUS: "status",
     REGISTRY: "registry",
+    SA_KEYS: "sa_keys",
+    SA_KEYSET: "sa_keyset",
+    SA_SHARES: "sa_shares",
+    SA_INBOX: "sa_inbox",
+    SA_MASKED: "sa_masked",
+    SA_UNMASK: "sa_unmask",
+    SA_REVEAL: "sa_reveal",
 }
 
 # Domain separation: one string per kind, so a signature made for one kind can never be
@@ -47,6 +63,13 @@ DOMAINS = {
     HELLO: b"microfed/v1/hello",
     STATUS: b"microfed/v1/status",
     REGISTRY: b"microfed/v1/registry",
+    SA_KEYS: b"microfed/v1/sa_keys",
+    SA_KEYSET: b"microfed/v1/sa_keyset",
+    SA_SHARES: b"microfed/v1/sa_shares",
+    SA_INBOX: b"microfed/v1/sa_inbox",
+    SA_MASKED: b"microfed/v1/sa_masked",
+    SA_UNMASK: b"microfed/v1/sa_unmask",
+    SA_REVEAL: b"microfed/v1/sa_reveal",
 }
 
 # The coordinator's sender id; node ids may not use it.
@@ -329,6 +352,8 @@ def decode_payload(kind, p):
             off += 34 + ln
         _need(off == n, "trailing bytes after registry entries")
         return {"mesh_id": mesh, "version": version, "coordinator": coord, "entries": entries}
+    if kind in SA_KINDS:
+        return decode_sa_payload(kind, p)
     raise WireError("bad_kind", "unknown kind %r" % (kind,))
 
 
@@ -468,6 +493,194 @@ def decode_global_payload(p):
     body["agg_digest"] = agg
     body["accepted"] = acc
     return body
+
+
+# ---------------------------------------------------------------- secure aggregation payloads
+# docs/wire.md, "Secure aggregation"; microfed.secagg gives them meaning. Entry lists are
+# sorted strictly ascending by node id bytes (so an id appears at most once), and every
+# entry's start and length are checked against the payload before it is read.
+#
+#   7  sa_keys    c_pk(32) s_pk(32)                                         P = 64
+#   8  sa_keyset  t(u16) count(u16) count x (id_len u8, id, seq u64, ts i64, c_pk 32,
+#                 s_pk 32, sig 64): each node's SA_KEYS frame minus what the receiver knows
+#   9  sa_shares  count(u16) count x (id_len u8, id = recipient, blob 96)
+#  10  sa_inbox   count(u16) count x (id_len u8, id = sender, blob 96)
+#  11  sa_masked  dim(u32) dim x u64 (the masked words, mod 2^64)            P = 4 + 8 dim
+#  12  sa_unmask  n_alive(u16) ids (id_len u8, id)..., n_dropped(u16) ids...
+#  13  sa_reveal  count(u16) count x (id_len u8, id, which u8: 0 self-mask seed share,
+#                 1 pairwise key share, share 32)
+
+SA_PUB = const(32)
+SA_BLOB = const(96)        # 64 bytes of encrypted shares + a 32-byte HMAC-SHA256 tag
+SA_SIG = const(64)
+SA_KEYSET_TAIL = const(144)  # seq 8 + ts 8 + c_pk 32 + s_pk 32 + sig 64
+SA_REVEAL_TAIL = const(33)   # which 1 + share 32
+SA_SELF = const(0)
+SA_PAIR = const(1)
+U64_MOD = 1 << 64
+
+
+def _sa_ids(rows, tail_len, what):
+    """Entry heads (id_len u8 | id) of `rows` [(id, tail bytes)], sorted by id bytes, ids unique."""
+    out = []
+    for node_id, tail in rows:
+        b = node_id.encode() if isinstance(node_id, str) else bytes(node_id)
+        if not valid_id(b) or b == COORDINATOR.encode():
+            raise WireError("bad_sender", "bad node id in " + what)
+        if len(tail) != tail_len:
+            raise WireError("bad_payload", what + " entry of the wrong size")
+        out.append((b, tail))
+    out.sort()
+    for i in range(1, len(out)):
+        if out[i][0] == out[i - 1][0]:
+            raise WireError("bad_payload", "node id twice in " + what)
+    if len(out) > 65535:
+        raise WireError("out_of_range", "too many entries in " + what)
+    parts = [struct.pack("<H", len(out))]
+    for b, tail in out:
+        parts.append(struct.pack("<B", len(b)) + b + tail)
+    return b"".join(parts)
+
+
+def _key32(k, what):
+    if not isinstance(k, (bytes, bytearray)) or len(k) != 32:
+        raise WireError("bad_payload", what + " must be 32 bytes")
+    return bytes(k)
+
+
+def encode_sa_keys(c_pk, s_pk):
+    return _key32(c_pk, "c_pk") + _key32(s_pk, "s_pk")
+
+
+def encode_sa_keyset(t, entries):
+    """`entries`: (node id, seq, timestamp, c_pk, s_pk, signature) of each SA_KEYS frame."""
+    rows = []
+    for node_id, seq, ts, c_pk, s_pk, sig in entries:
+        if type(seq) is not int or not 1 <= seq < SEQ_LIMIT:
+            raise WireError("bad_seq", "sequence counter must be in 1 .. 2**63-1")
+        if type(ts) is not int or not -(1 << 63) <= ts < (1 << 63):
+            raise WireError("out_of_range", "timestamp must be a signed 64-bit int")
+        if len(sig) != SA_SIG:
+            raise WireError("bad_payload", "signature must be 64 bytes")
+        rows.append((node_id, struct.pack("<Qq", seq, ts) + encode_sa_keys(c_pk, s_pk)
+                     + bytes(sig)))
+    if type(t) is not int or not 1 <= t <= len(rows):
+        raise WireError("out_of_range", "threshold must be in 1..count")
+    return struct.pack("<H", t) + _sa_ids(rows, SA_KEYSET_TAIL, "key set")
+
+
+def encode_sa_blobs(entries):
+    """SA_SHARES (ids = recipients) and SA_INBOX (ids = senders): (node id, blob96) rows."""
+    return _sa_ids([(i, bytes(b)) for i, b in entries], SA_BLOB, "share list")
+
+
+def encode_sa_masked(words):
+    n = len(words)
+    if n < 1:
+        raise WireError("bad_payload", "empty vector")
+    out = bytearray(4 + 8 * n)
+    struct.pack_into("<I", out, 0, n)
+    for i in range(n):
+        w = words[i]
+        if type(w) is not int or w < 0 or w >= U64_MOD:
+            raise WireError("out_of_range", "word %d is not a u64" % i)
+        struct.pack_into("<Q", out, 4 + 8 * i, w)
+    return bytes(out)
+
+
+def encode_sa_unmask(alive, dropped):
+    """Both lists sorted; they may overlap on the wire (an honest node refuses that)."""
+    return (_sa_ids([(i, b"") for i in alive], 0, "alive list")
+            + _sa_ids([(i, b"") for i in dropped], 0, "dropped list"))
+
+
+def encode_sa_reveal(entries):
+    """(node id, which, share32) rows; which is SA_SELF or SA_PAIR."""
+    rows = []
+    for node_id, which, share in entries:
+        if which != SA_SELF and which != SA_PAIR:
+            raise WireError("bad_payload", "share kind must be 0 or 1")
+        rows.append((node_id, struct.pack("<B", which) + _key32(share, "share")))
+    return _sa_ids(rows, SA_REVEAL_TAIL, "reveal")
+
+
+def _sa_list(p, off, n, tail, what):
+    """-> ([(id str, offset of the entry's tail)], end offset) of a count-prefixed list."""
+    _need(off + 2 <= n, what + " count truncated")
+    (count,) = struct.unpack_from("<H", p, off)
+    off += 2
+    # Smallest entry is 1 + 1 + tail bytes: bound count before looping.
+    _need(count * (2 + tail) <= n - off, what + " count larger than the payload")
+    out = []
+    prev = None
+    for _ in range(count):
+        b = _entry_id(p, off, n, tail, what)
+        _need(prev is None or b > prev, what + " ids not strictly ascending")
+        prev = b
+        out.append((b.decode(), off + 1 + len(b)))
+        off += 1 + len(b) + tail
+    return out, off
+
+
+def decode_sa_payload(kind, p):
+    n = len(p)
+    if kind == SA_KEYS:
+        _need(n == 64, "sa_keys must be 64 bytes")
+        return {"c_pk": bytes(p[0:32]), "s_pk": bytes(p[32:64])}
+    if kind == SA_KEYSET:
+        _need(n >= 4, "key set shorter than 4 bytes")
+        (t,) = struct.unpack_from("<H", p, 0)
+        rows, off = _sa_list(p, 2, n, SA_KEYSET_TAIL, "key set")
+        _need(off == n, "trailing bytes after the key set")
+        _need(1 <= t <= len(rows), "threshold outside 1..count")
+        entries = []
+        for node_id, o in rows:
+            seq, ts = struct.unpack_from("<Qq", p, o)
+            _need(1 <= seq < SEQ_LIMIT, "key set counter outside 1 .. 2**63-1")
+            entries.append((node_id, seq, ts, bytes(p[o + 16:o + 48]), bytes(p[o + 48:o + 80]),
+                            bytes(p[o + 80:o + 144])))
+        return {"t": t, "entries": entries}
+    if kind == SA_SHARES or kind == SA_INBOX:
+        rows, off = _sa_list(p, 0, n, SA_BLOB, "share list")
+        _need(off == n, "trailing bytes after the share list")
+        return {"entries": [(i, bytes(p[o:o + SA_BLOB])) for i, o in rows]}
+    if kind == SA_MASKED:
+        _need(n >= 4, "masked update shorter than 4 bytes")
+        (dim,) = struct.unpack_from("<I", p, 0)
+        _need(dim >= 1 and n == 4 + 8 * dim, "masked update length does not match dim")
+        return {"words": list(struct.unpack_from("<%dQ" % dim, p, 4))}
+    if kind == SA_UNMASK:
+        alive, off = _sa_list(p, 0, n, 0, "alive list")
+        dropped, off = _sa_list(p, off, n, 0, "dropped list")
+        _need(off == n, "trailing bytes after the dropped list")
+        return {"alive": [i for i, _o in alive], "dropped": [i for i, _o in dropped]}
+    if kind == SA_REVEAL:
+        rows, off = _sa_list(p, 0, n, SA_REVEAL_TAIL, "reveal")
+        _need(off == n, "trailing bytes after the reveal")
+        entries = []
+        for node_id, o in rows:
+            which = p[o]
+            _need(which == SA_SELF or which == SA_PAIR, "share kind must be 0 or 1")
+            entries.append((node_id, which, bytes(p[o + 1:o + 33])))
+        return {"entries": entries}
+    raise WireError("bad_kind", "unknown kind %r" % (kind,))
+
+
+def encode_sa_body(kind, body):
+    """The payload of a decoded secure-aggregation body (decode_sa_payload's inverse)."""
+    if kind == SA_KEYS:
+        return encode_sa_keys(body["c_pk"], body["s_pk"])
+    if kind == SA_KEYSET:
+        return encode_sa_keyset(body["t"], body["entries"])
+    if kind == SA_SHARES or kind == SA_INBOX:
+        return encode_sa_blobs(body["entries"])
+    if kind == SA_MASKED:
+        return encode_sa_masked(body["words"])
+    if kind == SA_UNMASK:
+        return encode_sa_unmask(body["alive"], body["dropped"])
+    if kind == SA_REVEAL:
+        return encode_sa_reveal(body["entries"])
+    raise WireError("bad_kind", "unknown kind %r" % (kind,))
 
 
 def values_digest_ok(fr):
