@@ -203,7 +203,7 @@ def plot(out: Path, doc: dict[str, Any], rows: list[dict[str, Any]],
     ax.set_ylabel("reputation")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    if len(series) <= 16:
+    if 0 < len(series) <= 16:  # none: a run without reputation (privacy secagg)
         ax.legend(fontsize=6, ncol=2)
     ax.set_title("reputation per node (dashed: Byzantine)")
     fig.tight_layout()

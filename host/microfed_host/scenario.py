@@ -32,6 +32,9 @@ MAX_ATTACK_PARAM = 1e6  # |tau|, |sigma|, |scale|, |z|: far beyond Q16.16's +-32
 MAX_ALPHA = 1e6
 MAX_DEADLINE_S = 86400.0
 MAX_TIMEOUT_S = 7 * 86400.0
+# Secure aggregation's per-node L2 clip bound (raw Q16.16): 16.0, above every delta of the
+# digits model at the default lr (docs/privacy.md, "Clipping", measured there).
+DEFAULT_CLIP_L2 = 16 << 16
 # Attacks whose compromised node still sends an honestly trained update (the wire attacks
 # inject extra frames the verifier rejects): they do not count against the rule's f.
 HONEST_UPDATE_ATTACKS = ("none",) + advmod.WIRE_ATTACKS
@@ -56,6 +59,14 @@ def _finite(name: str, v: Any, lo: float, hi: float, lo_open: bool = False) -> f
 
 class MeshError(RuntimeError):
     """Bad scenario, flags or run directory, or a mesh process that failed: says which."""
+
+
+def parse_privacy(value: object) -> str:
+    """The scenario's `privacy` key or --privacy: one of coordinator.PRIVACY."""
+    try:
+        return coordmod.parse_privacy(value)
+    except coordmod.CoordinatorError as e:
+        raise MeshError(str(e)) from None
 
 
 # ------------------------------------------------------------------ scenario
@@ -91,6 +102,8 @@ class Scenario:
     reputation: dict[str, int] = field(default_factory=dict)
     allow_more_byzantine: bool = False
     chaos: Chaos | None = None  # the [chaos] table (microfed_host.chaos); mqtt transport only
+    privacy: str = "none"  # coordmod.PRIVACY (docs/privacy.md)
+    clip_l2: int = DEFAULT_CLIP_L2  # secagg: each node's exact L2 clip bound, raw Q16.16
 
     @property
     def byzantine(self) -> int:
@@ -177,6 +190,7 @@ class Scenario:
                             f"(bans can leave only those), got {self.honest}; add honest nodes "
                             "or lower --f (below --byzantine only with --allow-more-byzantine)")
         self._check_byzantine_budget()
+        self._check_privacy()
         if not isinstance(self.reputation, dict):
             raise MeshError("[reputation] must be a table")
         known = ReputationBook().params()
@@ -190,6 +204,27 @@ class Scenario:
                               reputation=self.reputation).check()
         except (coordmod.CoordinatorError, ValueError, TypeError) as e:
             raise MeshError(str(e)) from None
+
+    def _check_privacy(self) -> None:
+        self.privacy = parse_privacy(self.privacy)
+        if self.privacy == "none":
+            return
+        try:
+            coordmod.check_privacy(self.privacy, self.rule, self.mode, self.reputation)
+        except coordmod.CoordinatorError as e:
+            raise MeshError(str(e)) from None
+        if type(self.clip_l2) is not int or not 1 <= self.clip_l2 <= 0x7FFFFFFF:
+            raise MeshError(f"clip_l2 must be an integer in 1..2^31-1 (raw Q16.16), got "
+                            f"{self.clip_l2!r}")
+        if self.attackers:
+            raise MeshError("privacy secagg runs without [[attackers]]: the adversary does not "
+                            "take part in secure aggregation")
+        from microfed import secagg
+        from microfed_host.secagg_server import MAX_NODES as SA_MAX
+
+        if not secagg.MIN_NODES <= self.honest <= SA_MAX:
+            raise MeshError(f"privacy secagg needs {secagg.MIN_NODES}..{SA_MAX} nodes, got "
+                            f"{self.honest}")
 
     def _check_byzantine_budget(self) -> None:
         """BYZANTINE_POLICY: more poisoners than the rule's f voids its guarantee."""
@@ -218,7 +253,7 @@ class Scenario:
 
 _TOP = {"chaos", "name", "description", "honest", "rule", "f", "m", "trim", "rounds", "mode", "seed",
         "crosscheck", "deadline_s", "round_min_s", "split", "alpha", "max_samples", "attackers", "train",
-        "data", "reputation", "allow_more_byzantine"}
+        "data", "reputation", "allow_more_byzantine", "privacy", "clip_l2"}
 
 
 def load_scenario(path: Path) -> Scenario:
@@ -235,7 +270,7 @@ def load_scenario(path: Path) -> Scenario:
     try:
         for k in ("name", "description", "honest", "rule", "f", "m", "trim", "rounds", "mode",
                   "seed", "crosscheck", "deadline_s", "round_min_s", "split", "alpha", "max_samples",
-                  "allow_more_byzantine"):
+                  "allow_more_byzantine", "privacy", "clip_l2"):
             if k in doc:
                 setattr(sc, k, doc[k])
         for section, keys_ in (("train", ("lr", "epochs", "batch")),
@@ -274,7 +309,8 @@ def load_scenario(path: Path) -> Scenario:
     for k, typ in (("honest", int), ("f", int), ("rounds", int), ("seed", int), ("lr", int),
                    ("epochs", int), ("batch", int), ("max_samples", int), ("m", int), ("trim", int),
                    ("name", str), ("description", str), ("rule", str), ("mode", str),
-                   ("split", str), ("crosscheck", str), ("allow_more_byzantine", bool)):
+                   ("split", str), ("crosscheck", str), ("allow_more_byzantine", bool),
+                   ("clip_l2", int)):
         if type(getattr(sc, k)) is not typ:
             what = {int: "an integer", str: "a string", bool: "true or false"}[typ]
             raise MeshError(f"scenario {path}: {k} must be {what}")
@@ -291,7 +327,7 @@ def apply_overrides(sc: Scenario, a: Any) -> Scenario:
     is configured to tolerate the attackers asked for); wire attacks, whose nodes send honest
     updates, leave f alone."""
     for k in ("honest", "rule", "f", "rounds", "mode", "split", "alpha", "seed", "crosscheck",
-              "max_samples"):
+              "max_samples", "privacy", "clip_l2"):
         v = getattr(a, k, None)
         if v is not None:
             setattr(sc, k, v)
@@ -379,7 +415,8 @@ def prepare(sc: Scenario, out: Path, force: bool = False) -> dict[str, Any]:
                             reputation=dict(sc.reputation), expected=ids,
                             wait_hello_s=min(30.0, sc.deadline_s),
                             revoke_at=({sc.chaos.revoke_node: sc.chaos.revoke_round}
-                                       if sc.chaos is not None and sc.chaos.revoke_node else {}))
+                                       if sc.chaos is not None and sc.chaos.revoke_node else {}),
+                            privacy=sc.privacy)
     (out / coordmod.CONFIG_NAME).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
     doc = sc.to_json()
     doc.update({"mesh": mesh_name, "honest_ids": sc.honest_ids(),
@@ -397,6 +434,9 @@ def write_node_config(nd: Path, sc: Scenario, broker: tuple[str, int] | None) ->
         "idle_exit_s": int(max(120, 3 * sc.deadline_s)),
         "status_interval_ms": 100,
     }
+    if sc.privacy == "secagg":
+        # The key set of 100 nodes is ~15 KB: above the default 16 KB once framed.
+        conf.update({"privacy": "secagg", "clip_l2": sc.clip_l2, "max_msg": 65536})
     if broker is not None:
         conf["broker"] = {"host": broker[0], "port": broker[1]}
     (nd / "config.json").write_text(json.dumps(conf, indent=2) + "\n")

@@ -5,6 +5,7 @@
                         [--rounds R] [--mode coordinated|gossip]
                         [--split iid|dirichlet] [--alpha A] [--seed S] [--out DIR]
                         [--crosscheck always|sampled:N|off] [--transport mqtt|inproc]
+                        [--privacy none|secagg] [--clip-l2 RAW]
                         [--broker auto|mosquitto|amqtt|HOST:PORT]
     microfed mesh sweep [--rounds 30] [--jobs 2] [--out DIR] [--md docs/results.md]
 
@@ -16,6 +17,9 @@ Byzantine budget: a run is refused when more nodes poison their updates than f, 
 the rule is configured to tolerate (trimmed_mean: the trim count; median also needs an honest
 majority); --byzantine K without --f sets f = K. Wire attacks (replay, forged, unregistered)
 send honest updates and do not count. --allow-more-byzantine runs past the guarantee.
+--privacy secagg runs secure aggregation (docs/privacy.md): the coordinator learns only the
+sum of the nodes' clipped, weighted updates; it needs --rule fedavg, coordinated mode and no
+attackers, because the robust rules and reputation need the individual updates.
 Every bad flag or scenario value ends the command with one line and exit code 2.
 """
 
@@ -29,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from microfed_host.adversary import ATTACKS
-from microfed_host.coordinator import RULES
+from microfed_host.coordinator import PRIVACY, RULES
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -129,6 +133,10 @@ def register(subparsers: Any) -> None:
     r.add_argument("--deadline", type=float, help="round deadline in seconds, at most 86400")
     r.add_argument("--transport", choices=("mqtt", "inproc"), default="mqtt",
                    help="mqtt: broker + MicroPython processes (default); inproc: one CPython process")
+    r.add_argument("--privacy", help="privacy mode: " + " | ".join(PRIVACY) + " (default: the "
+                   "scenario's, else none); secagg needs --rule fedavg (docs/privacy.md)")
+    r.add_argument("--clip-l2", dest="clip_l2", type=int, metavar="RAW",
+                   help="secagg: each node's L2 clip bound, raw Q16.16 (default 1048576 = 16.0)")
     r.add_argument("--out", help="run directory (default runs/<scenario>-<time>)")
     r.add_argument("--force", action="store_true", help="replace a non-empty --out")
     r.add_argument("--timeout", type=float, default=1800.0,
