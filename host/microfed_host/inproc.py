@@ -161,11 +161,14 @@ class SimNode:
         if self.dead or self.sa is None:
             return
         try:
-            kind, payload = noderound.secagg_reply(self.sa, raw, self.mesh_id, self.coord_pub,
-                                                   keys.check_signature, self.registry)
+            reply = noderound.secagg_reply(self.sa, raw, self.mesh_id, self.coord_pub,
+                                           keys.check_signature, self.registry)
         except Rejected as e:
             self._reject(e)
             return
+        if reply is None:
+            return  # answered already, or an earlier round's
+        kind, payload = reply
         if kind == wire.SA_MASKED and self.sa.round == self.drop_round:
             self.dead = True
             return

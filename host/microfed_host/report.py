@@ -117,6 +117,7 @@ def summarize(out: Path, doc: dict[str, Any], info: dict[str, Any], duration: fl
         "mode": doc["mode"],
         "split": doc["split"] + (f"(alpha={doc['alpha']})" if doc["split"] == "dirichlet" else ""),
         "rule": doc["rule"],
+        "privacy": doc.get("privacy", "none"),
         "f": doc["f"],
         "honest": doc["honest"],
         "byzantine": doc["byzantine"],
@@ -222,6 +223,7 @@ def table(summary: dict[str, Any]) -> str:
         ("rule", f"{s['rule']} (f={s['f']})"),
         ("nodes", f"{s['honest']} honest + {s['byzantine']} Byzantine ({s['attack']})"),
         ("mode / split", f"{s['mode']} / {s['split']}"),
+        ("privacy", s.get("privacy", "none")),
         ("rounds", str(s["rounds"])),
         ("accuracy", f"{_pct(s['accuracy'][0]).strip()} after round 1 -> "
                      f"{_pct(s['final_accuracy']).strip()} final" if s["accuracy"] else "-"),

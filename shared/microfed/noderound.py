@@ -140,13 +140,19 @@ def secagg_begin(client, round_, delta, n_samples, clip):
 
 def secagg_reply(client, msg, mesh_id, coordinator_key, check_sig, registry):
     """A coordinator frame of the round (SA_KEYSET on secagg-round, SA_INBOX on our notice
-    topic, SA_UNMASK on secagg-round), signed with the PINNED key -> (reply kind, payload).
-    Raises Rejected: a bad frame, a frame of another round or phase, or a refusal."""
+    topic, SA_UNMASK on secagg-round), signed with the PINNED key -> (reply kind, payload),
+    or None for a frame already answered or of an earlier round (a QoS 1 redelivery, the
+    retained secagg-round frame after a reconnect). Raises Rejected: a bad frame, a frame of
+    another phase, or a refusal."""
     kind = msg[3] if isinstance(msg, (bytes, bytearray)) and len(msg) > 3 else 0
     if kind not in SECAGG_REPLY:
         raise Rejected("wrong_kind", "not a secure-aggregation request")
     fr = coordinator_frame(msg, mesh_id, coordinator_key, kind, wire.KIND_NAMES[kind],
                            check_sig)
+    h = hashlib.sha256(msg).digest()
+    if fr.round < client.round or h in client.seen:
+        return None
+    client.seen.append(h)
     if kind == wire.SA_KEYSET:
         return wire.SA_SHARES, client.on_keyset(fr, registry, check_sig)
     if kind == wire.SA_INBOX:

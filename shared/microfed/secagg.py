@@ -281,6 +281,7 @@ class Client:
         self.round = 0
         self.phase = _NONE
         self.clipped = False
+        self.seen = []  # hashes of the coordinator frames answered this round
 
     def _expect(self, fr, phases, what):
         if fr.round != self.round or self.phase not in phases:
@@ -307,6 +308,7 @@ class Client:
         self.peers = {}
         self.held = {}
         self.answered = None
+        self.seen = []
         self.phase = _KEYS
         return payload
 
