@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from microfed import aggregate, secagg, verify, wire
+from microfed import aggregate, secagg, verify, wire, wire_sa
 from microfed.verify import Rejected
 from microfed_host import keys, upy
 from microfed_host.secagg_server import Result, SecAggRound
@@ -210,7 +210,7 @@ def test_honest_node_refuses_to_reveal_both_shares_of_one_peer() -> None:
     c.answered = None
     c.phase = 3
     both = m.frame(wire.SA_UNMASK, wire.COORDINATOR,
-                   wire.encode_sa_unmask(m.ids, ["node-03"]))
+                   wire_sa.encode_sa_unmask(m.ids, ["node-03"]))
     with pytest.raises(Rejected) as ei:
         c.on_unmask(both)
     assert ei.value.reason == "refused" and "both shares of node-03" in ei.value.message
@@ -225,7 +225,7 @@ def test_honest_node_answers_one_unmask_request_per_round() -> None:
     # The coordinator now claims node-03 dropped (to get its pairwise key after its self-mask
     # seed): refused, because the b-shares of node-03 were already revealed.
     alive = [i for i in m.ids if i != "node-03"]
-    other = m.frame(wire.SA_UNMASK, wire.COORDINATOR, wire.encode_sa_unmask(alive, ["node-03"]))
+    other = m.frame(wire.SA_UNMASK, wire.COORDINATOR, wire_sa.encode_sa_unmask(alive, ["node-03"]))
     with pytest.raises(Rejected) as ei:
         c.on_unmask(other)
     assert ei.value.reason == "refused" and "second, different" in ei.value.message
@@ -237,7 +237,7 @@ def test_honest_node_refuses_too_few_alive_or_a_wrong_set() -> None:
                                 (m.ids[:4], [], "share set")):
         c = m.clients["node-01"]
         c.answered, c.phase = None, 3
-        fr = m.frame(wire.SA_UNMASK, wire.COORDINATOR, wire.encode_sa_unmask(alive, dropped))
+        fr = m.frame(wire.SA_UNMASK, wire.COORDINATOR, wire_sa.encode_sa_unmask(alive, dropped))
         with pytest.raises(Rejected, match=why) as ei:
             c.on_unmask(fr)
         assert ei.value.reason == "refused"
@@ -258,7 +258,7 @@ def test_bad_key_sets_are_rejected() -> None:
     c = m.clients["node-01"]
 
     def reason(t: int, rows: list[Any]) -> str:
-        fr = m.frame(wire.SA_KEYSET, wire.COORDINATOR, wire.encode_sa_keyset(t, rows))
+        fr = m.frame(wire.SA_KEYSET, wire.COORDINATOR, wire_sa.encode_sa_keyset(t, rows))
         with pytest.raises(Rejected) as ei:
             c.on_keyset(fr, m.reg, keys.check_signature)
         assert c.phase == 1  # unchanged
@@ -291,7 +291,7 @@ def test_a_tampered_share_blob_is_rejected() -> None:
     to, kind, pl = m.server.close()[0]
     body = wire.decode_payload(kind, pl)
     u, blob = body["entries"][0]
-    bad = wire.encode_sa_blobs([(u, blob[:5] + bytes([blob[5] ^ 1]) + blob[6:])]
+    bad = wire_sa.encode_sa_blobs([(u, blob[:5] + bytes([blob[5] ^ 1]) + blob[6:])]
                                + body["entries"][1:])
     with pytest.raises(Rejected) as ei:
         m.clients[to].on_inbox(m.frame(kind, wire.COORDINATOR, bad))
@@ -300,7 +300,7 @@ def test_a_tampered_share_blob_is_rejected() -> None:
 
 def test_server_refuses_frames_that_do_not_fit_the_phase() -> None:
     m = Mini(4, seed=7)
-    fr = m.frame(wire.SA_MASKED, "node-01", wire.encode_sa_masked([0] * 7))
+    fr = m.frame(wire.SA_MASKED, "node-01", wire_sa.encode_sa_masked([0] * 7))
     assert m.server.add(fr, b"x")[0] == "wrong_phase"
     keys_pl = m.clients["node-01"].begin(3, m.delta["node-01"], 9, 1 << 40)
     assert m.server.add(m.frame(wire.SA_KEYS, "node-01", keys_pl), b"a") is None

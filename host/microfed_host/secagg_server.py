@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from microfed import secagg, wire
+from microfed import secagg, wire, wire_sa
 from microfed.wire import Frame
 
 PHASES = ("keys", "shares", "masked", "reveal")
@@ -93,8 +93,8 @@ class SecAggRound:
                 return "shares for %d nodes, the key set has %d others" % (len(to), len(want))
         elif self.phase == "reveal":
             rows = [(i, w) for i, w, _s in b["entries"]]
-            want = sorted([(i, wire.SA_SELF) for i in self.alive]
-                          + [(i, wire.SA_PAIR) for i in self.dropped])
+            want = sorted([(i, wire_sa.SA_SELF) for i in self.alive]
+                          + [(i, wire_sa.SA_PAIR) for i in self.dropped])
             if rows != want:
                 return "reveal does not answer the unmask request"
         return None
@@ -117,14 +117,14 @@ class SecAggRound:
             self.t = len(ids) // 2 + 1
             self.keyset = {i: (k + 1, self.got[i].body["s_pk"]) for k, i in enumerate(ids)}
             return self._next("shares", ids, [(None, wire.SA_KEYSET,
-                                               wire.encode_sa_keyset(self.t, entries))])
+                                               wire_sa.encode_sa_keyset(self.t, entries))])
         if self.phase == "shares":
             self.blobs = {i: dict(self.got[i].body["entries"]) for i in ids}
             self.u2 = ids
             out: list[tuple[str | None, int, bytes]] = []
             for v in ids:
                 rows = [(u, self.blobs[u][v]) for u in ids if u != v]
-                out.append((v, wire.SA_INBOX, wire.encode_sa_blobs(rows)))
+                out.append((v, wire.SA_INBOX, wire_sa.encode_sa_blobs(rows)))
             self.blobs = {}
             return self._next("masked", ids, out)
         if self.phase == "masked":
@@ -132,7 +132,7 @@ class SecAggRound:
             self.dropped = [i for i in self.u2 if i not in self.got]
             self.masked_sha = {i: self.sha[i] for i in ids}
             return self._next("reveal", ids, [(None, wire.SA_UNMASK,
-                                               wire.encode_sa_unmask(self.alive, self.dropped))])
+                                               wire_sa.encode_sa_unmask(self.alive, self.dropped))])
         reveals = {i: self.got[i].body["entries"] for i in ids}
         plain = secagg.unmask(self.total, self.keyset, self.alive, self.dropped, reveals,
                               self.t, self.dh)

@@ -29,7 +29,7 @@
 import hashlib
 import struct
 
-from microfed import wire, x25519
+from microfed import wire, wire_sa, x25519
 from microfed.ed25519 import _inv
 from microfed.q16 import rdiv
 from microfed.verify import Rejected
@@ -299,7 +299,7 @@ class Client:
         s_sk = rand_scalar(self.rand)
         c_pk = x25519.public_key(c_sk)
         s_pk = x25519.public_key(scalar_bytes(s_sk))
-        payload = wire.encode_sa_keys(c_pk, s_pk)
+        payload = wire_sa.encode_sa_keys(c_pk, s_pk)
         # State: a fresh round.
         self.round = round_
         self.y = y
@@ -334,7 +334,7 @@ class Client:
             reg = registry.lookup(node_id)
             if reg is None or not reg[1]:
                 raise Rejected("bad_keyset", "%s is not an active registry member" % node_id)
-            pl = wire.encode_sa_keys(c_pk, s_pk)
+            pl = wire_sa.encode_sa_keys(c_pk, s_pk)
             hdr = wire.encode_header(wire.SA_KEYS, self.mesh_id, node_id, fr.round, seq, ts,
                                      len(pl))
             if not check_sig(reg[0], wire.signing_digest(wire.SA_KEYS, hdr, wire.sha256(pl)),
@@ -351,7 +351,7 @@ class Client:
             x, shared, _s_pk = peers[v]
             plain = b_sh[x - 1].to_bytes(32, "little") + s_sh[x - 1].to_bytes(32, "little")
             blobs.append((v, seal(shared, share_ad(self.mesh_id, fr.round, self.id, v), plain)))
-        payload = wire.encode_sa_blobs(blobs)
+        payload = wire_sa.encode_sa_blobs(blobs)
         # State.
         self.t = t
         self.x = me
@@ -384,7 +384,7 @@ class Client:
         for v in got:
             seed = pair_seed(_agree(self.dh, scalar_bytes(self.s_sk), self.peers[v][2], v))
             prg_add(acc, seed, 1 if me < v.encode() else -1)
-        payload = wire.encode_sa_masked(acc)
+        payload = wire_sa.encode_sa_masked(acc)
         # State.
         for u in got:
             self.held[u] = got[u]
@@ -415,9 +415,9 @@ class Client:
                            % (len(named), len(self.u2)))
         if len(alive) < self.t:
             raise Rejected("refused", "%d alive, threshold %d" % (len(alive), self.t))
-        rows = [(v, wire.SA_SELF, self.held[v][0].to_bytes(32, "little")) for v in alive]
-        rows += [(v, wire.SA_PAIR, self.held[v][1].to_bytes(32, "little")) for v in dropped]
-        payload = wire.encode_sa_reveal(rows)
+        rows = [(v, wire_sa.SA_SELF, self.held[v][0].to_bytes(32, "little")) for v in alive]
+        rows += [(v, wire_sa.SA_PAIR, self.held[v][1].to_bytes(32, "little")) for v in dropped]
+        payload = wire_sa.encode_sa_reveal(rows)
         # State: this round's one answer.
         self.answered = (req, payload)
         self.phase = _REVEALED
@@ -447,10 +447,10 @@ def unmask(total, keyset, alive, dropped, reveals, t, dh=None):
             pts.setdefault((v, which), []).append((xr, int.from_bytes(share, "little")))
     acc = list(total)
     for a in alive:
-        b = shamir_join(pts.get((a, wire.SA_SELF), []), t)
+        b = shamir_join(pts.get((a, wire_sa.SA_SELF), []), t)
         prg_add(acc, self_seed(b), -1)
     for d in dropped:
-        s_sk = shamir_join(pts.get((d, wire.SA_PAIR), []), t)
+        s_sk = shamir_join(pts.get((d, wire_sa.SA_PAIR), []), t)
         skb = scalar_bytes(s_sk)
         if x25519.public_key(skb) != keyset[d][1]:
             raise SecAggError("the key reconstructed for %s is not the one it advertised" % d)

@@ -6,7 +6,8 @@ exactly). Used by benchmarks/device.py (the table in docs/boards.md) and by the 
 
 The phases run the frozen portable core on synthetic, seeded inputs of the node's real sizes:
 the 650-parameter softmax model, a 32-sample shard (SAMPLES below), 13 updates for Krum
-with f = 3.
+with f = 3; then, as a second program, one X25519 and one secure-aggregation PRG mask of 651
+words.
 """
 
 from __future__ import annotations
@@ -84,32 +85,61 @@ def _mfcost():
     return out
 '''.replace("@SAMPLES@", str(SAMPLES))
 
-# What the device runs: the function, then one dict literal on stdout.
+# Secure aggregation (docs/privacy.md), a second program so the phases above keep the heap
+# they always had: one X25519 (a node does 2 + 2 (n - 1) a round) and one PRG mask over the
+# 651 masked words (n a round: n - 1 pairwise, 1 self).
+SECAGG_FUNCTION = '''
+import time, gc
+def _mfcost():
+    tk = getattr(time, "ticks_us", None) or (lambda: 0)
+    td = getattr(time, "ticks_diff", None) or (lambda a, b: a - b)
+    out = {}
+    from microfed import x25519, secagg, model
+    gc.collect(); t = tk()
+    sh = x25519.x25519(bytes(range(32)), bytes(range(32, 64)))
+    out["x25519"] = td(tk(), t)
+    out["x25519_out"] = sh
+    acc = [0] * 651
+    gc.collect(); t = tk()
+    secagg.prg_add(acc, sh, 1)
+    out["secagg_mask_651"] = td(tk(), t)
+    for i in range(651):
+        acc[i] &= 0x7FFFFFFF  # in place: the 64-bit words are long ints on a 32-bit port
+    out["mask_digest"] = model.params_digest(acc)
+    return out
+'''
+
+# What the device runs: each function, then one dict literal on stdout.
 DEVICE_PROGRAM = COST_FUNCTION + "print(repr(_mfcost()))\ndel _mfcost\n"
+SECAGG_PROGRAM = SECAGG_FUNCTION + "print(repr(_mfcost()))\ndel _mfcost\n"
 
 
 # Phases whose cost is counted (in units of 1000 instructions); the rest are results that
 # must equal the host's (the work really happened, and the same way).
 PHASES = ("import", "public_key", "sign", "verify", "train_epoch", "encode_and_sign_update",
-          "decode_update", "krum_13x650_f3")
+          "decode_update", "krum_13x650_f3", "x25519", "secagg_mask_651")
 
 
-RESULTS = ("verify_ok", "train_digest", "krum_selected")
+RESULTS = ("verify_ok", "train_digest", "krum_selected", "x25519_out", "mask_digest")
 
 
 def host_expectations() -> dict[str, Any]:
     """What the device must compute: the same function's results on CPython."""
-    ns: dict[str, Any] = {}
-    exec(compile(COST_FUNCTION, "devicecost", "exec"), ns)
-    out = ns["_mfcost"]()
+    out: dict[str, Any] = {}
+    for src in (COST_FUNCTION, SECAGG_FUNCTION):
+        ns: dict[str, Any] = {}
+        exec(compile(src, "devicecost", "exec"), ns)
+        out.update(ns["_mfcost"]())
     return {k: out[k] for k in RESULTS}
 
 
 def measure(repl: Any) -> dict[str, Any]:
     """Run the phases on the device behind `repl` (an emulator started with ICOUNT_ARGS);
     returns {phase: instructions} plus the result fields and import_heap (bytes)."""
-    text = repl.exec_verified(DEVICE_PROGRAM, timeout=600, what="device cost")
-    raw = ast.literal_eval(text.strip().splitlines()[-1])
+    raw: dict[str, Any] = {}
+    for prog in (DEVICE_PROGRAM, SECAGG_PROGRAM):
+        text = repl.exec_verified(prog, timeout=600, what="device cost")
+        raw.update(ast.literal_eval(text.strip().splitlines()[-1]))
     out: dict[str, Any] = {k: v for k, v in raw.items() if k not in PHASES}
     for k in PHASES:
         out[k] = int(raw[k]) * 1000

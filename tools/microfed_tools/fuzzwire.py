@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 
-from microfed import wire
+from microfed import wire, wire_sa
 from microfed.wire import WireError
 from microfed_host import keys
 
@@ -171,11 +171,11 @@ def _sa_list_fields(ids: list[str], base: int, tail: list[tuple[str, int, int]],
 def _secagg_payloads() -> list[tuple[str, int, str, bytes, list[tuple[str, int, int]]]]:
     """Templates of the secure-aggregation kinds (wire.SA_KINDS), 0..MAX_ENTRIES entries."""
     out: list[tuple[str, int, str, bytes, list[tuple[str, int, int]]]] = []
-    out.append(("sa_keys", wire.SA_KEYS, "n1", wire.encode_sa_keys(_seed("c"), _seed("s")),
+    out.append(("sa_keys", wire.SA_KEYS, "n1", wire_sa.encode_sa_keys(_seed("c"), _seed("s")),
                 [("c_pk", 0, 1), ("s_pk", 32, 1)]))
     for dim in (1, 4):
         out.append(("sa_masked_d%d" % dim, wire.SA_MASKED, "n1",
-                    wire.encode_sa_masked([(1 << 64) - 1 - k for k in range(dim)]),
+                    wire_sa.encode_sa_masked([(1 << 64) - 1 - k for k in range(dim)]),
                     [("dim", 0, 4)] + [("word", 4 + 8 * k, 8) for k in range(min(dim, 3))]))
     for n in range(0, MAX_ENTRIES + 1):
         ids = sorted(NODE_IDS[:n], key=lambda s: s.encode())
@@ -183,22 +183,22 @@ def _secagg_payloads() -> list[tuple[str, int, str, bytes, list[tuple[str, int, 
             ks = [(i, 5 + k, -k, _seed("c" + i), _seed("s" + i), _seed("a" + i) + _seed("b" + i))
                   for k, i in enumerate(ids)]
             f, _ = _sa_list_fields(ids, 2, [("seq", 0, 8), ("ts", 8, 8), ("c_pk", 16, 1),
-                                            ("sig", 80, 1)], wire.SA_KEYSET_TAIL)
+                                            ("sig", 80, 1)], wire_sa.SA_KEYSET_TAIL)
             out.append(("sa_keyset_%d" % n, wire.SA_KEYSET, wire.COORDINATOR,
-                        wire.encode_sa_keyset(max(1, n // 2), ks), [("t", 0, 2)] + f))
+                        wire_sa.encode_sa_keyset(max(1, n // 2), ks), [("t", 0, 2)] + f))
         blobs = [(i, _seed("x" + i) * 3) for i in ids]
-        f, _ = _sa_list_fields(ids, 0, [("blob", 0, 1), ("tag", 64, 1)], wire.SA_BLOB)
-        out.append(("sa_shares_%d" % n, wire.SA_SHARES, "node-02", wire.encode_sa_blobs(blobs), f))
+        f, _ = _sa_list_fields(ids, 0, [("blob", 0, 1), ("tag", 64, 1)], wire_sa.SA_BLOB)
+        out.append(("sa_shares_%d" % n, wire.SA_SHARES, "node-02", wire_sa.encode_sa_blobs(blobs), f))
         out.append(("sa_inbox_%d" % n, wire.SA_INBOX, wire.COORDINATOR,
-                    wire.encode_sa_blobs(blobs), f))
+                    wire_sa.encode_sa_blobs(blobs), f))
         rev = [(i, k % 2, _seed("r" + i)) for k, i in enumerate(ids)]
-        f, _ = _sa_list_fields(ids, 0, [("which", 0, 1), ("share", 1, 1)], wire.SA_REVEAL_TAIL)
-        out.append(("sa_reveal_%d" % n, wire.SA_REVEAL, "x.y_z-9", wire.encode_sa_reveal(rev), f))
+        f, _ = _sa_list_fields(ids, 0, [("which", 0, 1), ("share", 1, 1)], wire_sa.SA_REVEAL_TAIL)
+        out.append(("sa_reveal_%d" % n, wire.SA_REVEAL, "x.y_z-9", wire_sa.encode_sa_reveal(rev), f))
         alive, dropped = ids[: (n + 1) // 2], ids[(n + 1) // 2:]
         f, end = _sa_list_fields(alive, 0, [], 0)
         f2, _ = _sa_list_fields(dropped, end, [], 0)
         out.append(("sa_unmask_%d" % n, wire.SA_UNMASK, wire.COORDINATOR,
-                    wire.encode_sa_unmask(alive, dropped), f + f2))
+                    wire_sa.encode_sa_unmask(alive, dropped), f + f2))
     return out
 
 
