@@ -615,16 +615,23 @@ class Coordinator:
         self.log("notice", node=fr.sender, reason="counter_behind", last_seq=last)
         self.publish(self.t["notice"] + fr.sender, notice, False)
 
+    def _staged_verify(self, v: HostVerifier, raw: bytes, sha: str, lo: int | None,
+                       hi: int | None) -> wire.Frame | None:
+        """Verify with the counter staged (committed by the caller once the frame is taken);
+        a rejection is counted (HostVerifier has written its audit row) and gives None."""
+        self.store.stage()
+        try:
+            return v.verify(raw, None, lo, hi)
+        except Rejected as e:
+            self.store.drop_staged()
+            self._reject(e.reason, e.message, raw, sha, header=v.last_header, record=False)
+            return None
+
     def on_digest(self, topic_node: str, raw: bytes) -> None:
         sha = hashlib.sha256(raw).hexdigest()
         last_closed = min(self.round - 1, self.cfg.rounds)
-        self.store.stage()
-        try:
-            fr = self.v_digest.verify(raw, None, 1, max(1, last_closed))
-        except Rejected as e:
-            self.store.drop_staged()
-            self._reject(e.reason, e.message, raw, sha, header=self.v_digest.last_header,
-                         record=False)
+        fr = self._staged_verify(self.v_digest, raw, sha, 1, max(1, last_closed))
+        if fr is None:
             return
         if fr.sender != topic_node:
             self.store.drop_staged()
@@ -648,13 +655,8 @@ class Coordinator:
 
     def on_hello(self, topic_node: str, raw: bytes) -> None:
         sha = hashlib.sha256(raw).hexdigest()
-        self.store.stage()
-        try:
-            fr = self.v_hello.verify(raw, None)
-        except Rejected as e:
-            self.store.drop_staged()
-            self._reject(e.reason, e.message, raw, sha, header=self.v_hello.last_header,
-                         record=False)
+        fr = self._staged_verify(self.v_hello, raw, sha, None, None)
+        if fr is None:
             return
         if fr.sender != topic_node:
             self.store.drop_staged()
@@ -684,13 +686,8 @@ class Coordinator:
         if bytes.fromhex(sha) in sa.sha.values():
             self._reject("duplicate", "exact copy of an accepted frame", raw, sha)
             return
-        self.store.stage()
-        try:
-            fr = self.v_sa.verify(raw, None, self.round, self.round)
-        except Rejected as e:
-            self.store.drop_staged()
-            self._reject(e.reason, e.message, raw, sha, header=self.v_sa.last_header,
-                         record=False)
+        fr = self._staged_verify(self.v_sa, raw, sha, self.round, self.round)
+        if fr is None:
             return
         bad = (("topic_sender_mismatch", "sent on secagg/%s" % topic_node[:64])
                if fr.sender != topic_node else sa.add(fr, bytes.fromhex(sha)))
