@@ -45,7 +45,7 @@ def components(boards: list[str]) -> None:
 
 
 def dp_costs(boards: list[str]) -> None:
-    results = {b: devicecost.measure_board(load_board(b), program=devicecost.DP_PROGRAM,
+    results = {b: devicecost.measure_board(load_board(b), programs=(devicecost.DP_PROGRAM,),
                                            phases=devicecost.DP_PHASES)[0] for b in boards}
     want = devicecost.dp_host_expectations()
     n = devicecost.DP_SAMPLES

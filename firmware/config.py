@@ -10,6 +10,7 @@ MODES = ("coordinated", "gossip")
 PEER_CHECKS = ("announce", "signature")  # microfed.noderound.PEER_CHECKS
 VECTOR_STORES = ("flash", "ram")
 LINKS = ("tcp", "serial")
+PRIVACY = ("none", "secagg")  # microfed_host.coordinator.PRIVACY (docs/privacy.md)
 
 # config.json keys and their defaults (firmware/README.md documents each).
 DEFAULTS = {
@@ -37,6 +38,8 @@ DEFAULTS = {
     "log": "",                  # "": stdout; else a file name in the node directory
     "seq_block": 64,            # sequence counters leased per flash write
     "dp": None,                 # local DP: {"clip", "sigma2": [num, den], "noise"} (microfed.dp)
+    "privacy": "none",          # "secagg": secure aggregation (coordinated mode, FedAvg)
+    "clip_l2": 16 << 16,        # secagg: exact L2 clip bound of the delta, raw Q16.16
 }
 
 
@@ -176,6 +179,10 @@ class Config:
         for key, allowed in (("peer_check", PEER_CHECKS), ("vectors", VECTOR_STORES)):
             if d[key] not in allowed:
                 raise ConfigError("%s: '%s' must be one of %s" % (where, key, ", ".join(allowed)))
+        if d["privacy"] not in PRIVACY:
+            raise ConfigError("%s: 'privacy' must be one of %s" % (where, ", ".join(PRIVACY)))
+        if d["privacy"] == "secagg" and d["mode"] != "coordinated":
+            raise ConfigError("%s: 'privacy' secagg needs 'mode' coordinated" % where)
         if d["link"] not in LINKS:
             raise ConfigError("%s: 'link' must be one of %s" % (where, ", ".join(LINKS)))
         for key in ("model", "shard", "state_dir", "log"):
@@ -189,7 +196,7 @@ class Config:
                             ("gossip_buffer", 0, 4096),
                             ("per_sender", 1, 16), ("max_abs", 1, 0x7FFFFFFF),
                             ("status_interval_ms", 0, 600000), ("idle_exit_s", 0, 1 << 30),
-                            ("seq_block", 1, 1 << 20)):
+                            ("seq_block", 1, 1 << 20), ("clip_l2", 1, 0x7FFFFFFF)):
             _int(d, key, lo, hi, where)
         tr = default_train()
         if d["train"] is not None:
@@ -238,6 +245,8 @@ class Config:
         self.log = d["log"]
         self.seq_block = d["seq_block"]
         self.dp = d["dp"]
+        self.privacy = d["privacy"]
+        self.clip_l2 = d["clip_l2"]
 
 
 def load(bundle_path="bundle.json", config_path="config.json"):

@@ -11,7 +11,10 @@
 #   3. unless the run is over: train on the local shard from the global parameters (seed
 #      derived from (base seed, r, node id)), delta = new - global (saturating), take the next
 #      persisted sequence counter, sign MODEL_UPDATE(r), persist (last round, coordinator
-#      counter, frame hash) atomically, THEN publish it.
+#      counter, frame hash) atomically, THEN publish it. With config "privacy": "secagg" the
+#      node sends SA_KEYS(r) instead and answers the coordinator's secure-aggregation frames
+#      of round r (key set, inbox, unmask request) with microfed.secagg's Client
+#      (docs/privacy.md); no plain update ever leaves the device.
 # Nothing a peer or the network sends can crash the node: every rejection is counted by
 # reason, logged, and reported in a signed STATUS frame; the loop goes on.
 # The round's steps themselves are microfed.noderound's (shared with the host's engines);
@@ -38,7 +41,7 @@ ST_IDLE_EXIT = 7
 
 # Node-side reasons, beyond microfed.verify.REASONS.
 EXTRA_REASONS = ("buffer_full", "bad_topic", "handler_error", "aggregate_error",
-                 "out_of_memory")
+                 "out_of_memory", "refused", "bad_keyset", "bad_share", "wrong_phase")
 
 
 def _failure(e, phase):
@@ -219,6 +222,16 @@ class Node:
         self.t_digest = topics.digest
         self.t_hello = topics.hello
         self.t_notice = topics.notice
+        self.t_secagg = topics.secagg
+        self.t_secagg_round = topics.secagg_round
+        self.sa = None
+        self.sa_msgs = []  # the coordinator's secure-aggregation frames waiting for step()
+        if cfg.privacy == "secagg":
+            import os
+
+            from microfed import secagg
+
+            self.sa = secagg.Client(self.node_id, self.mesh_id, os.urandom)
 
         self.outbox = []  # [topic, frame, what] awaiting a successful QoS 1 publish
         self.rejected = {}
@@ -265,6 +278,8 @@ class Node:
         self.t.subscribe(self.t_notice, 1)
         if self.gossip:
             self.t.subscribe(self.t_updates, 1)
+        if self.sa is not None:
+            self.t.subscribe(self.t_secagg_round, 1)
 
     def counters(self):
         d = {"rejected": dict(self.rejected), "duplicates": self.duplicates,
@@ -309,6 +324,13 @@ class Node:
                 self.on_update(msg)
             elif topic == self.t_registry:
                 self.on_registry(msg)
+            elif self.sa is not None and (topic == self.t_secagg_round or (
+                    topic == self.t_notice and len(msg) > 3 and msg[3] == wire.SA_INBOX)):
+                # Heavy (X25519, signatures): answered by step(), not in the handler.
+                self.sa_msgs.append(msg)
+                if len(self.sa_msgs) > 4:
+                    self.sa_msgs.pop(0)
+                    self.log("secagg_dropped")
             elif topic == self.t_notice:
                 self.on_notice(msg)
             else:
@@ -446,6 +468,18 @@ class Node:
         g = None
         gc.collect()
         t1 = time.ticks_ms()
+        if self.sa is not None:
+            kind, payload = noderound.secagg_begin(self.sa, r, delta, self.n_samples,
+                                                   self.cfg.clip_l2)
+            delta = None
+            frame = self.frame(kind, r, payload)
+            self.state.save(r, seq, h)  # persisted before publishing, as for an update
+            self.queue(self.t_secagg, frame, "sa_keys")
+            self.rounds_done += 1
+            self.log("sa_keys", round=r, seq=self.seqs.last, clipped=self.sa.clipped,
+                     train_ms=time.ticks_diff(t1, t0))
+            gc.collect()
+            return
         frame = self.frame(wire.MODEL_UPDATE, r, noderound.update_payload(self.n_samples, delta))
         # Persist BEFORE publishing: after a crash from here on, this round is never redone.
         self.state.save(r, seq, h)
@@ -468,6 +502,22 @@ class Node:
                  delta_digest=_hex(model.params_digest(delta)), train_ms=time.ticks_diff(t1, t0),
                  sign_ms=time.ticks_diff(time.ticks_ms(), t1))
         delta = None
+        gc.collect()
+
+    def secagg_step(self, msg):
+        """Answer one coordinator frame of the secure-aggregation round (a refusal is a
+        rejection with reason "refused": counted, reported, nothing revealed)."""
+        t0 = time.ticks_ms()
+        reply = noderound.secagg_reply(self.sa, msg, self.mesh_id, self.b.coordinator_key,
+                                       ed25519.verify, self.registry)
+        if reply is None:
+            self.duplicates += 1
+            return
+        kind, payload = reply
+        frame = self.frame(kind, self.sa.round, payload)
+        self.queue(self.t_secagg, frame, wire.KIND_NAMES[kind])
+        self.log("secagg", round=self.sa.round, sent=wire.KIND_NAMES[kind],
+                 ms=time.ticks_diff(time.ticks_ms(), t0))
         gc.collect()
 
     def gossip_digest(self, rr, b):
@@ -565,6 +615,16 @@ class Node:
                 self.reject("global", reason or "handler_error", message, _hex(h[:8]))
                 self.errors += 1
                 gc.collect()
+        while self.sa_msgs and not self.done:
+            msg = self.sa_msgs.pop(0)
+            try:
+                self.secagg_step(msg)
+            except WireError as e:  # Rejected: a bad frame, another phase, a refusal
+                self._failed(self.t_secagg_round, msg, e.reason, e.message)
+            except Exception as e:
+                self.errors += 1
+                reason, message = _failure(e, "secure aggregation")
+                self._failed(self.t_secagg_round, msg, reason or "handler_error", message)
         if not self.hello_sent and self.t.connected:
             self.hello_sent = self.hello()
         self.resend_after_reconnect()

@@ -118,6 +118,28 @@ def test_inproc_engine_reaches_the_real_meshs_digest(coordinated: dict[str, Any]
     assert s["rejected"] == coordinated["summary"]["rejected"]
 
 
+def test_secagg_mqtt_mesh_matches_plain_fedavg(tmp_path: Path) -> None:
+    """Secure aggregation over mosquitto with MicroPython nodes (firmware/node.py with
+    config "privacy": "secagg"): the coordinator sees only masked updates, and the final
+    digest is the plain FedAvg run's (in-process, same seed; tests/test_secagg_mesh.py ties
+    that one to an independent FedAvg loop)."""
+    _need_tools()
+    kw = {"rule": "fedavg", "f": 0, "rounds": 2, "privacy": "secagg"}
+    s = _run(_scenario(**kw), tmp_path / "secagg", broker="mosquitto")
+    plain = _run(_scenario(**{**kw, "privacy": "none"}), tmp_path / "plain", transport="inproc")
+    assert s["privacy"] == {"mode": "secagg"} and s["rounds"] == 2
+    assert s["final_digest"] == plain["final_digest"]
+    assert s["rejected"] == {}
+    for nid in ("node-01", "node-05"):
+        log = [json.loads(x) for x in
+               (tmp_path / "secagg" / "nodes" / nid / "node.log").read_text().splitlines()]
+        sent = [e["sent"] for e in log if e.get("ev") == "secagg"]
+        assert sent == ["sa_shares", "sa_masked", "sa_reveal"] * 2
+        assert not [e for e in log if e.get("ev") == "reject"]
+        assert [e for e in log if e.get("ev") == "exit"][-1]["code"] == 0
+    assert _no_children_left(tmp_path / "secagg") == []
+
+
 def test_coordinator_sigkill_mid_round_resumes_with_the_same_digest(
         coordinated: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "killed"

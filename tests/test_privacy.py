@@ -19,10 +19,10 @@ from microfed_host.scenario import MeshError, Scenario, load_scenario
 def test_parse_privacy() -> None:
     assert pv.parse_privacy("none") == "none"
     assert pv.parse_privacy("dp") == "dp"
-    for other in ("secagg", "secagg+dp"):
-        with pytest.raises(pv.PrivacyError, match="allowed: 'none', 'dp'"):
-            pv.parse_privacy(other)
-    with pytest.raises(pv.PrivacyError, match="one of 'none', 'dp'"):
+    assert pv.parse_privacy("secagg") == "secagg"
+    with pytest.raises(pv.PrivacyError, match="not wired into the mesh yet; allowed: 'none', 'dp', 'secagg'"):
+        pv.parse_privacy("secagg+dp")
+    with pytest.raises(pv.PrivacyError, match="one of 'none', 'dp', 'secagg'"):
         pv.parse_privacy("DP ")
 
 
@@ -109,7 +109,8 @@ def test_scenario_privacy_keys(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("text", "msg"), [
-    ('privacy = "secagg"\n', "allowed: 'none', 'dp'"),
+    ('privacy = "secagg+dp"\n', "allowed: 'none', 'dp', 'secagg'"),
+    ('privacy = "secagg"\n', "works with rule fedavg only"),
     ('privacy = "dp"\n', "exactly one of"),
     ('privacy = "dp"\n[dp]\nepsilon = 1\nnoise_multiplier = 2\n', "exactly one of"),
     ('privacy = "dp"\n[dp]\nepsilon = 1\ndelta = 1.0\n', "delta"),

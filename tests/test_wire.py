@@ -13,12 +13,13 @@ import json
 import struct
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from microfed import audit, wire
+from microfed import audit, wire, wire_sa
 from microfed.wire import WireError
 from microfed_host import keys, upy
 
@@ -85,7 +86,7 @@ def build_vectors() -> dict:
                wire.encode_registry(wire.mesh_id(MESH), 1, coord, entries), "coordinator",
                {"version": 1, "coordinator": coord.hex(),
                 "entries": [[i, p.hex(), a] for i, p, a in entries]}),
-    ]
+    ] + _sa_cases()
     return {"format": "microfed-wire-vectors/1",
             "note": "seed = SHA-256('microfed-test-vector:' + key_label); see docs/wire.md",
             "cases": cases}
@@ -100,6 +101,47 @@ def test_vector_file_matches_code() -> None:
     assert {c["kind"] for c in VECTORS} == set(wire.KIND_NAMES)
 
 
+def _sa_json(v: Any) -> Any:
+    """A secure-aggregation body as JSON: bytes as hex, tuples as lists."""
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, dict):
+        return {k: _sa_json(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_sa_json(x) for x in v]
+    return v
+
+
+def _sa_cases() -> list[dict]:
+    """One vector per secure-aggregation kind (docs/wire.md, "Secure aggregation")."""
+    mid = wire.mesh_id(MESH)
+    c1, s1 = seed("sa c node-01"), seed("sa s node-01")
+    keys_pl = wire_sa.encode_sa_keys(c1, s1)
+    hdr = wire.encode_header(wire.SA_KEYS, mid, "node-01", 3, 10, 0, len(keys_pl))
+    sig = keys.sign(seed("node-01"), wire.signing_digest(wire.SA_KEYS, hdr, wire.sha256(keys_pl)))
+    keyset = [("node-01", 10, 0, c1, s1, sig),
+              ("node-02", 11, 0, seed("sa c node-02"), seed("sa s node-02"), bytes(64))]
+    blobs = [("node-02", seed("blob a") + seed("blob b") + seed("tag"))]
+    cases = [
+        ("sa_keys", wire.SA_KEYS, "node-01", 10, keys_pl, "node-01"),
+        ("sa_keyset", wire.SA_KEYSET, "coordinator", 20, wire_sa.encode_sa_keyset(2, keyset),
+         "coordinator"),
+        ("sa_shares", wire.SA_SHARES, "node-01", 12, wire_sa.encode_sa_blobs(blobs), "node-01"),
+        ("sa_inbox", wire.SA_INBOX, "coordinator", 21,
+         wire_sa.encode_sa_blobs([("node-01", b) for _i, b in blobs]), "coordinator"),
+        ("sa_masked", wire.SA_MASKED, "node-01", 13,
+         wire_sa.encode_sa_masked([0, 1, 2**63, 2**64 - 1, 120]), "node-01"),
+        ("sa_unmask", wire.SA_UNMASK, "coordinator", 22,
+         wire_sa.encode_sa_unmask(["node-01"], ["node-02"]), "coordinator"),
+        ("sa_reveal", wire.SA_REVEAL, "node-01", 14,
+         wire_sa.encode_sa_reveal([("node-01", wire_sa.SA_SELF, seed("share 1")),
+                                ("node-02", wire_sa.SA_PAIR, seed("share 2"))]), "node-01"),
+    ]
+    return [_frame(name, kind, sender, 3, seq, 0, pl, label,
+                   _sa_json(wire.decode_payload(kind, pl)))
+            for name, kind, sender, seq, pl, label in cases]
+
+
 def _body_json(kind: int, body: dict) -> dict:
     out = dict(body)
     for k in ("digest", "coordinator", "agg_digest"):
@@ -107,6 +149,8 @@ def _body_json(kind: int, body: dict) -> dict:
             out[k] = out[k].hex()
     if "accepted" in out:
         out["accepted"] = [[i, h.hex()] for i, h in out["accepted"]]
+    if kind in wire.SA_KINDS:
+        return _sa_json(body)
     if kind == wire.REGISTRY:
         out.pop("mesh_id")
         out["entries"] = [[i, p.hex(), a] for i, p, a in out["entries"]]
@@ -160,7 +204,7 @@ def test_domain_separation_changes_digest() -> None:
 
 MP_SCRIPT = r"""
 import sys, json
-from microfed import wire
+from microfed import wire, wire_sa
 try:
     from microfed import ed25519
 except ImportError:
@@ -189,6 +233,8 @@ for c in cases:
             pl2 = wire.encode_global_model(fl["values"])
     elif k == wire.GOSSIP_DIGEST:
         pl2 = wire.encode_gossip_digest(bytes.fromhex(fl["digest"]), fl["rule"], fl["p1"], fl["p2"], fl["count"])
+    elif k in wire.SA_KINDS:
+        pl2 = wire_sa.encode_sa_body(k, fr.body)
     elif k == wire.REGISTRY:
         pl2 = wire.encode_registry(fr.mesh_id, fl["version"], bytes.fromhex(fl["coordinator"]),
                                    [(e[0], bytes.fromhex(e[1]), e[2]) for e in fl["entries"]])

@@ -83,18 +83,21 @@ def topic_base(mesh: str) -> str:
 
 
 def node_acl(mesh: str, node_id: str) -> list[tuple[str, str]]:
-    """(access, topic) pairs of one node: publish its own update/digest/hello, read the
-    coordinator's global and registry, its own notices and the peers' updates (gossip)."""
+    """(access, topic) pairs of one node: publish its own update/digest/hello/secagg frames,
+    read the coordinator's global, registry and secagg-round, its own notices and the peers'
+    updates (gossip)."""
     b = topic_base(mesh)
     return [("write", b + "update/" + node_id), ("write", b + "digest/" + node_id),
             ("write", b + "hello/" + node_id), ("read", b + "global"), ("read", b + "registry"),
-            ("read", b + "notice/" + node_id), ("read", b + "update/+")]
+            ("read", b + "notice/" + node_id), ("read", b + "update/+"),
+            ("write", b + "secagg/" + node_id), ("read", b + "secagg-round")]
 
 
 def coordinator_acl(mesh: str) -> list[tuple[str, str]]:
     b = topic_base(mesh)
     return [("readwrite", b + "global"), ("readwrite", b + "registry"), ("read", b + "update/+"),
-            ("read", b + "digest/+"), ("read", b + "hello/+"), ("write", b + "notice/+")]
+            ("read", b + "digest/+"), ("read", b + "hello/+"), ("write", b + "notice/+"),
+            ("read", b + "secagg/+"), ("readwrite", b + "secagg-round")]
 
 
 def acl_text(mesh: str, node_ids: list[str]) -> str:

@@ -34,18 +34,24 @@ from typing import Any
 
 import numpy as np
 
-from microfed import audit, model, q16, wire
+from microfed import audit, model, q16, secagg, wire
 from microfed.reputation import BANNED, ReputationBook
 from microfed.reputation import from_bytes as book_from_bytes
 from microfed.verify import Limits, Rejected
 from microfed_host import privacy as privmod
 from microfed_host.crosscheck import CrossChecker, CrossCheckMismatch, Policy
 from microfed_host.rounds_store import RoundsStore
+from microfed_host.secagg_server import MAX_NODES as SECAGG_MAX_NODES
+from microfed_host.secagg_server import Result as SecAggResult
+from microfed_host.secagg_server import SecAggRound
 from microfed_host.verifier import HostVerifier
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = audit.RULES
 MODES = ("coordinated", "gossip")
+# Privacy modes (docs/privacy.md): "dp" local differential privacy (the nodes noise their
+# updates; config `dp` feeds the accountant), "secagg" secure aggregation (FedAvg, coordinated).
+PRIVACY = privmod.PRIVACY_MODES
 STORE_NAME = "coordinator.sqlite"
 CONFIG_NAME = "coordinator.json"
 DEFAULT_MAX_ABS = 256 * 65536  # must equal the nodes' config "max_abs"
@@ -68,13 +74,40 @@ class CoordinatorError(RuntimeError):
     """Bad configuration or state: the message says what and why."""
 
 
+def parse_privacy(value: object) -> str:
+    """The privacy mode of a scenario, flag or coordinator.json: one of PRIVACY."""
+    try:
+        return privmod.parse_privacy(value)
+    except privmod.PrivacyError as e:
+        raise CoordinatorError(str(e)) from None
+
+
+def check_privacy(privacy: str, rule: str, mode: str, reputation: dict[str, int]) -> None:
+    """Refuse what cannot run on masked updates: every rule but FedAvg needs the individual
+    updates (Krum's distances, the median's and trimmed mean's sorted coordinates), and so
+    do reputation scores and a gossip node's own aggregation (docs/privacy.md)."""
+    if privacy != "secagg":
+        return
+    if rule != "fedavg":
+        raise CoordinatorError(
+            f"privacy secagg works with rule fedavg only: {rule} needs the individual updates, "
+            "which secure aggregation hides (docs/privacy.md, \"What robustness is lost\")")
+    if mode != "coordinated":
+        raise CoordinatorError("privacy secagg needs coordinated mode: a gossip node would "
+                               "aggregate its peers' individual updates")
+    if reputation:
+        raise CoordinatorError("privacy secagg cannot score reputation (it needs each node's "
+                               "update); remove the [reputation] settings")
+
+
 
 
 def topics(mesh: str) -> dict[str, str]:
     base = f"microfed/{mesh}/"
     return {"base": base, "global": base + "global", "registry": base + "registry",
             "update": base + "update/", "digest": base + "digest/", "hello": base + "hello/",
-            "notice": base + "notice/"}
+            "notice": base + "notice/", "secagg": base + "secagg/",
+            "secagg_round": base + "secagg-round"}
 
 
 def _notice_seq(now: float) -> int:
@@ -121,9 +154,10 @@ class CoordinatorConfig:
     # next round is handled). Exact round for reproducible experiments; `microfed provision
     # revoke` does the same at any time, effective within a second.
     revoke_at: dict[str, int] = field(default_factory=dict)
+    privacy: str = "none"  # PRIVACY; "secagg": docs/privacy.md
     # Differential privacy the nodes apply ({}: none), for the accountant: microfed_host.privacy
     # (check_config) says what it holds; the coordinator reports epsilon spent per round.
-    privacy: dict[str, Any] = field(default_factory=dict)
+    dp: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         if self.rule not in RULES:
@@ -148,9 +182,10 @@ class CoordinatorConfig:
             raise CoordinatorError(str(e)) from None
         ReputationBook(**self.reputation)  # raises ValueError naming a bad parameter
         try:
-            privmod.check_config(self.privacy)
+            privmod.check_config(self.dp)
         except privmod.PrivacyError as e:
             raise CoordinatorError(str(e)) from None
+        check_privacy(parse_privacy(self.privacy), self.rule, self.mode, self.reputation)
 
     @property
     def trim_count(self) -> int:
@@ -221,6 +256,10 @@ class Coordinator:
                 f"rule {cfg.rule} with f={cfg.f} needs at least {n_min} nodes, "
                 f"the mesh has {len(self.expected)}")
         self.n_min = n_min
+        if cfg.privacy == "secagg" and not secagg.MIN_NODES <= len(self.expected) <= SECAGG_MAX_NODES:
+            raise CoordinatorError(
+                f"privacy secagg needs {secagg.MIN_NODES}..{SECAGG_MAX_NODES} nodes, the mesh "
+                f"has {len(self.expected)} (with fewer than 3 the sum reveals the others' update)")
         self.model = model.get(cfg.model, n_features=cfg.n_features, n_classes=cfg.n_classes)
         self.test: tuple[list[list[int]], list[int]] | None = None
         if cfg.test_shard:
@@ -237,12 +276,17 @@ class Coordinator:
                                      clock=clock)
         self.v_hello = HostVerifier(self.registry, store, limits, kinds=(wire.HELLO, wire.STATUS),
                                     clock=clock)
+        self.v_sa = HostVerifier(self.registry, store, limits, clock=clock,
+                                 kinds=(wire.SA_KEYS, wire.SA_SHARES, wire.SA_MASKED,
+                                        wire.SA_REVEAL))
+        self.sa: SecAggRound | None = None
+        self._sa_seq = 0
         self.checker = CrossChecker(Policy.parse(cfg.crosscheck))
         self.t = topics(self.mesh)
         self.round = 0
         self.params: list[int] = []
         self.book = ReputationBook(**cfg.reputation)
-        self.accountant = privmod.Accountant(cfg.privacy)
+        self.accountant = privmod.Accountant(cfg.dp)
         self.pending: dict[str, _Pending] = {}
         self.coord_seq = 0
         self.global_frame = b""
@@ -351,7 +395,7 @@ class Coordinator:
         old = self.registry
         self.registry = new
         self.registry_frame = frame
-        for v in (self.v_update, self.v_digest, self.v_hello):
+        for v in (self.v_update, self.v_digest, self.v_hello, self.v_sa):
             v.registry = new
         rekeyed = self.store.adopt_keys(_active_keys(new))
         revoked = sorted(n for n, (_p, a) in new.nodes.items()
@@ -480,6 +524,8 @@ class Coordinator:
             self.on_digest(topic[len(t["digest"]):], payload)
         elif topic.startswith(t["hello"]):
             self.on_hello(topic[len(t["hello"]):], payload)
+        elif topic.startswith(t["secagg"]):
+            self.on_secagg(topic[len(t["secagg"]):], payload)
         # global / registry: our own retained messages echoed back; nothing else subscribed.
 
     def _reject(self, reason: str, message: str, raw: bytes, sha: str,
@@ -506,6 +552,11 @@ class Coordinator:
 
     def on_update(self, topic_node: str, raw: bytes) -> None:
         sha = hashlib.sha256(raw).hexdigest()
+        if self.cfg.privacy == "secagg":
+            # A plain update would be aggregated in the clear: never in a secagg run.
+            self._reject("wrong_kind", "plain model updates are refused with privacy secagg",
+                         raw, sha)
+            return
         prev = self.store.accepted_round_of(sha)
         if prev is not None and prev >= self.round - 1:
             # The same signed bytes again: a QoS 1 redelivery (or a copy of it). Harmless.
@@ -575,16 +626,23 @@ class Coordinator:
         self.log("notice", node=fr.sender, reason="counter_behind", last_seq=last)
         self.publish(self.t["notice"] + fr.sender, notice, False)
 
+    def _staged_verify(self, v: HostVerifier, raw: bytes, sha: str, lo: int | None,
+                       hi: int | None) -> wire.Frame | None:
+        """Verify with the counter staged (committed by the caller once the frame is taken);
+        a rejection is counted (HostVerifier has written its audit row) and gives None."""
+        self.store.stage()
+        try:
+            return v.verify(raw, None, lo, hi)
+        except Rejected as e:
+            self.store.drop_staged()
+            self._reject(e.reason, e.message, raw, sha, header=v.last_header, record=False)
+            return None
+
     def on_digest(self, topic_node: str, raw: bytes) -> None:
         sha = hashlib.sha256(raw).hexdigest()
         last_closed = min(self.round - 1, self.cfg.rounds)
-        self.store.stage()
-        try:
-            fr = self.v_digest.verify(raw, None, 1, max(1, last_closed))
-        except Rejected as e:
-            self.store.drop_staged()
-            self._reject(e.reason, e.message, raw, sha, header=self.v_digest.last_header,
-                         record=False)
+        fr = self._staged_verify(self.v_digest, raw, sha, 1, max(1, last_closed))
+        if fr is None:
             return
         if fr.sender != topic_node:
             self.store.drop_staged()
@@ -608,13 +666,8 @@ class Coordinator:
 
     def on_hello(self, topic_node: str, raw: bytes) -> None:
         sha = hashlib.sha256(raw).hexdigest()
-        self.store.stage()
-        try:
-            fr = self.v_hello.verify(raw, None)
-        except Rejected as e:
-            self.store.drop_staged()
-            self._reject(e.reason, e.message, raw, sha, header=self.v_hello.last_header,
-                         record=False)
+        fr = self._staged_verify(self.v_hello, raw, sha, None, None)
+        if fr is None:
             return
         if fr.sender != topic_node:
             self.store.drop_staged()
@@ -631,6 +684,74 @@ class Coordinator:
             self.hellos.add(fr.sender)
             if not self.gate_open and all(n in self.hellos for n in self.expected):
                 self._open_round_one_or_resume()
+
+    # -- secure aggregation (docs/privacy.md) ---------------------------------------------
+    def on_secagg(self, topic_node: str, raw: bytes) -> None:
+        """A node's secure-aggregation frame for the open round: verified (signature, replay,
+        round [r, r], role, dimension), then taken by the round's SecAggRound phase."""
+        sha = hashlib.sha256(raw).hexdigest()
+        if self.cfg.privacy != "secagg" or not self.gate_open or self.finishing:
+            self._reject("wrong_kind", "no secure aggregation is running", raw, sha)
+            return
+        sa = self._secagg_round()
+        if bytes.fromhex(sha) in sa.sha.values():
+            self._reject("duplicate", "exact copy of an accepted frame", raw, sha)
+            return
+        fr = self._staged_verify(self.v_sa, raw, sha, self.round, self.round)
+        if fr is None:
+            return
+        bad = (("topic_sender_mismatch", "sent on secagg/%s" % topic_node[:64])
+               if fr.sender != topic_node else sa.add(fr, bytes.fromhex(sha)))
+        if bad is not None:
+            self.store.drop_staged()
+            self._reject(bad[0], bad[1], raw, sha, fr)
+            return
+        self.store.commit_staged()
+        self.log("secagg", round=self.round, phase=sa.phase, node=fr.sender, have=len(sa.got),
+                 want=len(sa.wanted))
+        self.maybe_close()
+
+    def _secagg_round(self) -> SecAggRound:
+        if self.sa is None or self.sa.round != self.round:
+            from microfed_host import keys
+
+            self.sa = SecAggRound(self.round, self.expected_now(), self.model.n_params,
+                                  keys.x25519)
+        return self.sa
+
+    def _secagg_close(self, reason: str) -> None:
+        """Close the open phase: publish what it produced, or finish the round."""
+        sa = self._secagg_round()
+        phase = sa.phase
+        try:
+            out = sa.close()
+        except secagg.SecAggError as e:
+            # Shares that do not reconstruct: a node lied. The round cannot finish.
+            self.store.security_event(self.round, "secagg_failed", None, str(e)[:300])
+            self.log("secagg_failed", round=self.round, phase=phase, error=str(e)[:300])
+            self.deadline = self.clock() + self.cfg.deadline_s
+            return
+        self.log("secagg_phase", round=self.round, closed=phase, reason=reason,
+                 nodes=len(sa.wanted) if not isinstance(out, SecAggResult) else len(out.ids))
+        if isinstance(out, SecAggResult):
+            self._close_secagg_round(out, reason)
+            return
+        for to, kind, payload in out:
+            self._sa_seq = max(self._sa_seq + 1, _notice_seq(self.clock()))
+            frame = wire.encode(kind, self.mesh_id, wire.COORDINATOR, self.round, self._sa_seq,
+                                int(self.clock()), payload, self._sign)
+            if to is None:
+                self.publish(self.t["secagg_round"], frame, True)
+            else:
+                self.publish(self.t["notice"] + to, frame, False)
+        self.deadline = self.clock() + self.cfg.deadline_s
+
+    def _close_secagg_round(self, res: SecAggResult, reason: str) -> None:
+        r = self.round
+        digest = audit.digest(res.vector)
+        res_doc = {"vector": res.vector, "digest": digest, "selected": None}
+        self._finish_round(r, reason, res.ids, [(i, res.frame_sha[i]) for i in res.ids],
+                           res_doc, {}, 0, 0, False, [], {}, [])
 
     # -- rounds ----------------------------------------------------------------------------
     def pause(self) -> None:
@@ -671,6 +792,15 @@ class Coordinator:
             self.maybe_close()
             if self.finishing or self.done:
                 return
+        if now >= self.deadline and self.cfg.privacy == "secagg":
+            sa = self._secagg_round()
+            if len(sa.got) >= sa.need():
+                self._secagg_close("deadline")
+            else:
+                self.log("waiting", round=self.round, phase=sa.phase, have=sorted(sa.got),
+                         want=sa.wanted, need=sa.need())
+                self.deadline = now + self.cfg.deadline_s
+            return
         if now >= self.deadline:
             if len(self.pending) >= self.n_min:
                 self.close_round("deadline")
@@ -681,6 +811,10 @@ class Coordinator:
 
     def maybe_close(self) -> None:
         if self.finishing or self.done or not self.gate_open:
+            return
+        if self.cfg.privacy == "secagg":
+            if self.sa is not None and self.sa.round == self.round and self.sa.complete():
+                self._secagg_close("quorum")
             return
         want = self.expected_now()
         if want and all(n in self.pending for n in want):
@@ -709,21 +843,31 @@ class Coordinator:
             res = audit.run(self.cfg.rule, ids, vecs, params)
             security.append(("crosscheck_mismatch", None, e.diff[:2000]))
             self.log("crosscheck_mismatch", round=r, diff=e.diff[:2000])
-        agg = res["vector"]
-        new_params = [q16.sat(a + b) for a, b in zip(self.params, agg, strict=True)]
         before = set(self.book.banned())
         verdicts = self.book.observe(ids, vecs)
         newly = [n for n in self.book.banned() if n not in before]
         for n in newly:
             security.append(("ban", n, "reputation %d below %d" % (self.book.rep(n),
                                                                     self.book.ban_below)))
+        self._finish_round(r, reason, ids, [(u.sender, u.sha) for u in ups], res, params, p1,
+                           p2, crosschecked, security, verdicts, newly)
+
+    def _finish_round(self, r: int, reason: str, ids: list[str],
+                      accepted: list[tuple[str, bytes]], res: dict[str, Any],
+                      params: dict[str, Any], p1: int, p2: int, crosschecked: bool,
+                      security: list[tuple[str, str | None, str]], verdicts: dict[str, Any],
+                      newly: list[str]) -> None:
+        """Everything after the aggregate of round r: the new model, the signed GLOBAL_MODEL
+        r+1 with the announcement, one SQLite transaction, then the publication."""
+        agg = res["vector"]
+        new_params = [q16.sat(a + b) for a, b in zip(self.params, agg, strict=True)]
         rep_rows = [(n, self.book.rep(n), self.book.is_banned(n), verdicts.get(n))
                     for n in self.book.nodes()]
         acc = self.accuracy(new_params)
         final = r >= self.cfg.rounds
         ann = {"rule": self.cfg.rule, "p1": p1, "p2": p2,
                "agg_digest": bytes.fromhex(res["digest"]),
-               "accepted": [(u.sender, u.sha) for u in ups], "final": final}
+               "accepted": accepted, "final": final}
         frame, seq = self._global_frame(r + 1, new_params, ann)
         model_digest = model.params_digest(new_params).hex()
         row = {"n_accepted": len(ids), "rule": self.cfg.rule,
@@ -948,7 +1092,7 @@ def serve(run_dir: Path, host: str, port: int, log: Log = _json_log,
                           max_message=MAX_MESSAGE, queue_size=QUEUE_SIZE,
                           reconnect_min=0.5, reconnect_max=4.0,
                           **brokerauth.client_auth(Path(cfg.mesh_dir)))
-        for sub in ("update/+", "digest/+", "hello/+"):
+        for sub in ("update/+", "digest/+", "hello/+", "secagg/+"):
             client.subscribe(t["base"] + sub)
         try:
             client.connect(connect_timeout)

@@ -6,13 +6,14 @@ mesh with the same seed."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from microfed import dp, model, noderound, wire
+from microfed import dp, model, noderound, secagg, wire
 from microfed.replay import MemoryStore, ReplayGuard
 from microfed.verify import Rejected
 from microfed_host import coordinator as coordmod
@@ -61,14 +62,27 @@ def _match(flt: str, topic: str) -> bool:
     return len(fp) == len(tp)
 
 
+class VirtualClock:
+    """Wall time plus an offset the engine moves forward when only a deadline can make
+    progress (a node that dropped out): deadlines pass at once instead of in real time."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
 class SimNode:
     """firmware/node.py's round without the device around it: the same microfed.noderound
-    steps (check the global, local update, peers' updates, the announced aggregate's digest),
-    signing with `cryptography` instead of the pure-Python Ed25519 for speed."""
+    steps (check the global, local update, peers' updates, the announced aggregate's digest;
+    with privacy secagg the same microfed.secagg.Client), signing with `cryptography` instead
+    of the pure-Python Ed25519 for speed (and X25519 the same way)."""
 
     def __init__(self, bundle: dict[str, Any], shard: bytes, sc: Scenario, registry: Any,
                  bus: Bus, max_abs: int = coordmod.DEFAULT_MAX_ABS,
-                 conf: dict[str, Any] | None = None) -> None:
+                 conf: dict[str, Any] | None = None, clock: Any = time.time,
+                 drop_round: int = 0) -> None:
         self.id = bundle["node_id"]
         self.mesh = bundle["mesh"]
         self.mesh_id = wire.mesh_id(self.mesh)
@@ -94,6 +108,15 @@ class SimNode:
                                      2 * per_sender * len(registry.nodes), per_sender)
         self.digests: dict[int, str] = {}
         self.rejected: dict[str, int] = {}
+        self.clock = clock
+        self.registry = registry
+        self.clip = sc.clip_l2
+        self.sa = (secagg.Client(self.id, self.mesh_id, os.urandom, keys.x25519)
+                   if sc.privacy == "secagg" else None)
+        # Fault injection (tests): in this round the node goes silent for good after it sent
+        # its shares, before its masked update: the dropout the shares recover from.
+        self.drop_round = drop_round
+        self.dead = False
 
     def hello(self) -> None:
         payload = wire.encode_status(0, 0, 0, 0, "boot inproc " + ("gossip" if self.gossip else "coordinated"))
@@ -101,17 +124,19 @@ class SimNode:
 
     def _frame(self, kind: int, r: int, payload: bytes) -> bytes:
         self.seq += 1
-        return wire.encode(kind, self.mesh_id, self.id, r, self.seq, int(time.time()), payload,
+        return wire.encode(kind, self.mesh_id, self.id, r, self.seq, int(self.clock()), payload,
                            self.sign)
 
     def _reject(self, e: Rejected) -> None:
         self.rejected[e.reason] = self.rejected.get(e.reason, 0) + 1
 
     def on_global(self, topic: str, raw: bytes) -> None:
+        if self.dead:
+            return
         try:
             fr = noderound.check_global(raw, self.mesh_id, self.coord_pub, keys.check_signature,
                                         self.guard, self.last_round, self.m.n_params,
-                                        int(time.time()))
+                                        int(self.clock()))
         except Rejected as e:
             self._reject(e)
             return
@@ -125,15 +150,37 @@ class SimNode:
             return
         delta = noderound.local_update(self.m, self.data, self.train, r, self.id, b["values"],
                                        self.dp)
+        if self.sa is not None:
+            kind, payload = noderound.secagg_begin(self.sa, r, delta, self.data.n, self.clip)
+            self.bus.publish(self.topics.secagg, self._frame(kind, r, payload))
+            return
         frame = self._frame(wire.MODEL_UPDATE, r, noderound.update_payload(self.data.n, delta))
         if self.gossip:
             self.peers.keep(r, wire.sha256(frame), self.id, self.data.n,
                             noderound.update_values(frame, self.id))
         self.bus.publish(self.topics.update, frame)
 
+    def on_secagg(self, topic: str, raw: bytes) -> None:
+        """The coordinator's secure-aggregation frames (secagg-round, our notice topic)."""
+        if self.dead or self.sa is None:
+            return
+        try:
+            reply = noderound.secagg_reply(self.sa, raw, self.mesh_id, self.coord_pub,
+                                           keys.check_signature, self.registry)
+        except Rejected as e:
+            self._reject(e)
+            return
+        if reply is None:
+            return  # answered already, or an earlier round's
+        kind, payload = reply
+        if kind == wire.SA_MASKED and self.sa.round == self.drop_round:
+            self.dead = True
+            return
+        self.bus.publish(self.topics.secagg, self._frame(kind, self.sa.round, payload))
+
     def on_update(self, topic: str, raw: bytes) -> None:
         try:
-            self.peers.offer(raw, int(time.time()), self.last_round)
+            self.peers.offer(raw, int(self.clock()), self.last_round)
         except Rejected as e:
             self._reject(e)
 
@@ -147,13 +194,17 @@ class SimNode:
 
 
 def run_inproc(sc: Scenario, out: Path, doc: dict[str, Any],
-               progress: Progress | None = None) -> dict[str, Any]:
+               progress: Progress | None = None,
+               drop: tuple[str, int] | None = None) -> dict[str, Any]:
+    """drop=(node id, round): that node goes silent for good in that round after sending its
+    shares (privacy secagg; a fault for tests)."""
     prog = progress or Progress(sc, None)
     cfg = coordmod.load_config(out)
     bus = Bus()
     store = RoundsStore(out / coordmod.STORE_NAME)
+    clock = VirtualClock()
     try:
-        coord = Coordinator(cfg, store, bus.publish, log=prog.event)
+        coord = Coordinator(cfg, store, bus.publish, log=prog.event, clock=clock)
         reg = coord.registry
         sims: list[SimNode] = []
         for nid in sc.honest_ids():
@@ -161,12 +212,16 @@ def run_inproc(sc: Scenario, out: Path, doc: dict[str, Any],
             bundle = json.loads((nd / "bundle.json").read_text())
             conf = json.loads((nd / "config.json").read_text())
             sims.append(SimNode(bundle, (nd / "shard.bin").read_bytes(), sc, reg, bus,
-                                conf=conf))
+                                conf=conf, clock=clock,
+                                drop_round=drop[1] if drop is not None and drop[0] == nid else 0))
         base = f"microfed/{doc['mesh']}/"
         for s in sims:
             bus.subscribe(base + "global", s.on_global)
             if s.gossip:
                 bus.subscribe(base + "update/+", s.on_update)
+            if s.sa is not None:
+                bus.subscribe(base + "secagg-round", s.on_secagg)
+                bus.subscribe(base + "notice/" + s.id, s.on_secagg)
         adv = make_adversary(sc, out, doc["mesh"])
         if adv is not None:
             def adv_global(t: str, p: bytes) -> None:
@@ -183,7 +238,7 @@ def run_inproc(sc: Scenario, out: Path, doc: dict[str, Any],
 
             bus.subscribe(base + "global", adv_global)
             bus.subscribe(base + "update/+", adv_update)
-        for sub in ("update/+", "digest/+", "hello/+"):
+        for sub in ("update/+", "digest/+", "hello/+", "secagg/+"):
             bus.subscribe(base + sub, coord.handle)
         coord.start()
         for s in sims:
@@ -192,8 +247,15 @@ def run_inproc(sc: Scenario, out: Path, doc: dict[str, Any],
             for tp, fr in adv.hello_frames():
                 bus.publish(tp, fr)
         bus.pump(lambda: coord.done)
+        idle = 0
+        while not coord.done and idle < 3:
+            # Only a deadline can move things on now (a node dropped out, or a rule minimum
+            # not met): let virtual time reach it.
+            clock.offset += max(0.0, coord.deadline - clock()) + 0.001
+            coord.tick()
+            idle = 0 if bus.q else idle + 1
+            bus.pump(lambda: coord.done)
         if not coord.done:
-            # Only a deadline can move things on now (e.g. a rule minimum not met).
             raise MeshError("in-process run stalled: no messages left and the run is not over")
         if adv is not None:
             (out / "adversary.json").write_text(json.dumps(adv.report(), indent=2) + "\n")

@@ -66,6 +66,8 @@ class Progress:
 def _privacy_cell(p: dict[str, Any] | None) -> str:
     if not p or p["mode"] == "none":
         return "none"
+    if p["mode"] == "secagg":
+        return "secure aggregation (the coordinator saw only the sum)"
     return (f"local DP, clip {p['clip_norm']:g}, noise multiplier {p['noise_multiplier']:g} "
             f"({p['noise']}): epsilon {p['epsilon']:.3g} at delta {p['delta']:g} after "
             f"{p['rounds']} rounds ({p['epsilon_per_round']:.3g} per round)")
@@ -152,7 +154,8 @@ def summarize(out: Path, doc: dict[str, Any], info: dict[str, Any], duration: fl
         "coordinator_restarts": info.get("coordinator_restarts", 0),
         "security_events": {k: sum(1 for e in sec if e["kind"] == k)
                             for k in sorted({e["kind"] for e in sec})},
-        "privacy": privacy_summary(doc.get("dp_resolved"), len(rows)),
+        "privacy": privacy_summary(doc.get("dp_resolved"), len(rows),
+                                   doc.get("privacy", "none")),
         "duration_s": round(duration, 2),
     }
     if "broker" in info:
@@ -214,11 +217,12 @@ def board_counts(boards: dict[str, str]) -> str:
     return ", ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds))
 
 
-def privacy_summary(dp: dict[str, Any] | None, rounds: int) -> dict[str, Any]:
+def privacy_summary(dp: dict[str, Any] | None, rounds: int,
+                    mode: str = "none") -> dict[str, Any]:
     """summary.json's "privacy": the mode, the nodes' parameters and the epsilon spent (at the
     stated delta) per round and over the rounds run (docs/privacy.md has the bound)."""
     if not dp:
-        return {"mode": "none"}
+        return {"mode": mode}
     acc = privmod.Accountant(dp)
     z = dp["noise_multiplier"]
     return {"mode": dp["mode"], "clip_norm": dp["clip"] / 65536, "clip_raw": dp["clip"],
@@ -268,7 +272,7 @@ def plot(out: Path, doc: dict[str, Any], rows: list[dict[str, Any]],
     ax.set_ylabel("reputation")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    if len(series) <= 16:
+    if 0 < len(series) <= 16:  # none: a run without reputation (privacy secagg)
         ax.legend(fontsize=6, ncol=2)
     ax.set_title("reputation per node (dashed: Byzantine)")
     fig.tight_layout()

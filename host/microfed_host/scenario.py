@@ -37,6 +37,9 @@ MAX_TIMEOUT_S = 7 * 86400.0
 # unix32 heap bounds: below 64 KB the node cannot even decode its shard; 64 MB is far beyond
 # any MCU (the point of unix32 is an MCU's constraints).
 UNIX32_HEAP_RANGE = (64 * 1024, 64 * 1024 * 1024)
+# Secure aggregation's per-node L2 clip bound (raw Q16.16): 16.0, above every delta of the
+# digits model at the default lr (docs/privacy.md, "Clipping", measured there).
+DEFAULT_CLIP_L2 = 16 << 16
 # Attacks whose compromised node still sends an honestly trained update (the wire attacks
 # inject extra frames the verifier rejects): they do not count against the rule's f.
 HONEST_UPDATE_ATTACKS = ("none",) + advmod.WIRE_ATTACKS
@@ -61,6 +64,14 @@ def _finite(name: str, v: Any, lo: float, hi: float, lo_open: bool = False) -> f
 
 class MeshError(RuntimeError):
     """Bad scenario, flags or run directory, or a mesh process that failed: says which."""
+
+
+def parse_privacy(value: object) -> str:
+    """The scenario's `privacy` key or --privacy: one of coordinator.PRIVACY."""
+    try:
+        return coordmod.parse_privacy(value)
+    except coordmod.CoordinatorError as e:
+        raise MeshError(str(e)) from None
 
 
 # ------------------------------------------------------------------ scenario
@@ -108,6 +119,7 @@ class Scenario:
     dp_noise_multiplier: float = 0.0
     clip_norm: float = privmod.DEFAULT_CLIP_NORM
     dp_noise: str = "urandom"
+    clip_l2: int = DEFAULT_CLIP_L2  # secagg: each node's exact L2 clip bound, raw Q16.16
 
     @property
     def byzantine(self) -> int:
@@ -225,14 +237,13 @@ class Scenario:
             raise MeshError(str(e)) from None
 
     def _check_privacy(self) -> None:
-        try:
-            self.privacy = privmod.parse_privacy(self.privacy)
-        except privmod.PrivacyError as e:
-            raise MeshError(str(e)) from None
+        self.privacy = parse_privacy(self.privacy)
         if self.privacy != "dp":
             if self.dp_epsilon or self.dp_noise_multiplier:
                 raise MeshError("[dp] epsilon / noise_multiplier given but privacy is "
                                 f"{self.privacy!r}; set privacy = \"dp\" (--privacy dp)")
+            if self.privacy == "secagg":
+                self._check_secagg()
             return
         self.dp_epsilon = _finite("dp epsilon", self.dp_epsilon, 0.0, 1e6)
         self.dp_noise_multiplier = _finite("dp noise_multiplier", self.dp_noise_multiplier, 0.0,
@@ -250,6 +261,24 @@ class Scenario:
         if self.dp_noise not in privmod.NOISE_SOURCES:
             raise MeshError(f"dp noise must be one of {', '.join(privmod.NOISE_SOURCES)}, got "
                             f"{self.dp_noise!r}")
+
+    def _check_secagg(self) -> None:
+        try:
+            coordmod.check_privacy(self.privacy, self.rule, self.mode, self.reputation)
+        except coordmod.CoordinatorError as e:
+            raise MeshError(str(e)) from None
+        if type(self.clip_l2) is not int or not 1 <= self.clip_l2 <= 0x7FFFFFFF:
+            raise MeshError(f"clip_l2 must be an integer in 1..2^31-1 (raw Q16.16), got "
+                            f"{self.clip_l2!r}")
+        if self.attackers:
+            raise MeshError("privacy secagg runs without [[attackers]]: the adversary does not "
+                            "take part in secure aggregation")
+        from microfed import secagg
+        from microfed_host.secagg_server import MAX_NODES as SA_MAX
+
+        if not secagg.MIN_NODES <= self.honest <= SA_MAX:
+            raise MeshError(f"privacy secagg needs {secagg.MIN_NODES}..{SA_MAX} nodes, got "
+                            f"{self.honest}")
 
     def dp_config(self) -> dict[str, Any] | None:
         """The resolved local-DP settings (None without DP): clip in raw Q16.16, the noise
@@ -349,7 +378,8 @@ def parse_heap(v: Any) -> int:
 
 _TOP = {"boards", "unix32_heap", "chaos", "name", "description", "honest", "rule", "f", "m", "trim", "rounds", "mode", "seed",
         "crosscheck", "deadline_s", "round_min_s", "split", "alpha", "max_samples", "attackers", "train",
-        "data", "reputation", "allow_more_byzantine", "privacy", "dp"}
+        "data", "reputation", "allow_more_byzantine", "privacy", "dp",
+        "clip_l2"}
 # [dp] table key -> Scenario field.
 DP_KEYS = {"epsilon": "dp_epsilon", "delta": "dp_delta", "noise_multiplier": "dp_noise_multiplier",
            "clip_norm": "clip_norm", "noise": "dp_noise"}
@@ -376,7 +406,7 @@ def load_scenario(path: Path) -> Scenario:
     try:
         for k in ("name", "description", "honest", "rule", "f", "m", "trim", "rounds", "mode",
                   "seed", "crosscheck", "deadline_s", "round_min_s", "split", "alpha", "max_samples",
-                  "allow_more_byzantine", "boards", "unix32_heap", "privacy"):
+                  "allow_more_byzantine", "boards", "unix32_heap", "privacy", "clip_l2"):
             if k in doc:
                 setattr(sc, k, doc[k])
         dpt = doc.get("dp", {})
@@ -427,7 +457,7 @@ def load_scenario(path: Path) -> Scenario:
                    ("epochs", int), ("batch", int), ("max_samples", int), ("m", int), ("trim", int),
                    ("name", str), ("description", str), ("rule", str), ("mode", str),
                    ("split", str), ("crosscheck", str), ("allow_more_byzantine", bool),
-                   ("boards", str), ("privacy", str)):
+                   ("boards", str), ("privacy", str), ("clip_l2", int)):
         if type(getattr(sc, k)) is not typ:
             what = {int: "an integer", str: "a string", bool: "true or false"}[typ]
             raise MeshError(f"scenario {path}: {k} must be {what}")
@@ -444,7 +474,7 @@ def apply_overrides(sc: Scenario, a: Any) -> Scenario:
     is configured to tolerate the attackers asked for); wire attacks, whose nodes send honest
     updates, leave f alone."""
     for k in ("honest", "rule", "f", "rounds", "mode", "split", "alpha", "seed", "crosscheck",
-              "max_samples", "boards", "unix32_heap"):
+              "max_samples", "boards", "unix32_heap", "privacy", "clip_l2"):
         v = getattr(a, k, None)
         if v is not None:
             setattr(sc, k, v)
@@ -539,10 +569,11 @@ def prepare(sc: Scenario, out: Path, force: bool = False) -> dict[str, Any]:
                             round_min_s=sc.round_min_s,
                             init_seed=sc.seed, test_shard=str(ddir / "test.mfds"),
                             reputation=dict(sc.reputation), expected=ids,
-                            privacy=dp or {},
+                            dp=dp or {},
                             wait_hello_s=min(30.0, sc.deadline_s),
                             revoke_at=({sc.chaos.revoke_node: sc.chaos.revoke_round}
-                                       if sc.chaos is not None and sc.chaos.revoke_node else {}))
+                                       if sc.chaos is not None and sc.chaos.revoke_node else {}),
+                            privacy=sc.privacy)
     (out / coordmod.CONFIG_NAME).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
     doc = sc.to_json()
     doc.update({"mesh": mesh_name, "honest_ids": sc.honest_ids(),
@@ -564,6 +595,9 @@ def write_node_config(nd: Path, sc: Scenario, broker: tuple[str, int] | None,
         "idle_exit_s": int(max(120, 3 * sc.deadline_s)),
         "status_interval_ms": 100,
     }
+    if sc.privacy == "secagg":
+        # The key set of 100 nodes is ~15 KB: above the default 16 KB once framed.
+        conf.update({"privacy": "secagg", "clip_l2": sc.clip_l2, "max_msg": 65536})
     if broker is not None:
         conf["broker"] = {"host": broker[0], "port": broker[1]}
     if link != "tcp":

@@ -12,6 +12,11 @@
 #   5 rebuild the announced       Peers.digest: exactly the announced accepted set, with the
 #     aggregate, digest           announced rule, chunk by chunk (microfed.colagg)
 #
+# With privacy "secagg" (docs/privacy.md) step 3 sends no MODEL_UPDATE: secagg_begin starts
+# the round's microfed.secagg.Client with the delta and returns its SA_KEYS payload, and
+# secagg_reply answers each coordinator frame of the round (key set, inbox, unmask request)
+# with the next payload. The caller frames, signs and publishes on Topics.secagg.
+#
 # Portable MicroPython 1.29 / CPython; no floats, no f-strings.
 
 import hashlib
@@ -54,6 +59,8 @@ class Topics:
         self.digest = base + "digest/" + node_id
         self.hello = base + "hello/" + node_id
         self.notice = base + "notice/" + node_id
+        self.secagg = base + "secagg/" + node_id
+        self.secagg_round = base + "secagg-round"
 
 
 # ---------------------------------------------------------------- 1: the global model
@@ -123,6 +130,39 @@ def local_update(mdl, data, train, round_, node_id, g, dp=None):
 def update_payload(n_samples, delta):
     """Step 3's payload; the caller signs it with wire.encode (it owns the counter)."""
     return wire.encode_model_update(n_samples, delta)
+
+
+# Secure aggregation: the coordinator's frames of a round and the node's answer to each.
+SECAGG_REPLY = {wire.SA_KEYSET: wire.SA_SHARES, wire.SA_INBOX: wire.SA_MASKED,
+                wire.SA_UNMASK: wire.SA_REVEAL}
+
+
+def secagg_begin(client, round_, delta, n_samples, clip):
+    """Step 3 under secure aggregation: (SA_KEYS, its payload); the client keeps the clipped,
+    weighted delta for the masked update."""
+    return wire.SA_KEYS, client.begin(round_, delta, n_samples, clip)
+
+
+def secagg_reply(client, msg, mesh_id, coordinator_key, check_sig, registry):
+    """A coordinator frame of the round (SA_KEYSET on secagg-round, SA_INBOX on our notice
+    topic, SA_UNMASK on secagg-round), signed with the PINNED key -> (reply kind, payload),
+    or None for a frame already answered or of an earlier round (a QoS 1 redelivery, the
+    retained secagg-round frame after a reconnect). Raises Rejected: a bad frame, a frame of
+    another phase, or a refusal."""
+    kind = msg[3] if isinstance(msg, (bytes, bytearray)) and len(msg) > 3 else 0
+    if kind not in SECAGG_REPLY:
+        raise Rejected("wrong_kind", "not a secure-aggregation request")
+    fr = coordinator_frame(msg, mesh_id, coordinator_key, kind, wire.KIND_NAMES[kind],
+                           check_sig)
+    h = hashlib.sha256(msg).digest()
+    if fr.round < client.round or h in client.seen:
+        return None
+    client.seen.append(h)
+    if kind == wire.SA_KEYSET:
+        return wire.SA_SHARES, client.on_keyset(fr, registry, check_sig)
+    if kind == wire.SA_INBOX:
+        return wire.SA_MASKED, client.on_inbox(fr)
+    return wire.SA_REVEAL, client.on_unmask(fr)
 
 
 def update_values(frame, sender):

@@ -33,8 +33,10 @@ REASONS = (
 )
 
 # Kinds only the coordinator may send, and kinds only nodes may send.
-COORDINATOR_KINDS = (wire.GLOBAL_MODEL, wire.REGISTRY)
-NODE_KINDS = (wire.MODEL_UPDATE, wire.GOSSIP_DIGEST)
+COORDINATOR_KINDS = (wire.GLOBAL_MODEL, wire.REGISTRY, wire.SA_KEYSET, wire.SA_INBOX,
+                     wire.SA_UNMASK)
+NODE_KINDS = (wire.MODEL_UPDATE, wire.GOSSIP_DIGEST, wire.SA_KEYS, wire.SA_SHARES,
+              wire.SA_MASKED, wire.SA_REVEAL)
 
 DEFAULT_MAX_ABS = 256 * 65536     # |value| <= 256.0 in Q16.16
 DEFAULT_MAX_SAMPLES = 1 << 24
@@ -231,4 +233,9 @@ class Verifier:
                             % (s, lim.max_samples))
             elif not wire.values_digest_ok(fr):
                 return ("bad_digest", "global model digest does not match its vector")
+        elif fr.kind == wire.SA_MASKED and lim.dim is not None:
+            # The weighted update's dim words and the weight (microfed.secagg).
+            n = len(b["words"])
+            if n != lim.dim + 1:
+                return ("bad_dim", "masked update has %d words, expected %d" % (n, lim.dim + 1))
         return None

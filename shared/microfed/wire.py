@@ -28,6 +28,15 @@ GOSSIP_DIGEST = const(3)
 HELLO = const(4)
 STATUS = const(5)
 REGISTRY = const(6)
+# Secure aggregation (microfed.secagg, docs/privacy.md): one round in four exchanges.
+SA_KEYS = const(7)      # node -> coordinator: the node's two X25519 public keys of the round
+SA_KEYSET = const(8)    # coordinator -> nodes: everyone's signed keys and the threshold t
+SA_SHARES = const(9)    # node -> coordinator: encrypted Shamir shares, one per peer
+SA_INBOX = const(10)    # coordinator -> one node: the shares addressed to it
+SA_MASKED = const(11)   # node -> coordinator: the masked, weighted update
+SA_UNMASK = const(12)   # coordinator -> nodes: who is alive, who dropped
+SA_REVEAL = const(13)   # node -> coordinator: the shares the unmasking needs
+SA_KINDS = (SA_KEYS, SA_KEYSET, SA_SHARES, SA_INBOX, SA_MASKED, SA_UNMASK, SA_REVEAL)
 
 KIND_NAMES = {
     MODEL_UPDATE: "model_update",
@@ -36,6 +45,13 @@ KIND_NAMES = {
     HELLO: "hello",
     STATUS: "status",
     REGISTRY: "registry",
+    SA_KEYS: "sa_keys",
+    SA_KEYSET: "sa_keyset",
+    SA_SHARES: "sa_shares",
+    SA_INBOX: "sa_inbox",
+    SA_MASKED: "sa_masked",
+    SA_UNMASK: "sa_unmask",
+    SA_REVEAL: "sa_reveal",
 }
 
 # Domain separation: one string per kind, so a signature made for one kind can never be
@@ -47,6 +63,13 @@ DOMAINS = {
     HELLO: b"microfed/v1/hello",
     STATUS: b"microfed/v1/status",
     REGISTRY: b"microfed/v1/registry",
+    SA_KEYS: b"microfed/v1/sa_keys",
+    SA_KEYSET: b"microfed/v1/sa_keyset",
+    SA_SHARES: b"microfed/v1/sa_shares",
+    SA_INBOX: b"microfed/v1/sa_inbox",
+    SA_MASKED: b"microfed/v1/sa_masked",
+    SA_UNMASK: b"microfed/v1/sa_unmask",
+    SA_REVEAL: b"microfed/v1/sa_reveal",
 }
 
 # The coordinator's sender id; node ids may not use it.
@@ -333,6 +356,10 @@ def decode_payload(kind, p, values=True):
             off += 34 + ln
         _need(off == n, "trailing bytes after registry entries")
         return {"mesh_id": mesh, "version": version, "coordinator": coord, "entries": entries}
+    if kind in SA_KINDS:
+        # Its own module: a node that never runs secure aggregation never imports it.
+        from microfed import wire_sa
+        return wire_sa.decode_sa_payload(kind, p)
     raise WireError("bad_kind", "unknown kind %r" % (kind,))
 
 
@@ -472,6 +499,7 @@ def decode_global_payload(p):
     body["agg_digest"] = agg
     body["accepted"] = acc
     return body
+
 
 
 def values_digest_ok(fr):

@@ -7,8 +7,8 @@
                         [--crosscheck always|sampled:N|off] [--transport mqtt|inproc]
                         [--boards unix32:8,mps2-an385:2] [--unix32-heap 512k]
                         [--broker auto|mosquitto|amqtt|HOST:PORT]
-                        [--privacy none|dp] [--dp-epsilon E | --dp-noise-multiplier Z]
-                        [--dp-delta D] [--clip-norm C] [--dp-noise urandom|seeded]
+                        [--privacy none|dp|secagg] [--dp-epsilon E | --dp-noise-multiplier Z]
+                        [--dp-delta D] [--clip-norm C] [--dp-noise urandom|seeded] [--clip-l2 RAW]
     microfed mesh sweep [--rounds 30] [--jobs 2] [--out DIR] [--md docs/results.md]
     microfed mesh dp-sweep [--rules fedavg,krum] [--epsilons 0,16,64,256,1024] [--seeds 1,2,3]
 
@@ -29,6 +29,10 @@ give a target --dp-epsilon for the whole run at --dp-delta (the noise multiplier
 calibrated) or the --dp-noise-multiplier itself. The coordinator reports epsilon spent.
 The robust rules and reputation then run on the noised updates.
 
+--privacy secagg runs secure aggregation (docs/privacy.md): the coordinator learns only the
+sum of the nodes' clipped, weighted updates; it needs --rule fedavg, coordinated mode and no
+attackers, because the robust rules and reputation need the individual updates.
+
 Every bad flag or scenario value ends the command with one line and exit code 2.
 """
 
@@ -43,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from microfed_host.adversary import ATTACKS
-from microfed_host.coordinator import RULES
+from microfed_host.coordinator import PRIVACY, RULES
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -188,6 +192,8 @@ def register(subparsers: Any) -> None:
                    help="-X heapsize= of the unix32 nodes (default 512k)")
     r.add_argument("--transport", choices=("mqtt", "inproc"), default="mqtt",
                    help="mqtt: broker + MicroPython processes (default); inproc: one CPython process")
+    r.add_argument("--clip-l2", dest="clip_l2", type=int, metavar="RAW",
+                   help="secagg: each node's L2 clip bound, raw Q16.16 (default 1048576 = 16.0)")
     r.add_argument("--out", help="run directory (default runs/<scenario>-<time>)")
     r.add_argument("--force", action="store_true", help="replace a non-empty --out")
     r.add_argument("--timeout", type=float, default=1800.0,
@@ -195,8 +201,9 @@ def register(subparsers: Any) -> None:
     r.add_argument("--kill-coordinator-at", dest="kill_coordinator_at", type=int, default=0,
                    metavar="ROUND", help="demonstration: SIGKILL the coordinator mid-round ROUND "
                    "and restart it (it resumes from SQLite)")
-    r.add_argument("--privacy", help="none (default) | dp: local differential privacy "
-                   "(secagg, secagg+dp: not in this build)")
+    r.add_argument("--privacy", help="privacy mode: " + " | ".join(PRIVACY) + " (default: the "
+                   "scenario's, else none): dp = local differential privacy, secagg = secure "
+                   "aggregation (needs --rule fedavg); docs/privacy.md")
     r.add_argument("--dp-epsilon", dest="dp_epsilon", type=float,
                    help="dp: target epsilon over the whole run (calibrates the noise)")
     r.add_argument("--dp-noise-multiplier", dest="dp_noise_multiplier", type=float,

@@ -6,7 +6,8 @@ exactly). Used by benchmarks/device.py (the table in docs/boards.md) and by the 
 
 The phases run the frozen portable core on synthetic, seeded inputs of the node's real sizes:
 the 650-parameter softmax model, a 32-sample shard (SAMPLES below), 13 updates for Krum
-with f = 3.
+with f = 3; then, as a second program, one X25519 and one secure-aggregation PRG mask of 651
+words.
 """
 
 from __future__ import annotations
@@ -87,17 +88,42 @@ def _mfcost():''' + _PROLOGUE + '''    from microfed import wire, ed25519, model
     return out
 ''').replace("@SAMPLES@", str(SAMPLES))
 
-# What the device runs: the function, then one dict literal on stdout.
+# Secure aggregation (docs/privacy.md), a second program so the phases above keep the heap
+# they always had: one X25519 (a node does 2 + 2 (n - 1) a round) and one PRG mask over the
+# 651 masked words (n a round: n - 1 pairwise, 1 self).
+SECAGG_FUNCTION = '''
+import time, gc
+def _mfcost():
+    tk = getattr(time, "ticks_us", None) or (lambda: 0)
+    td = getattr(time, "ticks_diff", None) or (lambda a, b: a - b)
+    out = {}
+    from microfed import x25519, secagg, model
+    gc.collect(); t = tk()
+    sh = x25519.x25519(bytes(range(32)), bytes(range(32, 64)))
+    out["x25519"] = td(tk(), t)
+    out["x25519_out"] = sh
+    acc = [0] * 651
+    gc.collect(); t = tk()
+    secagg.prg_add(acc, sh, 1)
+    out["secagg_mask_651"] = td(tk(), t)
+    for i in range(651):
+        acc[i] &= 0x7FFFFFFF  # in place: the 64-bit words are long ints on a 32-bit port
+    out["mask_digest"] = model.params_digest(acc)
+    return out
+'''
+
+# What the device runs: each function, then one dict literal on stdout.
 DEVICE_PROGRAM = COST_FUNCTION + "print(repr(_mfcost()))\ndel _mfcost\n"
+SECAGG_PROGRAM = SECAGG_FUNCTION + "print(repr(_mfcost()))\ndel _mfcost\n"
 
 
 # Phases whose cost is counted (in units of 1000 instructions); the rest are results that
 # must equal the host's (the work really happened, and the same way).
 PHASES = ("import", "public_key", "sign", "verify", "train_epoch", "encode_and_sign_update",
-          "decode_update", "krum_13x650_f3")
+          "decode_update", "krum_13x650_f3", "x25519", "secagg_mask_651")
 
 
-RESULTS = ("verify_ok", "train_digest", "krum_selected")
+RESULTS = ("verify_ok", "train_digest", "krum_selected", "x25519_out", "mask_digest")
 
 
 # Local differential privacy on the node (microfed.dp, docs/privacy.md): the discrete Gaussian
@@ -144,32 +170,38 @@ DP_RESULTS = ("dgauss_mesh_sum_sq", "dgauss_mesh_sha256_blocks", "dgauss_2_3_sum
               "dgauss_2_3_sha256_blocks", "clip_digest", "privatize_digest")
 
 
-def host_expectations(function: str = COST_FUNCTION, name: str = "_mfcost",
+def host_expectations(functions: tuple[str, ...] = (COST_FUNCTION, SECAGG_FUNCTION),
+                      name: str = "_mfcost",
                       results: tuple[str, ...] = RESULTS) -> dict[str, Any]:
     """What the device must compute: the same function's results on CPython."""
-    ns: dict[str, Any] = {}
-    exec(compile(function, "devicecost", "exec"), ns)
-    out = ns[name]()
+    out: dict[str, Any] = {}
+    for src in functions:
+        ns: dict[str, Any] = {}
+        exec(compile(src, "devicecost", "exec"), ns)
+        out.update(ns[name]())
     return {k: out[k] for k in results}
 
 
 def dp_host_expectations() -> dict[str, Any]:
-    return host_expectations(DP_COST_FUNCTION, "_mfdpcost", DP_RESULTS)
+    return host_expectations((DP_COST_FUNCTION,), "_mfdpcost", DP_RESULTS)
 
 
-def measure(repl: Any, program: str = DEVICE_PROGRAM,
+def measure(repl: Any, programs: tuple[str, ...] = (DEVICE_PROGRAM, SECAGG_PROGRAM),
             phases: tuple[str, ...] = PHASES) -> dict[str, Any]:
     """Run the phases on the device behind `repl` (an emulator started with ICOUNT_ARGS);
     returns {phase: instructions} plus the result fields and import_heap (bytes)."""
-    text = repl.exec_verified(program, timeout=600, what="device cost")
-    raw = ast.literal_eval(text.strip().splitlines()[-1])
+    raw: dict[str, Any] = {}
+    for prog in programs:
+        text = repl.exec_verified(prog, timeout=600, what="device cost")
+        raw.update(ast.literal_eval(text.strip().splitlines()[-1]))
     out: dict[str, Any] = {k: v for k, v in raw.items() if k not in phases}
     for k in phases:
         out[k] = int(raw[k]) * 1000
     return out
 
 
-def measure_board(board: Any, runs: int = 1, program: str = DEVICE_PROGRAM,
+def measure_board(board: Any, runs: int = 1,
+                  programs: tuple[str, ...] = (DEVICE_PROGRAM, SECAGG_PROGRAM),
                   phases: tuple[str, ...] = PHASES) -> list[dict[str, Any]]:
     """Boot `board` in QEMU with instruction counting and measure `runs` times (each from a
     soft reset)."""
@@ -185,7 +217,7 @@ def measure_board(board: Any, runs: int = 1, program: str = DEVICE_PROGRAM,
             # on it ('' leads sys.path), which is the filesystem's cost, not our code's.
             repl = rawrepl.connect(pty, board, timeout=60, soft_reset=True, fs_mount=False)
             try:
-                out.append(measure(repl, program, phases))
+                out.append(measure(repl, programs, phases))
             finally:
                 repl.close()
         return out

@@ -4,7 +4,8 @@ Used by tests/test_fuzz_wire.py and benchmarks/fuzz_wire.py. It works in four st
 
 1. Templates: valid frames of every kind (MODEL_UPDATE; GLOBAL_MODEL plain and with an
    accepted-set announcement of 0..MAX_ENTRIES entries, final flag on and off; GOSSIP_DIGEST;
-   HELLO; STATUS; REGISTRY of 0..MAX_ENTRIES entries), each signed ONCE with a real Ed25519
+   HELLO; STATUS; REGISTRY of 0..MAX_ENTRIES entries; the secure-aggregation kinds, their
+   entry lists of 0..MAX_ENTRIES entries), each signed ONCE with a real Ed25519
    key (`cryptography`). Every template records where its fields are: the header's (kind,
    version, lengths, sender length, seq ...) and the payload's (dim, counts, id_len bytes,
    status bytes, flags, rule codes ...).
@@ -32,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 
-from microfed import wire
+from microfed import wire, wire_sa
 from microfed.wire import WireError
 from microfed_host import keys
 
@@ -151,6 +152,53 @@ def _payloads() -> list[tuple[str, int, str, bytes, list[tuple[str, int, int]]]]
     for n in range(0, MAX_ENTRIES + 1):
         p, f = _registry(n)
         out.append(("registry_%d" % n, wire.REGISTRY, wire.COORDINATOR, p, f))
+    return out + _secagg_payloads()
+
+
+def _sa_list_fields(ids: list[str], base: int, tail: list[tuple[str, int, int]],
+                    tail_len: int) -> tuple[list[tuple[str, int, int]], int]:
+    """Fields of a count-prefixed secure-aggregation entry list at `base`; its end offset."""
+    fields = [("count", base, 2)]
+    off = base + 2
+    for i in ids:
+        ln = len(i)
+        fields += [("id_len", off, 1), ("id", off + 1, 1), ("id_last", off + ln, 1)]
+        fields += [(name, off + 1 + ln + o, w) for name, o, w in tail]
+        off += 1 + ln + tail_len
+    return fields, off
+
+
+def _secagg_payloads() -> list[tuple[str, int, str, bytes, list[tuple[str, int, int]]]]:
+    """Templates of the secure-aggregation kinds (wire.SA_KINDS), 0..MAX_ENTRIES entries."""
+    out: list[tuple[str, int, str, bytes, list[tuple[str, int, int]]]] = []
+    out.append(("sa_keys", wire.SA_KEYS, "n1", wire_sa.encode_sa_keys(_seed("c"), _seed("s")),
+                [("c_pk", 0, 1), ("s_pk", 32, 1)]))
+    for dim in (1, 4):
+        out.append(("sa_masked_d%d" % dim, wire.SA_MASKED, "n1",
+                    wire_sa.encode_sa_masked([(1 << 64) - 1 - k for k in range(dim)]),
+                    [("dim", 0, 4)] + [("word", 4 + 8 * k, 8) for k in range(min(dim, 3))]))
+    for n in range(0, MAX_ENTRIES + 1):
+        ids = sorted(NODE_IDS[:n], key=lambda s: s.encode())
+        if n:
+            ks = [(i, 5 + k, -k, _seed("c" + i), _seed("s" + i), _seed("a" + i) + _seed("b" + i))
+                  for k, i in enumerate(ids)]
+            f, _ = _sa_list_fields(ids, 2, [("seq", 0, 8), ("ts", 8, 8), ("c_pk", 16, 1),
+                                            ("sig", 80, 1)], wire_sa.SA_KEYSET_TAIL)
+            out.append(("sa_keyset_%d" % n, wire.SA_KEYSET, wire.COORDINATOR,
+                        wire_sa.encode_sa_keyset(max(1, n // 2), ks), [("t", 0, 2)] + f))
+        blobs = [(i, _seed("x" + i) * 3) for i in ids]
+        f, _ = _sa_list_fields(ids, 0, [("blob", 0, 1), ("tag", 64, 1)], wire_sa.SA_BLOB)
+        out.append(("sa_shares_%d" % n, wire.SA_SHARES, "node-02", wire_sa.encode_sa_blobs(blobs), f))
+        out.append(("sa_inbox_%d" % n, wire.SA_INBOX, wire.COORDINATOR,
+                    wire_sa.encode_sa_blobs(blobs), f))
+        rev = [(i, k % 2, _seed("r" + i)) for k, i in enumerate(ids)]
+        f, _ = _sa_list_fields(ids, 0, [("which", 0, 1), ("share", 1, 1)], wire_sa.SA_REVEAL_TAIL)
+        out.append(("sa_reveal_%d" % n, wire.SA_REVEAL, "x.y_z-9", wire_sa.encode_sa_reveal(rev), f))
+        alive, dropped = ids[: (n + 1) // 2], ids[(n + 1) // 2:]
+        f, end = _sa_list_fields(alive, 0, [], 0)
+        f2, _ = _sa_list_fields(dropped, end, [], 0)
+        out.append(("sa_unmask_%d" % n, wire.SA_UNMASK, wire.COORDINATOR,
+                    wire_sa.encode_sa_unmask(alive, dropped), f + f2))
     return out
 
 
