@@ -34,14 +34,15 @@ def test_l2_clip_bound_holds_exactly(values: list[int], bound: int) -> None:
     if _norm2(values) <= bound * bound:
         assert out == values
     else:
-        # the documented rule, recomputed with exact rationals
-        c = Fraction(_norm2(values)) ** Fraction(1, 2)
-        ceil_c = dgauss.isqrt(_norm2(values))
-        ceil_c += ceil_c * ceil_c < _norm2(values)
+        # the documented rule, recomputed exactly (integers only: a float quotient is not)
+        n2 = _norm2(values)
+        ceil_c = dgauss.isqrt(n2)
+        ceil_c += ceil_c * ceil_c < n2
         for v, w in zip(values, out, strict=True):
             assert abs(w) == abs(v) * bound // ceil_c
             assert w == 0 or (w > 0) == (v > 0)
-            assert abs(w) <= abs(v) * bound / c
+            # |w| <= |v| * bound / sqrt(n2), squared
+            assert w * w * n2 <= (v * bound) ** 2
         # nothing is lost beyond the ceiling (< 1) and rounding toward zero (< 1 per
         # coordinate): the norm is at least bound - 1 - sqrt(d)
         assert math.sqrt(_norm2(out)) >= (bound - 1 - math.sqrt(len(values))) * (1 - 1e-12)
