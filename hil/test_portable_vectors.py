@@ -96,6 +96,7 @@ def test_model_vectors_on_device(device: Any) -> None:
 
 def test_reputation_vectors_on_device(device: Any) -> None:
     _need_frozen(device)
+    device.fresh()  # the model runner of the test before must not hold (or split) the heap
     doc = json.loads((VECTORS / "reputation.json").read_text())
     device.repl.exec_verified(_runner_source("reputation_runner.py"), what="reputation runner")
     cases = doc["cases"]
@@ -111,6 +112,7 @@ def test_reputation_vectors_on_device(device: Any) -> None:
 
 def test_wire_sign_verify_pipeline_on_device(device: Any) -> None:
     _need_frozen(device)
+    device.fresh()
     cases = json.loads((VECTORS / "wire.json").read_text())["cases"]
     ns: dict[str, Any] = {}
     exec(compile(WIRE_CHECK, "wire_check", "exec"), ns)  # the host's answer: same code
