@@ -12,7 +12,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from microfed import secagg, wire
+from microfed import dgauss, wire
 from microfed_host import mesh
 from microfed_host.rounds_store import RoundsStore
 
@@ -28,7 +28,7 @@ def norms(honest: int, rounds: int, seed: int, work: Path) -> list[float]:
         for r in range(1, rounds + 1):
             for raw in st.accepted_frames(r):
                 v = wire.decode(raw).body["values"]
-                found.append(secagg.isqrt(sum(x * x for x in v)) / 65536)
+                found.append(dgauss.isqrt(sum(x * x for x in v)) / 65536)
         return found
     finally:
         st.close()

@@ -37,7 +37,8 @@ DEFAULTS = {
     "idle_exit_s": 0,           # exit (code 4) after this long without a GLOBAL_MODEL; 0: never
     "log": "",                  # "": stdout; else a file name in the node directory
     "seq_block": 64,            # sequence counters leased per flash write
-    "dp": None,                 # local DP: {"clip", "sigma2": [num, den], "noise"} (microfed.dp)
+    "dp": None,                 # DP: {"clip", "sigma2": [num, den], "noise", "nodes"} (microfed.dp);
+                                # with privacy secagg: distributed DP, dp.clip the clip
     "privacy": "none",          # "secagg": secure aggregation (coordinated mode, FedAvg)
     "clip_l2": 16 << 16,        # secagg: exact L2 clip bound of the delta, raw Q16.16
 }
@@ -214,9 +215,19 @@ class Config:
             from microfed import dp
 
             try:
-                dp.node_dp(d["dp"], 0, "")  # checked here; the node builds its own
+                nd = dp.node_dp(d["dp"], 0, "")  # checked here; the node builds its own
             except ValueError as e:
                 raise ConfigError("%s: %s" % (where, e))
+            shares = d["dp"].get("nodes", 1)
+            if d["privacy"] == "secagg":
+                # Distributed DP: dp.clip is the one clip (microfed.noderound.secagg_begin).
+                if "clip_l2" in doc and doc["clip_l2"] != nd.clip:
+                    raise ConfigError("%s: with 'privacy' secagg and 'dp', 'dp.clip' is the "
+                                      "clip: drop 'clip_l2' (or make it equal)" % where)
+            elif shares != 1:
+                raise ConfigError("%s: 'dp.nodes' %d (a share of distributed DP) needs "
+                                  "'privacy' secagg: alone, a share protects nothing"
+                                  % (where, shares))
         if d["broker"] is not None:
             d["broker"] = _broker(d["broker"], where)
         d["wifi"] = _wifi(d["wifi"], where)

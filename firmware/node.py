@@ -184,8 +184,9 @@ class Node:
         self.n_samples = self.data.n
         self.model = model.get(cfg.model, n_features=self.data.d, n_classes=self.data.k)
         self.model.check_data(self.data)
-        # Local DP (config "dp"): clip and noise every delta before it is signed. Imported
-        # only when used: a node without it pays no heap for the sampler.
+        # DP (config "dp"): local DP clips and noises every delta before it is signed; with
+        # privacy secagg (distributed DP) the Client adds the noise share before masking.
+        # Imported only when used: a node without it pays no heap for the sampler.
         self.dp = None
         if cfg.dp is not None:
             from microfed import dp
@@ -463,14 +464,15 @@ class Node:
         fr.payload = None
         fr.body = b = None
         t0 = time.ticks_ms()
+        # Under secure aggregation the node's DP (distributed) goes in at secagg_begin.
         delta = noderound.local_update(self.model, self.data, self.cfg.train, r, self.node_id, g,
-                                       self.dp)
+                                       None if self.sa is not None else self.dp)
         g = None
         gc.collect()
         t1 = time.ticks_ms()
         if self.sa is not None:
             kind, payload = noderound.secagg_begin(self.sa, r, delta, self.n_samples,
-                                                   self.cfg.clip_l2)
+                                                   self.cfg.clip_l2, self.dp)
             delta = None
             frame = self.frame(kind, r, payload)
             self.state.save(r, seq, h)  # persisted before publishing, as for an update

@@ -148,3 +148,43 @@ def test_firmware_config_dp_key(tmp_path: object) -> None:
     assert config.Config(None, {}).dp is None
     with pytest.raises(config.ConfigError, match="sigma2"):
         config.Config(None, {"dp": {"clip": 65536, "sigma2": [10]}})
+
+
+def test_distributed_dp_share_in_config_and_firmware_checks() -> None:
+    """config.json "dp.nodes" = n: the node adds share_sigma2(sigma2, n); only with privacy
+    secagg (alone, a share protects nothing), and there dp.clip is the one clip."""
+    import sys
+
+    nd = dp.node_dp({"clip": 65536, "sigma2": [9, 4], "noise": "seeded", "nodes": 5}, 1, "n")
+    assert nd is not None and (nd.gauss.num, nd.gauss.den) == dp.share_sigma2(9, 4, 5)
+    for bad in (0, 1001, True, "5"):
+        with pytest.raises(ValueError, match="dp.nodes"):
+            dp.node_dp({"clip": 1, "sigma2": [1, 1], "nodes": bad}, 1, "n")
+    sys.path.insert(0, str(upy.FIRMWARE))
+    try:
+        import config
+    finally:
+        sys.path.remove(str(upy.FIRMWARE))
+    share = {"clip": 65536, "sigma2": [10, 3], "noise": "urandom", "nodes": 5}
+    cfg = config.Config(None, {"privacy": "secagg", "dp": share})
+    assert cfg.dp == share and cfg.privacy == "secagg"
+    with pytest.raises(config.ConfigError, match="'dp.nodes' 5 .* needs 'privacy' secagg"):
+        config.Config(None, {"dp": share})
+    with pytest.raises(config.ConfigError, match="'dp.clip' is the clip"):
+        config.Config(None, {"privacy": "secagg", "dp": share, "clip_l2": 1 << 20})
+    config.Config(None, {"privacy": "secagg", "dp": share, "clip_l2": 65536})  # the same: fine
+
+
+def test_secagg_begin_with_dp_is_clip_noise_share_weight_one() -> None:
+    """noderound.secagg_begin with a NodeDP: the Client keeps dp.clip(delta) + this node's
+    noise, weighted 1 (the node's sample count and the clip_l2 argument do not apply)."""
+    from microfed import secagg
+
+    delta = _delta(650, 8)
+    nd = dp.NodeDP(65536, (65536 * 3) ** 2, 4 * 5, "seeded", 7, "node-01")
+    c = secagg.Client("node-01", b"m" * 8, random.Random(1).randbytes)
+    noderound.secagg_begin(c, 3, list(delta), 120, 1 << 20, nd)
+    assert c.y == secagg.weigh(nd.apply(list(delta), 3), 1) and c.clipped
+    plain = secagg.Client("node-01", b"m" * 8, random.Random(1).randbytes)
+    noderound.secagg_begin(plain, 3, list(delta), 120, 1 << 20)
+    assert plain.y == secagg.weigh(dp.l2_clip(delta, 1 << 20), 120)

@@ -140,6 +140,25 @@ def test_secagg_mqtt_mesh_matches_plain_fedavg(tmp_path: Path) -> None:
     assert _no_children_left(tmp_path / "secagg") == []
 
 
+def test_secagg_dp_mqtt_mesh_matches_the_inproc_digest(tmp_path: Path) -> None:
+    """Distributed DP over mosquitto with MicroPython nodes (config "privacy": "secagg" with a
+    "dp" share): each node clips, adds its seeded noise share and masks; the final digest is
+    the in-process engine's, bit for bit, and both report the same epsilon."""
+    _need_tools()
+    kw = {"rule": "fedavg", "f": 0, "rounds": 2, "privacy": "secagg+dp", "dp_epsilon": 20.0,
+          "dp_noise": "seeded"}
+    s = _run(_scenario(**kw), tmp_path / "mqtt", broker="mosquitto")
+    inproc = _run(_scenario(**kw), tmp_path / "inproc", transport="inproc")
+    assert s["rounds"] == 2 and s["rejected"] == {}
+    assert s["final_digest"] == inproc["final_digest"]
+    assert s["privacy"] == inproc["privacy"] and s["privacy"]["epsilon"] > 0
+    log = [json.loads(x) for x in
+           (tmp_path / "mqtt" / "nodes" / "node-02" / "node.log").read_text().splitlines()]
+    assert [e["sent"] for e in log if e.get("ev") == "secagg"] == [
+        "sa_shares", "sa_masked", "sa_reveal"] * 2
+    assert _no_children_left(tmp_path / "mqtt") == []
+
+
 def test_coordinator_sigkill_mid_round_resumes_with_the_same_digest(
         coordinated: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "killed"
@@ -215,7 +234,9 @@ def test_ctrl_c_stops_every_mesh_process(tmp_path: Path) -> None:
     (["--honest", "4", "--f", "1"], "needs at least 5 honest nodes"),
     (["--crosscheck", "sometimes"], "bad cross-check policy"),
     (["--scenario", "/nonexistent.toml"], "cannot read scenario"),
-    (["--privacy", "secagg+dp"], "allowed: 'none', 'dp'"),
+    (["--privacy", "secagg+dp"], "privacy secagg+dp works with rule fedavg only"),
+    (["--privacy", "secagg+dp", "--rule", "fedavg", "--byzantine", "0", "--f", "0",
+      "--mode", "coordinated", "--dp-epsilon", "8", "--clip-l2", "65536"], "the one clip of both; drop clip_l2"),
     (["--privacy", "dp"], "exactly one of"),
     (["--dp-epsilon", "3"], "privacy is 'none'"),
 ])

@@ -20,9 +20,8 @@ def test_parse_privacy() -> None:
     assert pv.parse_privacy("none") == "none"
     assert pv.parse_privacy("dp") == "dp"
     assert pv.parse_privacy("secagg") == "secagg"
-    with pytest.raises(pv.PrivacyError, match="not wired into the mesh yet; allowed: 'none', 'dp', 'secagg'"):
-        pv.parse_privacy("secagg+dp")
-    with pytest.raises(pv.PrivacyError, match="one of 'none', 'dp', 'secagg'"):
+    assert pv.parse_privacy("secagg+dp") == "secagg+dp"
+    with pytest.raises(pv.PrivacyError, match="one of 'none', 'dp', 'secagg', 'secagg\\+dp'"):
         pv.parse_privacy("DP ")
 
 
@@ -109,8 +108,20 @@ def test_scenario_privacy_keys(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("text", "msg"), [
-    ('privacy = "secagg+dp"\n', "allowed: 'none', 'dp', 'secagg'"),
+    ('privacy = "secagg+dp"\n', "secagg\\+dp works with rule fedavg only"),
     ('privacy = "secagg"\n', "works with rule fedavg only"),
+    ('privacy = "secagg+dp"\nrule = "fedavg"\nf = 0\nmode = "coordinated"\n',
+     "privacy secagg\\+dp needs exactly one of"),
+    ('privacy = "secagg+dp"\nrule = "fedavg"\nf = 0\nmode = "gossip"\n[dp]\nepsilon = 8\n',
+     "secagg\\+dp needs coordinated mode"),
+    ('privacy = "secagg+dp"\nrule = "fedavg"\nf = 0\nmode = "coordinated"\nclip_l2 = 65536\n'
+     '[dp]\nepsilon = 8\n', "one clip of both; drop clip_l2"),
+    ('privacy = "secagg+dp"\nrule = "fedavg"\nf = 0\nmode = "coordinated"\nhonest = 2\n'
+     '[dp]\nepsilon = 8\n', "secagg\\+dp needs 3..100 nodes"),
+    ('privacy = "secagg+dp"\nrule = "fedavg"\nf = 0\nmode = "coordinated"\n'
+     '[dp]\nepsilon = 8\n[[attackers]]\nattack = "replay"\n', "without \\[\\[attackers\\]\\]"),
+    ('privacy = "secagg+dp"\nrule = "fedavg"\nf = 0\nmode = "coordinated"\n'
+     '[dp]\nnoise_multiplier = 1\ndelta = 0\n', "dp delta"),
     ('privacy = "dp"\n', "exactly one of"),
     ('privacy = "dp"\n[dp]\nepsilon = 1\nnoise_multiplier = 2\n', "exactly one of"),
     ('privacy = "dp"\n[dp]\nepsilon = 1\ndelta = 1.0\n', "delta"),

@@ -1,5 +1,5 @@
 """Secure aggregation (microfed.secagg, microfed_host.secagg_server) without a transport:
-the integer pieces (isqrt, the exact L2 clip, HMAC, Shamir, the PRG), a whole round of
+the integer pieces (the exact L2 clip shared with microfed.dp, HMAC, Shamir, the PRG), a whole round of
 Clients and the coordinator's SecAggRound whose unmasked result is plain FedAvg bit for bit
 (with and without a node that drops after sharing), the honest node's refusals, rejected key
 sets and blobs, and the same bytes from the same randomness on the MicroPython unix port."""
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from microfed import aggregate, secagg, verify, wire, wire_sa
+from microfed import aggregate, dp, secagg, verify, wire, wire_sa
 from microfed.verify import Rejected
 from microfed_host import keys, upy
 from microfed_host.secagg_server import Result, SecAggRound
@@ -90,33 +90,30 @@ class Mini:
         return res
 
     def plain(self, ids: list[str], clip: int = 1 << 40) -> list[int]:
-        return aggregate.fedavg([secagg.clip_l2(self.delta[i], clip)[0] for i in ids],
+        return aggregate.fedavg([dp.l2_clip(self.delta[i], clip) for i in ids],
                                 [self.samples[i] for i in ids])
 
 
 # ------------------------------------------------------------------ integer pieces
 
-def test_isqrt_is_exact() -> None:
-    rng = random.Random(5)
-    for n in list(range(200)) + [rng.getrandbits(rng.randint(1, 300)) for _ in range(500)]:
-        r = secagg.isqrt(n)
-        assert r * r <= n < (r + 1) * (r + 1)
-
-
 def test_clip_bounds_the_norm_and_leaves_small_vectors_alone() -> None:
+    # Secure aggregation's clip is microfed.dp's (one clip): in place, with the flag the
+    # node logs ("clipped").
     rng = random.Random(6)
     for _ in range(300):
         v = [rng.randint(-(1 << 31), (1 << 31) - 1) >> rng.randint(0, 30) for _ in range(7)]
         bound = rng.randint(1, 1 << 24)
-        out, clipped = secagg.clip_l2(v, bound)
+        out = list(v)
+        clipped = dp.l2_clip_flag(out, bound)
         assert sum(x * x for x in out) <= bound * bound
         assert clipped == (sum(x * x for x in v) > bound * bound)
         if not clipped:
-            assert out is v
+            assert out == v
         else:  # toward zero, coordinate by coordinate, signs kept
             assert all(abs(a) <= abs(b) and (a == 0 or (a > 0) == (b > 0)) for a, b in zip(out, v, strict=True))
-    assert secagg.clip_l2([3 << 16, 4 << 16], 5 << 16) == ([3 << 16, 4 << 16], False)
-    assert secagg.clip_l2([3 << 16, 4 << 16], 1 << 16) == ([39321, 52428], True)
+    v = [3 << 16, 4 << 16]
+    assert not dp.l2_clip_flag(v, 5 << 16) and v == [3 << 16, 4 << 16]
+    assert dp.l2_clip_flag(v, 1 << 16) and v == [39321, 52428]
 
 
 def test_hmac_sha256_matches_the_standard_library() -> None:

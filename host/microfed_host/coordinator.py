@@ -50,7 +50,8 @@ REPO = Path(__file__).resolve().parents[2]
 RULES = audit.RULES
 MODES = ("coordinated", "gossip")
 # Privacy modes (docs/privacy.md): "dp" local differential privacy (the nodes noise their
-# updates; config `dp` feeds the accountant), "secagg" secure aggregation (FedAvg, coordinated).
+# updates; config `dp` feeds the accountant), "secagg" secure aggregation (FedAvg, coordinated),
+# "secagg+dp" both: distributed DP, the nodes' noise shares add up in the masked sum.
 PRIVACY = privmod.PRIVACY_MODES
 STORE_NAME = "coordinator.sqlite"
 CONFIG_NAME = "coordinator.json"
@@ -86,17 +87,17 @@ def check_privacy(privacy: str, rule: str, mode: str, reputation: dict[str, int]
     """Refuse what cannot run on masked updates: every rule but FedAvg needs the individual
     updates (Krum's distances, the median's and trimmed mean's sorted coordinates), and so
     do reputation scores and a gossip node's own aggregation (docs/privacy.md)."""
-    if privacy != "secagg":
+    if privacy not in privmod.SECAGG_MODES:
         return
     if rule != "fedavg":
         raise CoordinatorError(
-            f"privacy secagg works with rule fedavg only: {rule} needs the individual updates, "
+            f"privacy {privacy} works with rule fedavg only: {rule} needs the individual updates, "
             "which secure aggregation hides (docs/privacy.md, \"What robustness is lost\")")
     if mode != "coordinated":
-        raise CoordinatorError("privacy secagg needs coordinated mode: a gossip node would "
-                               "aggregate its peers' individual updates")
+        raise CoordinatorError(f"privacy {privacy} needs coordinated mode: a gossip node "
+                               "would aggregate its peers' individual updates")
     if reputation:
-        raise CoordinatorError("privacy secagg cannot score reputation (it needs each node's "
+        raise CoordinatorError(f"privacy {privacy} cannot score reputation (it needs each node's "
                                "update); remove the [reputation] settings")
 
 
@@ -154,7 +155,7 @@ class CoordinatorConfig:
     # next round is handled). Exact round for reproducible experiments; `microfed provision
     # revoke` does the same at any time, effective within a second.
     revoke_at: dict[str, int] = field(default_factory=dict)
-    privacy: str = "none"  # PRIVACY; "secagg": docs/privacy.md
+    privacy: str = "none"  # PRIVACY; "secagg", "secagg+dp": docs/privacy.md
     # Differential privacy the nodes apply ({}: none), for the accountant: microfed_host.privacy
     # (check_config) says what it holds; the coordinator reports epsilon spent per round.
     dp: dict[str, Any] = field(default_factory=dict)
@@ -185,7 +186,12 @@ class CoordinatorConfig:
             privmod.check_config(self.dp)
         except privmod.PrivacyError as e:
             raise CoordinatorError(str(e)) from None
-        check_privacy(parse_privacy(self.privacy), self.rule, self.mode, self.reputation)
+        privacy = parse_privacy(self.privacy)
+        check_privacy(privacy, self.rule, self.mode, self.reputation)
+        if (privacy == "secagg+dp") != (self.dp.get("mode") == "secagg+dp"):
+            raise CoordinatorError("privacy secagg+dp and a dp config of mode secagg+dp go "
+                                   f"together; got privacy {privacy!r}, dp mode "
+                                   f"{self.dp.get('mode')!r}")
 
     @property
     def trim_count(self) -> int:
@@ -256,11 +262,18 @@ class Coordinator:
                 f"rule {cfg.rule} with f={cfg.f} needs at least {n_min} nodes, "
                 f"the mesh has {len(self.expected)}")
         self.n_min = n_min
-        if cfg.privacy == "secagg" and not secagg.MIN_NODES <= len(self.expected) <= SECAGG_MAX_NODES:
+        self.secagg_on = cfg.privacy in privmod.SECAGG_MODES
+        if self.secagg_on and not secagg.MIN_NODES <= len(self.expected) <= SECAGG_MAX_NODES:
             raise CoordinatorError(
-                f"privacy secagg needs {secagg.MIN_NODES}..{SECAGG_MAX_NODES} nodes, the mesh "
+                f"privacy {cfg.privacy} needs {secagg.MIN_NODES}..{SECAGG_MAX_NODES} nodes, the mesh "
                 f"has {len(self.expected)} (with fewer than 3 the sum reveals the others' update)")
         self.model = model.get(cfg.model, n_features=cfg.n_features, n_classes=cfg.n_classes)
+        if cfg.dp.get("mode") == "secagg+dp" and (cfg.dp["nodes"] != len(self.expected)
+                                                   or cfg.dp["dim"] != self.model.n_params):
+            raise CoordinatorError(
+                f"privacy secagg+dp: the dp config counts {cfg.dp['nodes']} noise shares of "
+                f"{cfg.dp['dim']} values, the mesh has {len(self.expected)} nodes and the model "
+                f"{self.model.n_params} parameters")
         self.test: tuple[list[list[int]], list[int]] | None = None
         if cfg.test_shard:
             try:
@@ -552,7 +565,7 @@ class Coordinator:
 
     def on_update(self, topic_node: str, raw: bytes) -> None:
         sha = hashlib.sha256(raw).hexdigest()
-        if self.cfg.privacy == "secagg":
+        if self.secagg_on:
             # A plain update would be aggregated in the clear: never in a secagg run.
             self._reject("wrong_kind", "plain model updates are refused with privacy secagg",
                          raw, sha)
@@ -690,7 +703,7 @@ class Coordinator:
         """A node's secure-aggregation frame for the open round: verified (signature, replay,
         round [r, r], role, dimension), then taken by the round's SecAggRound phase."""
         sha = hashlib.sha256(raw).hexdigest()
-        if self.cfg.privacy != "secagg" or not self.gate_open or self.finishing:
+        if not self.secagg_on or not self.gate_open or self.finishing:
             self._reject("wrong_kind", "no secure aggregation is running", raw, sha)
             return
         sa = self._secagg_round()
@@ -792,7 +805,7 @@ class Coordinator:
             self.maybe_close()
             if self.finishing or self.done:
                 return
-        if now >= self.deadline and self.cfg.privacy == "secagg":
+        if now >= self.deadline and self.secagg_on:
             sa = self._secagg_round()
             if len(sa.got) >= sa.need():
                 self._secagg_close("deadline")
@@ -812,7 +825,7 @@ class Coordinator:
     def maybe_close(self) -> None:
         if self.finishing or self.done or not self.gate_open:
             return
-        if self.cfg.privacy == "secagg":
+        if self.secagg_on:
             if self.sa is not None and self.sa.round == self.round and self.sa.complete():
                 self._secagg_close("quorum")
             return
@@ -924,10 +937,12 @@ class Coordinator:
                  rejected=dict(self.rejected), **self._privacy_spent(self.cfg.rounds))
 
     def _privacy_spent(self, rounds: int) -> dict[str, Any]:
-        """{"privacy": epsilon spent by every honest node after `rounds` rounds} or {}."""
+        """{"privacy": epsilon spent by every honest node after `rounds` rounds} or {}. With
+        secagg+dp each round is charged for the noise shares its sum held (its nodes)."""
         if not self.accountant.active:
             return {}
-        return {"privacy": self.accountant.spent(rounds)}
+        ks = [int(row["n_accepted"]) for row in self.store.rounds()]
+        return {"privacy": self.accountant.spent(rounds, ks)}
 
 
 def _active_keys(reg: Any) -> dict[str, bytes]:

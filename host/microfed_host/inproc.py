@@ -19,6 +19,7 @@ from microfed.verify import Rejected
 from microfed_host import coordinator as coordmod
 from microfed_host import keys
 from microfed_host.coordinator import Coordinator
+from microfed_host.privacy import SECAGG_MODES
 from microfed_host.report import Progress
 from microfed_host.rounds_store import RoundsStore
 from microfed_host.scenario import MeshError, Scenario, make_adversary
@@ -112,7 +113,7 @@ class SimNode:
         self.registry = registry
         self.clip = sc.clip_l2
         self.sa = (secagg.Client(self.id, self.mesh_id, os.urandom, keys.x25519)
-                   if sc.privacy == "secagg" else None)
+                   if sc.privacy in SECAGG_MODES else None)
         # Fault injection (tests): in this round the node goes silent for good after it sent
         # its shares, before its masked update: the dropout the shares recover from.
         self.drop_round = drop_round
@@ -149,9 +150,10 @@ class SimNode:
             self.done = True
             return
         delta = noderound.local_update(self.m, self.data, self.train, r, self.id, b["values"],
-                                       self.dp)
+                                       None if self.sa is not None else self.dp)
         if self.sa is not None:
-            kind, payload = noderound.secagg_begin(self.sa, r, delta, self.data.n, self.clip)
+            kind, payload = noderound.secagg_begin(self.sa, r, delta, self.data.n, self.clip,
+                                                   self.dp)
             self.bus.publish(self.topics.secagg, self._frame(kind, r, payload))
             return
         frame = self._frame(wire.MODEL_UPDATE, r, noderound.update_payload(self.data.n, delta))

@@ -8,12 +8,15 @@ Differential privacy here is node-level: the protected unit is one node's whole 
   per coordinate (microfed.dp.NodeDP). By Canonne, Kamath and Steinke 2020 (Thm 14, the
   multivariate discrete Gaussian) each published update is rho-zCDP with
   rho = Delta^2 / (2 sigma^2) = 2 / z^2 for sigma = z C.
-- Distributed DP (with secure aggregation, wired at merge): each of n nodes adds
-  N_Z(0, sigma^2 / n) (microfed.dp.share_sigma2); the released sum is (eps^2 / 2)-zCDP with
-  eps from Kairouz, Liu and Steinke 2021, Thm 1 (`rho_distributed`).
+- Distributed DP (`privacy = "secagg+dp"`, under secure aggregation): each of the n nodes
+  clips its delta and adds N_Z(0, sigma^2 / n) (microfed.dp.share_sigma2) before masking,
+  every node weighing 1; the coordinator sees only the sum of the k nodes whose masked update
+  made it into the round, which is (eps^2 / 2)-zCDP with eps from Kairouz, Liu and Steinke
+  2021, Thm 1 (`rho_distributed`) for k nodes of per-node variance sigma^2 / n: a dropout
+  removes its noise share, and the accountant charges the round for the k that remained.
 
-One round releases each node's update once; T rounds compose to T * rho (zCDP composes
-additively). dp-accounting's RDP accountant turns the composed ZCDpEvent into epsilon at the
+One round releases each node's update once; T rounds compose to the sum of their rho (zCDP
+composes additively). dp-accounting's RDP accountant turns the composed ZCDpEvent into epsilon at the
 stated delta (its conversion: CKS20 Prop. 12). Floats appear only here, on the host, in
 accounting and display: never on the device path.
 """
@@ -21,13 +24,13 @@ accounting and display: never on the device path.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
 
-PRIVACY_MODES = ("none", "dp", "secagg")
-# Distributed DP under secure aggregation: share_sigma2 and its bound exist, the mesh does not
-# run it yet.
-OTHER_MODES = ("secagg+dp",)
+PRIVACY_MODES = ("none", "dp", "secagg", "secagg+dp")
+SECAGG_MODES = ("secagg", "secagg+dp")  # the modes that run secure aggregation
+DP_MODES = ("dp", "secagg+dp")  # the modes whose nodes add noise (Scenario.dp_config)
 NOISE_SOURCES = ("urandom", "seeded")  # microfed.dp.NOISE_SOURCES
 DEFAULT_DELTA = 1e-5
 DEFAULT_CLIP_NORM = 1.0
@@ -44,9 +47,6 @@ def parse_privacy(value: Any) -> str:
     if value in PRIVACY_MODES:
         return str(value)
     allowed = ", ".join(repr(m) for m in PRIVACY_MODES)
-    if value in OTHER_MODES:
-        raise PrivacyError(f"privacy {value!r} (distributed DP under secure aggregation) is "
-                           f"not wired into the mesh yet; allowed: {allowed}")
     raise PrivacyError(f"privacy must be one of {allowed}, got {value!r}")
 
 
@@ -96,11 +96,13 @@ def noise_multiplier(value: float) -> Fraction:
     return Fraction(math.ceil(value * Z_DENOMINATOR - 1e-9), Z_DENOMINATOR)
 
 
-def calibrate(target: float, delta: float, rounds: int) -> Fraction:
-    """The smallest noise multiplier z (a multiple of 1 / Z_DENOMINATOR) whose local-DP run
-    of `rounds` rounds spends at most `target` epsilon at `delta` (rho = 2 / z^2 per round)."""
+def calibrate(target: float, delta: float, rounds: int,
+              rho_of: Callable[[Fraction], float] | None = None) -> Fraction:
+    """The smallest noise multiplier z (a multiple of 1 / Z_DENOMINATOR) whose run of `rounds`
+    rounds spends at most `target` epsilon at `delta`. rho_of(z): one round's zCDP; local DP's
+    2 / z^2 by default (distributed DP passes its bound)."""
     def eps_of(z: Fraction) -> float:
-        return epsilon(float(2 / (z * z)), rounds, delta)
+        return epsilon(rho_of(z) if rho_of is not None else float(2 / (z * z)), rounds, delta)
 
     lo, hi = Fraction(1, Z_DENOMINATOR), Fraction(1)
     while eps_of(hi) > target:
@@ -122,37 +124,68 @@ def calibrate(target: float, delta: float, rounds: int) -> Fraction:
     return hi
 
 
+def rho_shares(clip: int, sigma2: tuple[int, int], nodes: int, k: int, d: int) -> float:
+    """zCDP of one secagg+dp round whose sum holds the noise shares of k of the `nodes` nodes
+    (each N_Z(0, sigma^2 / nodes) per coordinate): rho_distributed for k nodes with the same
+    per-node variance, i.e. a total variance of sigma^2 * k / nodes."""
+    if not 1 <= k <= nodes:
+        raise PrivacyError(f"a round summed {k} noise shares, the run has {nodes} nodes")
+    return rho_distributed(clip, (sigma2[0] * k, sigma2[1] * nodes), k, d)
+
+
 class Accountant:
     """What the coordinator reports: epsilon spent after r rounds, per round and in total,
-    from a run's `privacy` settings (CoordinatorConfig.privacy)."""
+    from a run's `privacy` settings (CoordinatorConfig.dp). secagg+dp charges each round for
+    the nodes whose noise share is in its sum (`contributors`; all nodes when not given)."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.cfg = cfg
         self.mode = cfg.get("mode", "none")
         self.delta = float(cfg.get("delta", DEFAULT_DELTA))
-        if self.mode == "dp":
-            self.rho = rho_local(int(cfg["clip"]), (int(cfg["sigma2"][0]), int(cfg["sigma2"][1])))
-        else:
-            self.rho = 0.0
-        self._cache: dict[int, float] = {}
+        self.nodes = int(cfg.get("nodes", 1))
+        if self.mode in DP_MODES:
+            self.clip = int(cfg["clip"])
+            self.sigma2 = (int(cfg["sigma2"][0]), int(cfg["sigma2"][1]))
+        self.rho = self.round_rho(self.nodes)  # a round with every node's share
+        self._cache: dict[tuple[int, ...], tuple[float, float]] = {}  # ks -> (rho, epsilon)
 
     @property
     def active(self) -> bool:
         return self.mode != "none"
 
-    def spent(self, rounds: int) -> dict[str, Any]:
-        if rounds not in self._cache:
-            self._cache[rounds] = epsilon(self.rho, rounds, self.delta)
-        return {"rounds": rounds, "epsilon": self._cache[rounds], "delta": self.delta,
-                "rho": self.rho * rounds}
+    def round_rho(self, k: int) -> float:
+        """zCDP of one round whose sum carries k noise shares (k is moot for local DP)."""
+        if self.mode == "dp":
+            return rho_local(self.clip, self.sigma2)
+        if self.mode == "secagg+dp":
+            return rho_shares(self.clip, self.sigma2, self.nodes, k, int(self.cfg["dim"]))
+        return 0.0
+
+    def spent(self, rounds: int, contributors: Sequence[int] | None = None) -> dict[str, Any]:
+        """Epsilon after `rounds` rounds; `contributors[i]`: how many nodes' updates (noise
+        shares) round i+1 summed."""
+        ks = tuple(contributors[:rounds]) if contributors is not None else ()
+        ks = ks + (self.nodes,) * (rounds - len(ks))
+        if ks not in self._cache:
+            # zCDP composes additively: one ZCDpEvent of the summed rho (equal to composing
+            # the rounds one by one).
+            rho = sum(self.round_rho(k) for k in ks)
+            self._cache[ks] = (rho, epsilon(rho, 1, self.delta) if ks else 0.0)
+        rho, eps = self._cache[ks]
+        out: dict[str, Any] = {"rounds": rounds, "epsilon": eps, "delta": self.delta,
+                               "rho": rho}
+        if self.mode == "secagg+dp":
+            out["noise_shares"] = list(ks)
+        return out
 
     def per_round(self) -> float:
         return self.spent(1)["epsilon"]
 
 
 def check_config(cfg: dict[str, Any]) -> None:
-    """The coordinator's `privacy` settings: {} or {"mode": "none"}; or {"mode": "dp", "clip":
-    raw int, "sigma2": [num, den], "delta": float, ...}."""
+    """The coordinator's `privacy` settings: {} or {"mode": "none"}; or {"mode": "dp" |
+    "secagg+dp", "clip": raw int, "sigma2": [num, den], "delta": float, ...}; secagg+dp also
+    "nodes" (noise shares) and "dim" (model parameters, for the bound)."""
     if not cfg:
         return
     mode = parse_privacy(cfg.get("mode", "none"))
@@ -166,6 +199,11 @@ def check_config(cfg: dict[str, Any]) -> None:
         raise PrivacyError("privacy sigma2 must be [num, den], positive ints")
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
         raise PrivacyError(f"privacy delta must be in (0, 1), got {delta!r}")
+    if mode == "secagg+dp":
+        for k in ("nodes", "dim"):
+            v = cfg.get(k)
+            if type(v) is not int or v < 1:
+                raise PrivacyError(f"privacy secagg+dp needs {k}, a positive int, got {v!r}")
 
 
 def privacy_line(dp: dict[str, Any], rounds: int) -> str:
@@ -173,6 +211,14 @@ def privacy_line(dp: dict[str, Any], rounds: int) -> str:
     z = Fraction(dp["noise_multiplier"][0], dp["noise_multiplier"][1])
     acc = Accountant(dp)
     eps = acc.spent(rounds)["epsilon"]
-    return (f"local DP: delta clipped to L2 {dp['clip'] / 65536:g}, discrete Gaussian noise "
-            f"sigma = {float(z):g} x clip ({dp['noise']}); epsilon {acc.per_round():.3g} per "
-            f"round, {eps:.3g} after {rounds} rounds at delta {acc.delta:g}")
+    if dp["mode"] == "secagg+dp":
+        what = (f"distributed DP under secure aggregation: delta clipped to L2 "
+                f"{dp['clip'] / 65536:g}, each of {dp['nodes']} nodes adds 1/{dp['nodes']} of "
+                f"the variance of discrete Gaussian noise sigma = {float(z):g} x clip")
+        tail = " (if every node stays in; a dropout costs more)"
+    else:
+        what = (f"local DP: delta clipped to L2 {dp['clip'] / 65536:g}, discrete Gaussian "
+                f"noise sigma = {float(z):g} x clip")
+        tail = ""
+    return (f"{what} ({dp['noise']}); epsilon {acc.per_round():.3g} per round, {eps:.3g} "
+            f"after {rounds} rounds at delta {acc.delta:g}{tail}")

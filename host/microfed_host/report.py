@@ -68,6 +68,10 @@ def _privacy_cell(p: dict[str, Any] | None) -> str:
         return "none"
     if p["mode"] == "secagg":
         return "secure aggregation (the coordinator saw only the sum)"
+    if p["mode"] == "secagg+dp":
+        return (f"distributed DP under secure aggregation, clip {p['clip_norm']:g}, noise "
+                f"multiplier {p['noise_multiplier']:g} over {p['nodes']} shares ({p['noise']}): "
+                f"epsilon {p['epsilon']:.3g} at delta {p['delta']:g} after {p['rounds']} rounds")
     return (f"local DP, clip {p['clip_norm']:g}, noise multiplier {p['noise_multiplier']:g} "
             f"({p['noise']}): epsilon {p['epsilon']:.3g} at delta {p['delta']:g} after "
             f"{p['rounds']} rounds ({p['epsilon_per_round']:.3g} per round)")
@@ -155,7 +159,8 @@ def summarize(out: Path, doc: dict[str, Any], info: dict[str, Any], duration: fl
         "security_events": {k: sum(1 for e in sec if e["kind"] == k)
                             for k in sorted({e["kind"] for e in sec})},
         "privacy": privacy_summary(doc.get("dp_resolved"), len(rows),
-                                   doc.get("privacy", "none")),
+                                   doc.get("privacy", "none"),
+                                   [int(r["n_accepted"]) for r in rows]),
         "duration_s": round(duration, 2),
     }
     if "broker" in info:
@@ -217,21 +222,30 @@ def board_counts(boards: dict[str, str]) -> str:
     return ", ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds))
 
 
-def privacy_summary(dp: dict[str, Any] | None, rounds: int,
-                    mode: str = "none") -> dict[str, Any]:
+def privacy_summary(dp: dict[str, Any] | None, rounds: int, mode: str = "none",
+                    contributors: list[int] | None = None) -> dict[str, Any]:
     """summary.json's "privacy": the mode, the nodes' parameters and the epsilon spent (at the
-    stated delta) per round and over the rounds run (docs/privacy.md has the bound)."""
+    stated delta) per round and over the rounds run (docs/privacy.md has the bound).
+    `contributors`: the nodes summed per round (secagg+dp charges each round for them)."""
     if not dp:
         return {"mode": mode}
     acc = privmod.Accountant(dp)
     z = dp["noise_multiplier"]
-    return {"mode": dp["mode"], "clip_norm": dp["clip"] / 65536, "clip_raw": dp["clip"],
-            "noise_multiplier": z[0] / z[1], "sigma2_raw": dp["sigma2"], "noise": dp["noise"],
-            "delta": acc.delta, "target_epsilon": dp.get("target_epsilon"),
-            "rho_per_round": acc.rho, "epsilon_per_round": acc.per_round(),
-            "epsilon": acc.spent(rounds)["epsilon"], "rounds": rounds,
-            "accountant": "dp-accounting RdpAccountant, ZCDpEvent(rho) x rounds; "
-                          "rho = (2 clip)^2 / (2 sigma^2) (CKS20 Thm 14, node-level, replace-one)"}
+    spent = acc.spent(rounds, contributors)
+    out = {"mode": dp["mode"], "clip_norm": dp["clip"] / 65536, "clip_raw": dp["clip"],
+           "noise_multiplier": z[0] / z[1], "sigma2_raw": dp["sigma2"], "noise": dp["noise"],
+           "delta": acc.delta, "target_epsilon": dp.get("target_epsilon"),
+           "rho_per_round": acc.rho, "epsilon_per_round": acc.per_round(),
+           "epsilon": spent["epsilon"], "rho": spent["rho"], "rounds": rounds,
+           "accountant": "dp-accounting RdpAccountant, ZCDpEvent(rho) x rounds; "
+                         "rho = (2 clip)^2 / (2 sigma^2) (CKS20 Thm 14, node-level, replace-one)"}
+    if dp["mode"] == "secagg+dp":
+        out.update({"nodes": dp["nodes"], "noise_shares": spent["noise_shares"],
+                    "accountant": "dp-accounting RdpAccountant, ZCDpEvent(sum of the rounds' "
+                                  "rho); rho = eps^2 / 2 of Kairouz, Liu, Steinke 2021 Thm 1 "
+                                  "for the k noise shares in each round's sum (node-level, "
+                                  "replace-one, Delta = 2 clip)"})
+    return out
 
 
 def plot(out: Path, doc: dict[str, Any], rows: list[dict[str, Any]],

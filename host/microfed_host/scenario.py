@@ -9,6 +9,7 @@ import os
 import shutil
 import tomllib
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -238,18 +239,19 @@ class Scenario:
 
     def _check_privacy(self) -> None:
         self.privacy = parse_privacy(self.privacy)
-        if self.privacy != "dp":
+        if self.privacy in privmod.SECAGG_MODES:
+            self._check_secagg()
+        if self.privacy not in privmod.DP_MODES:
             if self.dp_epsilon or self.dp_noise_multiplier:
                 raise MeshError("[dp] epsilon / noise_multiplier given but privacy is "
-                                f"{self.privacy!r}; set privacy = \"dp\" (--privacy dp)")
-            if self.privacy == "secagg":
-                self._check_secagg()
+                                f"{self.privacy!r}; set privacy = \"dp\" or \"secagg+dp\" "
+                                "(--privacy dp, --privacy secagg+dp)")
             return
         self.dp_epsilon = _finite("dp epsilon", self.dp_epsilon, 0.0, 1e6)
         self.dp_noise_multiplier = _finite("dp noise_multiplier", self.dp_noise_multiplier, 0.0,
                                            privmod.MAX_NOISE_MULTIPLIER)
         if (self.dp_epsilon > 0) == (self.dp_noise_multiplier > 0):
-            raise MeshError("privacy dp needs exactly one of [dp] epsilon (a target over the "
+            raise MeshError(f"privacy {self.privacy} needs exactly one of [dp] epsilon (a target over the "
                             "whole run) or noise_multiplier (--dp-epsilon / "
                             "--dp-noise-multiplier), both > 0")
         self.dp_delta = _finite("dp delta", self.dp_delta, 0.0, 1.0, lo_open=True)
@@ -267,35 +269,55 @@ class Scenario:
             coordmod.check_privacy(self.privacy, self.rule, self.mode, self.reputation)
         except coordmod.CoordinatorError as e:
             raise MeshError(str(e)) from None
-        if type(self.clip_l2) is not int or not 1 <= self.clip_l2 <= 0x7FFFFFFF:
+        if self.privacy == "secagg+dp":
+            # One clip: [dp] clip_norm (--clip-norm) is the L2 clip of secure aggregation too.
+            if self.clip_l2 != DEFAULT_CLIP_L2:
+                raise MeshError("privacy secagg+dp clips with [dp] clip_norm (--clip-norm), the "
+                                "one clip of both; drop clip_l2 (--clip-l2)")
+        elif type(self.clip_l2) is not int or not 1 <= self.clip_l2 <= 0x7FFFFFFF:
             raise MeshError(f"clip_l2 must be an integer in 1..2^31-1 (raw Q16.16), got "
                             f"{self.clip_l2!r}")
         if self.attackers:
-            raise MeshError("privacy secagg runs without [[attackers]]: the adversary does not "
-                            "take part in secure aggregation")
+            raise MeshError(f"privacy {self.privacy} runs without [[attackers]]: the adversary "
+                            "does not take part in secure aggregation (--byzantine 0)")
         from microfed import secagg
         from microfed_host.secagg_server import MAX_NODES as SA_MAX
 
         if not secagg.MIN_NODES <= self.honest <= SA_MAX:
-            raise MeshError(f"privacy secagg needs {secagg.MIN_NODES}..{SA_MAX} nodes, got "
-                            f"{self.honest}")
+            raise MeshError(f"privacy {self.privacy} needs {secagg.MIN_NODES}..{SA_MAX} nodes, "
+                            f"got {self.honest}")
 
     def dp_config(self) -> dict[str, Any] | None:
-        """The resolved local-DP settings (None without DP): clip in raw Q16.16, the noise
+        """The resolved DP settings (None without DP): clip in raw Q16.16, the noise
         multiplier z as an exact rational (calibrated to the target epsilon when one is
-        given), sigma^2 = (z * clip)^2 as [num, den], and the accountant's view of them."""
-        if self.privacy != "dp":
+        given), sigma^2 = (z * clip)^2 as [num, den] (with secagg+dp the variance of the sum,
+        split over "nodes" shares; "dim" values per update), and the accountant's view."""
+        if self.privacy not in privmod.DP_MODES:
             return None
         clip = q16_raw(self.clip_norm)
+        extra: dict[str, Any] = {}
+        rho_of = None
+        if self.privacy == "secagg+dp":
+            extra = {"nodes": self.honest, "dim": model_dim()}
+
+            def rho_of(z: Fraction) -> float:
+                try:
+                    return privmod.rho_distributed(clip, privmod.sigma2_for(z, clip),
+                                                   extra["nodes"], extra["dim"])
+                except privmod.PrivacyError:  # a per-node variance below 1/2: too little
+                    return math.inf
         try:
-            z = (privmod.calibrate(self.dp_epsilon, self.dp_delta, self.rounds)
+            z = (privmod.calibrate(self.dp_epsilon, self.dp_delta, self.rounds, rho_of)
                  if self.dp_epsilon > 0 else privmod.noise_multiplier(self.dp_noise_multiplier))
+            num, den = privmod.sigma2_for(z, clip)
+            doc = {"mode": self.privacy, "clip": clip, "sigma2": [num, den],
+                   "delta": self.dp_delta, "noise": self.dp_noise,
+                   "noise_multiplier": [z.numerator, z.denominator],
+                   "target_epsilon": self.dp_epsilon or None, **extra}
+            privmod.Accountant(doc).per_round()  # refuses a bound that cannot be computed
         except privmod.PrivacyError as e:
             raise MeshError(str(e)) from None
-        num, den = privmod.sigma2_for(z, clip)
-        return {"mode": "dp", "clip": clip, "sigma2": [num, den], "delta": self.dp_delta,
-                "noise": self.dp_noise, "noise_multiplier": [z.numerator, z.denominator],
-                "target_epsilon": self.dp_epsilon or None}
+        return doc
 
     def _check_byzantine_budget(self) -> None:
         """BYZANTINE_POLICY: more poisoners than the rule's f voids its guarantee."""
@@ -383,6 +405,14 @@ _TOP = {"boards", "unix32_heap", "chaos", "name", "description", "honest", "rule
 # [dp] table key -> Scenario field.
 DP_KEYS = {"epsilon": "dp_epsilon", "delta": "dp_delta", "noise_multiplier": "dp_noise_multiplier",
            "clip_norm": "clip_norm", "noise": "dp_noise"}
+
+
+def model_dim() -> int:
+    """Parameters of the mesh's model (coordinator.json's model on the digits data)."""
+    from microfed import model
+
+    c = CoordinatorConfig(mesh_dir="")
+    return int(model.get(c.model, n_features=c.n_features, n_classes=c.n_classes).n_params)
 
 
 def q16_raw(x: float) -> int:
@@ -595,15 +625,19 @@ def write_node_config(nd: Path, sc: Scenario, broker: tuple[str, int] | None,
         "idle_exit_s": int(max(120, 3 * sc.deadline_s)),
         "status_interval_ms": 100,
     }
-    if sc.privacy == "secagg":
+    if sc.privacy in privmod.SECAGG_MODES:
         # The key set of 100 nodes is ~15 KB: above the default 16 KB once framed.
-        conf.update({"privacy": "secagg", "clip_l2": sc.clip_l2, "max_msg": 65536})
+        conf.update({"privacy": "secagg", "max_msg": 65536})
+        if dp is None:  # with secagg+dp, dp.clip is the clip (firmware/config.py)
+            conf["clip_l2"] = sc.clip_l2
     if broker is not None:
         conf["broker"] = {"host": broker[0], "port": broker[1]}
     if link != "tcp":
         conf["link"] = link
     if dp is not None:
         conf["dp"] = {"clip": dp["clip"], "sigma2": dp["sigma2"], "noise": dp["noise"]}
+        if "nodes" in dp:  # distributed DP: the node adds share_sigma2(sigma2, nodes)
+            conf["dp"]["nodes"] = dp["nodes"]
     (nd / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
 
 

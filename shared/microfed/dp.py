@@ -1,10 +1,13 @@
 # Differential privacy on the node, in integers (docs/privacy.md, "Differential privacy"):
 #
-#   l2_clip(values, bound)      exact L2 clip of a raw Q16.16 vector to norm <= bound
+#   l2_clip(values, bound)      exact L2 clip of a raw Q16.16 vector to norm <= bound (the
+#                               one clip: local DP and secure aggregation both use it)
 #   share_sigma2(num, den, n)   distributed DP: each of n nodes adds N_Z(0, sigma^2 / n), so
 #                               the sum of their (securely aggregated) updates carries sigma^2
-#   NodeDP                      local DP: clip the delta, add N_Z(0, sigma^2) per coordinate
-#                               (microfed.dgauss), before the update is signed
+#   NodeDP                      clip the delta, add N_Z(0, sigma^2) per coordinate
+#                               (microfed.dgauss): local DP before the update is signed, or
+#                               (nodes = n > 1) one share of distributed DP inside
+#                               microfed.secagg.Client.begin, before weighting and masking
 #   node_dp(doc, ...)           a NodeDP from config.json's "dp" object, checked
 #
 # Portable MicroPython 1.29 / CPython; no float anywhere, no f-strings.
@@ -21,10 +24,12 @@ from microfed.q16 import MAX_RAW
 NOISE_SOURCES = ("urandom", "seeded")
 SEED_DOMAIN = b"microfed/dp/noise/v1"
 MAX_SIGMA2_PART = 1 << 128  # bounds the rational's parts (heap and time on a device)
+MAX_NODES = 1000  # noise shares of distributed DP (secure aggregation takes up to 100)
 
 
-def l2_clip_into(values, bound):
-    """Clip `values` (raw ints) in place to L2 norm <= bound (an int >= 1); returns them.
+def l2_clip_flag(values, bound):
+    """Clip `values` (raw ints) in place to L2 norm <= bound (an int >= 1); True when that
+    changed them.
     With S = sum v_i^2 (exact): if S <= bound^2 nothing changes; else c = ceil(sqrt(S))
     and v_i <- sign(v_i) * floor(|v_i| * bound / c). Rounding toward zero (not the
     consensus rounding rdiv) and the ceiling keep the result's norm <= bound exactly:
@@ -35,7 +40,7 @@ def l2_clip_into(values, bound):
     for v in values:
         s += v * v
     if s <= bound * bound:
-        return values
+        return False
     c = isqrt(s)
     if c * c < s:
         c += 1
@@ -45,6 +50,12 @@ def l2_clip_into(values, bound):
             values[i] = v * bound // c
         else:
             values[i] = -((-v) * bound // c)
+    return True
+
+
+def l2_clip_into(values, bound):
+    """Clip `values` in place (see l2_clip_flag); returns them."""
+    l2_clip_flag(values, bound)
     return values
 
 
@@ -72,10 +83,11 @@ def noise_key(seed, round_, node_id):
 
 
 class NodeDP:
-    """Local DP for one node: delta -> clip to `clip` (raw L2 norm) -> + N_Z(0, num/den) per
+    """DP for one node: delta -> clip to `clip` (raw L2 norm) -> + N_Z(0, num/den) per
     coordinate -> clamp to [-limit, limit] (the value range peers and coordinator accept;
     post-processing, so it costs no privacy). `noise`: a NOISE_SOURCES name; "seeded" uses
-    `seed`."""
+    `seed`. Under secure aggregation (distributed DP) num/den is this node's share
+    (share_sigma2) and the clamp is never reached in practice (docs/privacy.md)."""
 
     def __init__(self, clip, num, den, noise="urandom", seed=0, node_id="", limit=MAX_RAW):
         if noise not in NOISE_SOURCES:
@@ -101,7 +113,11 @@ class NodeDP:
 
     def apply(self, delta, round_):
         """Privatise `delta` in place (the node's update for `round_`); returns it."""
-        l2_clip_into(delta, self.clip)
+        l2_clip_flag(delta, self.clip)
+        return self.noise_into(delta, round_)
+
+    def noise_into(self, delta, round_):
+        """Add this round's noise to `delta` (clipped already) in place; returns it."""
         g = self.gauss
         src = self.source(round_)
         hi = self.limit
@@ -114,16 +130,24 @@ class NodeDP:
 
 def node_dp(doc, seed, node_id, limit=MAX_RAW):
     """A NodeDP from config.json's "dp" object {"clip": int, "sigma2": [num, den], "noise":
-    "urandom" | "seeded"}, or None for null. Raises ValueError naming the problem."""
+    "urandom" | "seeded", "nodes": n}, or None for null. "nodes" (default 1: local DP): the
+    number of nodes whose noise shares add up to sigma2 under secure aggregation; the node
+    adds share_sigma2(num, den, n). Raises ValueError naming the problem."""
     if doc is None:
         return None
     if not isinstance(doc, dict):
-        raise ValueError("'dp' must be null or {\"clip\", \"sigma2\", \"noise\"}")
+        raise ValueError("'dp' must be null or {\"clip\", \"sigma2\", \"noise\", \"nodes\"}")
     for k in doc:
-        if k not in ("clip", "sigma2", "noise"):
+        if k not in ("clip", "sigma2", "noise", "nodes"):
             raise ValueError("unknown key 'dp.%s'" % k)
     s2 = doc.get("sigma2")
     if not isinstance(s2, (list, tuple)) or len(s2) != 2:
         raise ValueError("'dp.sigma2' must be [num, den]")
-    return NodeDP(doc.get("clip"), s2[0], s2[1], doc.get("noise", "urandom"), seed, node_id,
+    n = doc.get("nodes", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or n > MAX_NODES:
+        raise ValueError("'dp.nodes' must be an int in 1..%d" % MAX_NODES)
+    num, den = s2[0], s2[1]
+    if isinstance(den, int) and not isinstance(den, bool):
+        num, den = share_sigma2(num, den, n)
+    return NodeDP(doc.get("clip"), num, den, doc.get("noise", "urandom"), seed, node_id,
                   limit)

@@ -15,7 +15,9 @@
 # With privacy "secagg" (docs/privacy.md) step 3 sends no MODEL_UPDATE: secagg_begin starts
 # the round's microfed.secagg.Client with the delta and returns its SA_KEYS payload, and
 # secagg_reply answers each coordinator frame of the round (key set, inbox, unmask request)
-# with the next payload. The caller frames, signs and publishes on Topics.secagg.
+# with the next payload. The caller frames, signs and publishes on Topics.secagg. With
+# distributed DP (privacy secagg+dp) the node's NodeDP goes to secagg_begin, not to
+# local_update: the noise share is added inside the Client, after its clip, before masking.
 #
 # Portable MicroPython 1.29 / CPython; no floats, no f-strings.
 
@@ -137,10 +139,17 @@ SECAGG_REPLY = {wire.SA_KEYSET: wire.SA_SHARES, wire.SA_INBOX: wire.SA_MASKED,
                 wire.SA_UNMASK: wire.SA_REVEAL}
 
 
-def secagg_begin(client, round_, delta, n_samples, clip):
+def secagg_begin(client, round_, delta, n_samples, clip, dp=None):
     """Step 3 under secure aggregation: (SA_KEYS, its payload); the client keeps the clipped,
-    weighted delta for the masked update."""
-    return wire.SA_KEYS, client.begin(round_, delta, n_samples, clip)
+    weighted delta for the masked update. `dp`: None, or distributed DP (privacy secagg+dp): a
+    microfed.dp.NodeDP holding this node's share of the noise variance; its clip is then THE
+    clip (`clip` is not used), its noise goes in after the clip and before weighting, and every
+    node weighs 1, so the unmasked sum is the sum of the nodes' noised, clipped deltas: the
+    setting of the distributed-DP bound (docs/privacy.md, "Distributed DP"). The delta of
+    local_update must then come without local DP (dp=None there)."""
+    if dp is None:
+        return wire.SA_KEYS, client.begin(round_, delta, n_samples, clip)
+    return wire.SA_KEYS, client.begin(round_, delta, 1, dp.clip, dp.noise_into)
 
 
 def secagg_reply(client, msg, mesh_id, coordinator_key, check_sig, registry):

@@ -5,7 +5,8 @@
 #
 # A node's round, one Client per round (each step checks everything first, then changes the
 # Client's state in one place, at its end, and returns the payload to sign and publish):
-#   1 begin       exact integer L2 clip of the delta, weight it (w*x and w, mod 2^64),
+#   1 begin       exact integer L2 clip of the delta (microfed.dp.l2_clip_flag), with
+#                 distributed DP its noise share, weight it (w*x and w, mod 2^64),
 #                 two fresh X25519 key pairs (c: shares' encryption, s: pairwise masks)
 #                                                                          -> SA_KEYS
 #   2 on_keyset   check the key set: t > n/2, our own keys, every peer registered and its
@@ -30,6 +31,7 @@ import hashlib
 import struct
 
 from microfed import wire, wire_sa, x25519
+from microfed.dp import l2_clip_flag
 from microfed.ed25519 import _inv
 from microfed.q16 import rdiv
 from microfed.verify import Rejected
@@ -48,48 +50,6 @@ class SecAggError(ValueError):
 
 
 # ---------------------------------------------------------------- integer helpers
-
-def isqrt(n):
-    """floor(sqrt(n)) for an integer n >= 0 (Newton's method, exact)."""
-    if n < 0:
-        raise ValueError("isqrt of a negative number")
-    if n < 2:
-        return n
-    # Start above the root: 2^ceil(bits/2) (MicroPython ints have no bit_length()).
-    bits = 0
-    m = n
-    while m >> 32:
-        m >>= 32
-        bits += 32
-    while m:
-        m >>= 1
-        bits += 1
-    x = 1 << ((bits + 1) >> 1)
-    while True:
-        y = (x + n // x) >> 1
-        if y >= x:
-            return x
-        x = y
-
-
-def clip_l2(values, bound):
-    """Exact L2 clip: (values, False) when sum(v^2) <= bound^2, else (clipped, True) with
-    v' = trunc(v * bound / s), s = ceil(sqrt(sum v^2)), truncated toward zero, so that
-    ||v'|| <= bound always holds (docs/privacy.md, "Clipping"). bound: raw Q16.16, >= 1."""
-    n2 = 0
-    for v in values:
-        n2 += v * v
-    if n2 <= bound * bound:
-        return values, False
-    s = isqrt(n2)
-    if s * s < n2:
-        s += 1
-    out = []
-    for v in values:
-        q = (-v if v < 0 else v) * bound // s
-        out.append(-q if v < 0 else q)
-    return out, True
-
 
 def weigh(values, weight):
     """The masked vector's plaintext: (weight * v mod 2^64 for each v) + [weight]."""
@@ -289,12 +249,17 @@ class Client:
                            % (what, fr.round, self.round, self.phase))
 
     # 1 ------------------------------------------------------------------------------
-    def begin(self, round_, delta, samples, clip):
-        """The round's SA_KEYS payload; keeps clip(delta) weighted by `samples`."""
+    def begin(self, round_, delta, samples, clip, noise=None):
+        """The round's SA_KEYS payload; keeps clip(delta) (+ noise) weighted by `samples`.
+        Clips `delta` in place. `noise(values, round_)`: distributed DP (microfed.dp.NodeDP
+        .noise_into with this node's share of the variance), added after the clip and before
+        weighting and masking (docs/privacy.md, "Distributed DP")."""
         if samples < 1 or clip < 1:
             raise ValueError("samples and clip must be >= 1")
-        vals, clipped = clip_l2(delta, clip)
-        y = weigh(vals, samples)
+        clipped = l2_clip_flag(delta, clip)
+        if noise is not None:
+            noise(delta, round_)
+        y = weigh(delta, samples)
         c_sk = self.rand(32)
         s_sk = rand_scalar(self.rand)
         c_pk = x25519.public_key(c_sk)

@@ -7,7 +7,8 @@
                         [--crosscheck always|sampled:N|off] [--transport mqtt|inproc]
                         [--boards unix32:8,mps2-an385:2] [--unix32-heap 512k]
                         [--broker auto|mosquitto|amqtt|HOST:PORT]
-                        [--privacy none|dp|secagg] [--dp-epsilon E | --dp-noise-multiplier Z]
+                        [--privacy none|dp|secagg|secagg+dp]
+                        [--dp-epsilon E | --dp-noise-multiplier Z]
                         [--dp-delta D] [--clip-norm C] [--dp-noise urandom|seeded] [--clip-l2 RAW]
     microfed mesh sweep [--rounds 30] [--jobs 2] [--out DIR] [--md docs/results.md]
     microfed mesh dp-sweep [--rules fedavg,krum] [--epsilons 0,16,64,256,1024] [--seeds 1,2,3]
@@ -32,6 +33,9 @@ The robust rules and reputation then run on the noised updates.
 --privacy secagg runs secure aggregation (docs/privacy.md): the coordinator learns only the
 sum of the nodes' clipped, weighted updates; it needs --rule fedavg, coordinated mode and no
 attackers, because the robust rules and reputation need the individual updates.
+--privacy secagg+dp is both (distributed DP): every node clips to --clip-norm and adds its
+1/n share of the noise before masking, so the sum carries the variance --dp-epsilon or
+--dp-noise-multiplier asks for; --clip-l2 does not apply (one clip).
 
 Every bad flag or scenario value ends the command with one line and exit code 2.
 """
@@ -193,7 +197,8 @@ def register(subparsers: Any) -> None:
     r.add_argument("--transport", choices=("mqtt", "inproc"), default="mqtt",
                    help="mqtt: broker + MicroPython processes (default); inproc: one CPython process")
     r.add_argument("--clip-l2", dest="clip_l2", type=int, metavar="RAW",
-                   help="secagg: each node's L2 clip bound, raw Q16.16 (default 1048576 = 16.0)")
+                   help="secagg: each node's L2 clip bound, raw Q16.16 (default 1048576 = 16.0); "
+                   "secagg+dp clips with --clip-norm instead")
     r.add_argument("--out", help="run directory (default runs/<scenario>-<time>)")
     r.add_argument("--force", action="store_true", help="replace a non-empty --out")
     r.add_argument("--timeout", type=float, default=1800.0,
@@ -203,7 +208,8 @@ def register(subparsers: Any) -> None:
                    "and restart it (it resumes from SQLite)")
     r.add_argument("--privacy", help="privacy mode: " + " | ".join(PRIVACY) + " (default: the "
                    "scenario's, else none): dp = local differential privacy, secagg = secure "
-                   "aggregation (needs --rule fedavg); docs/privacy.md")
+                   "aggregation (needs --rule fedavg), secagg+dp = both: distributed DP; "
+                   "docs/privacy.md")
     r.add_argument("--dp-epsilon", dest="dp_epsilon", type=float,
                    help="dp: target epsilon over the whole run (calibrates the noise)")
     r.add_argument("--dp-noise-multiplier", dest="dp_noise_multiplier", type=float,
@@ -211,7 +217,7 @@ def register(subparsers: Any) -> None:
     r.add_argument("--dp-delta", dest="dp_delta", type=float,
                    help="dp: delta of the reported (epsilon, delta) (default 1e-5)")
     r.add_argument("--clip-norm", dest="clip_norm", type=float,
-                   help="dp: L2 clip of every delta, in model units (default 1.0)")
+                   help="dp, secagg+dp: L2 clip of every delta, in model units (default 1.0)")
     r.add_argument("--dp-noise", dest="dp_noise", choices=("urandom", "seeded"),
                    help="dp: noise from os.urandom (default) or seeded from (seed, round, node): "
                    "reproducible, no privacy against whoever knows the seed")
