@@ -121,8 +121,8 @@ def trimmed_mean(vecs, trim):
     return out
 
 
-def fedavg(vecs, weights):
-    n, d = _shape(vecs)
+def fedavg_total(weights, n):
+    # The checked sum of FedAvg's weights (one per update, none negative, some positive).
     if len(weights) != n:
         raise AggregationError("fedavg needs one weight per update")
     total = 0
@@ -132,6 +132,12 @@ def fedavg(vecs, weights):
         total += w
     if total <= 0:
         raise AggregationError("fedavg needs a positive total weight")
+    return total
+
+
+def fedavg(vecs, weights):
+    n, d = _shape(vecs)
+    total = fedavg_total(weights, n)
     out = []
     for k in range(d):
         s = 0

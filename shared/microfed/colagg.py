@@ -133,15 +133,7 @@ def run(rule, ids, read_into, d, params, chunk=CHUNK):
         _column_rule(h, read_into, n, d, chunk, tmean)
     elif rule == "fedavg":
         weights = params["weights"]
-        if len(weights) != n:
-            raise AggregationError("fedavg needs one weight per update")
-        total = 0
-        for w in weights:
-            if w < 0:
-                raise AggregationError("fedavg weights must be >= 0")
-            total += w
-        if total <= 0:
-            raise AggregationError("fedavg needs a positive total weight")
+        total = agg.fedavg_total(weights, n)
 
         def wavg(col):
             s = 0
