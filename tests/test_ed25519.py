@@ -303,6 +303,19 @@ def test_verify_fallback_path_full_length_scalars(monkeypatch):
         assert ed25519.verify(pub, msg, flip(sig, i * 37 % 512)) is False
 
 
+def test_verify_raises_memory_error_instead_of_calling_a_signature_bad(monkeypatch):
+    # Malformed input fails closed (False), but running out of heap is not a verdict on the
+    # signature: it must reach the caller, who reports it as a MemoryError (issue 9). On a
+    # real 32-bit build this is exercised by hil/test_node_round.py's too-small heap.
+    def out_of_heap(pub, msg, sig):
+        raise MemoryError("memory allocation failed, allocating 64 bytes")
+
+    seed, msg = random_cases(1, seed=3)[0]
+    monkeypatch.setattr(ed25519, "_verify", out_of_heap)
+    with pytest.raises(MemoryError):
+        ed25519.verify(c_pub(seed), msg, c_sign(seed, msg))
+
+
 @pytest.mark.parametrize("k", [0, 1, 2, 3, 8, L - 1, L - 2, 2**128, 2**128 - 1, 2**252])
 def test_half_size_decomposition(k):
     c, t = ed25519._half(k)
