@@ -1,8 +1,10 @@
 """Instruction counts per phase on the emulated MCUs, as a regression gate (not a timed test):
 QEMU runs with `-icount shift=0`, so a count is the guest's instructions (in ticks_us() steps of
-1 000); the same phase measured twice differs by at most 0.1 % or 5 000 instructions,
-whichever is more (a garbage collection can land at another point; measured: up to 12 000 of
-52.8 M, and 2 000 of the 0.5 M import). Each phase must stay under its budget
+1 000); the same phase measured twice differs by at most 0.2 % or 5 000 instructions,
+whichever is more: a garbage collection can land at another point (the collector scans the C
+stack conservatively, so what it keeps alive can differ from run to run; measured: up
+to 12 000 of 52.8 M for Krum, 2 000 of the 0.5 M import, 42 000 of 40.2 M for X25519, whose
+long ints collect several times). Each phase must stay under its budget
 below. The device's results must also
 equal the host's (the work really ran). Figures and the command: docs/boards.md,
 "Device cost" (`python benchmarks/device.py`).
@@ -56,7 +58,7 @@ def test_device_results_equal_the_host(counted: list[dict[str, Any]]) -> None:
 def test_counts_repeat(counted: list[dict[str, Any]]) -> None:
     a, b = counted
     for phase in devicecost.PHASES:
-        assert abs(a[phase] - b[phase]) <= max(5000, a[phase] // 1000), (phase, a[phase], b[phase])
+        assert abs(a[phase] - b[phase]) <= max(5000, a[phase] // 500), (phase, a[phase], b[phase])
 
 
 def test_every_phase_within_its_budget(counted: list[dict[str, Any]], target: Any) -> None:

@@ -91,6 +91,32 @@ def test_the_round_on_the_board_equals_the_reference(device: Any, case: roundcas
     assert got["out"] == want["out"]
 
 
+def test_a_decoded_vector_is_held_at_its_length(device: Any) -> None:
+    # list(x) on MicroPython appends and doubles: a 650-value vector would hold a 4 KB block
+    # (1024 slots), which a 64 KB heap could not always find mid-round (measured on the
+    # Cortex-M3 build: MemoryError in training). q16.exact_list and the wire decoder size the
+    # list once: what they hold after a collection is the list object plus 650 slots.
+    _frozen(device)
+    device.fresh()
+    text = device.repl.exec_verified(
+        "import gc, struct, sys\n"
+        "from microfed import q16, wire\n"
+        "def _mfheld(make, arg):\n"
+        " gc.collect()\n f = gc.mem_free()\n kept = make(arg)\n gc.collect()\n"
+        " return f - gc.mem_free(), kept\n"
+        "_b = struct.pack('<650i', *range(650))\n"
+        "_c, _l = _mfheld(q16.exact_list, struct.unpack('<650i', _b))\n"
+        "_d, _v = _mfheld(lambda b: wire._unpack_i32(b, 0, 650), _b)\n"
+        "print(_c, _d, 4 if sys.maxsize < (1 << 32) else 8, _l == _v)\n"
+        "_mfheld = _l = _v = _b = None\n", what="allocation check")
+    copied, decoded, word, same = text.split()
+    assert same == "True"
+    # Slots rounded up to the GC's 16-byte blocks (4 words), plus the list object (4 words).
+    limit = (650 + 4) * int(word) + 16
+    assert int(copied) <= limit, (copied, limit)
+    assert int(decoded) <= limit, (decoded, limit)
+
+
 @pytest.fixture(scope="module")
 def counted(target: Any, case: roundcase.Case) -> dict[str, Any]:
     _frozen(target)

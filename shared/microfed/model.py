@@ -12,7 +12,7 @@
 import hashlib
 import struct
 
-from microfed.q16 import MAX_RAW, MIN_RAW, ONE, sat
+from microfed.q16 import MAX_RAW, MIN_RAW, ONE, exact_list, sat
 
 # ---- fixed-point exp ------------------------------------------------------------------------
 # exp(x) for a raw Q16.16 x, as a raw Q16.16 result, saturated to MAX_RAW. Internals in Q30.
@@ -274,7 +274,7 @@ class SoftmaxRegression(Model):
         bo = k * d
         lr = cfg.lr
         lrw = lr << shift  # the weights' gradient sums are 2^shift too small
-        p = list(params)
+        p = exact_list(params)
         gw = [0] * bo  # allocated once, zeroed again as each batch consumes it
         gb = [0] * k
         rng = XorShift32(cfg.seed)

@@ -279,7 +279,12 @@ def encode_registry(mesh, version, coordinator_pub, entries):
 # ---------------------------------------------------------------- payload decoders
 
 def _unpack_i32(payload, off, n):
-    return list(struct.unpack_from("<%di" % n, payload, off)) if n else []
+    # Sized once by slice assignment: list(tuple) doubles as it appends on MicroPython
+    # (650 values: a 4 KB block, q16.exact_list).
+    out = []
+    if n:
+        out[:] = struct.unpack_from("<%di" % n, payload, off)
+    return out
 
 
 def _need(cond, msg):
@@ -465,7 +470,7 @@ def decode_global_payload(p):
     (dim,) = struct.unpack_from("<I", p, 32)
     _need(dim >= 1 and dim <= (n - 36) // 4, "global model length does not match dim")
     end = 36 + 4 * dim
-    body = {"digest": bytes(p[0:32]), "values": list(struct.unpack_from("<%di" % dim, p, 36)),
+    body = {"digest": bytes(p[0:32]), "values": _unpack_i32(p, 36, dim),
             "final": False, "rule": None, "p1": 0, "p2": 0, "agg_digest": _ZERO32,
             "accepted": []}
     if n == end:
