@@ -46,15 +46,39 @@ EXTRA_REASONS = ("buffer_full", "bad_topic", "handler_error", "aggregate_error",
 
 def _failure(e, phase):
     """(reason, message) for an exception while doing `phase`. A MemoryError is reported
-    as what it is, with the heap left after a collection, never as a protocol problem."""
+    as what it is, with the heap left after a collection and where it ran out, never as a
+    protocol problem."""
     if isinstance(e, MemoryError):
         gc.collect()
         try:
             free = gc.mem_free()
         except Exception:
             free = -1
-        return "out_of_memory", "%s: MemoryError, %d bytes free after gc" % (phase, free)
+        return "out_of_memory", "%s: MemoryError, %d bytes free after gc%s" % (
+            phase, free, _where(e))
     return None, repr(e)
+
+
+def _where(e):
+    """' at FILE:LINE in FUNCTION', the innermost frame of e's traceback; '' when it cannot
+    be had (CPython, a port without tracebacks, or no memory even for that)."""
+    try:
+        import io
+        import sys
+
+        buf = io.StringIO()
+        sys.print_exception(e, buf)
+        last = None
+        for line in buf.getvalue().split("\n"):
+            if line.startswith("  File "):
+                last = line
+        if last is None:
+            return ""
+        # '  File "microfed/model.py", line 277, in train'
+        parts = last[7:].split(", ")
+        return " at %s:%s %s" % (parts[0].strip('"'), parts[1][5:], parts[2])
+    except Exception:
+        return ""
 
 STATE_MAGIC = b"microfed-node 1"
 _HEX = "0123456789abcdef"
@@ -482,7 +506,8 @@ class Node:
                      train_ms=time.ticks_diff(t1, t0))
             gc.collect()
             return
-        frame = self.frame(wire.MODEL_UPDATE, r, noderound.update_payload(self.n_samples, delta))
+        frame = noderound.update_frame(self.mesh_id, self.node_id, r, self.seqs.next(),
+                                       self.clock(), self.n_samples, delta, self.sign)
         # Persist BEFORE publishing: after a crash from here on, this round is never redone.
         self.state.save(r, seq, h)
         fh = _sha(frame)

@@ -241,11 +241,17 @@ for c in cases:
     else:
         pl2 = wire.encode_status(fl["state"], fl["free_heap"], fl["uptime"], fl["last_round"], fl["label"])
     signed = "-"
+    in_place = "-"
     if ed25519 is not None:
         s = bytes.fromhex(c["seed"])
         signed = h(wire.encode(k, fr.mesh_id, c["sender"], c["round"], c["seq"], c["timestamp"],
                                pl2, lambda m: ed25519.sign(s, m)))
-    print(json.dumps([c["name"], h(again), h(hdr), h(pl2), h(fr.signing_digest()), signed]))
+        if k == wire.MODEL_UPDATE:
+            in_place = h(wire.encode_update(fr.mesh_id, c["sender"], c["round"], c["seq"],
+                                            c["timestamp"], fl["samples"], fl["values"],
+                                            lambda m: ed25519.sign(s, m)))
+    print(json.dumps([c["name"], h(again), h(hdr), h(pl2), h(fr.signing_digest()), signed,
+                      in_place]))
 """
 
 
@@ -259,7 +265,7 @@ def mp_rows(micropython: str, tmp_path_factory: pytest.TempPathFactory) -> list[
 
 def test_micropython_same_bytes(mp_rows: list[list[str]]) -> None:
     assert [r[0] for r in mp_rows] == [c["name"] for c in VECTORS]
-    for (name, again, hdr, pl, sd, _), c in zip(mp_rows, VECTORS, strict=True):
+    for (name, again, hdr, pl, sd, _signed, _in_place), c in zip(mp_rows, VECTORS, strict=True):
         assert again == c["frame"], name
         assert hdr == c["header"], name
         assert pl == c["payload"], name
@@ -271,6 +277,49 @@ def test_micropython_portable_signature_same_frame(mp_rows: list[list[str]]) -> 
         pytest.skip("shared/microfed/ed25519.py not present: portable signing not checked")
     for r, c in zip(mp_rows, VECTORS, strict=True):
         assert r[5] == c["frame"], r[0]  # Ed25519 is deterministic: the very same bytes
+
+
+def test_micropython_update_built_in_place_is_the_same_frame(mp_rows: list[list[str]]) -> None:
+    updates = [(r, c) for r, c in zip(mp_rows, VECTORS, strict=True)
+               if c["kind"] == wire.MODEL_UPDATE]
+    assert updates, "the vector file has no MODEL_UPDATE case"
+    if all(r[6] == "-" for r, _c in updates):
+        pytest.skip("shared/microfed/ed25519.py not present: portable signing not checked")
+    for r, c in updates:
+        assert r[6] == c["frame"], r[0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(samples=st.integers(0, 2**32 - 1),
+       values=st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=700),
+       round_=st.integers(0, 2**32 - 1), seq=st.integers(1, 2**63 - 1),
+       ts=st.integers(-(2**63), 2**63 - 1), sender=st.sampled_from(["n", "node-07", "x" * 64]))
+def test_update_built_in_place_equals_encode(samples: int, values: list[int], round_: int,
+                                             seq: int, ts: int, sender: str) -> None:
+    mesh = wire.mesh_id(MESH)
+    sign = keys.signer(bytes(range(32)))
+    want = wire.encode(wire.MODEL_UPDATE, mesh, sender, round_, seq, ts,
+                       wire.encode_model_update(samples, values), sign)
+    got = wire.encode_update(mesh, sender, round_, seq, ts, samples, values, sign)
+    assert isinstance(got, bytearray)
+    assert bytes(got) == want
+
+
+def test_update_built_in_place_refuses_what_encode_refuses() -> None:
+    mesh = wire.mesh_id(MESH)
+    sign = keys.signer(bytes(range(32)))
+    cases = [(1, []), (1, [2**31]), (1, [0, -(2**31) - 1]), (1, [1.5]), (-1, [0]),
+             (2**32, [0])]
+    for samples, values in cases:
+        with pytest.raises(WireError) as want:
+            wire.encode(wire.MODEL_UPDATE, mesh, "n", 1, 1, 0,
+                        wire.encode_model_update(samples, values), sign)
+        with pytest.raises(WireError) as got:
+            wire.encode_update(mesh, "n", 1, 1, 0, samples, values, sign)
+        assert (got.value.reason, got.value.message) == (want.value.reason, want.value.message)
+    with pytest.raises(WireError) as got:
+        wire.encode_update(mesh, "n", 1, 1, 0, 1, [0] * (wire.MAX_FRAME // 4), sign)
+    assert got.value.reason == "oversize"
 
 
 # ------------------------------------------------------------------ structural rejections

@@ -156,7 +156,9 @@ class SimNode:
                                                    self.dp)
             self.bus.publish(self.topics.secagg, self._frame(kind, r, payload))
             return
-        frame = self._frame(wire.MODEL_UPDATE, r, noderound.update_payload(self.data.n, delta))
+        self.seq += 1
+        frame = bytes(noderound.update_frame(self.mesh_id, self.id, r, self.seq,
+                                             int(self.clock()), self.data.n, delta, self.sign))
         if self.gossip:
             self.peers.keep(r, wire.sha256(frame), self.id, self.data.n,
                             noderound.update_values(frame, self.id))

@@ -75,8 +75,8 @@ def make_case(gossip: bool = True, peers: int = PEERS, samples: int = SAMPLES,
                         wire.encode_global_payload(g1), coord)
     # The node's own round-1 update, as the host computes it (same portable steps).
     own = noderound.local_update(m, model.Shard(shard), TRAIN, 1, NODE, g1)
-    own_frame = wire.encode(wire.MODEL_UPDATE, mesh_id, NODE, 1, 1, CLOCK,
-                            noderound.update_payload(samples, own), keys.signer(_seed(NODE)))
+    own_frame = bytes(noderound.update_frame(mesh_id, NODE, 1, 1, CLOCK, samples, own,
+                                             keys.signer(_seed(NODE))))
     rng = random.Random(seed)
     vecs = {NODE: own}
     frames = []

@@ -137,7 +137,9 @@ class RoundCase:
         g = None
         self.end("train")
         self.begin()
-        frame = self._sign(wire.MODEL_UPDATE, r, noderound.update_payload(self.data.n, delta))
+        self.seq += 1
+        frame = noderound.update_frame(self.mesh_id, self.node_id, r, self.seq, self.clock,
+                                       self.data.n, delta, lambda m: ed25519.sign(self.seed, m))
         delta = None
         fh = hashlib.sha256(frame).digest()
         if self.peers is not None:
