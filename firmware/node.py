@@ -67,9 +67,10 @@ def _where(e):
         import sys
 
         buf = io.StringIO()
-        sys.print_exception(e, buf)
+        sys.print_exception(e, buf)  # pyright: ignore[reportAttributeAccessIssue]
         last = None
-        for line in buf.getvalue().split("\n"):
+        text = buf.getvalue()  # pyright: ignore[reportAttributeAccessIssue]
+        for line in text.split("\n"):
             if line.startswith("  File "):
                 last = line
         if last is None:

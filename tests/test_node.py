@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -327,6 +328,13 @@ print(json.dumps({"ev": "done", "counters": nd.counters()["rejected"], "sent": t
 """
 
 
+def _line_of(script: str, text: str) -> int:
+    """1-based line number of the only line of `script` that contains `text`."""
+    hits = [i for i, line in enumerate(script.splitlines(), 1) if text in line]
+    assert len(hits) == 1, hits
+    return hits[0]
+
+
 def test_any_exception_in_a_handler_is_a_counted_rejection(micropython: str,
                                                            tmp_path: Path) -> None:
     import hashlib
@@ -370,9 +378,11 @@ def test_any_exception_in_a_handler_is_a_counted_rejection(micropython: str,
         ("global", "handler_error", "-"),
     ]
     assert "IndexError" in rej[1]["msg"]
-    # A MemoryError is named as such, with where it happened and the heap left.
-    assert rej[2]["msg"].startswith("handling registry: MemoryError, ")
-    assert rej[2]["msg"].endswith(" bytes free after gc")
+    # A MemoryError is named as such, with what was being done, the heap left and the line
+    # where it ran out (the innermost frame of its traceback).
+    assert re.fullmatch(r"handling registry: MemoryError, \d+ bytes free after gc "
+                        r"at \S*/h\.py:%d in boom_memory" % _line_of(HANDLER_SCRIPT, "raise MemoryError()"),
+                        rej[2]["msg"]), rej[2]["msg"]
     done = evs[-1]
     assert done["counters"] == {"truncated": 1, "handler_error": 3, "out_of_memory": 1}
     assert done["errors"] == 4
