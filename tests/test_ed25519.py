@@ -258,14 +258,20 @@ def test_sha512_incremental_matches_hashlib(chunks):
     h.update(b"x")
     assert h.digest() == hashlib.sha512(whole + b"x").digest()
 
-def test_the_comb_constants_are_the_base_points_multiples():
-    # _COMB is written out (so a firmware image keeps it in flash); _build_comb() derives
-    # it from the base point. Entry i is sum of 2^(64 j) B over the bits j of i; check the
-    # first one against RFC 8032's B independently too: (y + x, y - x, 2 d x y).
-    assert ed25519._COMB == ed25519._build_comb()
-    assert len(ed25519._COMB) == 16 and ed25519._COMB[0] is None
+def test_the_frozen_comb_constants_are_the_table_the_code_builds():
+    # boards/firmware/microfed/ed25519_comb.py (frozen into firmware, where constants sit in
+    # flash) must be exactly what _build_comb() computes from the base point; and entry 1
+    # is B itself, (y + x, y - x, 2 d x y), checked from RFC 8032's coordinates directly.
+    path = (Path(__file__).resolve().parents[1] / "boards" / "firmware" / "microfed"
+            / "ed25519_comb.py")
+    spec = importlib.util.spec_from_file_location("ed25519_comb", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.COMB == ed25519._build_comb()
+    assert len(mod.COMB) == 16 and mod.COMB[0] is None
     p, x, y = ed25519._P, ed25519._BX, ed25519._BY
-    assert ed25519._COMB[1] == ((y + x) % p, (y - x) % p, 2 * ed25519._D * x * y % p)
+    assert mod.COMB[1] == ((y + x) % p, (y - x) % p, 2 * ed25519._D * x * y % p)
 
 
 
