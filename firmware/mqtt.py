@@ -113,6 +113,7 @@ class Transport:
         self._nodelay_ok = False
         self._dropped = 0  # oversize drops of earlier connections
         self._dropped_bytes = 0
+        self._dropped_oom = 0  # messages skipped for want of heap, earlier connections
         self._id = _b(client_id)
         self.keepalive = keepalive
         self.io_timeout_ms = io_timeout_ms
@@ -154,6 +155,7 @@ class Transport:
         d["dropped_oversize"] = self._dropped + (c.dropped if c is not None else 0)
         d["dropped_oversize_bytes"] = self._dropped_bytes + (c.dropped_bytes if c is not None
                                                              else 0)
+        d["dropped_oom"] = self._dropped_oom + (c.dropped_oom if c is not None else 0)
         d["nodelay"] = self._nodelay_ok
         d["connected"] = self.connected
         return d
@@ -303,6 +305,7 @@ class Transport:
         if c is not None:
             self._dropped += c.dropped
             self._dropped_bytes += c.dropped_bytes
+            self._dropped_oom += c.dropped_oom
         self.client = None
         s = self._stream
         self._stream = None

@@ -24,7 +24,8 @@
 #
 # Receiving is bounded: the remaining length is read from at most 4 bytes; a PUBLISH larger
 # than max_msg is skipped in 256-byte chunks (never held in RAM), still acknowledged, and
-# counted in dropped / dropped_bytes. Anything malformed raises MQTTError; a stream that
+# counted in dropped / dropped_bytes; one the heap has no block for right now is skipped the
+# same way and counted in dropped_oom. Anything malformed raises MQTTError; a stream that
 # ends or times out raises OSError. Either way the caller must drop the connection: a
 # stream that fell out of step cannot be trusted again.
 # MicroPython subset: no f-strings, no typing.
@@ -163,6 +164,7 @@ class Client:
         self.pongs = 0
         self.dropped = 0
         self.dropped_bytes = 0
+        self.dropped_oom = 0
         self.last_rx = time.ticks_ms()
         self._skipbuf = bytearray(_SKIP_CHUNK)
         self._poll = None
@@ -298,12 +300,21 @@ class Client:
             return
         topic = self._read(tl)
         pid = self._read(2) if qos else None
-        msg = self._read(size)
+        try:
+            msg = self._read(size)
+        except MemoryError:
+            # No free block of the message's size right now (a fragmented heap). The stream
+            # allocates before it reads, so none of it was read: skip it like an oversize one,
+            # acknowledged and counted, and keep the session. Dropping the connection instead
+            # brings a retained message straight back into the same heap, again and again.
+            self._skip(size)
+            self.dropped_oom += 1
+            msg = None
         if pid is not None:
             # Ack before the callback: the message is fully received, and a callback that
             # publishes must not interleave with a half-written PUBACK.
             self.s.write(b"\x40\x02" + pid)
-        if self.on_message is not None:
+        if msg is not None and self.on_message is not None:
             self.on_message(topic, msg)
 
     def wait(self, kind, pid, timeout_ms):

@@ -509,6 +509,12 @@ class Node:
             return
         frame = noderound.update_frame(self.mesh_id, self.node_id, r, self.seqs.next(),
                                        self.clock(), self.n_samples, delta, self.sign)
+        t2 = time.ticks_ms()
+        # The delta goes before the publish: while the PUBACK is awaited, peers' updates
+        # arrive (2.7 KB each), and a small heap needs the room.
+        delta_digest = _hex(model.params_digest(delta))
+        delta = None
+        gc.collect()
         # Persist BEFORE publishing: after a crash from here on, this round is never redone.
         self.state.save(r, seq, h)
         fh = _sha(frame)
@@ -527,9 +533,8 @@ class Node:
         self.last_update = frame
         self.rounds_done += 1
         self.log("update", round=r, seq=self.seqs.last, hash=_hex(fh),
-                 delta_digest=_hex(model.params_digest(delta)), train_ms=time.ticks_diff(t1, t0),
-                 sign_ms=time.ticks_diff(time.ticks_ms(), t1))
-        delta = None
+                 delta_digest=delta_digest, train_ms=time.ticks_diff(t1, t0),
+                 sign_ms=time.ticks_diff(t2, t1))
         gc.collect()
 
     def secagg_step(self, msg):

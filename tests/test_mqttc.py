@@ -166,6 +166,54 @@ def test_bounded_receive_and_malformed_input(micropython: str, tmp_path: Path) -
                        ["refused", 9, "connection refused: code 9 (9)"]]
 
 
+NO_HEAP = r'''
+import json, mqttc
+
+class Wire:
+    """Scripted broker bytes; reading more than `room` bytes at once fails the way a heap
+    without such a block does (before anything is read)."""
+    def __init__(self, data, room):
+        self.data = bytes(data)
+        self.room = room
+        self.out = b""
+    def readable(self, ms):
+        return True
+    def read(self, n):
+        if n > self.room:
+            raise MemoryError("memory allocation failed, allocating %d bytes" % n)
+        d = self.data[:n]
+        self.data = self.data[n:]
+        return d
+    def readinto(self, buf, n):
+        d = self.data[:n]
+        self.data = self.data[n:]
+        buf[:len(d)] = d
+        return len(d)
+    def write(self, b):
+        self.out += bytes(b)
+        return len(b)
+
+def pub(topic, payload, pid):
+    body = mqttc.string(topic) + bytes((pid >> 8, pid & 255)) + payload
+    return b"\x32" + mqttc.remaining_length(len(body)) + body
+
+w = Wire(pub("g", b"G" * 300, 7) + pub("u", b"small", 8), 100)
+got = []
+c = mqttc.Client(w, 4096, lambda t, m: got.append([t.decode(), bytes(m).decode()]))
+while w.data:
+    c.packet()
+print(json.dumps([got, c.dropped_oom, c.dropped, w.out.hex()]))
+'''
+
+
+def test_a_message_the_heap_cannot_hold_is_skipped_and_the_session_kept(micropython: str,
+                                                                       tmp_path: Path) -> None:
+    [(got, oom, oversize, out)] = upy(micropython, tmp_path, NO_HEAP)
+    assert got == [["u", "small"]]  # the next message still arrives, whole and in step
+    assert (oom, oversize) == (1, 0)
+    assert out == "40020007" "40020008"  # both acknowledged: the broker does not resend
+
+
 SESSION = r'''
 import json, socket, time, mqttc
 
