@@ -21,10 +21,12 @@ from microfed_tools import roundcase
 # rounded up (lower them when the code gets faster; a change that needs more says why). The
 # aggregate's were lowered when it moved to fixed int32 buffers (93 M -> 80 M on the M3), the
 # boot's when Ed25519's comb table was frozen as constants (77.7 M -> 43.6 M; 2026-11-27).
+# boot_shard is small and moves with where a collection lands (mps2-an385 gossip: 732 000 to
+# 749 000 in three runs that day): its budgets are the measured figure + 50 000.
 ROUND_BUDGETS = {"mps2-an385": {"gossip_round": 400_000_000, "coordinated_round": 250_000_000}}
 PHASE_BUDGETS: dict[str, dict[str, int]] = {
     "mps2-an385:gossip": {
-        "boot_registry": 45_470_000, "boot_shard": 740_000, "check_global": 95_420_000,
+        "boot_registry": 45_470_000, "boot_shard": 800_000, "check_global": 95_420_000,
         "peer_checks": 16_180_000, "aggregate": 83_900_000, "sign_digest": 46_330_000,
         "train": 264_770_000, "sign_update": 96_600_000,
     },
@@ -33,7 +35,7 @@ PHASE_BUDGETS: dict[str, dict[str, int]] = {
         "train": 252_750_000, "sign_update": 90_760_000,
     },
     "virt-rv32:gossip": {
-        "boot_registry": 46_280_000, "boot_shard": 930_000, "check_global": 96_550_000,
+        "boot_registry": 46_280_000, "boot_shard": 970_000, "check_global": 96_550_000,
         "peer_checks": 19_370_000, "aggregate": 96_810_000, "sign_digest": 47_260_000,
         "train": 302_880_000, "sign_update": 98_170_000,
     },
