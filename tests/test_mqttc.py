@@ -75,7 +75,7 @@ def test_packets_have_the_exact_bytes(micropython: str, tmp_path: Path) -> None:
     assert bad == ["MQTTError"] * 8
 
 
-DECODE = r'''
+WIRE = r'''
 import json, mqttc
 
 class Wire:
@@ -96,6 +96,9 @@ class Wire:
     def write(self, b):
         self.out += bytes(b)
         return len(b)
+'''
+
+DECODE = WIRE + r'''
 
 def run(data, max_msg=64):
     got = []
@@ -166,38 +169,23 @@ def test_bounded_receive_and_malformed_input(micropython: str, tmp_path: Path) -
                        ["refused", 9, "connection refused: code 9 (9)"]]
 
 
-NO_HEAP = r'''
-import json, mqttc
-
-class Wire:
-    """Scripted broker bytes; reading more than `room` bytes at once fails the way a heap
-    without such a block does (before anything is read)."""
+NO_HEAP = WIRE + r'''
+class NoRoom(Wire):
+    """Reading more than `room` bytes at once fails the way a heap without such a block
+    does (before anything is read)."""
     def __init__(self, data, room):
-        self.data = bytes(data)
+        Wire.__init__(self, data)
         self.room = room
-        self.out = b""
-    def readable(self, ms):
-        return True
     def read(self, n):
         if n > self.room:
             raise MemoryError("memory allocation failed, allocating %d bytes" % n)
-        d = self.data[:n]
-        self.data = self.data[n:]
-        return d
-    def readinto(self, buf, n):
-        d = self.data[:n]
-        self.data = self.data[n:]
-        buf[:len(d)] = d
-        return len(d)
-    def write(self, b):
-        self.out += bytes(b)
-        return len(b)
+        return Wire.read(self, n)
 
 def pub(topic, payload, pid):
     body = mqttc.string(topic) + bytes((pid >> 8, pid & 255)) + payload
     return b"\x32" + mqttc.remaining_length(len(body)) + body
 
-w = Wire(pub("g", b"G" * 300, 7) + pub("u", b"small", 8), 100)
+w = NoRoom(pub("g", b"G" * 300, 7) + pub("u", b"small", 8), 299)
 got = []
 c = mqttc.Client(w, 4096, lambda t, m: got.append([t.decode(), bytes(m).decode()]))
 while w.data:

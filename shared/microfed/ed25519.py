@@ -160,9 +160,9 @@ def _table():
     global _comb
     try:
         from microfed.ed25519_comb import COMB  # pyright: ignore[reportMissingImports]
-        _comb = COMB
     except ImportError:
-        _comb = _build_comb()
+        return _build_comb()  # sets _comb itself
+    _comb = COMB
     return _comb
 
 

@@ -556,13 +556,22 @@ def encode(kind, mesh, sender, round_, seq, timestamp, payload, sign):
     on devices, `cryptography` on the host)."""
     payload = bytes(payload)
     hdr = encode_header(kind, mesh, sender, round_, seq, timestamp, len(payload))
+    sig = _signature(kind, hdr, payload, sign)
+    frame = b"".join((hdr, payload, bytes(sig)))  # one allocation, not two
+    _frame_fits(len(frame))
+    return frame
+
+
+def _signature(kind, hdr, payload, sign):
     sig = sign(signing_digest(kind, hdr, sha256(payload)))
     if len(sig) != SIG_LEN:
         raise WireError("bad_signature", "signer returned %d bytes" % len(sig))
-    frame = b"".join((hdr, payload, bytes(sig)))  # one allocation, not two
-    if len(frame) > MAX_FRAME:
-        raise WireError("oversize", "frame of %d bytes exceeds %d" % (len(frame), MAX_FRAME))
-    return frame
+    return sig
+
+
+def _frame_fits(n):
+    if n > MAX_FRAME:
+        raise WireError("oversize", "frame of %d bytes exceeds %d" % (n, MAX_FRAME))
 
 
 def encode_update(mesh, sender, round_, seq, timestamp, samples, values, sign):
@@ -581,11 +590,8 @@ def encode_update(mesh, sender, round_, seq, timestamp, samples, values, sign):
     out[:h] = hdr
     struct.pack_into("<II", out, h, samples, n)
     _pack_i32_into(out, h + 8, values)
-    sig = sign(signing_digest(MODEL_UPDATE, hdr, sha256(memoryview(out)[h:h + plen])))
-    if len(sig) != SIG_LEN:
-        raise WireError("bad_signature", "signer returned %d bytes" % len(sig))
-    if len(out) > MAX_FRAME:
-        raise WireError("oversize", "frame of %d bytes exceeds %d" % (len(out), MAX_FRAME))
+    sig = _signature(MODEL_UPDATE, hdr, memoryview(out)[h:h + plen], sign)
+    _frame_fits(len(out))
     out[h + plen:] = sig
     return out
 

@@ -1,10 +1,11 @@
 # Ed25519's comb table as constants, for firmware images only (boards/firmware/manifest.py
 # freezes this file as microfed.ed25519_comb): frozen, MicroPython keeps constant tuples and
-# long ints in flash, so the table costs no heap, where building it on first use takes ~2.9 KB
-# for good. Not deployed as a .py file and not in shared/: loaded from source or .mpy these
-# constants would cost more heap (~6 KB) than building the table, and microfed.ed25519 then
-# builds it. Entry i (1..15) = sum of 2^(64 j) B over the bits j of i, as niels points
-# (y + x, y - x, 2 d x y); tests/test_ed25519.py checks it against ed25519._build_comb().
+# long ints in flash, so the table costs no heap, where building it on first use keeps it on
+# the heap for good. Not deployed as a .py file and not in shared/: loaded from source or .mpy
+# these constants are heap objects themselves (more than the built table, when tried), and
+# microfed.ed25519 then builds it. Entry i (1..15) = sum of 2^(64 j) B over the bits j of i,
+# as niels points (y + x, y - x, 2 d x y); tests/test_ed25519.py checks it against
+# ed25519._build_comb().
 
 COMB = (None,
         (3533012425803781230144052908719740726127014226477800802100354883158534798213,
