@@ -130,6 +130,7 @@ class Transport:
         self._handler = None
         self._subs = []  # [topic bytes, qos]; replayed on every reconnect
         self._pending = []  # messages that arrived while an ack was awaited
+        self._rx = None  # use_rx_buffer's
         # A handler that never publishes (the node's: it queues its output for step()) can
         # take messages while an ack is awaited, so none waits in RAM: set this to True.
         self.deliver_while_busy = False
@@ -146,8 +147,15 @@ class Transport:
 
     # --- public API -----------------------------------------------------------
     def set_handler(self, fn):
-        """fn(topic: bytes, msg: bytes), called from poll() (never re-entered)."""
+        """fn(topic: bytes, msg: bytes), called from poll() (never re-entered). After
+        use_rx_buffer, msg may be a memoryview valid until fn returns."""
         self._handler = fn
+
+    def use_rx_buffer(self, size):
+        """Read every message of up to `size` bytes into one buffer allocated now and kept
+        for good (mqttc.Client's rx), from the next connection on."""
+        if self._rx is None or len(self._rx) != size:
+            self._rx = bytearray(size)
 
     def stats(self):
         d = dict(self._n)
@@ -295,7 +303,7 @@ class Transport:
             s = self.stream_factory(t)
             self._nodelay_ok = False
         self._stream = s
-        c = mqttc.Client(s, self.max_msg, self._on_publish)
+        c = mqttc.Client(s, self.max_msg, self._on_publish, self._rx)
         self.client = c
         c.connect(self.client_id, self.keepalive, self.clean_session, self.user,
                   self.password, None, t)
@@ -316,7 +324,8 @@ class Transport:
             if len(self._pending) >= self.max_pending:
                 self._pending.pop(0)  # the newest state matters more than the oldest
                 self._n["dropped_pending"] += 1
-            self._pending.append((topic, msg))
+            # A copy: a message read into the receive buffer is gone with the next one.
+            self._pending.append((topic, bytes(msg)))
         else:
             # Messages held while we were busy came first: deliver them before this one
             # (the mesh relies on per-topic order: a round's updates before the next global).

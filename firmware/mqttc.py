@@ -154,12 +154,16 @@ def subscribe_packet(pid, topic, qos=0):
 
 class Client:
     """One MQTT session over one stream. on_message(topic, msg) is called from packet()
-    for each PUBLISH kept (after its PUBACK went out)."""
+    for each PUBLISH kept (after its PUBACK went out). `rx`: None, or a bytearray that every
+    message up to its size is read into: msg is then a memoryview into it, valid until
+    on_message returns (a handler that keeps a message copies it), and a small heap never
+    has to find a message-sized block mid-run."""
 
-    def __init__(self, stream, max_msg=16384, on_message=None):
+    def __init__(self, stream, max_msg=16384, on_message=None, rx=None):
         self.s = stream
         self.max_msg = max_msg
         self.on_message = on_message
+        self.rx = rx
         self.pid = 0
         self.pongs = 0
         self.dropped = 0
@@ -191,6 +195,17 @@ class Client:
         if not data or len(data) != n:
             raise OSError(-1)  # closed, or cut mid-packet
         return data
+
+    def _read_rx(self, n):
+        # n bytes into the receive buffer; a stream may hand them over in pieces.
+        mv = memoryview(self.rx)
+        got = 0
+        while got < n:
+            k = self.s.readinto(mv[got:n], n - got)
+            if not k:
+                raise OSError(-1)  # closed, or cut mid-packet
+            got += k
+        return mv[:n]
 
     def _skip(self, n):
         buf = self._skipbuf
@@ -301,7 +316,10 @@ class Client:
         topic = self._read(tl)
         pid = self._read(2) if qos else None
         try:
-            msg = self._read(size)
+            if self.rx is not None and size <= len(self.rx):
+                msg = self._read_rx(size)
+            else:
+                msg = self._read(size)
         except MemoryError:
             # No free block of the message's size right now (a fragmented heap). The stream
             # allocates before it reads, so none of it was read: skip it like an oversize one,

@@ -189,6 +189,24 @@ class Node:
         self.mesh_id = bundle.mesh_id
         if wire.mesh_id(bundle.mesh) != self.mesh_id:
             raise ValueError("bundle: mesh_id does not match the mesh name")
+
+        # Data and model: the shard stays where it is (flash), read a row at a time.
+        self.data = model.Shard(shard)
+        self.n_samples = self.data.n
+        self.model = model.get(cfg.model, n_features=self.data.d, n_classes=self.data.k)
+        self.model.check_data(self.data)
+        # The round's large blocks next, reused every round (noderound.RoundBuffers), and
+        # the transport's receive buffer, sized for the largest message the mesh sends us (a
+        # GLOBAL_MODEL announcing every registered node's update; a larger one still arrives,
+        # in a block of its own). Now, before the first Ed25519 operation below: its long-int
+        # temporaries spread over the whole heap, and what outlives them lands anywhere, so
+        # afterwards a 64 KB heap may have no 2.7 KB block left (measured: docs/results.md).
+        n = self.model.n_params
+        gc.collect()
+        use_rx = getattr(transport, "use_rx_buffer", None)
+        if use_rx is not None:
+            use_rx(_global_len(n, bundle.registry_frame))
+        self.rb = noderound.RoundBuffers(self.model, self.node_id)
         if ed25519.public_key(bundle.seed) != bundle.public_key:
             raise ValueError("bundle: seed does not match public_key")
         self.gossip = cfg.mode == "gossip"
@@ -204,11 +222,6 @@ class Node:
         if me is None or me[0] != bundle.public_key or not me[1]:
             raise ValueError("bundle: this node is not an active registry member with its key")
 
-        # Data and model: the shard stays where it is (flash), read a row at a time.
-        self.data = model.Shard(shard)
-        self.n_samples = self.data.n
-        self.model = model.get(cfg.model, n_features=self.data.d, n_classes=self.data.k)
-        self.model.check_data(self.data)
         # DP (config "dp"): local DP clips and noises every delta before it is signed; with
         # privacy secagg (distributed DP) the Client adds the noise share before masking.
         # Imported only when used: a node without it pays no heap for the sampler.
@@ -276,6 +289,7 @@ class Node:
         self.exit_code = 0
         self.hello_sent = False
         self.globals = []  # verified GLOBAL_MODELs waiting for step(), in arrival order
+        self.g_frame = None  # the one of them whose values are in self.rb.p
         self.last_update = None  # this round's update frame until the next global arrives
         self.reconnects_seen = 0
         self.resend_why = None
@@ -352,8 +366,9 @@ class Node:
                 self.on_registry(msg)
             elif self.sa is not None and (topic == self.t_secagg_round or (
                     topic == self.t_notice and len(msg) > 3 and msg[3] == wire.SA_INBOX)):
-                # Heavy (X25519, signatures): answered by step(), not in the handler.
-                self.sa_msgs.append(msg)
+                # Heavy (X25519, signatures): answered by step(), not in the handler. A copy:
+                # msg may be the transport's receive buffer.
+                self.sa_msgs.append(bytes(msg))
                 if len(self.sa_msgs) > 4:
                     self.sa_msgs.pop(0)
                     self.log("secagg_dropped")
@@ -379,10 +394,10 @@ class Node:
         return noderound.coordinator_frame(msg, self.mesh_id, self.b.coordinator_key, kind,
                                            what, ed25519.verify)
 
-    def verify_global(self, msg):
+    def verify_global(self, msg, into=None):
         return noderound.check_global(msg, self.mesh_id, self.b.coordinator_key,
                                       ed25519.verify, self.gguard, self.state.last_round,
-                                      self.model.n_params, self.clock())
+                                      self.model.n_params, self.clock(), into)
 
     def on_global(self, msg):
         h = _sha(msg)
@@ -395,7 +410,13 @@ class Node:
             if self.last_update is not None and h == self.state.global_hash:
                 self.resend_why = "global_again"  # step() sends it: no publish in a handler
             return
-        fr = self.verify_global(msg)
+        rb = self.rb
+        fr = self.verify_global(msg, rb.take())
+        # The payload is a view into msg, which may be the transport's receive buffer: gone.
+        fr.drop_payload()
+        if fr.body["values"] is rb.p:
+            rb.busy = True  # until step() has trained on it (or dropped it)
+            self.g_frame = fr
         self.last_global_at = time.ticks_ms()
         # Processed by step(), after the transport has handed over every message that came
         # in before this one: peer updates of the round just closed must be buffered first,
@@ -403,7 +424,13 @@ class Node:
         self.globals.append((fr, h))
         if len(self.globals) > 4:
             old = self.globals.pop(0)[0]
+            self._release_g(old)
             self.log("global_dropped", round=old.round)
+
+    def _release_g(self, fr):
+        if fr is self.g_frame:
+            self.g_frame = None
+            self.rb.busy = False
 
     def on_update(self, msg):
         # Checked and kept as it arrives: hash, the cheap checks, values into a slot.
@@ -483,16 +510,26 @@ class Node:
             self.log("final", round=r)
             self.done = True
             return
-        # Free what training does not need (the caller still holds the frame): the payload
-        # copy now, the decoded global once the delta exists.
+        # Free what training does not need (the caller still holds the frame): the decoded
+        # global once the delta exists.
         g = b["values"]
-        fr.payload = None
         fr.body = b = None
         t0 = time.ticks_ms()
-        # Under secure aggregation the node's DP (distributed) goes in at secagg_begin.
-        delta = noderound.local_update(self.model, self.data, self.cfg.train, r, self.node_id, g,
-                                       None if self.sa is not None else self.dp)
+        # The round buffers (noderound.RoundBuffers), unless another global waiting in
+        # self.globals holds them; and under secure aggregation, whose client keeps the delta
+        # past this round, the delta gets lists of its own. The node's DP (distributed) then
+        # goes in at secagg_begin.
+        rb = self.rb
+        if self.sa is not None or (rb.busy and g is not rb.p):
+            rb = None
+        else:
+            # Their frame buffer is about to change: the previous round's update, still
+            # queued when the broker was away, is outdated now (its round is closed).
+            self.outbox = [it for it in self.outbox if it[1] is not rb.frame]
+        delta = noderound.local_update(self.model, self.data, self.cfg.train, r, self.node_id,
+                                       g, None if self.sa is not None else self.dp, rb)
         g = None
+        self._release_g(fr)
         gc.collect()
         t1 = time.ticks_ms()
         if self.sa is not None:
@@ -508,7 +545,8 @@ class Node:
             gc.collect()
             return
         frame = noderound.update_frame(self.mesh_id, self.node_id, r, self.seqs.next(),
-                                       self.clock(), self.n_samples, delta, self.sign)
+                                       self.clock(), self.n_samples, delta, self.sign,
+                                       None if rb is None else rb.frame)
         t2 = time.ticks_ms()
         # The delta goes before the publish: while the PUBACK is awaited, peers' updates
         # arrive (2.7 KB each), and a small heap needs the room.
@@ -648,6 +686,7 @@ class Node:
                 self.reject("global", reason or "handler_error", message, _hex(h[:8]))
                 self.errors += 1
                 gc.collect()
+            self._release_g(fr)
         while self.sa_msgs and not self.done:
             msg = self.sa_msgs.pop(0)
             try:
@@ -690,6 +729,14 @@ class Node:
             if not self.outbox and not self.notes and not self.dirty:
                 return True
         return not self.outbox
+
+
+def _global_len(n_params, registry_frame):
+    """An upper bound on the bytes of a GLOBAL_MODEL frame of n_params values announcing one
+    update of every registered node: an announcement entry (id length, id, SHA-256) is one
+    byte shorter than the same node's registry entry (id length, id, key, status)."""
+    return (wire.HDR_FIXED + len(wire.COORDINATOR) + 36 + 4 * n_params + wire.TRAILER_MIN
+            + len(registry_frame) + wire.SIG_LEN)
 
 
 def _short_sha(msg):

@@ -17,31 +17,36 @@ import pytest
 from microfed_tools import roundcase
 
 # Instruction budgets: the issue's targets for a whole round, and per board, mode and phase the
-# counts measured on 2026-11-26 (`python benchmarks/device.py`) plus 5 % or at least 50 000,
-# rounded up (lower them when the code gets faster; a change that needs more says why). The
-# aggregate's were lowered when it moved to fixed int32 buffers (93 M -> 80 M on the M3), the
-# boot's when Ed25519's comb table was frozen as constants (77.7 M -> 43.6 M; 2026-11-27).
-# boot_shard is small and moves with where a collection lands (mps2-an385 gossip: 732 000 to
-# 749 000 in three runs that day): its budgets are the measured figure + 50 000.
+# counts measured (`python benchmarks/device.py`) plus 5 % or at least 50 000, rounded up (lower
+# them when the code gets faster; a change that needs more says why). The aggregate's were
+# lowered when it moved to fixed int32 buffers (93 M -> 80 M on the M3), the boot's when
+# Ed25519's comb table was frozen as constants (77.7 M -> 43.6 M; 2026-11-27). Raised on
+# 2026-11-27 (mps2-an385 gossip: check_global 90.6 -> 94.2 M, sign_digest 44.4 -> 46.7 M,
+# sign_update 90.2 -> 94.3 M) when the round's large blocks became buffers allocated once at
+# boot (noderound.RoundBuffers, the receive buffer): every collection scans them, and the
+# signature phases collect often. boot_shard is small and moves with where a collection lands
+# (mps2-an385 gossip: 732 000 to 749 000 in three runs): its budgets are the measured figure
+# + 50 000; since 2026-11-27 it allocates the round buffers and the registry phase builds the
+# peer store (the node's order: buffers before the first Ed25519 operation).
 ROUND_BUDGETS = {"mps2-an385": {"gossip_round": 400_000_000, "coordinated_round": 250_000_000}}
 PHASE_BUDGETS: dict[str, dict[str, int]] = {
     "mps2-an385:gossip": {
-        "boot_registry": 45_470_000, "boot_shard": 800_000, "check_global": 95_420_000,
-        "peer_checks": 16_180_000, "aggregate": 83_900_000, "sign_digest": 46_330_000,
-        "train": 264_770_000, "sign_update": 96_600_000,
+        "boot_registry": 46_870_000, "boot_shard": 730_000, "check_global": 98_900_000,
+        "peer_checks": 15_770_000, "aggregate": 84_090_000, "sign_digest": 49_000_000,
+        "train": 265_730_000, "sign_update": 99_020_000,
     },
     "mps2-an385:coordinated": {
-        "boot_registry": 45_420_000, "boot_shard": 650_000, "check_global": 89_080_000,
-        "train": 252_750_000, "sign_update": 90_760_000,
+        "boot_registry": 47_470_000, "boot_shard": 720_000, "check_global": 92_250_000,
+        "train": 255_190_000, "sign_update": 91_120_000,
     },
     "virt-rv32:gossip": {
-        "boot_registry": 46_280_000, "boot_shard": 970_000, "check_global": 96_550_000,
-        "peer_checks": 19_370_000, "aggregate": 96_810_000, "sign_digest": 47_260_000,
-        "train": 302_880_000, "sign_update": 98_170_000,
+        "boot_registry": 48_350_000, "boot_shard": 900_000, "check_global": 100_100_000,
+        "peer_checks": 19_090_000, "aggregate": 96_250_000, "sign_digest": 49_490_000,
+        "train": 305_930_000, "sign_update": 99_620_000,
     },
     "virt-rv32:coordinated": {
-        "boot_registry": 46_230_000, "boot_shard": 830_000, "check_global": 91_580_000,
-        "train": 293_150_000, "sign_update": 93_340_000,
+        "boot_registry": 48_340_000, "boot_shard": 890_000, "check_global": 93_000_000,
+        "train": 297_300_000, "sign_update": 94_230_000,
     },
 }
 
@@ -114,8 +119,10 @@ def test_a_decoded_vector_is_held_at_its_length(device: Any) -> None:
         "_mfheld = _l = _v = _b = None\n", what="allocation check")
     copied, decoded, word, same = text.split()
     assert same == "True"
-    # Slots rounded up to the GC's 16-byte blocks (4 words), plus the list object (4 words).
-    limit = (650 + 4) * int(word) + 16
+    # Slots rounded up to the GC's 16-byte blocks (4 words), plus the list object (4 words),
+    # plus one block a conservative scan of the C stack may keep alive (unix32 scans it: one
+    # stray 16-byte block seen on 2026-11-27). A doubled list would be 1.5 KB more.
+    limit = (650 + 4) * int(word) + 16 + 16
     assert int(copied) <= limit, (copied, limit)
     assert int(decoded) <= limit, (decoded, limit)
 

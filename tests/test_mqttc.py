@@ -202,6 +202,42 @@ def test_a_message_the_heap_cannot_hold_is_skipped_and_the_session_kept(micropyt
     assert out == "40020007" "40020008"  # both acknowledged: the broker does not resend
 
 
+RX_BUFFER = WIRE + r'''
+class Trickle(Wire):
+    """A stream that hands over at most 7 bytes per readinto, as a serial line or a TLS
+    record boundary may."""
+    def readinto(self, buf, n):
+        return Wire.readinto(self, buf, min(n, 7))
+
+def pub(topic, payload, pid):
+    body = mqttc.string(topic) + bytes((pid >> 8, pid & 255)) + payload
+    return b"\x32" + mqttc.remaining_length(len(body)) + body
+
+rx = bytearray(64)
+got = []
+def on(t, m):
+    # what the handler is given, and whether it is the receive buffer's bytes
+    got.append([t.decode(), bytes(m).hex(), type(m).__name__,
+                len(m) <= len(rx) and bytes(m) == bytes(rx[:len(m)])])
+w = Trickle(pub("a", bytes(range(64)), 1) + pub("b", b"\xff" * 65, 2) + pub("c", b"xy", 3)
+            + pub("d", b"", 4))
+c = mqttc.Client(w, 4096, on, rx)
+while w.data:
+    c.packet()
+print(json.dumps([got, w.out.hex()]))
+'''
+
+
+def test_messages_up_to_the_receive_buffer_are_read_into_it(micropython: str,
+                                                           tmp_path: Path) -> None:
+    [(got, out)] = upy(micropython, tmp_path, RX_BUFFER)
+    assert got == [["a", bytes(range(64)).hex(), "memoryview", True],  # fits exactly
+                   ["b", "ff" * 65, "bytes", False],  # one byte more: a block of its own
+                   ["c", "7879", "memoryview", True],  # the same buffer, refilled
+                   ["d", "", "memoryview", True]]
+    assert out == "40020001" "40020002" "40020003" "40020004"
+
+
 SESSION = r'''
 import json, socket, time, mqttc
 

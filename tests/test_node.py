@@ -335,8 +335,9 @@ def _line_of(script: str, text: str) -> int:
     return hits[0]
 
 
-def test_any_exception_in_a_handler_is_a_counted_rejection(micropython: str,
-                                                           tmp_path: Path) -> None:
+def _one_node_dir(tmp_path: Path) -> tuple[bytes, bytes, int]:
+    """bundle.json, shard.bin (3 samples of 4 features, 3 classes) and state/ of node-01, the
+    only node of a mesh: (mesh id, coordinator seed, model parameters)."""
     import hashlib
     import struct
 
@@ -358,8 +359,18 @@ def test_any_exception_in_a_handler_is_a_counted_rejection(micropython: str,
     body = struct.pack(model.SHARD_HEADER, model.SHARD_MAGIC, 1, 12, d, k, n, 0, 1) + bytes(
         [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 0, 1, 2])
     (tmp_path / "shard.bin").write_bytes(body + hashlib.sha256(body).digest())
+    return mid, coord, k * d + k
+
+
+def test_any_exception_in_a_handler_is_a_counted_rejection(micropython: str,
+                                                           tmp_path: Path) -> None:
+    import hashlib
+
+    from microfed_host import keys
+
+    mid, coord, n_params = _one_node_dir(tmp_path)
     good = wire.encode(wire.GLOBAL_MODEL, mid, wire.COORDINATOR, 1, 1, 0,
-                       wire.encode_global_payload([0] * (k * d + k)), keys.signer(coord))
+                       wire.encode_global_payload([0] * n_params), keys.signer(coord))
     (tmp_path / "global.bin").write_bytes(good)
     (tmp_path / "h.py").write_text(HANDLER_SCRIPT)
     out = upy.run([str(tmp_path / "h.py"), str(tmp_path)],
@@ -618,3 +629,87 @@ def test_wifi_hal_connects_or_gives_up_in_time(micropython: str, tmp_path: Path,
     else:
         assert int(ms) < 1000
     assert second == "False"  # no Wi-Fi settings: refuses instead of hanging
+
+
+TWO_GLOBALS_SCRIPT = r"""
+import json, sys
+import config, node as nodemod
+d = sys.argv[1]
+bundle = config.Bundle(d + "/bundle.json")
+cfg = config.Config(None, {"state_dir": d + "/state", "status_interval_ms": 0})
+f = open(d + "/shard.bin", "rb"); shard = f.read(); f.close()
+globals_ = []
+for name in ("g1.bin", "g2.bin"):
+    f = open(d + "/" + name, "rb"); globals_.append(f.read()); f.close()
+
+class T:
+    connected = True
+    def __init__(self):
+        self.sent = []
+        self.rx = None
+    def use_rx_buffer(self, size):
+        self.rx = bytearray(size)
+    def subscribe(self, topic, qos):
+        pass
+    def publish(self, topic, frame, retain, qos):
+        if "/update/" in topic:
+            self.sent.append("".join(["%02x" % x for x in frame]))
+        return True
+    def poll(self, ms):
+        pass
+    def stats(self):
+        return {}
+
+class H:
+    NAME = "test"
+    def free_heap(self):
+        return 0
+
+t = T()
+nd = nodemod.Node(bundle, cfg, shard, t, H(), lambda ev: None)
+# Both globals arrive before step() runs, each read into the transport's receive buffer,
+# which the next message overwrites: the first is decoded into the round buffers, the
+# second into a list of its own (the buffers are taken), and neither depends on rx after.
+took = []
+for g in globals_:
+    n = len(g)
+    t.rx[:n] = g
+    nd.on_message(nd.t_global, memoryview(t.rx)[:n])
+    took.append([q[0].body["values"] is nd.rb.p for q in nd.globals])
+t.rx[:] = bytes(len(t.rx))
+nd.step()
+print(json.dumps({"rx": len(t.rx), "took": took, "sent": t.sent, "train": nd.cfg.train,
+                  "busy": nd.rb.busy, "rejected": nd.counters()["rejected"]}))
+"""
+
+
+def test_two_globals_before_a_step_train_from_their_own_values(micropython: str,
+                                                               tmp_path: Path) -> None:
+    from microfed import noderound
+    from microfed_host import keys
+
+    mid, coord, n_params = _one_node_dir(tmp_path)
+    g1 = [(i * 7919) % 4001 - 2000 for i in range(n_params)]
+    g2 = [v + 300 for v in g1]
+    for r, g in ((1, g1), (2, g2)):
+        (tmp_path / f"g{r}.bin").write_bytes(
+            wire.encode(wire.GLOBAL_MODEL, mid, wire.COORDINATOR, r, r, 0,
+                        wire.encode_global_payload(g), keys.signer(coord)))
+    (tmp_path / "t.py").write_text(TWO_GLOBALS_SCRIPT)
+    out = upy.run([str(tmp_path / "t.py"), str(tmp_path)],
+                  path=[ROOT / "shared", FIRMWARE, FIRMWARE / "lib"])
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["took"] == [[True], [True, False]] and res["busy"] is False
+    assert res["rejected"] == {}
+    bundle = json.loads((tmp_path / "bundle.json").read_text())
+    assert res["rx"] >= len((tmp_path / "g2.bin").read_bytes())
+    shard = model.Shard((tmp_path / "shard.bin").read_bytes())
+    m = model.get("softmax", n_features=shard.d, n_classes=shard.k)
+    assert len(res["sent"]) == 2
+    for r, (g, sent) in enumerate(zip((g1, g2), res["sent"], strict=True), 1):
+        fr = wire.decode(bytes.fromhex(sent))
+        assert (fr.sender, fr.round) == ("node-01", r)
+        assert keys.check_signature(bytes.fromhex(bundle["public_key"]), fr.signing_digest(),
+                                    fr.signature)
+        want = noderound.local_update(m, shard, res["train"], r, "node-01", list(g))
+        assert fr.body["values"] == want, r

@@ -231,3 +231,58 @@ def test_packed_range_check_names_the_same_value_as_the_list_check(bad_at: int) 
         got.append((e.value.reason, e.value.message))
     assert got[0] == got[1] == ("out_of_range", "value[%d] = %d outside +-%d"
                                 % (bad_at, -(1 << 24) - 1, 1 << 24))
+
+
+# ------------------------------------------------------------------ the round's buffers
+
+def _shard(n: int = 37) -> bytes:
+    from microfed_host import data
+    split = data.train_test_split(3)
+    return data.encode_shard(split.train.subset(list(range(n))))
+
+
+def test_training_in_the_round_buffers_gives_the_same_update_every_round() -> None:
+    """RoundBuffers are reused round after round, dirty from the round before (and from a
+    training that failed half-way): the delta and the signed frame equal a fresh-list round's
+    bit for bit, and they are the buffers' own lists."""
+    from microfed import model
+
+    shard = model.Shard(_shard())
+    mdl = model.get("softmax")
+    train = {"lr": 32768, "epochs": 2, "batch": 7, "seed": 5}
+    sign = keys.signer(seed("node-01"))
+    rb = noderound.RoundBuffers(mdl, "node-01")
+    rb.scratch[:] = [123] * len(rb.scratch)  # sums left behind by a failed training
+    rb.frame[:] = b"\x5a" * len(rb.frame)
+    g = mdl.init(9)
+    for r in range(1, 4):
+        want = noderound.local_update(mdl, shard, train, r, "node-01", list(g))
+        want_frame = noderound.update_frame(MESH, "node-01", r, r, 0, shard.n, want, sign)
+        into = rb.take()
+        assert into is rb.p
+        into[:] = g  # as check_global(..., into) leaves it
+        got = noderound.local_update(mdl, shard, train, r, "node-01", into, None, rb)
+        assert got is rb.p and got == want
+        frame = noderound.update_frame(MESH, "node-01", r, r, 0, shard.n, got, sign, rb.frame)
+        assert frame is rb.frame and bytes(frame) == bytes(want_frame)
+        g = mdl.apply(g, want)
+    # A global in a list of its own (the buffers were busy) trains the same in them too.
+    fresh = list(g)
+    assert noderound.local_update(mdl, shard, train, 9, "node-01", fresh, None, rb) == \
+        noderound.local_update(mdl, shard, train, 9, "node-01", list(g))
+    assert fresh == g  # the caller's list is not touched
+    rb.busy = True
+    assert rb.take() is None
+
+
+def test_train_refuses_buffers_of_the_wrong_size() -> None:
+    from microfed import model
+
+    mdl = model.get("softmax")
+    cfg = model.TrainConfig(32768, 1, 10, 1)
+    g = mdl.init(1)
+    shard = model.Shard(_shard(12))
+    with pytest.raises(model.ModelError, match="out must be a list of 650"):
+        mdl.train(g, shard, cfg, [0] * 649)
+    with pytest.raises(model.ModelError, match="scratch must be a list of 640"):
+        mdl.train(g, shard, cfg, None, [0] * 650)

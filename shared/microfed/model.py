@@ -152,8 +152,15 @@ class Model:
     def predict(self, params, x):
         raise NotImplementedError
 
-    def train(self, params, data, cfg):
+    def train(self, params, data, cfg, out=None, scratch=None):
+        # out: None, or a list of n_params that becomes the trained parameters (returned);
+        # scratch: None, or a list of scratch_len() for the training sums. A node passes the
+        # same two lists every round (noderound.RoundBuffers): no large block to find on a
+        # fragmented heap mid-run. The result is the same with or without them.
         raise NotImplementedError
+
+    def scratch_len(self):
+        return 0
 
     def check_params(self, params):
         if len(params) != self.n_params:
@@ -253,7 +260,10 @@ class SoftmaxRegression(Model):
             if not isinstance(y, int) or y < 0 or y >= self.k:
                 raise ModelError("data: label %r of sample %d outside 0..%d" % (y, i, self.k - 1))
 
-    def train(self, params, data, cfg):
+    def scratch_len(self):
+        return self.k * self.d
+
+    def train(self, params, data, cfg, out=None, scratch=None):
         # For each epoch: shuffle the sample order (XorShift32(cfg.seed), one generator for
         # the whole call), cut it into batches of cfg.batch (the last may be shorter); per
         # batch of m samples, with the parameters held fixed over the batch:
@@ -274,8 +284,17 @@ class SoftmaxRegression(Model):
         bo = k * d
         lr = cfg.lr
         lrw = lr << shift  # the weights' gradient sums are 2^shift too small
-        p = exact_list(params)
-        gw = [0] * bo  # allocated once, zeroed again as each batch consumes it
+        p = _held(out, self.n_params, "out")
+        if p is None:
+            p = exact_list(params)
+        elif p is not params:
+            p[:] = params  # the same length: filled in place
+        gw = _held(scratch, bo, "scratch")  # zeroed again as each batch consumes it
+        if gw is None:
+            gw = [0] * bo
+        else:
+            for t in range(bo):
+                gw[t] = 0  # an earlier call that failed mid-batch leaves sums behind
         gb = [0] * k
         rng = XorShift32(cfg.seed)
         order = list(range(n))
@@ -314,6 +333,15 @@ class SoftmaxRegression(Model):
                         v = p[bo + c] - (2 * lr * g + mb) // mb2
                         p[bo + c] = MAX_RAW if v > MAX_RAW else (MIN_RAW if v < MIN_RAW else v)
         return p
+
+
+def _held(buf, n, what):
+    # A caller's list of exactly n items, or None when the caller gave none.
+    if buf is None:
+        return None
+    if not isinstance(buf, list) or len(buf) != n:
+        raise ModelError("train: %s must be a list of %d items" % (what, n))
+    return buf
 
 
 def _samples(data):

@@ -22,6 +22,7 @@
 # Portable MicroPython 1.29 / CPython; no floats, no f-strings.
 
 import hashlib
+import struct
 from array import array
 
 from microfed import colagg, model, wire
@@ -67,16 +68,17 @@ class Topics:
 
 # ---------------------------------------------------------------- 1: the global model
 
-def coordinator_frame(msg, mesh_id, coordinator_key, kind, what, check_sig, view=False):
+def coordinator_frame(msg, mesh_id, coordinator_key, kind, what, check_sig, view=False,
+                      into=None):
     """Decode a frame that must be `kind` from the coordinator, signed with its PINNED key.
     Raises Rejected. `view`: the frame's payload stays a view into it (wire.decode with
-    values=False) instead of a copy."""
+    values=False) instead of a copy. `into`: wire.decode's."""
     if not isinstance(msg, (bytes, bytearray, memoryview)):
         raise Rejected("bad_type", "frame must be bytes")
     if len(msg) > wire.MAX_FRAME:
         raise Rejected("oversize", "frame of %d bytes" % len(msg))
     try:
-        fr = wire.decode(msg, values=not view)
+        fr = wire.decode(msg, values=not view, into=into)
     except WireError as e:
         raise Rejected(e.reason, e.message)
     if fr.mesh_id != mesh_id:
@@ -90,14 +92,17 @@ def coordinator_frame(msg, mesh_id, coordinator_key, kind, what, check_sig, view
     return fr
 
 
-def check_global(msg, mesh_id, coordinator_key, check_sig, guard, last_round, n_params, now):
+def check_global(msg, mesh_id, coordinator_key, check_sig, guard, last_round, n_params, now,
+                 into=None):
     """Step 1: the verified GLOBAL_MODEL frame, or Rejected. `guard`: a ReplayGuard over the
     coordinator's counter; the round must be above `last_round` (the last one acted on).
-    The counter is committed last, when everything else passed."""
+    The counter is committed last, when everything else passed. `into`: a list of n_params
+    the values are decoded into (RoundBuffers.g) instead of a new one. The frame's payload is
+    a view into `msg`: drop it (fr.payload = None) before `msg`'s buffer is reused."""
     # The payload as a view into the frame: a copy would be 3.2 KB more on the heap while
     # the values are decoded (a GLOBAL_MODEL's values are decoded either way).
     fr = coordinator_frame(msg, mesh_id, coordinator_key, wire.GLOBAL_MODEL, "global model",
-                           check_sig, True)
+                           check_sig, True, into)
     bad = guard.check(wire.COORDINATOR, wire.GLOBAL_MODEL, fr.seq, fr.round, fr.timestamp, now,
                       last_round + 1, None)
     if bad is not None:
@@ -115,27 +120,83 @@ def check_global(msg, mesh_id, coordinator_key, check_sig, guard, last_round, n_
 
 # ---------------------------------------------------------------- 2, 3: the local update
 
-def local_update(mdl, data, train, round_, node_id, g, dp=None):
+class RoundBuffers:
+    """The round's large blocks, allocated once when a node boots and reused every round: `p`
+    (the received global's values, trained in place, then the delta), `scratch` (training's
+    sums) and `frame` (the update frame; while training it holds the global's values packed
+    where the delta will go, for the subtraction). On a 32-bit board's heap of a few tens of
+    KB the free space fragments as a run goes on (log lines, peers' bookkeeping, Ed25519's
+    long-int temporaries): a 2.6 KB block found at boot is certain, one found mid-run is not
+    (measured: docs/results.md). `busy`: p holds a received global not trained on yet (a
+    second global meanwhile gets a list of its own)."""
+
+    def __init__(self, mdl, node_id):
+        n = mdl.n_params
+        self.p = [0] * n
+        self.scratch = [0] * mdl.scratch_len()
+        self.frame = bytearray(update_frame_len(node_id, n))
+        self.values_at = wire.HDR_FIXED + len(node_id) + 8  # as wire.encode_update puts them
+        self.busy = False
+
+    def take(self):
+        """The list to decode the next global's values into, or None (in use)."""
+        if self.busy:
+            return None
+        return self.p
+
+
+def update_frame_len(node_id, n_params):
+    """The length of a node's MODEL_UPDATE frame (the same every round)."""
+    return wire.HDR_FIXED + len(node_id) + 8 + 4 * n_params + wire.SIG_LEN
+
+
+def local_update(mdl, data, train, round_, node_id, g, dp=None, buffers=None):
     """Step 2: delta = train(g) - g (saturating), trained with seed derive_seed(train["seed"],
     round, node id). `train`: {"lr", "epochs", "batch", "seed"}; `data`: (xs, ys) or a
     microfed.model.Shard. `dp`: None, or a microfed.dp.NodeDP: the delta is then L2-clipped
-    and carries its discrete Gaussian noise (local DP) before anything else sees it."""
+    and carries its discrete Gaussian noise (local DP) before anything else sees it.
+    `buffers`: a RoundBuffers; g is then trained in its list p, which becomes the delta (valid
+    until the next round), and its frame buffer holds g packed meanwhile."""
     cfg = model.TrainConfig(train["lr"], train["epochs"], train["batch"],
                             model.derive_seed(train["seed"], round_, node_id))
-    new = mdl.train(g, data, cfg)
-    # mdl.delta(g, new), computed in place: no third 650-value list on a small heap.
-    for i in range(len(new)):
-        v = new[i] - g[i]
-        new[i] = MAX_RAW if v > MAX_RAW else (MIN_RAW if v < MIN_RAW else v)
+    if buffers is None:
+        new = mdl.train(g, data, cfg)
+        # mdl.delta(g, new), computed in place: no third 650-value list on a small heap.
+        for i in range(len(new)):
+            v = new[i] - g[i]
+            new[i] = MAX_RAW if v > MAX_RAW else (MIN_RAW if v < MIN_RAW else v)
+    else:
+        new = buffers.p
+        if g is not new:
+            new[:] = g
+        at = buffers.values_at
+        wire._pack_i32_into(buffers.frame, at, new)
+        g = None
+        mdl.train(new, data, cfg, new, buffers.scratch)
+        _sub_packed(new, buffers.frame, at)
     if dp is not None:
         dp.apply(new, round_)
     return new
 
 
-def update_frame(mesh_id, node_id, round_, seq, now, n_samples, delta, sign):
+def _sub_packed(new, packed, at):
+    # new[i] = sat(new[i] - g[i]), g packed as int32 at packed[at:], 64 values a step.
+    n = len(new)
+    i = 0
+    while i < n:
+        k = n - i if n - i < 64 else 64
+        old = struct.unpack_from("<%di" % k, packed, at + 4 * i)
+        for j in range(k):
+            v = new[i + j] - old[j]
+            new[i + j] = MAX_RAW if v > MAX_RAW else (MIN_RAW if v < MIN_RAW else v)
+        i += k
+
+
+def update_frame(mesh_id, node_id, round_, seq, now, n_samples, delta, sign, out=None):
     """Step 3: the signed MODEL_UPDATE frame, as a bytearray built in place
-    (wire.encode_update); the caller owns the counter `seq` and the key in `sign`."""
-    return wire.encode_update(mesh_id, node_id, round_, seq, now, n_samples, delta, sign)
+    (wire.encode_update; in `out`, RoundBuffers.frame, when given); the caller owns the
+    counter `seq` and the key in `sign`."""
+    return wire.encode_update(mesh_id, node_id, round_, seq, now, n_samples, delta, sign, out)
 
 
 # Secure aggregation: the coordinator's frames of a round and the node's answer to each.

@@ -284,12 +284,16 @@ def encode_registry(mesh, version, coordinator_pub, entries):
 _CHUNK = 64  # values unpacked per step by _unpack_i32
 
 
-def _unpack_i32(payload, off, n):
+def _unpack_i32(payload, off, n, into=None):
     # The list is allocated once at its length and filled 64 values at a time: unpacking all
     # n at once would first build an n-tuple as large as the list (two 2.6 KB blocks for 650
     # values, which a fragmented 64 KB heap may not have), and list(tuple) would double as it
-    # appends on MicroPython (a 4 KB block).
-    out = [0] * n
+    # appends on MicroPython (a 4 KB block). `into`: a list the caller keeps for this (a
+    # node's noderound.RoundBuffers), used when it has exactly n items.
+    if into is not None and len(into) == n:
+        out = into
+    else:
+        out = [0] * n
     i = 0
     while i < n:
         k = n - i if n - i < _CHUNK else _CHUNK
@@ -315,10 +319,12 @@ def _entry_id(p, off, n, tail, what):
     return b
 
 
-def decode_payload(kind, p, values=True):
+def decode_payload(kind, p, values=True, into=None):
     """Parse a payload of `kind` into a dict; every length is checked against len(p) first.
     values=False: a MODEL_UPDATE's vector is not unpacked ("values" is None, "dim" says how
-    many): for a receiver that only checks the values' range and keeps them packed."""
+    many): for a receiver that only checks the values' range and keeps them packed.
+    into: a list a GLOBAL_MODEL's values are unpacked into when it has their number (else a
+    new list holds them)."""
     if not isinstance(p, (bytes, bytearray, memoryview)):
         raise WireError("bad_type", "payload must be bytes")
     n = len(p)
@@ -332,7 +338,7 @@ def decode_payload(kind, p, values=True):
     if kind == GLOBAL_MODEL:
         # digest, values, then optionally the accepted-set announcement, signed with the rest
         # of the payload.
-        return decode_global_payload(p)
+        return decode_global_payload(p, into)
     if kind == GOSSIP_DIGEST:
         _need(n == 37, "gossip digest must be 37 bytes")
         rule, p1, p2, count = struct.unpack_from("<BBBH", p, 32)
@@ -473,7 +479,7 @@ def encode_global_payload(values, rule=None, p1=0, p2=0, agg_digest=None, accept
                                                          final)
 
 
-def decode_global_payload(p):
+def decode_global_payload(p, into=None):
     """-> {"digest", "values", "final", "rule" (None or name), "p1", "p2", "agg_digest",
     "accepted": [(id, hash32)]}."""
     n = len(p)
@@ -481,7 +487,7 @@ def decode_global_payload(p):
     (dim,) = struct.unpack_from("<I", p, 32)
     _need(dim >= 1 and dim <= (n - 36) // 4, "global model length does not match dim")
     end = 36 + 4 * dim
-    body = {"digest": bytes(p[0:32]), "values": _unpack_i32(p, 36, dim),
+    body = {"digest": bytes(p[0:32]), "values": _unpack_i32(p, 36, dim, into),
             "final": False, "rule": None, "p1": 0, "p2": 0, "agg_digest": _ZERO32,
             "accepted": []}
     if n == end:
@@ -574,11 +580,13 @@ def _frame_fits(n):
         raise WireError("oversize", "frame of %d bytes exceeds %d" % (n, MAX_FRAME))
 
 
-def encode_update(mesh, sender, round_, seq, timestamp, samples, values, sign):
+def encode_update(mesh, sender, round_, seq, timestamp, samples, values, sign, out=None):
     """encode(MODEL_UPDATE, mesh, sender, round_, seq, timestamp,
     encode_model_update(samples, values), sign), byte for byte and with the same errors, but
     built in one bytearray (returned): a 32-bit board's heap holds the 2.7 KB frame once,
-    instead of the packed vector, its bytes copy and the joined frame in turn."""
+    instead of the packed vector, its bytes copy and the joined frame in turn. `out`: a
+    bytearray of the frame's length to build it in (a node's, reused every round); of any
+    other length it is not used."""
     _u(samples, 32, "samples")
     n = len(values)
     if n < 1:
@@ -586,7 +594,8 @@ def encode_update(mesh, sender, round_, seq, timestamp, samples, values, sign):
     plen = 8 + 4 * n
     hdr = encode_header(MODEL_UPDATE, mesh, sender, round_, seq, timestamp, plen)
     h = len(hdr)
-    out = bytearray(h + plen + SIG_LEN)
+    if not isinstance(out, bytearray) or len(out) != h + plen + SIG_LEN:
+        out = bytearray(h + plen + SIG_LEN)
     out[:h] = hdr
     struct.pack_into("<II", out, h, samples, n)
     _pack_i32_into(out, h + 8, values)
@@ -617,6 +626,11 @@ class Frame:
     def kind_name(self):
         return KIND_NAMES[self.kind]
 
+    def drop_payload(self):
+        """Forget the payload: after decode(values=False) it is a view into the caller's
+        buffer, which the caller may be about to reuse (an MQTT receive buffer)."""
+        self.payload = None
+
     def signing_digest(self):
         return signing_digest(self.kind, self.header, sha256(self.payload))
 
@@ -626,12 +640,14 @@ class Frame:
             len(self.payload))
 
 
-def decode(data, max_frame=MAX_FRAME, values=True):
+def decode(data, max_frame=MAX_FRAME, values=True, into=None):
     """Parse one frame. Checks, in this order: size limit (before anything else), fixed header
     present, magic, version, kind, sender length, payload length bound, declared total vs. actual
     size, sender id, sequence counter, payload structure. Raises only WireError.
     values=False (decode_payload): the payload is a view into `data`, a MODEL_UPDATE's vector
-    stays packed: a small heap holds the frame once, not four times."""
+    stays packed: a small heap holds the frame once, not four times (a caller that passes a
+    buffer it reuses, like the MQTT client's receive buffer, must drop the view before then).
+    Otherwise the Frame's parts are copies. `into`: see decode_payload."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError("bad_type", "frame must be bytes")
     n = len(data)
@@ -639,7 +655,10 @@ def decode(data, max_frame=MAX_FRAME, values=True):
         raise WireError("oversize", "frame of %d bytes exceeds %d" % (n, max_frame))
     if n < HDR_FIXED:
         raise WireError("truncated", "frame of %d bytes is shorter than the header" % n)
-    data = bytes(data)
+    if not isinstance(data, bytes):
+        # Sliced below as a view, and only the parts a Frame keeps are copied: bytes(data)
+        # would copy a 3 KB frame whole into a block a small heap may not have.
+        data = memoryview(data)
     magic, version, kind, mesh, round_, seq, ts, plen, slen = struct.unpack_from(_HDR, data, 0)
     if magic != MAGIC:
         raise WireError("bad_magic", "not a microfed frame")
@@ -657,15 +676,15 @@ def decode(data, max_frame=MAX_FRAME, values=True):
         raise WireError("truncated", "frame has %d bytes, header declares %d" % (n, total))
     if n > total:
         raise WireError("bad_length", "frame has %d bytes, header declares %d" % (n, total))
-    sb = data[HDR_FIXED:HDR_FIXED + slen]
+    sb = bytes(data[HDR_FIXED:HDR_FIXED + slen])
     if not valid_id(sb):
         raise WireError("bad_sender", "sender id is not [A-Za-z0-9._-]")
     if not 1 <= seq < SEQ_LIMIT:
         raise WireError("bad_seq", "sequence counter outside 1 .. 2**63-1")
     hend = HDR_FIXED + slen
-    payload = data[hend:hend + plen] if values else memoryview(data)[hend:hend + plen]
-    body = decode_payload(kind, payload, values)
+    payload = bytes(data[hend:hend + plen]) if values else memoryview(data)[hend:hend + plen]
+    body = decode_payload(kind, payload, values, into)
     if kind == REGISTRY and body["mesh_id"] != mesh:
         raise WireError("bad_payload", "registry mesh id differs from the header's")
-    return Frame(kind, mesh, sb.decode(), round_, seq, ts, data[:hend], payload,
-                 data[hend + plen:], body)
+    return Frame(kind, mesh, sb.decode(), round_, seq, ts, bytes(data[:hend]), payload,
+                 bytes(data[hend + plen:]), body)

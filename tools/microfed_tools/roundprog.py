@@ -67,9 +67,16 @@ class RoundCase:
         self.shard_fill += len(b)
 
     def boot(self, node_id, seed_hex, coord_hex, mesh, store, clock, shard_path="", gossip=True):
-        """Identity, registry (one signature check; its frame is in the receive buffer), shard
-        (the file `shard_path`, else the shard buffer), peer store (files in the directory
-        `store`, else RAM)."""
+        """Shard (the file `shard_path`, else the shard buffer), model and the round's buffers;
+        then identity, registry (one signature check; its frame is in the receive buffer),
+        peer store (files in the directory `store`, else RAM). In firmware/node.py's order:
+        the buffers before the first Ed25519 operation."""
+        self.begin()
+        self.data = model.Shard(open(shard_path, "rb") if shard_path else self.shard)
+        self.model = model.get("softmax", n_features=self.data.d, n_classes=self.data.k)
+        d = self.model.n_params
+        self.rb = noderound.RoundBuffers(self.model, node_id)
+        self.end("boot_shard")
         self.begin()
         self.node_id = node_id
         self.seed = bytes.fromhex(seed_hex)
@@ -78,11 +85,6 @@ class RoundCase:
         self.clock = clock
         self.seq = 0
         reg = load_registry_frame(bytes(self.take()), self.mesh_id, self.coord, ed25519.verify)
-        self.end("boot_registry")
-        self.begin()
-        self.data = model.Shard(open(shard_path, "rb") if shard_path else self.shard)
-        self.model = model.get("softmax", n_features=self.data.d, n_classes=self.data.k)
-        d = self.model.n_params
         self.peers = None
         if gossip:
             if store:
@@ -94,7 +96,7 @@ class RoundCase:
         reg = None
         self.guard = ReplayGuard(MemoryStore(), max_age=1 << 62)
         self.last_round = 0
-        self.end("boot_shard")
+        self.end("boot_registry")
 
     def _sign(self, kind, round_, payload):
         self.seq += 1
@@ -108,7 +110,9 @@ class RoundCase:
         msg = self.take()
         h = hashlib.sha256(msg).digest()
         fr = noderound.check_global(msg, self.mesh_id, self.coord, ed25519.verify, self.guard,
-                                    self.last_round, self.model.n_params, self.clock)
+                                    self.last_round, self.model.n_params, self.clock,
+                                    self.rb.take())
+        fr.drop_payload()  # a view into the receive buffer
         msg = None
         self.end("check_global")
         r = fr.round
@@ -129,17 +133,18 @@ class RoundCase:
             self.peers.drop_before(r)
         self.last_round = r
         g = b["values"]
-        fr.payload = None
         fr.body = b = None
         fr = None
         self.begin()
-        delta = noderound.local_update(self.model, self.data, train, r, self.node_id, g)
+        delta = noderound.local_update(self.model, self.data, train, r, self.node_id, g,
+                                       None, self.rb)
         g = None
         self.end("train")
         self.begin()
         self.seq += 1
         frame = noderound.update_frame(self.mesh_id, self.node_id, r, self.seq, self.clock,
-                                       self.data.n, delta, lambda m: ed25519.sign(self.seed, m))
+                                       self.data.n, delta, lambda m: ed25519.sign(self.seed, m),
+                                       self.rb.frame)
         delta = None
         fh = hashlib.sha256(frame).digest()
         if self.peers is not None:
