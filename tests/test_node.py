@@ -272,23 +272,31 @@ def test_announcement_codec_roundtrip_and_rejects_garbage() -> None:
         wire.encode_announce("krum", 1, 0, h, [])
 
 
-HANDLER_SCRIPT = r"""
+# The start of a MicroPython script that runs firmware/node.py's Node in-process on the node
+# directory argv[1] (_one_node_dir), with a transport that is always up: it records what is
+# published (topics in `sent`, frames as hex in `frames`) and hands the node a receive buffer
+# when asked (`rx`).
+NODE_PRELUDE = r"""
 import json, sys
 import config, node as nodemod
 d = sys.argv[1]
 bundle = config.Bundle(d + "/bundle.json")
 cfg = config.Config(None, {"state_dir": d + "/state", "status_interval_ms": 0})
 f = open(d + "/shard.bin", "rb"); shard = f.read(); f.close()
-f = open(d + "/global.bin", "rb"); good = f.read(); f.close()
 
 class T:
     connected = True
     def __init__(self):
         self.sent = []
+        self.frames = []
+        self.rx = None
+    def use_rx_buffer(self, size):
+        self.rx = bytearray(size)
     def subscribe(self, topic, qos):
         pass
     def publish(self, topic, frame, retain, qos):
         self.sent.append(topic)
+        self.frames.append("".join(["%02x" % x for x in frame]))
         return True
     def poll(self, ms):
         pass
@@ -299,6 +307,10 @@ class H:
     NAME = "test"
     def free_heap(self):
         return 0
+"""
+
+HANDLER_SCRIPT = NODE_PRELUDE + r"""
+f = open(d + "/global.bin", "rb"); good = f.read(); f.close()
 
 def log(ev):
     if ev["ev"] in ("reject", "update", "error"):
@@ -631,39 +643,10 @@ def test_wifi_hal_connects_or_gives_up_in_time(micropython: str, tmp_path: Path,
     assert second == "False"  # no Wi-Fi settings: refuses instead of hanging
 
 
-TWO_GLOBALS_SCRIPT = r"""
-import json, sys
-import config, node as nodemod
-d = sys.argv[1]
-bundle = config.Bundle(d + "/bundle.json")
-cfg = config.Config(None, {"state_dir": d + "/state", "status_interval_ms": 0})
-f = open(d + "/shard.bin", "rb"); shard = f.read(); f.close()
+TWO_GLOBALS_SCRIPT = NODE_PRELUDE + r"""
 globals_ = []
 for name in ("g1.bin", "g2.bin"):
     f = open(d + "/" + name, "rb"); globals_.append(f.read()); f.close()
-
-class T:
-    connected = True
-    def __init__(self):
-        self.sent = []
-        self.rx = None
-    def use_rx_buffer(self, size):
-        self.rx = bytearray(size)
-    def subscribe(self, topic, qos):
-        pass
-    def publish(self, topic, frame, retain, qos):
-        if "/update/" in topic:
-            self.sent.append("".join(["%02x" % x for x in frame]))
-        return True
-    def poll(self, ms):
-        pass
-    def stats(self):
-        return {}
-
-class H:
-    NAME = "test"
-    def free_heap(self):
-        return 0
 
 t = T()
 nd = nodemod.Node(bundle, cfg, shard, t, H(), lambda ev: None)
@@ -678,7 +661,8 @@ for g in globals_:
     took.append([q[0].body["values"] is nd.rb.p for q in nd.globals])
 t.rx[:] = bytes(len(t.rx))
 nd.step()
-print(json.dumps({"rx": len(t.rx), "took": took, "sent": t.sent, "train": nd.cfg.train,
+updates = [t.frames[i] for i in range(len(t.sent)) if "/update/" in t.sent[i]]
+print(json.dumps({"rx": len(t.rx), "took": took, "sent": updates, "train": nd.cfg.train,
                   "busy": nd.rb.busy, "rejected": nd.counters()["rejected"]}))
 """
 

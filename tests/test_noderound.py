@@ -284,5 +284,5 @@ def test_train_refuses_buffers_of_the_wrong_size() -> None:
     shard = model.Shard(_shard(12))
     with pytest.raises(model.ModelError, match="out must be a list of 650"):
         mdl.train(g, shard, cfg, [0] * 649)
-    with pytest.raises(model.ModelError, match="scratch must be a list of 640"):
-        mdl.train(g, shard, cfg, None, [0] * 650)
+    with pytest.raises(model.ModelError, match="scratch must be a list of 64 items"):
+        mdl.train(g, shard, cfg, None, [0] * 640)
