@@ -129,3 +129,59 @@ def test_wire_sign_verify_pipeline_on_device(device: Any) -> None:
         # accepted frame, sent again, is a replay.
         assert g[13] == (["rejected", "replay"] if g[11][0] == "accepted" else g[11])
     assert sum(1 for g in got if g[11][0] == "accepted") >= 1
+
+
+# A signed model package (microfed.package, docs/package.md) checked and loaded for inference
+# on the device, and corrupted copies rejected with the host's reasons.
+PACKAGE_CHECK = '''
+from microfed import ed25519, package
+try:
+    from binascii import unhexlify
+except ImportError:
+    from ubinascii import unhexlify
+
+
+def package_case(c):
+    data = unhexlify(c["pkg"])
+    pub = unhexlify(c["pub"])
+    mdl, params = package.load_for_inference(data, pub, ed25519.verify)
+    out = [len(params), params[:3], mdl.predict(params, c["x"])]
+    for i in c["flips"]:
+        bad = bytearray(data)
+        bad[i] ^= 1 << (i % 8)
+        try:
+            package.verify(bytes(bad), pub, ed25519.verify)
+            out.append("accepted")
+        except package.PackageError as e:
+            out.append(e.reason)
+    return out
+'''
+
+
+def test_signed_model_package_on_device(device: Any) -> None:
+    import hashlib
+
+    from microfed import model, package, wire
+    from microfed_host import keys
+
+    _need_frozen(device)
+    device.fresh()
+    seed = hashlib.sha256(b"microfed-hil:package").digest()
+    m = model.get("softmax")
+    data = package.encode(wire.mesh_id("hil"), 3, 0, "softmax", 64, 10, "krum", 3, 0,
+                          bytes(32), m.init(11), keys.public_key(seed), keys.signer(seed))
+    n = len(data)
+    case = {"pkg": data.hex(), "pub": keys.public_key(seed).hex(),
+            "x": [(j * 4099) % 65536 for j in range(64)],
+            # magic, version, mesh id, a name, the parameters, their digest, key, signature
+            "flips": [0, 4, 9, 26, 600, n - 140, n - 70, n - 5]}
+    ns: dict[str, Any] = {}
+    exec(compile(PACKAGE_CHECK, "package_check", "exec"), ns)  # the host's answer: same code
+    want = json.loads(json.dumps(ns["package_case"](case)))
+    device.repl.exec_verified(PACKAGE_CHECK, what="package check")
+    [got] = _run_cases(device, "package_case", [case])
+    assert got == want
+    assert got[0] == m.n_params and "accepted" not in got[3:]
+    # (the name "softmax" becomes "woftmax": still a name, so only the signature catches it)
+    assert got[3:] == ["bad_magic", "bad_version", "bad_signature", "bad_signature",
+                       "bad_digest", "bad_digest", "wrong_key", "bad_signature"]
