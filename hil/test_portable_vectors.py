@@ -132,32 +132,7 @@ def test_wire_sign_verify_pipeline_on_device(device: Any) -> None:
 
 
 # A signed model package (microfed.package, docs/package.md) checked and loaded for inference
-# on the device, and corrupted copies rejected with the host's reasons.
-PACKAGE_CHECK = '''
-from microfed import ed25519, package
-try:
-    from binascii import unhexlify
-except ImportError:
-    from ubinascii import unhexlify
-
-
-def package_case(c):
-    data = unhexlify(c["pkg"])
-    pub = unhexlify(c["pub"])
-    mdl, params = package.load_for_inference(data, pub, ed25519.verify)
-    out = [len(params), params[:3], mdl.predict(params, c["x"])]
-    for i in c["flips"]:
-        bad = bytearray(data)
-        bad[i] ^= 1 << (i % 8)
-        try:
-            package.verify(bytes(bad), pub, ed25519.verify)
-            out.append("accepted")
-        except package.PackageError as e:
-            out.append(e.reason)
-    return out
-'''
-
-
+# on the device, and corrupted copies rejected with the host's reasons (tests/package_runner.py).
 def test_signed_model_package_on_device(device: Any) -> None:
     import hashlib
 
@@ -175,10 +150,11 @@ def test_signed_model_package_on_device(device: Any) -> None:
             "x": [(j * 4099) % 65536 for j in range(64)],
             # magic, version, mesh id, a name, the parameters, their digest, key, signature
             "flips": [0, 4, 9, 26, 600, n - 140, n - 70, n - 5]}
+    code = _runner_source("package_runner.py")
     ns: dict[str, Any] = {}
-    exec(compile(PACKAGE_CHECK, "package_check", "exec"), ns)  # the host's answer: same code
+    exec(compile(code, "package_runner", "exec"), ns)  # the host's answer: same code
     want = json.loads(json.dumps(ns["package_case"](case)))
-    device.repl.exec_verified(PACKAGE_CHECK, what="package check")
+    device.repl.exec_verified(code, what="package check")
     [got] = _run_cases(device, "package_case", [case])
     assert got == want
     assert got[0] == m.n_params and "accepted" not in got[3:]

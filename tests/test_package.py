@@ -133,59 +133,25 @@ def test_a_package_of_another_shape_does_not_load() -> None:
     assert ei.value.reason == "bad_model"
 
 
-MP_VERIFY = r"""
-import sys, json
-from microfed import ed25519, package
-f = open(sys.argv[1], "rb"); data = f.read(); f.close()
-pub = bytes.fromhex(sys.argv[2])
-flips = [int(x) for x in sys.argv[3].split(",")]
-mdl, params = package.load_for_inference(data, pub, ed25519.verify)
-pkg = package.verify(data, pub, ed25519.verify)
-out = {"round": pkg.round, "model": pkg.model, "rule": pkg.rule, "n": len(params),
-       "digest": "".join(["%02x" % b for b in pkg.params_digest]),
-       "first": params[:4], "predict": mdl.predict(params, [(j * 37) % 65536 for j in range(64)])}
-reasons = []
-for i in flips:
-    bad = bytearray(data)
-    bad[i] ^= 0x01 << (i % 8)
-    try:
-        package.verify(bytes(bad), pub, ed25519.verify)
-        reasons.append("accepted")
-    except package.PackageError as e:
-        reasons.append(e.reason)
-out["reasons"] = reasons
-print(json.dumps(out))
-"""
+def test_micropython_verifies_and_loads_the_same_package(micropython: str) -> None:
+    import package_runner
 
-
-def test_micropython_verifies_and_loads_the_same_package(micropython: str,
-                                                         tmp_path: Path) -> None:
     m = model.get("softmax")
     params = m.init(5)
     data = make(params)
-    (tmp_path / "m.mfpk").write_bytes(data)
-    (tmp_path / "v.py").write_text(MP_VERIFY)
+    n = len(data)
     # Every region of the package: header, names, shape, parameters, digest, key, signature.
-    flips = [0, 4, 6, 20, 26, 30, 40, 80, 200, 1500, len(data) - 200, len(data) - 130,
-             len(data) - 100, len(data) - 40, len(data) - 1]
-    out = json.loads(upy.run([str(tmp_path / "v.py"), str(tmp_path / "m.mfpk"),
-                              keys.public_key(COORD).hex(), ",".join(map(str, flips))]))
-    x = [(j * 37) % 65536 for j in range(64)]
-    assert out["round"] == 7 and out["model"] == "softmax" and out["rule"] == "krum"
-    assert out["n"] == len(params) and out["first"] == params[:4]
-    assert out["digest"] == model.params_digest(params).hex()
-    assert out["predict"] == m.predict(params, x)
-    want = []
-    for i in flips:
-        bad = bytearray(data)
-        bad[i] ^= 0x01 << (i % 8)
-        try:
-            package.verify(bytes(bad), keys.public_key(COORD), keys.check_signature)
-            want.append("accepted")
-        except PackageError as e:
-            want.append(e.reason)
-    assert "accepted" not in want
-    assert out["reasons"] == want  # the same reason, byte for byte, on both
+    case = {"pkg": data.hex(), "pub": keys.public_key(COORD).hex(),
+            "x": [(j * 37) % 65536 for j in range(64)],
+            "flips": [0, 4, 6, 20, 26, 30, 40, 80, 200, 1500, n - 200, n - 130, n - 100,
+                      n - 40, n - 1]}
+    got = json.loads(upy.run([str(ROOT / "tests" / "package_runner.py")],
+                             stdin=json.dumps(case)))
+    want = package_runner.package_case(case)  # the same code on CPython
+    assert got == json.loads(json.dumps(want))
+    assert got[0] == len(params) and got[1] == params[:3]
+    assert got[2] == m.predict(params, case["x"])
+    assert "accepted" not in got[3:]
 
 
 def _microfed(*args: str) -> subprocess.CompletedProcess[str]:
@@ -193,12 +159,18 @@ def _microfed(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_export_and_verify_package_commands(tmp_path: Path) -> None:
+def _inproc_run(tmp_path: Path, rounds: int) -> Path:
+    """A small real run directory (in-process engine: coordinator store, mesh directory)."""
     run = tmp_path / "run"
-    r = _microfed("mesh", "run", "--transport", "inproc", "--rounds", "2", "--honest", "4",
-                  "--byzantine", "0", "--f", "0", "--rule", "fedavg", "--mode", "coordinated",
-                  "--out", str(run))
+    r = _microfed("mesh", "run", "--transport", "inproc", "--rounds", str(rounds), "--honest",
+                  "4", "--byzantine", "0", "--f", "0", "--rule", "fedavg", "--mode",
+                  "coordinated", "--out", str(run))
     assert r.returncode == 0, r.stdout + r.stderr
+    return run
+
+
+def test_export_and_verify_package_commands(tmp_path: Path) -> None:
+    run = _inproc_run(tmp_path, 2)
     final = json.loads((run / "summary.json").read_text())["final_digest"]
     out = tmp_path / "m.mfpk"
     r = _microfed("export", str(run), "--out", str(out))
@@ -228,11 +200,7 @@ def export_rejected() -> int:
 
 def test_export_signs_what_the_store_holds(tmp_path: Path) -> None:
     # package_from_run checks the stored model against its round's digest before signing.
-    run = tmp_path / "run"
-    r = _microfed("mesh", "run", "--transport", "inproc", "--rounds", "1", "--honest", "4",
-                  "--byzantine", "0", "--f", "0", "--rule", "fedavg", "--mode", "coordinated",
-                  "--out", str(run))
-    assert r.returncode == 0, r.stdout + r.stderr
+    run = _inproc_run(tmp_path, 1)
     import sqlite3
     con = sqlite3.connect(run / "coordinator.sqlite")
     con.execute("UPDATE state SET params = ? WHERE id = 1", (bytes(2600),))

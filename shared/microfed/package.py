@@ -20,6 +20,7 @@ import hashlib
 import struct
 
 from microfed import model
+from microfed.wire import WireError
 from microfed.q16 import MAX_RAW, MIN_RAW
 
 MAGIC = b"MFPK"
@@ -35,16 +36,9 @@ _FIXED = "<4sB8sIq"  # magic, version, mesh_id, round, timestamp
 _FIXED_LEN = 25
 
 
-class PackageError(Exception):
-    """The only exception decode and verify raise: PackageError(reason, message)."""
-
-    @property
-    def reason(self):
-        return self.args[0]
-
-    @property
-    def message(self):
-        return self.args[1] if len(self.args) > 1 else ""
+class PackageError(WireError):
+    """The only exception decode and verify raise: PackageError(reason, message), shaped like
+    (and caught as) the wire's errors."""
 
 
 class Package:
