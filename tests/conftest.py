@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,3 +27,20 @@ def micropython() -> str:
     if exe is None:
         pytest.skip(f"MicroPython unix port missing: {upy.INSTALL_HINT}")
     return exe
+
+
+def run_microfed(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The `microfed` command as a user runs it (a fresh interpreter), output captured."""
+    return subprocess.run([sys.executable, "-m", "microfed_tools.cli", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def inproc_run(tmp_path: Path, rounds: int) -> tuple[Path, str]:
+    """A small real run directory (in-process engine: coordinator store, mesh directory,
+    scenario, summary, plots) and what the run printed."""
+    run = tmp_path / "run"
+    r = run_microfed("mesh", "run", "--transport", "inproc", "--rounds", str(rounds),
+                     "--honest", "4", "--byzantine", "0", "--f", "0", "--rule", "fedavg",
+                     "--mode", "coordinated", "--out", str(run))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return run, r.stdout

@@ -9,11 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import inproc_run, run_microfed
 
 from microfed import model, package, wire
 from microfed.package import PackageError
@@ -154,42 +153,27 @@ def test_micropython_verifies_and_loads_the_same_package(micropython: str) -> No
     assert "accepted" not in got[3:]
 
 
-def _microfed(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "microfed_tools.cli", *args],
-                          capture_output=True, text=True, timeout=300)
-
-
-def _inproc_run(tmp_path: Path, rounds: int) -> Path:
-    """A small real run directory (in-process engine: coordinator store, mesh directory)."""
-    run = tmp_path / "run"
-    r = _microfed("mesh", "run", "--transport", "inproc", "--rounds", str(rounds), "--honest",
-                  "4", "--byzantine", "0", "--f", "0", "--rule", "fedavg", "--mode",
-                  "coordinated", "--out", str(run))
-    assert r.returncode == 0, r.stdout + r.stderr
-    return run
-
-
 def test_export_and_verify_package_commands(tmp_path: Path) -> None:
-    run = _inproc_run(tmp_path, 2)
+    run, _ = inproc_run(tmp_path, 2)
     final = json.loads((run / "summary.json").read_text())["final_digest"]
     out = tmp_path / "m.mfpk"
-    r = _microfed("export", str(run), "--out", str(out))
+    r = run_microfed("export", str(run), "--out", str(out))
     assert r.returncode == 0, r.stderr
-    r = _microfed("verify-package", str(out), "--mesh", str(run / "mesh"), "--json")
+    r = run_microfed("verify-package", str(out), "--mesh", str(run / "mesh"), "--json")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert got["ok"] is True and got["round"] == 2 and got["rule"] == "fedavg"
     assert got["params_digest"] == final  # the run's final model, as the run reported it
-    r = _microfed("verify-package", str(out), "--key", str(run / "mesh" / "coordinator.pub"))
+    r = run_microfed("verify-package", str(out), "--key", str(run / "mesh" / "coordinator.pub"))
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr
     bad = bytearray(out.read_bytes())
     bad[-70] ^= 0x10  # in the signer's key
     out.write_bytes(bytes(bad))
-    r = _microfed("verify-package", str(out), "--mesh", str(run / "mesh"), "--json")
+    r = run_microfed("verify-package", str(out), "--mesh", str(run / "mesh"), "--json")
     assert r.returncode == export_rejected() and json.loads(r.stdout)["reason"] == "wrong_key"
-    r = _microfed("export", str(run), "--round", "1")
+    r = run_microfed("export", str(run), "--round", "1")
     assert r.returncode == 2 and "latest global model only" in r.stderr
-    r = _microfed("export", str(tmp_path))
+    r = run_microfed("export", str(tmp_path))
     assert r.returncode == 2 and "no coordinator store" in r.stderr
 
 
@@ -200,7 +184,7 @@ def export_rejected() -> int:
 
 def test_export_signs_what_the_store_holds(tmp_path: Path) -> None:
     # package_from_run checks the stored model against its round's digest before signing.
-    run = _inproc_run(tmp_path, 1)
+    run, _ = inproc_run(tmp_path, 1)
     import sqlite3
     con = sqlite3.connect(run / "coordinator.sqlite")
     con.execute("UPDATE state SET params = ? WHERE id = 1", (bytes(2600),))

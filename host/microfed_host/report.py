@@ -84,8 +84,13 @@ def _pct(x: float | None) -> str:
 # ------------------------------------------------------------------ real mesh (MQTT)
 
 
-def summarize(out: Path, doc: dict[str, Any], info: dict[str, Any], duration: float) -> dict[str, Any]:
-    store = RoundsStore(out / coordmod.STORE_NAME)
+def summarize(out: Path, doc: dict[str, Any], info: dict[str, Any], duration: float,
+              src: Path | None = None) -> dict[str, Any]:
+    """summary.json, rounds.csv and the plots in `out`, from the run directory `src` (default:
+    `out`): its coordinator store and adversary.json, `doc` (its scenario.json) and `info`
+    (what only the runner knew: transport, broker, boards, exit codes, chaos, restarts)."""
+    src = out if src is None else src
+    store = RoundsStore(src / coordmod.STORE_NAME)
     try:
         rows = store.rounds()
         st = store.load_state()
@@ -125,7 +130,7 @@ def summarize(out: Path, doc: dict[str, Any], info: dict[str, Any], duration: fl
         if boards:
             by_board = _agreement_by_board(boards, by_round, rows, banned)
     injected: dict[str, Any] | None = None
-    adv_path = out / "adversary.json"
+    adv_path = src / "adversary.json"
     if adv_path.exists():
         adv = json.loads(adv_path.read_text())
         ok = sum(1 for e in adv["injected"] if rejected_hashes.get(e["sha256"]) == e["expect"])
@@ -191,6 +196,35 @@ def summarize(out: Path, doc: dict[str, Any], info: dict[str, Any], duration: fl
     summary["plots"] = plot(out, doc, rows, rep)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+# What summarize needs to know that only the runner knew; `microfed report` takes it from the
+# summary.json the run wrote.
+RUNNER_INFO = ("transport", "broker", "boards", "node_exit_codes", "chaos", "coordinator_restarts")
+
+
+def report_run(path: Path, out: Path | None = None) -> dict[str, Any]:
+    """`microfed report`: summary.json, rounds.csv and the plots of a run directory (or of the
+    run directory holding the coordinator store `path`), regenerated from its store, into
+    `out` (default: the run directory). Works while the run is going on: the store is read
+    as it is (SQLite WAL)."""
+    run = path.parent if path.is_file() else path
+    if not (run / coordmod.STORE_NAME).is_file():
+        raise MeshError(f"{path}: no coordinator store ({coordmod.STORE_NAME}): not a run "
+                        "directory of `microfed mesh run`")
+    try:
+        doc = json.loads((run / "scenario.json").read_text())
+    except OSError:
+        raise MeshError(f"{run}: no scenario.json: `microfed report` reads run directories of "
+                        "`microfed mesh run`") from None
+    old: dict[str, Any] = {}
+    if (run / "summary.json").is_file():
+        old = json.loads((run / "summary.json").read_text())
+    info = {k: old[k] for k in RUNNER_INFO if k in old}
+    info.setdefault("transport", "unknown (run still going)")
+    dest = run if out is None else out
+    dest.mkdir(parents=True, exist_ok=True)
+    return summarize(dest, doc, info, float(old.get("duration_s", 0.0)), src=run)
 
 
 def _agreement_by_board(boards: dict[str, str], by_round: dict[int, dict[str, bool]],

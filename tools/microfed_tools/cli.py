@@ -23,6 +23,7 @@ COMMANDS: tuple[str, ...] = (
     "microfed_tools.cmd_mesh",
     "microfed_tools.cmd_coordinator",
     "microfed_tools.cmd_package",
+    "microfed_tools.cmd_report",
 )
 
 
