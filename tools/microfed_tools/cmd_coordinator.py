@@ -48,6 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "boards are slow)")
     p.add_argument("--crosscheck", default="always", help="always | sampled:N | off")
     p.add_argument("--out", help="run directory (default: <mesh>/run)")
+    p.add_argument("--alerts", metavar="URL|FILE", action="append", default=None,
+                   help="deliver alerts with their evidence to a webhook (http(s) URL) or a "
+                   "JSON-lines file; repeatable (docs/metrics.md)")
+    p.add_argument("--metrics", metavar="[HOST:]PORT", default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (host default "
+                   "127.0.0.1; docs/metrics.md)")
     p.set_defaults(func=main)
 
 
@@ -129,6 +135,22 @@ def main(args: argparse.Namespace) -> int:
             print(banner, file=sys.stderr)
         events(ev)
 
+    server = None
+    if args.metrics:
+        from microfed_host import metrics
+
+        try:
+            server = metrics.serve(args.metrics, out / coordmod.STORE_NAME)
+        except (ValueError, OSError) as e:
+            return _error(f"--metrics {args.metrics}: {e}")
+        mh, mp = server.server_address[:2]
+        print(f"metrics: http://{mh}:{mp}/metrics", file=sys.stderr)
+    watcher = None
+    if args.alerts:
+        from microfed_host import alerts
+
+        watcher = alerts.Watcher(out / coordmod.STORE_NAME, [alerts.sink(t) for t in args.alerts])
+        watcher.start()
     try:
         return coordmod.serve(out, host, port, log=log)
     except (coordmod.CoordinatorError, MQTTError, ProvisionError) as e:
@@ -136,3 +158,8 @@ def main(args: argparse.Namespace) -> int:
         return _error(e)
     except OSError as e:
         return _error(f"cannot reach MQTT broker {host}:{port}: {e.strerror or e}")
+    finally:
+        if server is not None:
+            server.shutdown()
+        if watcher is not None:
+            watcher.stop()
