@@ -44,3 +44,11 @@ def inproc_run(tmp_path: Path, rounds: int) -> tuple[Path, str]:
                      "--mode", "coordinated", "--out", str(run))
     assert r.returncode == 0, r.stdout + r.stderr
     return run, r.stdout
+
+
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    """A test's cleanup: kill and reap whatever of `procs` is still running."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import stop_processes
 
 from microfed_host import broker as brokermod
 
@@ -76,10 +77,7 @@ def test_provision_deploy_coordinate_on_unix_port_boards(tmp_path: Path, micropy
             assert p.returncode == 0, log[-2000:]  # every board saw the final model and exited
         assert (run / "coordinator.json").is_file() and (run / "coordinator.sqlite").is_file()
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        stop_processes(procs)
         br.stop()
 
 

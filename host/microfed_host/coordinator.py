@@ -1082,8 +1082,12 @@ def load_config(run_dir: Path) -> CoordinatorConfig:
 
 
 def serve(run_dir: Path, host: str, port: int, log: Log = _json_log,
-          connect_timeout: float = 15.0) -> int:
-    """Run the coordinator over MQTT until the run is over. Returns an exit code.
+          connect_timeout: float = 15.0, stop: Callable[[], bool] | None = None) -> int:
+    """Run the coordinator over MQTT until the run is over, or until `stop()` is true (a
+    service told to stop: the message in hand is handled and acknowledged, the store
+    flushed, a "stopped" event logged; the round stays open in the store, and the next
+    serve() on this run directory resumes it, while the broker keeps what arrives meanwhile
+    for the persistent session). Returns an exit code (0 for both).
 
     One durable HostMQTT session (persistent, manual acks, bounded blocking queue): every
     message is acknowledged after handle() returns, whatever its verdict, so none can be
@@ -1123,7 +1127,7 @@ def serve(run_dir: Path, host: str, port: int, log: Log = _json_log,
         reconnects = client.connects
         deferred: list[Any] = []
         first_deferred = 0.0
-        while not coord.done:
+        while not coord.done and not (stop is not None and stop()):
             if client.connected:
                 if client.connects != reconnects:
                     reconnects = client.connects
@@ -1166,6 +1170,9 @@ def serve(run_dir: Path, host: str, port: int, log: Log = _json_log,
             client.drain()
             pub.flush()
             time.sleep(0.01)
+        if not coord.done:
+            log({"ev": "stopped", "t": time.time(), "round": coord.round,
+                 "note": "the round stays open; serve this run directory again to resume"})
         return 0
     finally:
         if client is not None:

@@ -97,8 +97,8 @@ def check_global(msg, mesh_id, coordinator_key, check_sig, guard, last_round, n_
     """Step 1: the verified GLOBAL_MODEL frame, or Rejected. `guard`: a ReplayGuard over the
     coordinator's counter; the round must be above `last_round` (the last one acted on).
     The counter is committed last, when everything else passed. `into`: a list of n_params
-    the values are decoded into (RoundBuffers.g) instead of a new one. The frame's payload is
-    a view into `msg`: drop it (fr.payload = None) before `msg`'s buffer is reused."""
+    the values are decoded into (RoundBuffers.take()) instead of a new one. The frame's payload
+    is a view into `msg`: drop it (fr.drop_payload()) before `msg`'s buffer is reused."""
     # The payload as a view into the frame: a copy would be 3.2 KB more on the heap while
     # the values are decoded (a GLOBAL_MODEL's values are decoded either way).
     fr = coordinator_frame(msg, mesh_id, coordinator_key, wire.GLOBAL_MODEL, "global model",

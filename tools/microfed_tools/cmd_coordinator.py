@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -151,8 +152,17 @@ def main(args: argparse.Namespace) -> int:
 
         watcher = alerts.Watcher(out / coordmod.STORE_NAME, [alerts.sink(t) for t in args.alerts])
         watcher.start()
+    # A service manager's stop (SIGTERM, or Ctrl-C): finish the message in hand and stop
+    # cleanly; the run resumes from its store when this command runs again (docs/service.md).
+    stopping: list[int] = []
+
+    def _stop(signum: int, frame: Any) -> None:
+        stopping.append(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
     try:
-        return coordmod.serve(out, host, port, log=log)
+        return coordmod.serve(out, host, port, log=log, stop=lambda: bool(stopping))
     except (coordmod.CoordinatorError, MQTTError, ProvisionError) as e:
         # e.g. an unreachable broker: the coordinator's client gives up after its retries.
         return _error(e)
