@@ -13,6 +13,13 @@ broker before crafting its own (IPM and ALIE need their mean and spread). Model 
     scaling     scale * delta of an honest step          (default x10)
     label-flip  honest training on labels 9 - y
     sleeper     honest for the first half of the rounds, then sign-flip
+    min-max     mean + gamma * (-unit mean), gamma as large as the honest spread allows
+                (Shejwalkar & Houmansadr, NDSS 2021; microfed_host.attacks)
+    min-sum     the same, bounded by the honest updates' sums of squared distances (ibid.)
+    fang-krum   -lambda * sign(honest mean), lambda the largest that Krum still selects
+                (Fang et al., USENIX Security 2020: full knowledge, f = the attackers)
+    mimic       a copy of the honest update furthest from the honest mean (Karimireddy et
+                al., ICLR 2022)
 
 Wire attacks (each compromised node also sends an honest update, so the round still reaches
 quorum; the injected frame must be rejected, with this reason):
@@ -51,20 +58,22 @@ from typing import Any
 import numpy as np
 
 from microfed import audit, model, noderound, q16, wire
-from microfed_host import keys
+from microfed_host import attacks, keys
 
 MODEL_ATTACKS = ("none", "sign-flip", "ipm", "alie", "gaussian", "scaling", "label-flip",
-                 "sleeper")
+                 "sleeper", "min-max", "min-sum", "fang-krum", "mimic")
 WIRE_ATTACKS = ("replay", "forged", "unregistered")
 ATTACKS = MODEL_ATTACKS + WIRE_ATTACKS
-NEEDS_HONEST = ("ipm", "alie")
+NEEDS_HONEST = ("ipm", "alie", "min-max", "min-sum", "fang-krum", "mimic")
 EXPECTED_REASON = {"replay": "replay", "forged": "bad_signature", "unregistered": "unregistered"}
 DEFAULTS = {"tau": 10.0, "sigma": 1.0, "scale": 10.0, "z": 0.0}  # z = 0: from n and f
 ALIASES = {"signflip": "sign-flip", "sign_flip": "sign-flip", "label_flip": "label-flip",
            "labelflip": "label-flip", "gauss": "gaussian", "scale": "scaling",
            "forged-signature": "forged", "forged_signature": "forged", "forge": "forged",
            "unregistered-sender": "unregistered", "unregistered_sender": "unregistered",
-           "alie": "alie", "ipm": "ipm", "honest": "none"}
+           "alie": "alie", "ipm": "ipm", "honest": "none", "minmax": "min-max",
+           "min_max": "min-max", "minsum": "min-sum", "min_sum": "min-sum",
+           "fang": "fang-krum", "fang_krum": "fang-krum", "fangkrum": "fang-krum"}
 
 
 class AdversaryError(ValueError):
@@ -274,17 +283,11 @@ class Adversary:
                 rng = np.random.default_rng([self.seed & 0xFFFFFFFF, r, idx])
                 noise = rng.normal(0.0, c.p("sigma"), len(g)) * q16.ONE
                 vec = self._clip(np.rint(noise))
-            elif a in ("ipm", "alie"):
+            elif a in NEEDS_HONEST:
                 if hm is None or len(hm) == 0:
                     vec = self._train(c, g, r)  # nothing to imitate: behave
                 else:
-                    mu = hm.mean(axis=0)
-                    if a == "ipm":
-                        v = -c.p("tau") * mu
-                    else:
-                        z = c.p("z") or self.z
-                        v = mu - z * hm.std(axis=0)
-                    vec = self._clip(np.rint(v))
+                    vec = self._clip(np.rint(self._optimised(a, c, hm)))
             else:  # pragma: no cover - canonical_attack guards this
                 raise AdversaryError(a)
             payload = wire.encode_model_update(len(c.ys), vec)
@@ -298,6 +301,20 @@ class Adversary:
             out.append((self.base + "update/" + c.node_id, frame))
             self.sent[a] = self.sent.get(a, 0) + 1
         return out
+
+    def _optimised(self, a: str, c: Compromised, hm: np.ndarray) -> np.ndarray:
+        """The attacks that are functions of the round's honest updates (rows of hm)."""
+        if a == "ipm":
+            return -c.p("tau") * hm.mean(axis=0)
+        if a == "alie":
+            return hm.mean(axis=0) - (c.p("z") or self.z) * hm.std(axis=0)
+        if a == "min-max":
+            return attacks.min_max(hm)
+        if a == "min-sum":
+            return attacks.min_sum(hm)
+        if a == "fang-krum":
+            return attacks.fang_krum(hm, len(self.nodes), len(self.nodes))
+        return attacks.mimic(hm)
 
     def _wire_attack(self, c: Compromised, idx: int, r: int,
                      payload: bytes) -> tuple[str, bytes] | None:
