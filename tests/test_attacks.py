@@ -1,7 +1,8 @@
 """The optimised attacks (microfed_host.attacks): each does what its paper defines — min-max
 and min-sum push as far as the honest updates' own spread allows and no further, the attack on
-Krum gets one of its copies selected by microfed's exact Krum, mimic copies an honest update —
-and the adversary sends them in a real run of the in-process engine."""
+Krum gets one of its copies selected by microfed's exact Krum, mimic copies an honest update,
+the adaptive attack is rewarded by microfed's own reputation rule and would not be 10 %
+further out — and the adversary sends them in a real run of the in-process engine."""
 
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def test_mimic_copies_the_most_outlying_honest_update() -> None:
 
 def test_names_and_a_run_under_each(tmp_path: Path) -> None:
     for alias, name in (("minmax", "min-max"), ("min_sum", "min-sum"), ("fang", "fang-krum"),
-                        ("mimic", "mimic")):
+                        ("mimic", "mimic"), ("adaptive-reputation", "adaptive")):
         assert adversary.canonical_attack(alias) == name
     for name in ("min-max", "fang-krum"):
         out = tmp_path / name
@@ -82,3 +83,24 @@ def test_names_and_a_run_under_each(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stdout + r.stderr
         s = json.loads((out / "summary.json").read_text())
         assert s["attack"] == name and s["rounds"] == 3
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_adaptive_stays_just_inside_the_reward_band(seed: int) -> None:
+    from microfed.reputation import ReputationBook
+
+    h = honest_updates(n=10, seed=seed)
+    c = 3
+    x = np.rint(attacks.adaptive_reputation(h, c)).astype(np.int64)
+
+    def verdicts(v: np.ndarray) -> set[str]:
+        ids = [f"byz-{i}" for i in range(c)] + [f"node-{i:02d}" for i in range(len(h))]
+        vecs = [[int(t) for t in v]] * c + [[int(t) for t in row] for row in h]
+        got = ReputationBook().observe(ids, vecs)  # the coordinator's own rule, exact
+        return {got[i] for i in ids[:c]}
+
+    assert verdicts(x) == {"reward"}  # the real rule rewards it ...
+    base = np.median(h, axis=0)
+    further = np.rint(base + 1.1 * (x - base)).astype(np.int64)
+    assert verdicts(further) != {"reward"}  # ... and 10 % further it would not
+    assert float(np.dot(x - base, h.mean(axis=0))) < 0  # it pulls against the honest nodes

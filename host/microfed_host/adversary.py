@@ -20,6 +20,8 @@ broker before crafting its own (IPM and ALIE need their mean and spread). Model 
                 (Fang et al., USENIX Security 2020: full knowledge, f = the attackers)
     mimic       a copy of the honest update furthest from the honest mean (Karimireddy et
                 al., ICLR 2022)
+    adaptive    knows the reputation rule: as far against the honest mean as the reward
+                band allows, so it is rewarded, never banned (docs/reputation.md)
 
 Wire attacks (each compromised node also sends an honest update, so the round still reaches
 quorum; the injected frame must be rejected, with this reason):
@@ -61,10 +63,10 @@ from microfed import audit, model, noderound, q16, wire
 from microfed_host import attacks, keys
 
 MODEL_ATTACKS = ("none", "sign-flip", "ipm", "alie", "gaussian", "scaling", "label-flip",
-                 "sleeper", "min-max", "min-sum", "fang-krum", "mimic")
+                 "sleeper", "min-max", "min-sum", "fang-krum", "mimic", "adaptive")
 WIRE_ATTACKS = ("replay", "forged", "unregistered")
 ATTACKS = MODEL_ATTACKS + WIRE_ATTACKS
-NEEDS_HONEST = ("ipm", "alie", "min-max", "min-sum", "fang-krum", "mimic")
+NEEDS_HONEST = ("ipm", "alie", "min-max", "min-sum", "fang-krum", "mimic", "adaptive")
 EXPECTED_REASON = {"replay": "replay", "forged": "bad_signature", "unregistered": "unregistered"}
 DEFAULTS = {"tau": 10.0, "sigma": 1.0, "scale": 10.0, "z": 0.0}  # z = 0: from n and f
 ALIASES = {"signflip": "sign-flip", "sign_flip": "sign-flip", "label_flip": "label-flip",
@@ -73,7 +75,8 @@ ALIASES = {"signflip": "sign-flip", "sign_flip": "sign-flip", "label_flip": "lab
            "unregistered-sender": "unregistered", "unregistered_sender": "unregistered",
            "alie": "alie", "ipm": "ipm", "honest": "none", "minmax": "min-max",
            "min_max": "min-max", "minsum": "min-sum", "min_sum": "min-sum",
-           "fang": "fang-krum", "fang_krum": "fang-krum", "fangkrum": "fang-krum"}
+           "fang": "fang-krum", "fang_krum": "fang-krum", "fangkrum": "fang-krum",
+           "adaptive-reputation": "adaptive", "adaptive_reputation": "adaptive"}
 
 
 class AdversaryError(ValueError):
@@ -133,6 +136,7 @@ class Adversary:
         n_classes: int = 10,
         max_abs: int = 256 * 65536,
         clock: Callable[[], float] = time.time,
+        reward_band: int = 4,
     ) -> None:
         self.mesh = mesh
         self.mesh_id = wire.mesh_id(mesh)
@@ -148,6 +152,7 @@ class Adversary:
         self.model = model.get(model_name, n_features=n_features, n_classes=n_classes)
         self.max_abs = max_abs
         self.clock = clock
+        self.reward_band = reward_band  # the mesh's reputation rule (the adaptive attack knows it)
         self.base = f"microfed/{mesh}/"
         # Wire attacks publish on the compromised node's own topic (see the module docstring).
         self.own_topics = False
@@ -314,6 +319,8 @@ class Adversary:
             return attacks.min_sum(hm)
         if a == "fang-krum":
             return attacks.fang_krum(hm, len(self.nodes), len(self.nodes))
+        if a == "adaptive":
+            return attacks.adaptive_reputation(hm, len(self.nodes), self.reward_band)
         return attacks.mimic(hm)
 
     def _wire_attack(self, c: Compromised, idx: int, r: int,

@@ -9,6 +9,9 @@ floats are fine here, and the result is rounded and clipped to int32 by the call
                              (full knowledge: the honest updates and the rule)
     mimic(honest)            Karimireddy, He & Jaggi, ICLR 2022: every attacker copies one
                              honest update, over-weighting it
+    adaptive_reputation(honest, c, reward_band)
+                             an attacker that knows microfed's reputation rule
+                             (docs/reputation.md) and stays just inside its reward band
 
 min-max and min-sum use the paper's "inverse unit vector" perturbation (-mean / |mean|) and
 its binary search for the largest gamma that keeps the malicious update within the honest
@@ -123,3 +126,35 @@ def mimic(honest: np.ndarray) -> np.ndarray:
     main direction; this is the deterministic, omniscient version of that choice)."""
     mu = honest.mean(axis=0)
     return honest[int(np.argmax(((honest - mu) ** 2).sum(axis=1)))].copy()
+
+
+def adaptive_reputation(honest: np.ndarray, c: int, reward_band: int = 4,
+                        margin: float = 0.98) -> np.ndarray:
+    """Against microfed's reputation rule (docs/reputation.md): the update furthest along
+    -unit(mean) from the cohort's coordinate-wise median that the rule still rewards. The
+    cohort is the honest updates and the c identical copies; an update is rewarded when its
+    squared distance to the median is at most reward_band x the cohort's median squared
+    distance and it is not misaligned (cosine with the median below -1/4). gamma is searched
+    with `margin` (2 %) of slack under that band and that cosine, so rounding to int32 keeps
+    it inside."""
+    p = _perturbation(honest)
+    n = len(honest)
+
+    def cohort(x: np.ndarray) -> tuple[np.ndarray, float]:
+        rows = np.vstack([np.repeat(x[None, :], c, axis=0), honest])
+        ref = np.median(rows, axis=0)
+        devs = ((rows - ref) ** 2).sum(axis=1)
+        return ref, float(np.median(devs))
+
+    base, _ = cohort(np.median(honest, axis=0))
+
+    def ok(gamma: float) -> bool:
+        x = base + gamma * p
+        ref, med = cohort(x)
+        dev = float(((x - ref) ** 2).sum())
+        dot = float(x @ ref)
+        misaligned = dot < 0 and 16 * dot * dot > margin * float(x @ x) * float(ref @ ref)
+        return dev <= margin * reward_band * med and not misaligned
+
+    scale = max(float(np.sqrt(((honest - base) ** 2).sum(axis=1).max())), 1.0) if n else 1.0
+    return base + _search(ok, scale) * p

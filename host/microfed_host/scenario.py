@@ -658,7 +658,9 @@ def make_adversary(sc: Scenario, out: Path, mesh: str) -> advmod.Adversary | Non
                                             g.attack, xs, ys, dict(g.params)))
     train = {"lr": sc.lr, "epochs": sc.epochs, "batch": sc.batch, "seed": sc.seed}
     return advmod.Adversary(mesh, coord_pub, nodes, sc.honest_ids(), sc.rounds, train,
-                            sc.mode, sc.seed)
+                            sc.mode, sc.seed,
+                            reward_band=int(sc.reputation.get("reward_band",
+                                                              ReputationBook().reward_band)))
 
 
 # ------------------------------------------------------------------ progress output
