@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import io
-import re
 from pathlib import Path
 from typing import Any
+
+from markers import write_between
 
 from microfed_tools import devicecost, firmware, roundcase
 from microfed_tools.boards import load_board
@@ -131,16 +131,8 @@ def unix32_heap() -> None:
 
 
 def write_into(path: Path, text: str, flags: str = "") -> None:
-    begin = f"<!-- benchmarks/device.py{flags} -->"
-    end = f"<!-- end benchmarks/device.py{flags} -->"
-    doc = path.read_text()
-    if begin not in doc or end not in doc:
-        raise SystemExit(f"{path}: no {begin} ... {end} markers to write between")
-    stamp = (f"Measured {datetime.date.today().isoformat()} with "
-             f"`python benchmarks/device.py{flags}`:\n\n")
-    new = re.sub(re.escape(begin) + ".*?" + re.escape(end),
-                 lambda _m: begin + "\n" + stamp + text.strip() + "\n" + end, doc, flags=re.S)
-    path.write_text(new)
+    write_between(path, f"benchmarks/device.py{flags}", f"python benchmarks/device.py{flags}",
+                  text)
 
 
 def main() -> None:

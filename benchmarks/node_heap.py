@@ -22,14 +22,14 @@ markers of that file (LABEL: --label, else the mode).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from markers import write_between
 
 
 def parse_heap(text: str) -> int:
@@ -103,15 +103,9 @@ def row(mode: str, r: dict[str, Any], rounds: int) -> str:
 
 
 def write_into(path: Path, text: str, label: str) -> None:
-    begin = f"<!-- benchmarks/node_heap.py {label} -->"
-    end = f"<!-- end benchmarks/node_heap.py {label} -->"
-    doc = path.read_text()
-    if begin not in doc or end not in doc:
-        raise SystemExit(f"{path}: no {begin} ... {end} markers to write between")
-    stamp = f"Measured {datetime.date.today().isoformat()} with `{text.splitlines()[0]}`:\n\n"
-    body = "\n".join(text.splitlines()[1:]).strip()
-    path.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end),
-                           lambda _m: begin + "\n" + stamp + body + "\n" + end, doc, flags=re.S))
+    """`text`: the command line, then the table."""
+    command, _, body = text.partition("\n")
+    write_between(path, f"benchmarks/node_heap.py {label}", command, body)
 
 
 def main() -> None:

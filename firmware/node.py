@@ -289,7 +289,6 @@ class Node:
         self.exit_code = 0
         self.hello_sent = False
         self.globals = []  # verified GLOBAL_MODELs waiting for step(), in arrival order
-        self.g_frame = None  # the one of them whose values are in self.rb.p
         self.last_update = None  # this round's update frame until the next global arrives
         self.reconnects_seen = 0
         self.resend_why = None
@@ -415,8 +414,7 @@ class Node:
         # The payload is a view into msg, which may be the transport's receive buffer: gone.
         fr.drop_payload()
         if fr.body["values"] is rb.p:
-            rb.busy = True  # until step() has trained on it (or dropped it)
-            self.g_frame = fr
+            rb.hold(fr)  # until step() has trained on it (or dropped it)
         self.last_global_at = time.ticks_ms()
         # Processed by step(), after the transport has handed over every message that came
         # in before this one: peer updates of the round just closed must be buffered first,
@@ -424,13 +422,8 @@ class Node:
         self.globals.append((fr, h))
         if len(self.globals) > 4:
             old = self.globals.pop(0)[0]
-            self._release_g(old)
+            self.rb.release(old)
             self.log("global_dropped", round=old.round)
-
-    def _release_g(self, fr):
-        if fr is self.g_frame:
-            self.g_frame = None
-            self.rb.busy = False
 
     def on_update(self, msg):
         # Checked and kept as it arrives: hash, the cheap checks, values into a slot.
@@ -529,7 +522,7 @@ class Node:
         delta = noderound.local_update(self.model, self.data, self.cfg.train, r, self.node_id,
                                        g, None if self.sa is not None else self.dp, rb)
         g = None
-        self._release_g(fr)
+        self.rb.release(fr)
         gc.collect()
         t1 = time.ticks_ms()
         if self.sa is not None:
@@ -686,7 +679,7 @@ class Node:
                 self.reject("global", reason or "handler_error", message, _hex(h[:8]))
                 self.errors += 1
                 gc.collect()
-            self._release_g(fr)
+            self.rb.release(fr)
         while self.sa_msgs and not self.done:
             msg = self.sa_msgs.pop(0)
             try:

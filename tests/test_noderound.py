@@ -271,7 +271,7 @@ def test_training_in_the_round_buffers_gives_the_same_update_every_round() -> No
     assert noderound.local_update(mdl, shard, train, 9, "node-01", fresh, None, rb) == \
         noderound.local_update(mdl, shard, train, 9, "node-01", list(g))
     assert fresh == g  # the caller's list is not touched
-    rb.busy = True
+    rb.hold(object())
     assert rb.take() is None
 
 

@@ -158,6 +158,13 @@ class Watcher:
         self.poll()  # what the last interval wrote
 
 
+def watch(store: Path, targets: list[str], interval: float = 1.0) -> Watcher:
+    """A started Watcher on `store` delivering to each target (see sink)."""
+    w = Watcher(store, [sink(t) for t in targets])
+    w.start(interval)
+    return w
+
+
 def _alert(kind: str, round_: int | None, node: str | None, reason: str, at: float,
            evidence: dict[str, Any]) -> dict[str, Any]:
     return {"kind": kind, "round": round_, "node": node, "reason": reason, "at": at,

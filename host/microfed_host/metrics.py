@@ -137,6 +137,11 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+def url(server: ThreadingHTTPServer) -> str:
+    host, port = server.server_address[:2]
+    return f"http://{host}:{port}/metrics"
+
+
 def serve(listen: str, store: Path) -> ThreadingHTTPServer:
     """Serve GET /metrics for the store at `listen` (see parse_listen) in a daemon thread;
     server.shutdown() stops it. Port 0 picks a free one (server.server_address)."""

@@ -127,8 +127,8 @@ class RoundBuffers:
     where the delta will go, for the subtraction). On a 32-bit board's heap of a few tens of
     KB the free space fragments as a run goes on (log lines, peers' bookkeeping, Ed25519's
     long-int temporaries): a 2.6 KB block found at boot is certain, one found mid-run is not
-    (measured: docs/results.md). `busy`: p holds a received global not trained on yet (a
-    second global meanwhile gets a list of its own)."""
+    (measured: docs/results.md). `holder`: the received global whose values p holds until
+    it is trained on or dropped (a second global meanwhile gets a list of its own)."""
 
     def __init__(self, mdl, node_id):
         n = mdl.n_params
@@ -136,13 +136,26 @@ class RoundBuffers:
         self.scratch = [0] * mdl.scratch_len()
         self.frame = bytearray(update_frame_len(node_id, n))
         self.values_at = wire.HDR_FIXED + len(node_id) + 8  # as wire.encode_update puts them
-        self.busy = False
+        self.holder = None
+
+    @property
+    def busy(self):
+        return self.holder is not None
 
     def take(self):
         """The list to decode the next global's values into, or None (in use)."""
-        if self.busy:
+        if self.holder is not None:
             return None
         return self.p
+
+    def hold(self, fr):
+        """p now holds the values of `fr` (a frame decoded into take()'s list)."""
+        self.holder = fr
+
+    def release(self, fr):
+        """`fr` is trained on or dropped: p is free again if it was fr's."""
+        if self.holder is fr:
+            self.holder = None
 
 
 def update_frame_len(node_id, n_params):

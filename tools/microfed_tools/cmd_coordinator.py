@@ -144,14 +144,12 @@ def main(args: argparse.Namespace) -> int:
             server = metrics.serve(args.metrics, out / coordmod.STORE_NAME)
         except (ValueError, OSError) as e:
             return _error(f"--metrics {args.metrics}: {e}")
-        mh, mp = server.server_address[:2]
-        print(f"metrics: http://{mh}:{mp}/metrics", file=sys.stderr)
+        print(f"metrics: {metrics.url(server)}", file=sys.stderr)
     watcher = None
     if args.alerts:
         from microfed_host import alerts
 
-        watcher = alerts.Watcher(out / coordmod.STORE_NAME, [alerts.sink(t) for t in args.alerts])
-        watcher.start()
+        watcher = alerts.watch(out / coordmod.STORE_NAME, args.alerts)
     # A service manager's stop (SIGTERM, or Ctrl-C): finish the message in hand and stop
     # cleanly; the run resumes from its store when this command runs again (docs/service.md).
     stopping: list[int] = []

@@ -68,21 +68,8 @@ def _metrics(listen: str | None, out: Path) -> Any:
         server = metrics.serve(listen, out / "coordinator.sqlite")
     except (ValueError, OSError) as e:
         raise mesh.MeshError(f"--metrics {listen}: {e}") from None
-    host, port = server.server_address[:2]
-    print(f"  metrics: http://{host}:{port}/metrics", flush=True)
+    print(f"  metrics: {metrics.url(server)}", flush=True)
     return server
-
-
-def _alerts(targets: list[str] | None, out: Path) -> Any:
-    """An alert watcher on the run's store, delivering to each target (a webhook URL or a
-    JSON-lines file; microfed_host.alerts), started; or None."""
-    if not targets:
-        return None
-    from microfed_host import alerts
-
-    w = alerts.Watcher(out / "coordinator.sqlite", [alerts.sink(t) for t in targets])
-    w.start()
-    return w
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -99,7 +86,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise mesh.MeshError("--metrics and --alerts follow one run's store; a [chaos] "
                                  "scenario runs two")
         server = _metrics(args.metrics, out)
-        watcher = _alerts(args.alerts, out)
+        watcher = None
+        if args.alerts:
+            from microfed_host import alerts
+
+            watcher = alerts.watch(out / "coordinator.sqlite", args.alerts)
         try:
             summary = mesh.run(sc, out, transport=args.transport, broker=args.broker,
                                force=args.force, kill_coordinator_at=args.kill_coordinator_at,
