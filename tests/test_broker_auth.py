@@ -90,18 +90,19 @@ def client(b: Broker, cid: str, port: int | None = None, **kw: str) -> HostMQTT:
 # -- the files ----------------------------------------------------------------------------
 def test_password_file_is_mosquittos_format(mesh: Path) -> None:
     users = brokerauth.read_password_file(mesh / "broker" / "passwd")
-    assert sorted(users) == ["coordinator", "node-01", "node-02", "node-03"]
+    assert sorted(users) == ["coordinator", "monitor", "node-01", "node-02", "node-03"]
     for user, h in users.items():
         assert h.startswith("$7$101$")
         assert brokerauth.check_password(login(mesh, user)["password"], h)
         assert not brokerauth.check_password("wrong", h)
     for p in [mesh / "broker" / "passwd", mesh / "broker" / "acl", mesh / "coordinator.mqtt",
+              mesh / "monitor.mqtt",
               mesh / "nodes" / "node-01.mqtt", mesh / "broker" / "ca.key", mesh / "broker" / "broker.key"]:
         assert p.stat().st_mode & 0o777 == 0o600, p
     bundle = json.loads((mesh / "bundles" / "node-02.json").read_text())
     assert bundle["mqtt"] == login(mesh, "node-02")
     assert bytes.fromhex(bundle["broker_ca"]) == brokerauth.ca_der(mesh / "broker")
-    assert len({login(mesh, u)["password"] for u in users}) == 4
+    assert len({login(mesh, u)["password"] for u in users}) == 5  # every login its own password
 
 
 @pytest.mark.skipif(not Path("/usr/bin/mosquitto_passwd").exists(), reason="mosquitto_passwd not installed")
@@ -116,7 +117,7 @@ def test_mosquitto_passwd_hashes_are_checked_the_same_way(tmp_path: Path) -> Non
 def test_revoke_removes_the_login(mesh: Path) -> None:
     revoke_node(mesh, "node-02")
     users = brokerauth.read_password_file(mesh / "broker" / "passwd")
-    assert sorted(users) == ["coordinator", "node-01", "node-03"]
+    assert sorted(users) == ["coordinator", "monitor", "node-01", "node-03"]
     assert "node-02" not in (mesh / "broker" / "acl").read_text()
     assert not (mesh / "nodes" / "node-02.mqtt").exists()
 
@@ -180,6 +181,32 @@ def test_acl_delivers_own_topics_and_drops_the_rest(mesh: Path, any_broker: Brok
         assert sorted(_received(peer, 0.3)) == [BASE + "global", BASE + "update/node-01"]
     finally:
         for c in (coord, node, peer):
+            c.close()
+
+
+def test_monitor_reads_the_alerts_and_nothing_else(mesh: Path, any_broker: Broker) -> None:
+    coord = client(any_broker, "coord", **login(mesh, "coordinator"))
+    monitor = client(any_broker, "ops", **login(mesh, "monitor"))
+    node = client(any_broker, "node-01", **login(mesh, "node-01"))
+    try:
+        coord.connect(5)
+        coord.subscribe(BASE + "global")
+        monitor.connect(5)
+        monitor.subscribe(BASE + "alerts")
+        node.connect(5)
+        try:  # a node may not read the alerts (mosquitto grants and delivers nothing)
+            node.subscribe(BASE + "alerts")
+            assert any_broker.kind == "mosquitto"
+        except MQTTError as e:
+            assert "refused subscription" in str(e) and any_broker.kind == "amqtt"
+        for topic in ("global", "alerts"):  # the monitor writes nothing
+            monitor.publish(BASE + topic, b"not yours")
+        coord.publish(BASE + "alerts", b'{"kind": "ban"}')
+        assert _received(monitor, 1.0) == [BASE + "alerts"]
+        assert _received(coord, 0.3) == []
+        assert _received(node, 0.3) == []
+    finally:
+        for c in (coord, monitor, node):
             c.close()
 
 

@@ -240,7 +240,7 @@ def mesh_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (["--crosscheck", "sampled:-1"], ["bad cross-check policy"]),
     (["--broker", "1.2.3.4:99999"], ["port 1..65535"]),
     (["--broker", "nohost"], ["host:port"]),
-    (["--rounds", "x"], ["invalid int value"]),
+    (["--rounds", "x"], ["a number or 'forever', got 'x'"]),
 ])
 def test_coordinator_refuses_bad_flags(mesh_dir: Path, tmp_path: Path, args: list[str],
                                        needles: list[str]) -> None:

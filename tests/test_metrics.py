@@ -111,6 +111,11 @@ def test_metrics_and_alerts_during_a_real_mesh_run(tmp_path: Path, micropython: 
     assert 2 <= mid["microfed_rounds_closed_total"] < 6
     assert mid["microfed_store_up"] == 1 and mid["microfed_run_done"] == 0
     assert 0 < mid["microfed_accuracy"] <= 1
+    # The coordinator's receive queue, as it wrote it within the last seconds.
+    assert 0 <= mid["microfed_queue_depth"] <= 256
+    assert mid["microfed_queue_reported_timestamp_seconds"] > time.time() - 120
+    assert mid['microfed_queue_dropped_total{why="oversize"}'] == 0
+    assert mid['microfed_queue_dropped_total{why="queue_full"}'] == 0
     nodes = [f"node-{i:02d}" for i in range(1, 7)]
     for n in nodes:
         assert 0 <= mid[f'microfed_node_reputation{{node="{n}"}}'] <= 1

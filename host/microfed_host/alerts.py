@@ -1,6 +1,6 @@
-"""Alerts of a mesh run, each with its evidence, to a webhook (HTTP POST of one JSON object)
-and/or a JSON-lines file, from the coordinator store (read-only, polled; the coordinator's
-loop is not involved). docs/metrics.md lists the kinds.
+"""Alerts of a mesh run, each with its evidence, to a webhook (HTTP POST of one JSON object),
+a JSON-lines file and/or the run's MQTT broker (MqttSink), from the coordinator store
+(read-only, polled; the coordinator's loop is not involved). docs/metrics.md lists the kinds.
 
     watcher = Watcher(run_dir / "coordinator.sqlite", [sink("https://hooks.example/x"),
                                                         sink("alerts.jsonl")])
@@ -45,6 +45,51 @@ def sink(target: str) -> Sink:
     return append
 
 
+class MqttSink:
+    """Alerts published (JSON, QoS 1, not retained) on microfed/<mesh>/alerts of the run's
+    broker, with the coordinator's login (its ACL may write there; the mesh's `monitor` login
+    may read it: docs/metrics.md). Alerts that come before connect() wait for it (at most
+    MAX_WAITING, then they count as failed)."""
+
+    MAX_WAITING = 1000
+
+    def __init__(self) -> None:
+        self.client: Any = None
+        self.topic = ""
+        self.waiting: list[dict[str, Any]] = []
+        self._lock = threading.Lock()  # the watcher's thread and the runner's both come here
+
+    def connect(self, host: str, port: int, mesh_dir: Path) -> None:
+        from microfed_host import brokerauth
+        from microfed_host.mqtt import HostMQTT
+
+        mesh = json.loads((Path(mesh_dir) / "mesh.json").read_text())["mesh"]
+        self.topic = brokerauth.topic_base(mesh) + "alerts"
+        client = HostMQTT(host, port, f"microfed-alerts-{mesh}"[:64],
+                          **brokerauth.client_auth(Path(mesh_dir)))
+        client.connect(10.0)
+        with self._lock:
+            self.client = client
+            waiting, self.waiting = self.waiting, []
+            for alert in waiting:
+                client.publish(self.topic, json.dumps(alert).encode(), qos=1)
+
+    def __call__(self, alert: dict[str, Any]) -> None:
+        with self._lock:
+            if self.client is None:
+                if len(self.waiting) >= self.MAX_WAITING:
+                    raise RuntimeError("the MQTT alert sink has no broker yet and %d alerts "
+                                       "wait" % len(self.waiting))
+                self.waiting.append(alert)
+                return
+            self.client.publish(self.topic, json.dumps(alert).encode(), qos=1)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
 class Watcher:
     def __init__(self, store: Path, sinks: list[Sink], silent_rounds: int = 3,
                  accuracy_drop: float = 0.10) -> None:
@@ -61,10 +106,15 @@ class Watcher:
         self._silent: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._polling = threading.Lock()  # its thread and a caller's poll() never interleave
 
     # -- reading the store -----------------------------------------------------------------
     def poll(self) -> list[dict[str, Any]]:
         """The alerts since the last poll (delivered to every sink), oldest first."""
+        with self._polling:
+            return self._poll()
+
+    def _poll(self) -> list[dict[str, Any]]:
         if not self.store.is_file():
             return []
         db = sqlite3.connect(f"file:{self.store}?mode=ro", uri=True, timeout=5)
@@ -156,13 +206,6 @@ class Watcher:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.poll()  # what the last interval wrote
-
-
-def watch(store: Path, targets: list[str], interval: float = 1.0) -> Watcher:
-    """A started Watcher on `store` delivering to each target (see sink)."""
-    w = Watcher(store, [sink(t) for t in targets])
-    w.start(interval)
-    return w
 
 
 def _alert(kind: str, round_: int | None, node: str | None, reason: str, at: float,

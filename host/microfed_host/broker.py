@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import os
 import pwd
 import select
@@ -63,6 +64,16 @@ def amqtt_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (what only this machine can reach)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_address(text: str) -> tuple[str, int]:

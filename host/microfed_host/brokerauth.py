@@ -32,6 +32,8 @@ from microfed import wire
 from microfed_host import keys
 
 COORDINATOR_USER = wire.COORDINATOR  # reserved: no node may take this id
+# Read-only login for operators' tools: the alerts topic and nothing else (also reserved).
+MONITOR_USER = "monitor"
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes
 SALT_BYTES = 12
 BROKER_DIR = "broker"
@@ -97,7 +99,13 @@ def coordinator_acl(mesh: str) -> list[tuple[str, str]]:
     b = topic_base(mesh)
     return [("readwrite", b + "global"), ("readwrite", b + "registry"), ("read", b + "update/+"),
             ("read", b + "digest/+"), ("read", b + "hello/+"), ("write", b + "notice/+"),
-            ("read", b + "secagg/+"), ("readwrite", b + "secagg-round")]
+            ("read", b + "secagg/+"), ("readwrite", b + "secagg-round"),
+            ("write", b + "alerts")]
+
+
+def monitor_acl(mesh: str) -> list[tuple[str, str]]:
+    """What an operator's tool may do: read the alerts (`--alerts mqtt`)."""
+    return [("read", topic_base(mesh) + "alerts")]
 
 
 def acl_text(mesh: str, node_ids: list[str]) -> str:
@@ -105,6 +113,8 @@ def acl_text(mesh: str, node_ids: list[str]) -> str:
            "# init/add/revoke rewrite it). Anything not listed is denied.", "",
            f"user {COORDINATOR_USER}"]
     out += [f"topic {a} {t}" for a, t in coordinator_acl(mesh)]
+    out += ["", f"user {MONITOR_USER}"]
+    out += [f"topic {a} {t}" for a, t in monitor_acl(mesh)]
     for nid in node_ids:
         out += ["", f"user {nid}"]
         out += [f"topic {a} {t}" for a, t in node_acl(mesh, nid)]
@@ -139,6 +149,8 @@ def broker_dir(root: Path) -> Path:
 def cred_path(root: Path, user: str) -> Path:
     if user == COORDINATOR_USER:
         return Path(root) / "coordinator.mqtt"
+    if user == MONITOR_USER:
+        return Path(root) / "monitor.mqtt"
     return Path(root) / "nodes" / f"{user}.mqtt"
 
 
@@ -203,7 +215,7 @@ def write_broker_files(root: Path, mesh: str, active: list[str], revoked: list[s
     for nid in revoked:
         cred_path(root, nid).unlink(missing_ok=True)
     lines = []
-    for user in [COORDINATOR_USER, *active]:
+    for user in [COORDINATOR_USER, MONITOR_USER, *active]:
         c = ensure_credentials(root, user)
         lines.append(f"{c['username']}:{hash_password(c['password'])}")
     keys.write_secret_file(bd / "passwd", "\n".join(lines) + "\n")

@@ -66,6 +66,14 @@ QUEUE_SIZE = 256
 # Rejected frames are acknowledged in batches of this size, after one SQLite commit; below
 # mosquitto's default of 20 unacknowledged QoS 1 messages in flight per client.
 ACK_BATCH = 16
+# `--rounds forever`: the most rounds a run may have (a round number stays a small int on a
+# 32-bit MicroPython: 34 years of one round a second).
+ROUNDS_FOREVER = (1 << 30) - 1
+# What a reload (SIGHUP) may change in a running run; every other setting defines what the
+# rounds compute (rule, f, mode, model, ...) and is fixed for the run's life.
+RELOADABLE = ("rounds", "deadline_s", "crosscheck", "round_min_s")
+# How often serve() writes its receive queue's figures to the store (the queue-depth metric).
+QUEUE_REPORT_S = 1.0
 
 Log = Callable[[dict[str, Any]], None]
 Publish = Callable[[str, bytes, bool], None]
@@ -167,8 +175,8 @@ class CoordinatorConfig:
             raise CoordinatorError(f"mode must be one of {', '.join(MODES)}")
         if not 0 <= self.f <= 255 or not 0 <= self.m <= 255 or not -1 <= self.trim <= 255:
             raise CoordinatorError("f, m and trim must fit 0..255 (they travel as u8)")
-        if not 1 <= self.rounds <= 100000:
-            raise CoordinatorError("rounds must be in 1..100000")
+        if not 1 <= self.rounds <= ROUNDS_FOREVER:
+            raise CoordinatorError(f"rounds must be in 1..{ROUNDS_FOREVER} (forever)")
         for node, rr in self.revoke_at.items():
             if not isinstance(node, str) or type(rr) is not int or not 1 <= rr <= self.rounds:
                 raise CoordinatorError(f"revoke_at: {node!r} -> {rr!r} must name a node and a "
@@ -432,6 +440,32 @@ class Coordinator:
         self.maybe_close()
 
     # -- start / resume ---------------------------------------------------------------
+    def reconfigure(self, new: CoordinatorConfig) -> list[str]:
+        """A reload: take the RELOADABLE settings of `new` (the next deadline, the cross-check
+        policy from the next round, the round count) and record them in the store; returns
+        the names of those that changed. CoordinatorError (nothing changed) if `new` changes anything else, or
+        ends the run before a round already begun."""
+        new.check()
+        old, want = self.cfg.to_json(), new.to_json()
+        changed = sorted(k for k in want if want[k] != old.get(k))
+        fixed = [k for k in changed if k not in RELOADABLE]
+        if fixed:
+            raise CoordinatorError(f"{', '.join(fixed)} cannot change in a running run (they "
+                                   "define what its rounds compute); nothing reloaded")
+        if self.round > self.cfg.rounds and new.rounds != self.cfg.rounds:
+            raise CoordinatorError("the last round has closed and the nodes were told so; "
+                                   "rounds cannot change any more; nothing reloaded")
+        if new.rounds < min(self.round, self.cfg.rounds):
+            raise CoordinatorError(f"rounds {new.rounds} would end the run before round "
+                                   f"{self.round}, which has begun; nothing reloaded")
+        if not changed:
+            return []
+        if "crosscheck" in changed:
+            self.checker.policy = Policy.parse(new.crosscheck)
+        self.cfg = new
+        self.store.put_config(want)
+        return changed
+
     def start(self) -> None:
         self.store.adopt_keys(_active_keys(self.registry))
         stored = self.store.get_config()
@@ -1082,12 +1116,15 @@ def load_config(run_dir: Path) -> CoordinatorConfig:
 
 
 def serve(run_dir: Path, host: str, port: int, log: Log = _json_log,
-          connect_timeout: float = 15.0, stop: Callable[[], bool] | None = None) -> int:
+          connect_timeout: float = 15.0, stop: Callable[[], bool] | None = None,
+          reload: Callable[[], CoordinatorConfig | None] | None = None) -> int:
     """Run the coordinator over MQTT until the run is over, or until `stop()` is true (a
     service told to stop: the message in hand is handled and acknowledged, the store
     flushed, a "stopped" event logged; the round stays open in the store, and the next
     serve() on this run directory resumes it, while the broker keeps what arrives meanwhile
-    for the persistent session). Returns an exit code (0 for both).
+    for the persistent session). Returns an exit code (0 for both). `reload()`, asked
+    between messages: None, or new settings to take (Coordinator.reconfigure; a refusal is
+    logged as a "reload_refused" event and the run goes on unchanged).
 
     One durable HostMQTT session (persistent, manual acks, bounded blocking queue): every
     message is acknowledged after handle() returns, whatever its verdict, so none can be
@@ -1127,6 +1164,7 @@ def serve(run_dir: Path, host: str, port: int, log: Log = _json_log,
         reconnects = client.connects
         deferred: list[Any] = []
         first_deferred = 0.0
+        queue_reported = 0.0
         while not coord.done and not (stop is not None and stop()):
             if client.connected:
                 if client.connects != reconnects:
@@ -1156,7 +1194,21 @@ def serve(run_dir: Path, host: str, port: int, log: Log = _json_log,
                 for m in deferred:
                     client.ack(m)
                 deferred.clear()
+            new = reload() if reload is not None else None
+            if new is not None:
+                try:
+                    changed = coord.reconfigure(new)
+                    if changed:
+                        (run_dir / CONFIG_NAME).write_text(
+                            json.dumps(new.to_json(), indent=2) + "\n")
+                    log({"ev": "reloaded", "t": time.time(), "round": coord.round,
+                         "changed": {k: getattr(new, k) for k in changed}})
+                except CoordinatorError as e:
+                    log({"ev": "reload_refused", "t": time.time(), "error": str(e)})
             coord.tick()
+            if time.monotonic() - queue_reported >= QUEUE_REPORT_S:
+                queue_reported = time.monotonic()
+                store.put_queue(client.stats())
             if os.getppid() != parent:
                 log({"ev": "orphaned", "t": time.time()})
                 return 3

@@ -24,7 +24,6 @@ every frame to the socket.
 
 from __future__ import annotations
 
-import ipaddress
 import random
 import socket
 import struct
@@ -36,6 +35,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from microfed import wire
+from microfed_host.broker import is_loopback
 
 SHAPES = ("random", "frame", "truncated", "bad_length")
 DEFAULT_WINDOW = 1000  # QoS 1 PUBLISHes in flight / frames not yet written (QoS 0)
@@ -44,15 +44,6 @@ _KINDS = {"update": wire.MODEL_UPDATE, "digest": wire.GOSSIP_DIGEST, "hello": wi
 
 class FloodError(RuntimeError):
     """Bad Flooder arguments (the message says which)."""
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _topic_parts(topic: str) -> tuple[bytes, int, str]:
@@ -110,7 +101,7 @@ class Flooder:
         max_seconds: float = 600.0,
         window: int = DEFAULT_WINDOW,
     ) -> None:
-        if not _loopback(host):
+        if not is_loopback(host):
             raise FloodError(f"the flooder only targets a loopback broker, not {host!r}")
         if not 0 < port < 65536:
             raise FloodError(f"port must be 1..65535, got {port}")

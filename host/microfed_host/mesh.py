@@ -149,7 +149,8 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
              progress: Progress | None = None, kill_coordinator_at: int = 0,
              timeout: float = 1800.0, chaos: Chaos | None = None,
              on_ready: Callable[[str, int, str], None] | None = None,
-             launchers: dict[str, NodeLauncher] | None = None) -> dict[str, Any]:
+             launchers: dict[str, NodeLauncher] | None = None,
+             on_done: Callable[[], None] | None = None) -> dict[str, Any]:
     from microfed_host.broker import BrokerError, broker_from_arg
 
     launchers = node_launchers(sc, launchers)
@@ -317,6 +318,8 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
             node.wait(max(0.1, end - time.monotonic()))
         info["node_exit_codes"] = {nid: node.poll() for nid, node in nodes.items()}
         coord.proc.wait(10)
+        if on_done is not None:
+            on_done()  # the run is over and its broker still up (e.g. last alerts over MQTT)
         if adv is not None:
             (out / "adversary.json").write_text(json.dumps(adv.report(), indent=2) + "\n")
         if driver is not None:
@@ -358,10 +361,12 @@ def run(sc: Scenario, out: Path, transport: str = "mqtt", broker: str | None = N
         force: bool = False, say: Callable[[str], None] | None = print,
         kill_coordinator_at: int = 0, timeout: float = 1800.0,
         on_ready: Callable[[str, int, str], None] | None = None,
-        launchers: dict[str, NodeLauncher] | None = None) -> dict[str, Any]:
+        launchers: dict[str, NodeLauncher] | None = None,
+        on_done: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run scenario `sc` into run directory `out` and return its summary. on_ready (mqtt
     only): called with (broker host, port, mesh name) once the coordinator is ready, before
-    the nodes start. launchers (mqtt only): board kind -> NodeLauncher for the kinds in
+    the nodes start; on_done (mqtt only): once the coordinator is done, before the broker
+    stops. launchers (mqtt only): board kind -> NodeLauncher for the kinds in
     `sc.boards` other than unix (the CLI layer builds their firmware; nodeproc.py)."""
     if transport not in TRANSPORTS:
         raise MeshError(f"transport must be one of {', '.join(TRANSPORTS)}")
@@ -377,18 +382,19 @@ def run(sc: Scenario, out: Path, transport: str = "mqtt", broker: str | None = N
         raise MeshError(f"--kill-coordinator-at must be a round in 1..{sc.rounds} (0: never), "
                         f"got {kill_coordinator_at}")
     if sc.chaos is not None:
-        if on_ready is not None:
-            raise MeshError("on_ready is not supported for a [chaos] scenario")
+        if on_ready is not None or on_done is not None:
+            raise MeshError("on_ready and on_done are not supported for a [chaos] scenario")
         return run_chaos(sc, out, transport, broker, force, say, timeout, launchers)
     return _run_once(sc, out, transport, broker, force, say, kill_coordinator_at, timeout,
-                     None, on_ready, launchers)
+                     None, on_ready, launchers, on_done)
 
 
 def _run_once(sc: Scenario, out: Path, transport: str, broker: str | None, force: bool,
               say: Callable[[str], None] | None, kill_coordinator_at: int, timeout: float,
               chaos: Chaos | None = None,
               on_ready: Callable[[str, int, str], None] | None = None,
-              launchers: dict[str, NodeLauncher] | None = None) -> dict[str, Any]:
+              launchers: dict[str, NodeLauncher] | None = None,
+              on_done: Callable[[], None] | None = None) -> dict[str, Any]:
     t0 = time.monotonic()
     doc = prepare(sc, out, force)
     prog = Progress(sc, say)
@@ -401,10 +407,11 @@ def _run_once(sc: Scenario, out: Path, transport: str, broker: str | None, force
         prog.say(f"  privacy: {privacy_line(doc['dp_resolved'], sc.rounds)}")
     if transport == "mqtt":
         info = run_mqtt(sc, out, doc, broker, prog, kill_coordinator_at, timeout, chaos,
-                        on_ready, launchers)
+                        on_ready, launchers, on_done)
     else:
-        if kill_coordinator_at or on_ready is not None:
-            raise MeshError("--kill-coordinator-at and on_ready need the mqtt transport")
+        if kill_coordinator_at or on_ready is not None or on_done is not None:
+            raise MeshError("--kill-coordinator-at, on_ready and on_done need the mqtt "
+                            "transport")
         info = run_inproc(sc, out, doc, prog)
     return summarize(out, doc, info, time.monotonic() - t0)
 

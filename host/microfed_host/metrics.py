@@ -10,6 +10,7 @@ The names and what they count are in docs/metrics.md.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -101,6 +102,19 @@ def render(store: Path) -> str:
         out.metric("microfed_node_last_seen_timestamp_seconds", "gauge",
                    "when the coordinator last heard from each node (a STATUS, HELLO or "
                    "accepted update), Unix time", [({"node": n}, t) for n, t in seen])
+        q = _query(db, "SELECT value FROM run WHERE key = 'queue'")
+        if q:
+            qs = json.loads(q[0][0])
+            out.metric("microfed_queue_depth", "gauge",
+                       "messages waiting in the coordinator's receive queue (bounded: "
+                       "frames beyond it wait at the broker)", [({}, qs.get("queued", 0))])
+            out.metric("microfed_queue_dropped_total", "counter",
+                       "frames the coordinator's MQTT client dropped unread, by why",
+                       [({"why": "oversize"}, qs.get("dropped_oversize", 0)),
+                        ({"why": "queue_full"}, qs.get("dropped_queue_full", 0))])
+            out.metric("microfed_queue_reported_timestamp_seconds", "gauge",
+                       "when the coordinator last wrote these queue figures, Unix time",
+                       [({}, qs.get("at", 0))])
     finally:
         db.close()
     return "\n".join(out.lines) + "\n"

@@ -63,7 +63,7 @@ def check_mesh_name(name: str) -> None:
 def check_node_id(node_id: str) -> None:
     if not wire.valid_id(node_id.encode()):
         raise ProvisionError(f"node id {node_id!r} must be 1..64 characters of [A-Za-z0-9._-]")
-    if node_id == wire.COORDINATOR:
+    if node_id in (wire.COORDINATOR, brokerauth.MONITOR_USER):
         raise ProvisionError(f"node id {node_id!r} is reserved")
 
 
@@ -87,7 +87,9 @@ class MeshDir:
 
     def existing(self) -> list[Path]:
         found = [p for p in (self.mesh_file, self.coord_key, self.coord_pub, self.registry_file,
-                             brokerauth.cred_path(self.root, brokerauth.COORDINATOR_USER)) if p.exists()]
+                             brokerauth.cred_path(self.root, brokerauth.COORDINATOR_USER),
+                             brokerauth.cred_path(self.root, brokerauth.MONITOR_USER))
+                 if p.exists()]
         for sub in ("nodes", "bundles", brokerauth.BROKER_DIR):
             d = self.root / sub
             if d.is_dir():

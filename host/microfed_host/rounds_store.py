@@ -174,6 +174,13 @@ class RoundsStore(Store):
             self.db.execute("INSERT OR REPLACE INTO run VALUES ('config', ?)",
                             (json.dumps(cfg, sort_keys=True),))
 
+    def put_queue(self, stats: dict[str, int]) -> None:
+        """The coordinator's receive queue as its MQTT client counts it (messages waiting,
+        frames dropped oversize or for a full queue), for the metrics (read from the store)."""
+        with self.transaction():
+            self.db.execute("INSERT OR REPLACE INTO run VALUES ('queue', ?)",
+                            (json.dumps(dict(stats, at=time.time()), sort_keys=True),))
+
     # -- state ---------------------------------------------------------------------------
     def load_state(self) -> dict[str, Any] | None:
         row = self.db.execute(

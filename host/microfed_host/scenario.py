@@ -608,7 +608,8 @@ def prepare(sc: Scenario, out: Path, force: bool = False) -> dict[str, Any]:
     (out / coordmod.CONFIG_NAME).write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
     doc = sc.to_json()
     doc.update({"mesh": mesh_name, "honest_ids": sc.honest_ids(),
-                "byzantine_ids": sc.byzantine_ids(), "train": train,
+                "byzantine_ids": sc.byzantine_ids(), "node_boards": sc.node_boards(),
+                "train": train,
                 "test_samples": len(split.test), "shard_sizes": [len(s) for s in shards],
                 "dp_resolved": dp})
     (out / "scenario.json").write_text(json.dumps(doc, indent=2) + "\n")

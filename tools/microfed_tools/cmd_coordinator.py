@@ -12,6 +12,7 @@ import json
 import math
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from microfed_host.provision import (
     ProvisionError,
     check_mesh_name,
 )
+from microfed_tools import observe
 
 EXIT_USAGE = 2
 MAX_DEADLINE_S = 86400.0
@@ -42,20 +44,64 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--f", type=int, default=1, help="tolerated Byzantine nodes (default 1)")
     p.add_argument("--m", type=int, default=0, help="multi_krum: how many to average (0: n - f)")
     p.add_argument("--trim", type=int, default=-1, help="trimmed_mean: per end (-1: f)")
-    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--rounds", type=_rounds, default=30,
+                   help="how many rounds, or 'forever' (%d: until stopped)" % coordmod.ROUNDS_FOREVER)
     p.add_argument("--mode", default="coordinated", choices=coordmod.MODES)
     p.add_argument("--deadline", type=float, default=120.0,
                    help="seconds a round waits for missing nodes, at most 86400 (default 120: "
                    "boards are slow)")
     p.add_argument("--crosscheck", default="always", help="always | sampled:N | off")
     p.add_argument("--out", help="run directory (default: <mesh>/run)")
-    p.add_argument("--alerts", metavar="URL|FILE", action="append", default=None,
-                   help="deliver alerts with their evidence to a webhook (http(s) URL) or a "
-                   "JSON-lines file; repeatable (docs/metrics.md)")
-    p.add_argument("--metrics", metavar="[HOST:]PORT", default=None,
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics (host default "
-                   "127.0.0.1; docs/metrics.md)")
+    p.add_argument("--config", metavar="FILE",
+                   help="settings from a JSON file, keys named as these options (rule, f, m, "
+                   "trim, rounds, mode, deadline, crosscheck); they take precedence over the "
+                   "flags; SIGHUP re-reads it and applies rounds, deadline and crosscheck to "
+                   "the running run (docs/service.md)")
+    observe.add_arguments(p)
     p.set_defaults(func=main)
+
+
+def _rounds(text: str) -> int:
+    if text == "forever":
+        return coordmod.ROUNDS_FOREVER
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or 'forever', got {text!r}") from None
+
+
+# --config FILE: its keys and the options they stand for.
+CONFIG_KEYS = {"rule": "rule", "f": "f", "m": "m", "trim": "trim", "rounds": "rounds",
+               "mode": "mode", "deadline": "deadline", "crosscheck": "crosscheck"}
+
+
+def apply_config_file(args: argparse.Namespace, path: Path) -> None:
+    """Set the options `path` (a JSON object) names; CoordinatorError with the file's name."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise coordmod.CoordinatorError(f"--config {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise coordmod.CoordinatorError(f"--config {path}: not JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise coordmod.CoordinatorError(f"--config {path}: must be a JSON object")
+    bad = sorted(set(doc) - set(CONFIG_KEYS))
+    if bad:
+        raise coordmod.CoordinatorError(f"--config {path}: unknown setting(s) {', '.join(bad)} "
+                                        f"(known: {', '.join(CONFIG_KEYS)})")
+    for key, value in doc.items():
+        if key == "rounds" and isinstance(value, str):
+            try:
+                value = _rounds(value)
+            except argparse.ArgumentTypeError as e:
+                raise coordmod.CoordinatorError(f"--config {path}: rounds: {e}") from None
+        want = (str,) if key in ("rule", "mode", "crosscheck") else \
+            (int, float) if key == "deadline" else (int,)
+        if isinstance(value, bool) or not isinstance(value, want):
+            raise coordmod.CoordinatorError(f"--config {path}: {key} must be "
+                                            f"{'a string' if want == (str,) else 'a number'}, "
+                                            f"got {value!r}")
+        setattr(args, CONFIG_KEYS[key], value)
 
 
 def _config(args: argparse.Namespace, mesh_dir: Path) -> coordmod.CoordinatorConfig:
@@ -65,6 +111,13 @@ def _config(args: argparse.Namespace, mesh_dir: Path) -> coordmod.CoordinatorCon
         rounds=args.rounds, mode=args.mode, crosscheck=args.crosscheck,
         deadline_s=args.deadline, test_shard=str(test.resolve()) if test.is_file() else "",
     )
+
+
+def _check_deadline(deadline: Any) -> None:
+    if (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+            or not math.isfinite(deadline) or not 0 < deadline <= MAX_DEADLINE_S):
+        raise coordmod.CoordinatorError(
+            f"--deadline must be in (0, {MAX_DEADLINE_S:g}] seconds, got {deadline!r}")
 
 
 def _error(message: object) -> int:
@@ -84,6 +137,8 @@ def _broker(args: argparse.Namespace, mesh: dict[str, Any], mesh_file: Path) -> 
 def main(args: argparse.Namespace) -> int:
     mesh_dir = Path(args.mesh)
     try:
+        if args.config:
+            apply_config_file(args, Path(args.config))
         md = MeshDir(mesh_dir)
         mesh = md.read_mesh()
         name = mesh.get("mesh")
@@ -94,9 +149,7 @@ def main(args: argparse.Namespace) -> int:
         except ProvisionError as e:  # e.g. a hand-edited mesh.json: topics would break
             raise ProvisionError(f"{md.mesh_file}: {e}") from None
         host, port = parse_address(_broker(args, mesh, md.mesh_file))
-        if not math.isfinite(args.deadline) or not 0 < args.deadline <= MAX_DEADLINE_S:
-            raise coordmod.CoordinatorError(
-                f"--deadline must be in (0, {MAX_DEADLINE_S:g}] seconds, got {args.deadline}")
+        _check_deadline(args.deadline)
         cfg = _config(args, mesh_dir)
         cfg.check()
         out = Path(args.out) if args.out else mesh_dir / "run"
@@ -122,9 +175,11 @@ def main(args: argparse.Namespace) -> int:
         return _error(e)
     except OSError as e:
         return _error(f"{e.filename or args.out or mesh_dir}: {e.strerror}" if e.strerror else e)
+    count = "rounds until stopped" if args.rounds == coordmod.ROUNDS_FOREVER else \
+        f"{args.rounds} rounds"
     banner = (f"{'resuming the run' if resuming else 'coordinator'} for mesh {name!r} on "
               f"{host}:{port}, run directory {out}; "
-              f"{args.rounds} rounds of {args.rule}; one JSON event per line follows")
+              f"{count} of {args.rule}; one JSON event per line follows")
     events = coordmod._json_log
     said: list[bool] = []
 
@@ -136,20 +191,12 @@ def main(args: argparse.Namespace) -> int:
             print(banner, file=sys.stderr)
         events(ev)
 
-    server = None
-    if args.metrics:
-        from microfed_host import metrics
-
-        try:
-            server = metrics.serve(args.metrics, out / coordmod.STORE_NAME)
-        except (ValueError, OSError) as e:
-            return _error(f"--metrics {args.metrics}: {e}")
-        print(f"metrics: {metrics.url(server)}", file=sys.stderr)
-    watcher = None
-    if args.alerts:
-        from microfed_host import alerts
-
-        watcher = alerts.watch(out / coordmod.STORE_NAME, args.alerts)
+    try:
+        obs = observe.Observers.start(args, out / coordmod.STORE_NAME,
+                                      say=lambda m: print(m, file=sys.stderr))
+        obs.broker_ready(host, port, mesh_dir)
+    except (observe.ObserveError, MQTTError, OSError) as e:
+        return _error(e)
     # A service manager's stop (SIGTERM, or Ctrl-C): finish the message in hand and stop
     # cleanly; the run resumes from its store when this command runs again (docs/service.md).
     stopping: list[int] = []
@@ -159,15 +206,36 @@ def main(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop)
+    # SIGHUP: re-read --config and hand the coordinator the new settings between messages.
+    hup: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, frame: hup.append(signum))
+
+    def reload() -> coordmod.CoordinatorConfig | None:
+        if not hup:
+            return None
+        hup.clear()
+        if not args.config:
+            log({"ev": "reload_refused", "t": time.time(),
+                 "error": "SIGHUP, but no --config file to re-read"})
+            return None
+        again = argparse.Namespace(**vars(args))
+        try:
+            apply_config_file(again, Path(args.config))
+            _check_deadline(again.deadline)
+            return _config(again, mesh_dir)
+        except coordmod.CoordinatorError as e:
+            log({"ev": "reload_refused", "t": time.time(), "error": str(e)})
+            return None
+
     try:
-        return coordmod.serve(out, host, port, log=log, stop=lambda: bool(stopping))
+        return coordmod.serve(out, host, port, log=log, stop=lambda: bool(stopping),
+                              reload=reload)
     except (coordmod.CoordinatorError, MQTTError, ProvisionError) as e:
         # e.g. an unreachable broker: the coordinator's client gives up after its retries.
         return _error(e)
     except OSError as e:
         return _error(f"cannot reach MQTT broker {host}:{port}: {e.strerror or e}")
     finally:
-        if server is not None:
-            server.shutdown()
-        if watcher is not None:
-            watcher.stop()
+        line = obs.stop()
+        if line:
+            print(line, file=sys.stderr)

@@ -52,24 +52,11 @@ from typing import Any
 
 from microfed_host.adversary import ATTACKS
 from microfed_host.coordinator import PRIVACY, RULES
+from microfed_tools import observe
 
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
-
-
-def _metrics(listen: str | None, out: Path) -> Any:
-    """Prometheus /metrics of the run's store at `listen` (microfed_host.metrics), or None."""
-    if not listen:
-        return None
-    from microfed_host import mesh, metrics
-
-    try:
-        server = metrics.serve(listen, out / "coordinator.sqlite")
-    except (ValueError, OSError) as e:
-        raise mesh.MeshError(f"--metrics {listen}: {e}") from None
-    print(f"  metrics: {metrics.url(server)}", flush=True)
-    return server
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -82,26 +69,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         sc.check()  # bad flags fail before any firmware is built
         launchers = board_launchers(sc) if args.transport == "mqtt" else None
         out = Path(args.out) if args.out else Path("runs") / f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if (args.metrics or args.alerts) and sc.chaos is not None:
-            raise mesh.MeshError("--metrics and --alerts follow one run's store; a [chaos] "
-                                 "scenario runs two")
-        server = _metrics(args.metrics, out)
-        watcher = None
-        if args.alerts:
-            from microfed_host import alerts
-
-            watcher = alerts.watch(out / "coordinator.sqlite", args.alerts)
+        if observe.wanted(args) and sc.chaos is not None:
+            raise mesh.MeshError("--metrics, --dashboard and --alerts follow one run's store; "
+                                 "a [chaos] scenario runs two")
+        if "mqtt" in (args.alerts or []) and args.transport != "mqtt":
+            raise mesh.MeshError("--alerts mqtt needs the mqtt transport (inproc has no broker)")
+        try:
+            obs = observe.Observers.start(args, out / "coordinator.sqlite",
+                                          say=lambda m: print("  " + m, flush=True))
+        except observe.ObserveError as e:
+            raise mesh.MeshError(str(e)) from None
+        ready = done = None
+        if obs.mqtt_sink is not None:
+            def ready(host: str, port: int, _mesh: str) -> None:
+                obs.broker_ready(host, port, out / "mesh")
+            done = obs.poll  # the last alerts, while the run's broker is still up
         try:
             summary = mesh.run(sc, out, transport=args.transport, broker=args.broker,
                                force=args.force, kill_coordinator_at=args.kill_coordinator_at,
-                               timeout=args.timeout, launchers=launchers)
+                               timeout=args.timeout, launchers=launchers, on_ready=ready,
+                               on_done=done)
         finally:
-            if server is not None:
-                server.shutdown()
-            if watcher is not None:
-                watcher.stop()
-                print(f"  alerts: {watcher.sent} delivered, {watcher.failed} failed"
-                      + (f" (last: {watcher.last_error})" if watcher.failed else ""))
+            line = obs.stop()
+            if line:
+                print("  " + line)
     except KeyboardInterrupt:
         print("microfed mesh: interrupted; every mesh process was stopped", file=sys.stderr)
         return 130
@@ -231,13 +222,7 @@ def register(subparsers: Any) -> None:
                    help="secagg: each node's L2 clip bound, raw Q16.16 (default 1048576 = 16.0); "
                    "secagg+dp clips with --clip-norm instead")
     r.add_argument("--out", help="run directory (default runs/<scenario>-<time>)")
-    r.add_argument("--alerts", metavar="URL|FILE", action="append", default=None,
-                   help="deliver alerts (ban, digest disagreement, cross-check mismatch, silent "
-                   "node, accuracy drop; each with its evidence) to a webhook (http(s) URL: "
-                   "POST JSON) or a JSON-lines file; repeatable (docs/metrics.md)")
-    r.add_argument("--metrics", metavar="[HOST:]PORT", default=None,
-                   help="serve Prometheus metrics of the run at http://HOST:PORT/metrics "
-                   "(host default 127.0.0.1; docs/metrics.md)")
+    observe.add_arguments(r)
     r.add_argument("--force", action="store_true", help="replace a non-empty --out")
     r.add_argument("--timeout", type=float, default=1800.0,
                    help="give up after this many seconds (default 1800, at most 7 days)")
