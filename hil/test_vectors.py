@@ -14,21 +14,25 @@ from microfed_tools import devicevectors as dv
 Q16 = dv.q16_cases()
 
 
-def _board_heap(config: pytest.Config) -> int:
+def _board(config: pytest.Config) -> tuple[int, bool]:
+    """The board's heap budget and whether it has hashlib.sha256 (bucketing needs it)."""
     from microfed_tools.boards import BoardError, load_board
+    from microfed_tools.rawrepl import board_value
 
     name = config.getoption("--board")
     try:
         board = load_board(name) if name else None
     except BoardError:
         board = None  # the session fixture reports the bad name
-    # Without a profile: size for the smallest board we know (the micro:bit's 9 KB).
-    return int(getattr(board, "heap_bytes", 0) or 9000)
+    # Without a profile: size for the smallest board we know (the micro:bit's 9 KB, no hashlib).
+    heap = int(getattr(board, "heap_bytes", 0) or 9000)
+    return heap, bool(board_value(board, "capabilities", "hashlib_sha256", default=False))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "agg_case" in metafunc.fixturenames:
-        cases = dv.aggregate_cases(dv.case_budget(_board_heap(metafunc.config)))
+        heap, sha256 = _board(metafunc.config)
+        cases = dv.aggregate_cases(dv.case_budget(heap), sha256=sha256)
         # Grouped by rule so the device reloads definitions as rarely as possible.
         cases.sort(key=lambda c: (c.meta["rule"], c.cost))
         metafunc.parametrize("agg_case", cases, ids=[c.id for c in cases])

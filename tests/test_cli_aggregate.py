@@ -79,6 +79,16 @@ def test_all_engines_report_a_disagreement(monkeypatch, capsys) -> None:
     ('{"rule": "median", "updates": [', "invalid JSON"),
     ('[1, 2]', "must be a JSON object"),
     ('{"rule": "trimmed_mean", "updates": [{"node": "a", "vector": [1]}]}', "'trim'"),
+    ('{"rule": "median", "pre": "nnm", "f": 1, "updates": [{"node": "a", "vector": [1]}]}',
+     "pre nnm needs n >= 2f + 1: n=1, f=1"),
+    ('{"rule": "median", "pre": "bucketing", "bucket": 0, "seed": 1, '
+     '"updates": [{"node": "a", "vector": [1]}]}', "'bucket' must be >= 1"),
+    ('{"rule": "centered_clipping", "tau": 0, "iters": 1, '
+     '"updates": [{"node": "a", "vector": [1]}]}', "'tau' must be a positive Q16.16 radius"),
+    ('{"rule": "krum", "f": 1, "pre": "bucketing", "bucket": 2, "seed": 1, "updates": ['
+     '{"node": "a", "vector": [1]}, {"node": "b", "vector": [2]}, {"node": "c", "vector": [3]}, '
+     '{"node": "d", "vector": [4]}, {"node": "e", "vector": [5]}]}',
+     "krum needs n >= 2f + 3: n=3, f=1 (the rule ran on 3 bucket means)"),
 ])
 @pytest.mark.parametrize("engine", ["fast", "micropython"])
 def test_bad_input_is_one_line_exit_2(payload: str, needle: str, engine: str,
@@ -153,3 +163,34 @@ def test_lone_surrogate_node_id_is_refused(engine: str, micropython: str) -> Non
     assert p.returncode == 2, p.stderr
     assert len(lines) == 1 and "lone surrogate" in lines[0] and "valid Unicode" in lines[0]
     assert "Traceback" not in p.stderr
+
+
+# The defences (docs/determinism.md 4.7-4.9) through every engine: an outlier d, Unicode ids.
+DEFENCE_REQS = {
+    "nnm-krum": dict(UNICODE_REQ, pre="nnm", f=1),
+    "nnm-fedavg": {"rule": "fedavg", "pre": "nnm", "f": 2, "updates": [
+        dict(u, weight=i + 1) for i, u in enumerate(REQ["updates"])]},
+    "bucketing-median": {"rule": "median", "pre": "bucketing", "bucket": 2, "seed": 7,
+                         "updates": REQ["updates"] + UNICODE_REQ["updates"]},
+    "centered_clipping": dict(REQ, rule="centered_clipping", tau=65536, iters=3),
+    "bucketing-centered_clipping": {"rule": "centered_clipping", "tau": 1 << 20, "iters": 2,
+                                    "pre": "bucketing", "bucket": 3, "seed": 4294967295,
+                                    "updates": REQ["updates"] + UNICODE_REQ["updates"]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFENCE_REQS))
+def test_all_engines_agree_on_the_defences(name: str, micropython: str) -> None:
+    req = {k: v for k, v in DEFENCE_REQS[name].items() if k != "m"}
+    p = cli("--engine", "all", "-", stdin=json.dumps(req, ensure_ascii=False))
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["agree"] is True and out["engines"] == ["fast", "reference", "micropython"]
+    assert out["rule"] == req["rule"] and out.get("pre") == req.get("pre")
+    if req.get("pre") == "bucketing":
+        members = [m for b in out["buckets"] for m in b]
+        assert sorted(members) == sorted(u["node"] for u in req["updates"])
+        assert [len(b) for b in out["buckets"]][:-1] == [req["bucket"]] * (len(out["buckets"]) - 1)
+    if name == "centered_clipping":
+        # Three steps of at most tau (= 1.0) from the median of the honest four.
+        assert abs(out["vector"][0] - 65536) <= 3 * 65536 and abs(out["vector"][1]) <= 3 * 65536

@@ -29,8 +29,15 @@ def test_vector_counts_cover_the_contract() -> None:
     for needle in ("edges-", "neg-rounding", "identical-", "tie-ids", "min-n-", "huge-distance",
                    "width-krum-d1 ", "width-krum-d100000", "error-"):
         assert needle in names, needle
-    for rule in audit.RULES:
+    for rule in audit.RULES + audit.DEFENCE_RULES:
         assert any(c["request"]["rule"] == rule for c in AGG), rule
+        for pre in audit.PRES:  # every rule after every pre step (bucketing refuses fedavg)
+            assert any(c["request"]["rule"] == rule and c["request"].get("pre") == pre
+                       and "error" not in c["expect"] for c in AGG) or (
+                pre, rule) == ("bucketing", "fedavg"), (pre, rule)
+    for needle in ("nnm-identical-", "nnm-tie-ids", "nnm-min-n-", "bucketing-s1-", "cc-edges-",
+                   "width-nnm-krum-d10000", "error-nnm-", "error-bucket", "error-cc-"):
+        assert needle in names, needle
     huge = [int(s) for c in AGG if c["name"].startswith("huge")
             for s in c["expect"]["scores"].values()]
     assert max(huge) > 1 << 63

@@ -193,12 +193,174 @@ def agg_cases(rng: random.Random) -> list[dict[str, Any]]:
     return cases
 
 
+def defence_request(rule: str, ids: list[str], vecs: list[list[int]], pre: str | None = None,
+                    **params: int) -> dict[str, Any]:
+    """A request for a defence case: only the parameters given, in a fixed key order."""
+    req: dict[str, Any] = {"rule": rule}
+    if pre is not None:
+        req["pre"] = pre
+    for name in audit.FIELDS:
+        if name in params:
+            req[name] = params[name]
+    req["updates"] = [{"node": node, "vector": vecs[i]}
+                      | ({"weight": params.get("weight", 1 + i % 3)} if rule == "fedavg" else {})
+                      for i, node in enumerate(ids)]
+    return req
+
+
+def rule_args(rule: str, n: int, f: int, rng: random.Random) -> dict[str, int]:
+    """The rule's own parameters for n inputs (after a pre step), f already chosen."""
+    out: dict[str, int] = {}
+    if rule in ("krum", "multi_krum"):
+        out["f"] = f
+    if rule == "multi_krum":
+        out["m"] = rng.randint(1, n - f)
+    if rule == "trimmed_mean":
+        out["trim"] = rng.randint(0, (n - 1) // 2)
+    if rule == "centered_clipping":
+        out["tau"] = rng.choice([1, 3, 65536, 1 << 20, 1 << 26, HI])
+        out["iters"] = rng.randint(1, 4)
+    return out
+
+
+def defence_cases(rng: random.Random) -> list[dict[str, Any]]:
+    """Nearest-neighbour mixing, bucketing and centered clipping (docs/determinism.md 4.7-4.9).
+    A separate generator so that the cases before them never change."""
+    cases: list[dict[str, Any]] = []
+    rules = list(audit.RULES + audit.DEFENCE_RULES)
+
+    def add(name: str, req: dict[str, Any]) -> None:
+        cases.append({"name": name, "request": req, "expect": expectation(req)})
+
+    ranges = {"small": (-8, 8), "q16": (-(1 << 18), 1 << 18), "full": (LO, HI)}
+    # Random small cases: every rule after each pre step, and centered clipping alone.
+    for i in range(78):
+        pre = (None, "nnm", "bucketing")[i % 3]
+        rule = rules[(i // 3) % len(rules)]
+        if pre is None:
+            rule = "centered_clipping"
+        if pre == "bucketing" and rule == "fedavg":
+            rule = "median"
+        rname = list(ranges)[(i // 2) % 3]
+        lo, hi = ranges[rname]
+        n = rng.randint(3, 13)
+        if pre == "bucketing" and rule in ("krum", "multi_krum"):
+            n = rng.randint(9, 13)  # at least 3 buckets of up to 3 (the error has its case)
+        d = rng.randint(1, 12)
+        ids = ["p%02d" % j for j in range(n)]
+        rng.shuffle(ids)
+        vecs = [[rng.randint(lo, hi) for _ in range(d)] for _ in range(n)]
+        if rng.random() < 0.25:  # duplicates: distance ties, broken by id
+            vecs[1] = list(vecs[0])
+        extra: dict[str, int] = {}
+        n_after = n
+        f = 0
+        if pre == "nnm":
+            f = rng.randint(0, (n - 1) // 2)
+            if rule in ("krum", "multi_krum"):
+                f = rng.randint(0, (n - 3) // 2)
+            extra["f"] = f
+        elif pre == "bucketing":
+            s = rng.randint(1, 3)
+            extra.update(bucket=s, seed=rng.randint(0, MAX_U32))
+            n_after = -(-n // s)
+        if rule in ("krum", "multi_krum") and pre != "nnm":
+            f = rng.randint(0, max(0, (n_after - 3) // 2))
+        extra.update(rule_args(rule, n_after, f, rng))
+        add("%s-%s-%s-%d" % (pre or "cc", rule, rname, i),
+            defence_request(rule, ids, vecs, pre, **extra))
+    # NNM of identical updates is the identity; every rule then sees the same inputs.
+    for rule in ("krum", "median", "centered_clipping"):
+        ids = ["z", "b", "y", "a", "x"]
+        extra = {"f": 1} | rule_args(rule, 5, 1, random.Random(0))
+        add("nnm-identical-%s" % rule, defence_request(rule, ids, [[5, -7, 65536]] * 5, "nnm",
+                                                        **extra))
+    # NNM ties: points on the axes, equal distances broken by UTF-8 id (non-ASCII included).
+    tie_ids = ["node10", "node9", "\u00e4", "\u4e2d", "Zeta"]
+    vecs = [[65536, 0], [-65536, 0], [0, 65536], [0, -65536], [0, 0]]
+    for f in (1, 2):
+        add("nnm-tie-ids-median-f%d" % f, defence_request("median", tie_ids, vecs, "nnm", f=f))
+        add("nnm-tie-ids-krum-f%d" % f, defence_request("krum", tie_ids + ["n\u00e9", "a"],
+                                                         vecs + [[1, 1], [-1, -1]], "nnm", f=f))
+    # NNM's minimum n = 2f + 1; f = 0 makes every update the mean.
+    for f in range(0, 4):
+        n = 2 * f + 1
+        ids = ["m%d" % j for j in range(n)]
+        vecs = [[rng.randint(-100, 100) for _ in range(4)] for _ in range(n - f)]
+        vecs += [[rng.choice([LO, HI]) for _ in range(4)] for _ in range(f)]
+        add("nnm-min-n-median-f%d" % f, defence_request("median", ids, vecs, "nnm", f=f))
+    # Bucketing: one per bucket (the rule alone), all in one, uneven last bucket, seeds.
+    ids = ["b%d" % j for j in range(7)]
+    vecs = [[rng.randint(-1000, 1000) for _ in range(3)] for _ in range(7)]
+    for s in (1, 2, 3, 7, 9):
+        for seed in (0, MAX_U32):
+            add("bucketing-s%d-seed%d-median" % (s, seed),
+                defence_request("median", ids, vecs, "bucketing", bucket=s, seed=seed))
+    add("bucketing-s1-krum", defence_request("krum", ids, vecs, "bucketing", bucket=1, seed=5,
+                                             f=2))
+    add("bucketing-s2-multi_krum", defence_request("multi_krum", ids, vecs, "bucketing",
+                                                   bucket=2, seed=5, f=0, m=2))
+    # Centered clipping: no clipping (huge tau), clipping of everything (tau = 1), the
+    # int32 corners (differences near 2^32 times tau near 2^31), negative rounding.
+    ids = ["c%d" % j for j in range(6)]
+    corner = [[LO, HI, 0], [HI, LO, HI], [LO, LO, LO], [HI, HI, HI], [0, LO, HI], [HI, 0, LO]]
+    small = [[-3, -1, 1], [-4, -2, 2], [5, 1, -7], [-4, -2, 2], [100, -100, 3], [0, 0, 1]]
+    for name, vs in (("edges", corner), ("small", small)):
+        for tau in (1, 2, 65536, HI):
+            for iters in (1, 3):
+                add("cc-%s-tau%d-it%d" % (name, tau, iters),
+                    defence_request("centered_clipping", ids, vs, tau=tau, iters=iters))
+    add("cc-nnm-edges", defence_request("centered_clipping", ids, corner, "nnm", f=2,
+                                        tau=1 << 30, iters=2))
+    add("cc-bucketing-edges", defence_request("centered_clipping", ids, corner, "bucketing",
+                                              bucket=2, seed=9, tau=1 << 30, iters=2))
+    # Wide vectors (generated) and distances beyond 2^63 through NNM.
+    for d, lo, hi in ((1000, LO, HI), (4096, LO, HI), (10000, -(1 << 20), 1 << 20)):
+        for rule, pre, extra in (("krum", "nnm", {"f": 1}), ("median", "bucketing",
+                                                             {"bucket": 2, "seed": d}),
+                                 ("centered_clipping", None, {"tau": 1 << 24, "iters": 2})):
+            req = {"rule": rule} | ({"pre": pre} if pre else {}) | extra
+            req["generate"] = {"seed": 77 + d, "ids": ["w%d" % j for j in range(5)], "d": d,
+                               "lo": lo, "hi": hi}
+            add("width-%s-%s-d%d" % (pre or "cc", rule, d), req)
+    # Errors every engine refuses with the same message.
+    three = [[1], [2], [3]]
+    abc = ["a", "b", "c"]
+    add("error-nnm-n-too-small", defence_request("median", abc, three, "nnm", f=2))
+    add("error-nnm-missing-f", defence_request("median", abc, three, "nnm"))
+    add("error-unknown-pre", {"rule": "median", "pre": "mix",
+                              "updates": [{"node": "a", "vector": [1]}]})
+    add("error-bucket-zero", defence_request("median", abc, three, "bucketing", bucket=0,
+                                             seed=1))
+    add("error-bucket-missing-seed", defence_request("median", abc, three, "bucketing",
+                                                     bucket=1))
+    add("error-seed-too-big", defence_request("median", abc, three, "bucketing", bucket=1,
+                                              seed=MAX_U32 + 1))
+    add("error-bucket-without-pre", defence_request("median", abc, three, bucket=1))
+    add("error-bucketing-fedavg", defence_request("fedavg", abc, three, "bucketing", bucket=1,
+                                                  seed=1))
+    add("error-bucketing-too-few-buckets-krum",
+        defence_request("krum", ["a", "b", "c", "d", "e"], [[1], [2], [3], [4], [5]],
+                        "bucketing", bucket=2, seed=1, f=1))
+    add("error-cc-tau-zero", defence_request("centered_clipping", abc, three, tau=0, iters=1))
+    add("error-cc-tau-too-big", defence_request("centered_clipping", abc, three, tau=HI + 1,
+                                                iters=1))
+    add("error-cc-iters-zero", defence_request("centered_clipping", abc, three, tau=1, iters=0))
+    add("error-cc-iters-too-many", defence_request("centered_clipping", abc, three, tau=1,
+                                                   iters=1001))
+    add("error-cc-missing-tau", defence_request("centered_clipping", abc, three, iters=1))
+    return cases
+
+
+MAX_U32 = (1 << 32) - 1
+
+
 def main() -> None:
     rng = random.Random(20261122)
     out = ROOT / "tests" / "vectors"
     out.mkdir(parents=True, exist_ok=True)
     q = q16_cases(rng)
-    a = agg_cases(rng)
+    a = agg_cases(rng) + defence_cases(random.Random(20261207))
     (out / "q16.json").write_text(json.dumps({"version": 1, "cases": q}, indent=0) + "\n")
     (out / "aggregate.json").write_text(json.dumps({"version": 1, "cases": a}, indent=0) + "\n")
     print("q16: %d cases, aggregate: %d cases" % (len(q), len(a)))

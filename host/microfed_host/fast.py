@@ -17,6 +17,7 @@ matches the reference's round-half-up `(2*s + m) // (2*m)`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -270,11 +271,111 @@ def fedavg(vecs: np.ndarray, weights: Sequence[int]) -> np.ndarray:
     return np.asarray([(2 * v + total) // (2 * total) for v in s_obj], dtype=np.int64)
 
 
+# ------------------------------------------------ defences (docs/determinism.md 4.7-4.9)
+
+
+def nnm(ids: Sequence[str], vecs: np.ndarray, f: int) -> np.ndarray:
+    """`microfed.defences.nnm`: exact distances (`sq_distances`), neighbours ranked by
+    (distance, id), means of n - f rows in int64 (n int32 values cannot overflow it)."""
+    x = as_matrix(vecs)
+    n = x.shape[0]
+    if f < 0 or n < 2 * f + 1:
+        raise AggregationError(f"nnm needs n >= 2f + 1: n={n}, f={f}")
+    k = n - f
+    dm = sq_distances(x) if n > 1 else [[0]]
+    out = np.empty(x.shape, dtype=np.int64)
+    for i in range(n):
+        row = dm[i]
+        near = sorted(range(n), key=lambda j: (row[j], ids[j]))[:k]
+        out[i] = rdiv(x[near].sum(axis=0, dtype=np.int64), k)
+    return out
+
+
+def bucketing(
+    ids: Sequence[str], vecs: np.ndarray, s: int, seed: int
+) -> tuple[list[str], np.ndarray, list[list[str]]]:
+    """`microfed.defences.bucketing`; the permutation is the reference's own (SHA-256 over
+    ids, no arithmetic on the values), the bucket means are int64 sums."""
+    from microfed import defences
+
+    x = as_matrix(vecs)
+    groups = defences.bucket_groups(x.shape[0], s, defences.bucket_order(list(ids), seed))
+    means = np.stack([rdiv(x[g].sum(axis=0, dtype=np.int64), len(g)) for g in groups])
+    return [ids[g[0]] for g in groups], means, [[ids[i] for i in g] for g in groups]
+
+
+LIMB = 1 << 16
+
+
+def row_sq_norms(u: np.ndarray) -> list[int]:
+    """Exact sum of squares of each int64 row with |u| < 2^32 (Python ints). One int64 pass
+    when it cannot overflow; otherwise u = hi * 2^16 + lo with |lo| <= 2^15, |hi| <= 2^17, and
+    the three limb sums (each < 2^63 for d < 2^28) are combined in Python ints."""
+    d = u.shape[1]
+    bound = _abs_bound(u)
+    if bound * bound * d < (1 << 63):
+        return [int(v) for v in np.einsum("ij,ij->i", u, u).tolist()]
+    if d >= 1 << 28:
+        return [sum(int(t) * int(t) for t in row) for row in u.tolist()]
+    lo = ((u + LIMB // 2) & (LIMB - 1)) - LIMB // 2
+    hi = (u - lo) >> 16
+    hh = np.einsum("ij,ij->i", hi, hi).tolist()
+    hl = np.einsum("ij,ij->i", hi, lo).tolist()
+    ll = np.einsum("ij,ij->i", lo, lo).tolist()
+    return [(int(a) << 32) + (int(b) << 17) + int(c) for a, b, c in zip(hh, hl, ll, strict=True)]
+
+
+def centered_clipping(vecs: np.ndarray, tau: int, iters: int) -> np.ndarray:
+    """`microfed.defences.centered_clipping`. Every difference x_i - v stays within 2^32 (v
+    never leaves the per-coordinate hull of v0 and the inputs), so |u| * tau < 2^63 and the
+    rounding toward zero is an int64 floor division of absolute values."""
+    from microfed import defences
+
+    if tau < 1 or tau > defences.MAX_TAU:
+        raise AggregationError(f"centered_clipping needs 1 <= tau <= 2^31-1: tau={tau}")
+    if iters < 1 or iters > defences.MAX_ITERS:
+        raise AggregationError(
+            f"centered_clipping needs 1 <= iters <= {defences.MAX_ITERS}: iters={iters}"
+        )
+    x = as_matrix(vecs).astype(np.int64, copy=False)
+    n = x.shape[0]
+    v = median(x)
+    tau2 = tau * tau
+    for _ in range(iters):
+        u = x - v
+        norms = row_sq_norms(u)
+        for i, nn in enumerate(norms):
+            if nn > tau2:
+                r = math.isqrt(nn)
+                if r * r < nn:
+                    r += 1
+                ui = u[i]
+                u[i] = np.sign(ui) * ((np.abs(ui) * tau) // r)
+        v = v + rdiv(u.sum(axis=0, dtype=np.int64), n)
+    return v
+
+
 def run(rule: str, ids: Sequence[str], vecs: np.ndarray, params: dict) -> dict:
     """Same contract as `microfed.audit.run`, on the fast path."""
     from microfed import audit
 
     x = as_matrix(vecs)
+    pre = params.get("pre")
+    groups: list[list[str]] | None = None
+    if pre == "nnm":
+        x = nnm(ids, x, params["f"])
+    elif pre == "bucketing":
+        ids, x, groups = bucketing(ids, x, params["bucket"], params["seed"])
+    try:
+        out = _run_rule(rule, ids, x, params)
+    except AggregationError as e:
+        raise audit.after_pre(e, groups) from None
+    return audit.with_pre(out, pre, groups)
+
+
+def _run_rule(rule: str, ids: Sequence[str], x: np.ndarray, params: dict) -> dict:
+    from microfed import audit
+
     selected: list[str] | None = None
     scores: list[int] | None = None
     if rule == "krum":
@@ -287,6 +388,8 @@ def run(rule: str, ids: Sequence[str], vecs: np.ndarray, params: dict) -> dict:
         vec = trimmed_mean(x, params["trim"])
     elif rule == "fedavg":
         vec = fedavg(x, params["weights"])
+    elif rule == "centered_clipping":
+        vec = centered_clipping(x, params["tau"], params["iters"])
     else:
         raise AggregationError(f"unknown rule {rule!r}")
     out_vec = [int(v) for v in vec.tolist()]

@@ -13,11 +13,19 @@ except ImportError:
     import ustruct as struct
 
 from microfed import aggregate as agg
+from microfed import defences as dfn
 
+# The rules a mesh runs (the coordinator and the gossip digest name these).
 RULES = ("krum", "multi_krum", "median", "trimmed_mean", "fedavg")
-# Which optional top-level parameters each rule reads.
+# Rules the audit command runs besides them (docs/determinism.md 4.9); not yet a mesh rule.
+DEFENCE_RULES = ("centered_clipping",)
+# Pre-aggregation steps that may come before any rule (docs/determinism.md 4.7, 4.8).
+PRES = ("nnm", "bucketing")
+# Which optional top-level parameters each rule and each pre step reads.
 PARAMS = {"krum": ("f",), "multi_krum": ("f", "m"), "median": (), "trimmed_mean": ("trim",),
-          "fedavg": ()}
+          "fedavg": (), "centered_clipping": ("tau", "iters")}
+PRE_PARAMS = {"nnm": ("f",), "bucketing": ("bucket", "seed")}
+FIELDS = ("rule", "updates", "f", "m", "trim", "pre", "bucket", "seed", "tau", "iters")
 MAX_NODE_ID_BYTES = 64
 INT32_MIN = -2147483648
 INT32_MAX = 2147483647
@@ -32,12 +40,21 @@ def _is_int(x):
     return type(x) is int
 
 
-def _param(req, name):
+def _param(req, name, who):
     if name not in req:
-        raise InputError("rule %s needs parameter '%s'" % (req["rule"], name))
+        raise InputError("%s needs parameter '%s'" % (who, name))
     v = req[name]
     if not _is_int(v) or v < 0:
         raise InputError("parameter '%s' must be a non-negative integer" % name)
+    if name == "bucket" and v < 1:
+        raise InputError("parameter 'bucket' must be >= 1 (updates per bucket)")
+    if name == "seed" and v > dfn.MAX_SEED:
+        raise InputError("parameter 'seed' must be in [0, 2^32-1]: %d" % v)
+    if name == "tau" and (v < 1 or v > dfn.MAX_TAU):
+        raise InputError("parameter 'tau' must be a positive Q16.16 radius in [1, 2^31-1]: %d"
+                         % v)
+    if name == "iters" and (v < 1 or v > dfn.MAX_ITERS):
+        raise InputError("parameter 'iters' must be in [1, %d]: %d" % (dfn.MAX_ITERS, v))
     return v
 
 
@@ -46,11 +63,20 @@ def parse(req):
     if not isinstance(req, dict):
         raise InputError("request must be a JSON object")
     rule = req.get("rule")
-    if rule not in RULES:
-        raise InputError("unknown rule %r (expected one of %s)" % (rule, ", ".join(RULES)))
+    if rule not in RULES and rule not in DEFENCE_RULES:
+        raise InputError("unknown rule %r (expected one of %s)"
+                         % (rule, ", ".join(RULES + DEFENCE_RULES)))
     for key in req:
-        if key not in ("rule", "updates", "f", "m", "trim"):
+        if key not in FIELDS:
             raise InputError("unknown field '%s'" % key)
+    pre = req.get("pre")
+    if pre is not None and pre not in PRES:
+        raise InputError("unknown pre %r (expected one of %s)" % (pre, ", ".join(PRES)))
+    if pre != "bucketing" and ("bucket" in req or "seed" in req):
+        raise InputError("'bucket' and 'seed' belong to \"pre\": \"bucketing\"")
+    if pre == "bucketing" and rule == "fedavg":
+        raise InputError("pre bucketing does not combine with fedavg: a bucket mean carries "
+                         "no weight")
     ups = req.get("updates")
     if not isinstance(ups, list) or not ups:
         raise InputError("'updates' must be a non-empty list")
@@ -95,14 +121,51 @@ def parse(req):
         weights.append(w)
     params = {}
     for name in PARAMS[rule]:
-        params[name] = _param(req, name)
+        params[name] = _param(req, name, "rule " + rule)
+    if pre is not None:
+        for name in PRE_PARAMS[pre]:
+            params[name] = _param(req, name, "pre " + pre)
+        params["pre"] = pre
+        n = len(ids)
+        if pre == "nnm" and n < 2 * params["f"] + 1:
+            raise InputError("pre nnm needs n >= 2f + 1: n=%d, f=%d" % (n, params["f"]))
     if rule == "fedavg":
         params["weights"] = weights
     return rule, ids, vecs, params
 
 
 def run(rule, ids, vecs, params):
-    """Run one rule with the reference code; result dict without the digest."""
+    """Run the pre step (if any) then one rule with the reference code; the result dict."""
+    pre = params.get("pre")
+    groups = None
+    if pre == "nnm":
+        vecs = dfn.nnm(ids, vecs, params["f"])
+    elif pre == "bucketing":
+        ids, vecs, groups = dfn.bucketing(ids, vecs, params["bucket"], params["seed"])
+    try:
+        out = run_rule(rule, ids, vecs, params)
+    except agg.AggregationError as e:
+        raise after_pre(e, groups)
+    return with_pre(out, pre, groups)
+
+
+def after_pre(e, groups):
+    """A rule's error, saying that it counted bucket means (every engine words it so)."""
+    if groups is None:
+        return e
+    return agg.AggregationError("%s (the rule ran on %d bucket means)" % (e, len(groups)))
+
+
+def with_pre(out, pre, groups):
+    if pre is not None:
+        out["pre"] = pre
+    if groups is not None:
+        out["buckets"] = groups
+    return out
+
+
+def run_rule(rule, ids, vecs, params):
+    """Run one rule with the reference code; the result dict."""
     selected = None
     scores = None
     if rule == "krum":
@@ -115,6 +178,8 @@ def run(rule, ids, vecs, params):
         vec = agg.median(vecs)
     elif rule == "trimmed_mean":
         vec = agg.trimmed_mean(vecs, params["trim"])
+    elif rule == "centered_clipping":
+        vec = dfn.centered_clipping(vecs, params["tau"], params["iters"])
     else:
         vec = agg.fedavg(vecs, params["weights"])
     return describe(rule, ids, vec, selected, scores)

@@ -39,8 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "aggregate",
         help="aggregate updates from a JSON file and print the result (the audit contract)",
         description=(
-            "Run one aggregation rule (krum, multi_krum, median, trimmed_mean, fedavg) over "
-            "raw Q16.16 updates. FILE is a JSON request, '-' for stdin; see docs/determinism.md."
+            "Run one aggregation rule (krum, multi_krum, median, trimmed_mean, fedavg, "
+            "centered_clipping) over raw Q16.16 updates, optionally after a pre step "
+            "(\"pre\": \"nnm\" or \"bucketing\"). FILE is a JSON request, '-' for stdin; see "
+            "docs/determinism.md."
         ),
     )
     p.add_argument("file", metavar="FILE", help="request JSON, or - for stdin")

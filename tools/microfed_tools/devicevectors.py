@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import re
 import struct
 import tokenize
 from collections.abc import Iterable, Iterator
@@ -31,7 +32,8 @@ DEVICE_Q16_OPS = ("add", "sub", "mul", "div", "rdiv", "sat")
 # bytecode limits (measured: "bytecode overflow" at n=7, d=4096 on the unix port).
 MAX_LITERAL_COST = 2000
 RULE_FUNCS = {"krum": "krum", "multi_krum": "multi_krum", "median": "median",
-              "trimmed_mean": "trimmed_mean", "fedavg": "fedavg"}
+              "trimmed_mean": "trimmed_mean", "fedavg": "fedavg",
+              "centered_clipping": "centered_clipping"}
 
 
 class VectorError(ValueError):
@@ -129,7 +131,8 @@ def _defined_names(node: ast.stmt) -> set[str]:
 
 
 def core_library() -> Library:
-    return Library.from_modules([SHARED / "q16.py", SHARED / "aggregate.py"])
+    return Library.from_modules([SHARED / "q16.py", SHARED / "aggregate.py",
+                                 SHARED / "defences.py"])
 
 
 # ------------------------------------------------------------------ cases
@@ -177,10 +180,11 @@ def q16_cases() -> list[DeviceCase]:
     return out
 
 
-def aggregate_cases(max_cost: int | None = None) -> list[DeviceCase]:
+def aggregate_cases(max_cost: int | None = None, sha256: bool = True) -> list[DeviceCase]:
     """Aggregation vectors that the reference's own validation accepts, cheapest first per
-    rule; `max_cost` (see `case_budget`) drops those too big for the board."""
-    from microfed import audit, vecgen
+    rule; `max_cost` (see `case_budget`) drops those too big for the board, `sha256=False`
+    those that need hashlib.sha256 on the device (bucketing's permutation)."""
+    from microfed import audit, defences, vecgen
 
     out = []
     for c in _load("aggregate.json"):
@@ -198,24 +202,47 @@ def aggregate_cases(max_cost: int | None = None) -> list[DeviceCase]:
         exp = c["expect"]
         if "error" not in exp and "vector" not in exp and "selected" not in exp:
             continue  # only a digest to compare: wide vectors, not for a device
-        cost = n * d + n * n
+        pre = params.get("pre")
+        if pre == "bucketing" and not sha256:
+            continue
+        # A pre step holds n new vectors (and NNM its n x n distances) beside the inputs.
+        cost = n * d + n * n + (n * d if pre else 0)
         if max_cost is not None and cost > max_cost:
             continue
         fn = RULE_FUNCS[rule]
+        ins, vs = "_I", "_V"
+        out_ids = ids
+        needs = [fn]
+        if pre == "nnm":
+            vs = "nnm(_I,_V,%d)" % params["f"]
+            needs.append("nnm")
+        elif pre == "bucketing":
+            ins, vs = "_b[0]", "_b[1]"
+            out_ids = defences.bucketing(ids, vecs, params["bucket"], params["seed"])[0]
+            needs.append("bucketing")
+            if "error" in exp:  # the note audit.after_pre adds is not the core's: drop it
+                note = " (the rule ran on %d bucket means)" % len(out_ids)
+                exp = {"error": exp["error"].removesuffix(note)}
         if rule in ("krum", "multi_krum"):
-            args = ["_I", "_V", str(params["f"])]
+            args = [ins, vs, str(params["f"])]
             if rule == "multi_krum":
                 args.append(str(params["m"]))
         elif rule == "trimmed_mean":
-            args = ["_V", str(params["trim"])]
+            args = [vs, str(params["trim"])]
         elif rule == "fedavg":
-            args = ["_V", "_W"]
+            args = [vs, "_W"]
+        elif rule == "centered_clipping":
+            args = [vs, str(params["tau"]), str(params["iters"])]
         else:
-            args = ["_V"]
-        out.append(DeviceCase("agg-" + c["name"], "aggregate", (fn,),
-                              "%s(%s)" % (fn, ",".join(args)), exp, cost,
+            args = [vs]
+        call = "%s(%s)" % (fn, ",".join(args))
+        if pre == "bucketing":
+            call = "(lambda _b:%s)(bucketing(_I,_V,%d,%d))" % (call, params["bucket"],
+                                                                params["seed"])
+        out.append(DeviceCase("agg-" + c["name"], "aggregate", tuple(needs), call, exp, cost,
                               {"rule": rule, "ids": ids, "n": n, "d": d, "vecs": vecs,
-                               "weights": params.get("weights")}))
+                               "weights": params.get("weights"), "pre": pre,
+                               "out_ids": out_ids}))
     return out
 
 
@@ -238,7 +265,8 @@ def normalise(case: DeviceCase, result: Any) -> Any:
         vec, selected, scores = result
         out["vector"] = list(vec)
         out["selected"] = list(selected)
-        out["scores"] = {i: str(s) for i, s in zip(case.meta["ids"], scores, strict=True)}
+        ids = case.meta.get("out_ids", case.meta["ids"])  # bucket labels after bucketing
+        out["scores"] = {i: str(s) for i, s in zip(ids, scores, strict=True)}
     else:
         out["vector"] = list(result)
     return out
@@ -416,9 +444,8 @@ def _literal_call(case: DeviceCase) -> str:
     if case.kind == "q16":
         return case.call
     m = case.meta
-    fn, args = case.call.split("(", 1)
     subst = {"_I": repr(list(m["ids"])), "_V": repr(m["vecs"]), "_W": repr(m["weights"])}
-    return "%s(%s)" % (fn, ",".join(subst.get(a, a) for a in args[:-1].split(",")))
+    return re.sub(r"\b_[IVW]\b", lambda g: subst[g.group(0)], case.call)
 
 
 def _script_expect(case: DeviceCase) -> Any:
@@ -428,7 +455,8 @@ def _script_expect(case: DeviceCase) -> Any:
     if "error" in want:
         return ["ERR", want["error"]]
     if case.meta["rule"] in ("krum", "multi_krum"):
-        return [want.get("vector"), want["selected"], [want["scores"][i] for i in case.meta["ids"]]]
+        ids = case.meta.get("out_ids", case.meta["ids"])
+        return [want.get("vector"), want["selected"], [want["scores"][i] for i in ids]]
     return [want["vector"]]
 
 
