@@ -91,7 +91,7 @@ def test_model_vectors_on_device(device: Any) -> None:
     bad = [(c["op"], i) for i, (c, g) in enumerate(zip(cases, got, strict=True))
            if g != c["expect"]]
     assert bad == [], "%d of %d model cases differ on %s" % (len(bad), len(cases), device.name)
-    assert len(cases) == 286
+    assert len(cases) == 302
 
 
 def test_reputation_vectors_on_device(device: Any) -> None:

@@ -134,7 +134,39 @@ def build_cases() -> list[dict]:
         {**sm, "params": [0] * 649 + [2**31], "data": good, "cfg": cfg1})
     add("error: batch 0", "train",
         {**sm, "params": {"init": 1}, "data": good, "cfg": {**cfg1, "batch": 0}})
-    add("error: unknown model", "init", {"model": "mlp", "seed": 1})
+    add("error: unknown model", "init", {"model": "nope", "seed": 1})
+
+    # The MLP (microfed.mlp, 64-32-10 = 2410 parameters; docs/model.md).
+    ml = {"model": "mlp"}
+    add("mlp init seed 1 (full)", "init", {**ml, "seed": 1, "full": True})
+    add("mlp init seed 2, 4 hidden", "init", {**ml, "kw": {"n_hidden": 4}, "seed": 2,
+                                             "full": True})
+    for i in range(3):
+        add(f"mlp logits digit {i}", "logits", {**ml, "params": {"init": 3}, "x": xs[i]})
+        add(f"mlp predict digit {i}", "predict", {**ml, "params": {"init": 3}, "x": xs[i]})
+    add("mlp train one step (4 digits, batch 4)", "train",
+        {**ml, "params": {"init": 5}, "data": {"xs": xs[:4], "ys": ys[:4]}, "cfg": step_cfg,
+         "full": True})
+    add("mlp train 23 digits, batch 5 (short last batch), 2 epochs", "train",
+        {**ml, "params": {"init": 6}, "data": {"xs": xs[:23], "ys": ys[:23]},
+         "cfg": {"lr": 16384, "epochs": 2, "batch": 5, "seed": 9}})
+    add("mlp train on a 40-sample shard file", "train",
+        {**ml, "params": {"init": 1}, "data": {"shard": shard40},
+         "cfg": {"lr": 16384, "epochs": 1, "batch": 10, "seed": 77}})
+    tiny = {"model": "mlp", "kw": {"n_features": 3, "n_hidden": 2, "n_classes": 2}}
+    add("mlp train signed features, 3-2-2 model", "train",
+        {**tiny, "params": [70000, -3, 5, -65536, 131072, 1, 0, 0, 7, -9, 40000, 3, 0, 0],
+         "data": {"xs": gen_x, "ys": gen_y},
+         "cfg": {"lr": 8192, "epochs": 3, "batch": 4, "seed": 4}, "full": True})
+    add("mlp train saturates", "train",
+        {**tiny, "params": [q16.MAX_RAW, q16.MIN_RAW, 5, -65536, 131072, 1, q16.MAX_RAW - 3,
+                            0, 7, q16.MIN_RAW + 3, 40000, 3, 0, 0],
+         "data": {"xs": gen_x, "ys": gen_y},
+         "cfg": {"lr": q16.MAX_RAW, "epochs": 1, "batch": 2, "seed": 5}, "full": True})
+    add("mlp evaluate a shard", "evaluate", {**ml, "params": {"init": 1}, "data": {"shard": shard40}})
+    add("error: mlp wrong parameter count", "train",
+        {**ml, "params": [0] * 650, "data": good, "cfg": cfg1})
+    add("error: mlp with no hidden unit", "init", {**ml, "kw": {"n_hidden": 0}, "seed": 1})
 
     add("delta saturates", "delta",
         {**small, "old": [q16.MIN_RAW, 5, 0, q16.MAX_RAW, 1, 2, 3, 4],

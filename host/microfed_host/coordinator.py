@@ -125,12 +125,24 @@ def _notice_seq(now: float) -> int:
     return max(1, int(now * 1000))
 
 
-def rule_min_nodes(rule: str, f: int, trim: int) -> int:
+# Pre-aggregation steps before the rule (microfed.defences; docs/determinism.md 4.7-4.8).
+PRES = ("none", "nnm", "bucketing")
+
+
+def rule_min_nodes(rule: str, f: int, trim: int, pre: str = "none", bucket: int = 1) -> int:
+    """The fewest updates a round can aggregate: the rule's own minimum, nearest-neighbour
+    mixing's 2f + 1, and with bucketing enough updates for that many buckets of `bucket`."""
     if rule in ("krum", "multi_krum"):
-        return 2 * f + 3
-    if rule == "trimmed_mean":
-        return 2 * trim + 1
-    return 1
+        need = 2 * f + 3
+    elif rule == "trimmed_mean":
+        need = 2 * trim + 1
+    else:
+        need = 1
+    if pre == "nnm":
+        need = max(need, 2 * f + 1)
+    elif pre == "bucketing":
+        need = (need - 1) * bucket + 1
+    return need
 
 
 @dataclass
@@ -163,6 +175,10 @@ class CoordinatorConfig:
     # next round is handled). Exact round for reproducible experiments; `microfed provision
     # revoke` does the same at any time, effective within a second.
     revoke_at: dict[str, int] = field(default_factory=dict)
+    # A pre-aggregation step before the rule: "nnm" (nearest-neighbour mixing, with f) or
+    # "bucketing" (buckets of `bucket` updates, permuted by a seed that is the round number).
+    pre: str = "none"
+    bucket: int = 2
     privacy: str = "none"  # PRIVACY; "secagg", "secagg+dp": docs/privacy.md
     # Differential privacy the nodes apply ({}: none), for the accountant: microfed_host.privacy
     # (check_config) says what it holds; the coordinator reports epsilon spent per round.
@@ -177,6 +193,17 @@ class CoordinatorConfig:
             raise CoordinatorError("f, m and trim must fit 0..255 (they travel as u8)")
         if not 1 <= self.rounds <= ROUNDS_FOREVER:
             raise CoordinatorError(f"rounds must be in 1..{ROUNDS_FOREVER} (forever)")
+        if self.pre not in PRES:
+            raise CoordinatorError(f"pre must be one of {', '.join(PRES)}, got {self.pre!r}")
+        if self.pre != "none":
+            if type(self.bucket) is not int or not 1 <= self.bucket <= 255:
+                raise CoordinatorError(f"bucket must be in 1..255, got {self.bucket!r}")
+            if self.pre == "bucketing" and self.rule == "fedavg":
+                raise CoordinatorError("bucketing before fedavg is refused: a bucket mean "
+                                       "carries no sample weight (docs/determinism.md 4.8)")
+            if self.mode == "gossip":
+                raise CoordinatorError(f"pre {self.pre} runs in coordinated mode only: gossip "
+                                       "nodes rebuild the aggregate without pre steps")
         for node, rr in self.revoke_at.items():
             if not isinstance(node, str) or type(rr) is not int or not 1 <= rr <= self.rounds:
                 raise CoordinatorError(f"revoke_at: {node!r} -> {rr!r} must name a node and a "
@@ -264,7 +291,7 @@ class Coordinator:
         if unknown:
             raise CoordinatorError(f"expected nodes not in the registry: {unknown}")
         # Revoked nodes stay listed (a run directory outlives a revocation) but never count.
-        n_min = rule_min_nodes(cfg.rule, cfg.f, cfg.trim_count)
+        n_min = rule_min_nodes(cfg.rule, cfg.f, cfg.trim_count, cfg.pre, cfg.bucket)
         if len(self.expected) < n_min:
             raise CoordinatorError(
                 f"rule {cfg.rule} with f={cfg.f} needs at least {n_min} nodes, "
@@ -335,18 +362,26 @@ class Coordinator:
     def publish(self, topic: str, payload: bytes, retain: bool) -> None:
         self._publish(topic, payload, retain)
 
-    def _rule_params(self, n: int, weights: list[int]) -> tuple[dict[str, Any], int, int]:
+    def _rule_params(self, n: int, weights: list[int],
+                     round_: int) -> tuple[dict[str, Any], int, int]:
+        """The rule's request parameters (audit.run / fast.run) and the announcement's p1, p2."""
         c = self.cfg
+        pre: dict[str, Any] = {}
+        if c.pre == "nnm":
+            pre = {"pre": "nnm", "f": c.f}
+        elif c.pre == "bucketing":
+            pre = {"pre": "bucketing", "bucket": c.bucket, "seed": round_}
         if c.rule == "krum":
-            return {"f": c.f}, c.f, 0
+            return {**pre, "f": c.f}, c.f, 0
         if c.rule == "multi_krum":
-            m = c.m or (n - c.f)
-            return {"f": c.f, "m": m}, c.f, m
+            groups = -(-n // c.bucket) if c.pre == "bucketing" else n
+            m = c.m or (groups - c.f)
+            return {**pre, "f": c.f, "m": m}, c.f, m
         if c.rule == "trimmed_mean":
-            return {"trim": c.trim_count}, c.trim_count, 0
+            return {**pre, "trim": c.trim_count}, c.trim_count, 0
         if c.rule == "fedavg":
-            return {"weights": weights}, 0, 0
-        return {}, 0, 0
+            return {**pre, "weights": weights}, 0, 0
+        return pre, 0, 0
 
     def accuracy(self, params: list[int]) -> float | None:
         if self.test is None:
@@ -879,7 +914,7 @@ class Coordinator:
         ups = [self.pending[i] for i in ids]
         vecs = [u.values for u in ups]
         weights = [u.samples for u in ups]
-        params, p1, p2 = self._rule_params(len(ids), weights)
+        params, p1, p2 = self._rule_params(len(ids), weights, r)
         matrix = np.asarray(vecs, dtype=np.int64)
         security: list[tuple[str, str | None, str]] = []
         crosschecked = self.checker.policy.wants(r)

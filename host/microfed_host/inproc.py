@@ -92,7 +92,7 @@ class SimNode:
         self.sign = keys.signer(self.seed)
         self.coord_pub = bytes.fromhex(bundle["coordinator_public_key"])
         self.data = model.Shard(shard)
-        self.m = model.get("softmax", n_features=self.data.d, n_classes=self.data.k)
+        self.m = model.get(sc.model, n_features=self.data.d, n_classes=self.data.k)
         self.train = {"lr": sc.lr, "epochs": sc.epochs, "batch": sc.batch, "seed": sc.seed}
         self.gossip = sc.mode == "gossip"
         # The node's config.json "dp", read the way firmware/node.py reads it.

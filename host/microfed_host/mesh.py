@@ -2,7 +2,7 @@
 
 This module runs the real mesh (`mqtt`) and ties the pieces together: scenario.py (the
 scenario and its run directory), inproc.py (the in-process engine), report.py (progress,
-summary, plots, table), sweep.py (`microfed mesh sweep`).
+summary, plots, table); the sweeps (sweep.py, study.py) call run() from above.
 
 Two transports run the same protocol code:
 
@@ -75,7 +75,7 @@ from microfed_host.scenario import (
 )
 
 __all__ = ["DEFAULT_SCENARIO", "AttackGroup", "MeshError", "Scenario", "apply_overrides",
-           "load_scenario", "main_sweep", "run", "table"]
+           "load_scenario", "run", "table"]
 
 class _Coord:
     """The coordinator child process and a thread that turns its stdout into events."""
@@ -460,13 +460,3 @@ def run_chaos(sc: Scenario, out: Path, transport: str, broker: str | None, force
                         f"the reference run's {ref['final_digest']} (see {out / 'chaos.json'})")
     hit["chaos_result"] = result
     return hit
-
-
-# ------------------------------------------------------------------ results sweep
-
-
-def main_sweep(a: Any) -> None:
-    """`microfed mesh sweep` (lives in microfed_host.sweep; imported late, it imports run)."""
-    from microfed_host.sweep import main_sweep as _main_sweep
-
-    _main_sweep(a)

@@ -94,6 +94,10 @@ class Scenario:
     f: int = 3
     m: int = 0
     trim: int = -1
+    pre: str = "none"  # coordmod.PRES: a pre-aggregation step (coordinated mode)
+    model: str = "softmax"  # MODELS: the mlp's 2 410 parameters run in coordinated mode
+
+    bucket: int = 2  # pre = "bucketing": updates per bucket
     rounds: int = 10
     mode: str = "coordinated"
     split: str = "iid"
@@ -189,6 +193,11 @@ class Scenario:
             raise MeshError(f"mode must be one of {', '.join(coordmod.MODES)}")
         if self.split not in SPLITS:
             raise MeshError(f"split must be one of {', '.join(SPLITS)}")
+        if self.model not in MODELS:
+            raise MeshError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.model != "softmax" and self.mode == "gossip":
+            raise MeshError(f"model {self.model} runs in coordinated mode: a gossip node holds "
+                            "13 update vectors, which for its parameters exceed a board's heap")
         self.alpha = _finite("alpha", self.alpha, 0.0, MAX_ALPHA, lo_open=True)
         if not 1 <= self.rounds <= 10000:
             raise MeshError(f"rounds must be in 1..10000, got {self.rounds}")
@@ -209,10 +218,13 @@ class Scenario:
             raise MeshError(f"f and m must be in 0..255 and trim in -1..255, got f={self.f}, "
                             f"m={self.m}, trim={self.trim}")
         trim = self.f if self.trim < 0 else self.trim
-        need = coordmod.rule_min_nodes(self.rule, self.f, trim)
+        need = coordmod.rule_min_nodes(self.rule, self.f, trim, self.pre, self.bucket)
         # Bans may remove every attacker: the honest nodes alone must still satisfy the rule.
         if self.honest < need:
             what = f"trim={trim}" if self.rule == "trimmed_mean" else f"f={self.f}"
+            if self.pre != "none":
+                what += f" after {self.pre}" + (f" (buckets of {self.bucket})"
+                                                if self.pre == "bucketing" else "")
             raise MeshError(f"rule {self.rule} with {what} needs at least {need} honest nodes "
                             f"(bans can leave only those), got {self.honest}; add honest nodes "
                             "or lower --f (below --byzantine only with --allow-more-byzantine)")
@@ -233,7 +245,8 @@ class Scenario:
                             f"(known: {', '.join(known)})")
         try:
             CoordinatorConfig(mesh_dir="", rule=self.rule, f=self.f, m=self.m, trim=self.trim,
-                              rounds=self.rounds, crosscheck=self.crosscheck,
+                              rounds=self.rounds, crosscheck=self.crosscheck, mode=self.mode,
+                              pre=self.pre, bucket=self.bucket,
                               reputation=self.reputation).check()
         except (coordmod.CoordinatorError, ValueError, TypeError) as e:
             raise MeshError(str(e)) from None
@@ -399,10 +412,12 @@ def parse_heap(v: Any) -> int:
     return n
 
 
-_TOP = {"boards", "unix32_heap", "chaos", "name", "description", "honest", "rule", "f", "m", "trim", "rounds", "mode", "seed",
+_TOP = {"boards", "unix32_heap", "chaos", "name", "description", "honest", "rule", "f", "m", "trim", "pre", "bucket", "model", "rounds", "mode", "seed",
         "crosscheck", "deadline_s", "round_min_s", "split", "alpha", "max_samples", "attackers", "train",
         "data", "reputation", "allow_more_byzantine", "privacy", "dp",
         "clip_l2"}
+# Models a scenario may name (microfed.model.get).
+MODELS = ("softmax", "mlp")
 # [dp] table key -> Scenario field.
 DP_KEYS = {"epsilon": "dp_epsilon", "delta": "dp_delta", "noise_multiplier": "dp_noise_multiplier",
            "clip_norm": "clip_norm", "noise": "dp_noise"}
@@ -435,8 +450,8 @@ def load_scenario(path: Path) -> Scenario:
         raise MeshError(f"scenario {path}: unknown key(s) {', '.join(bad)}")
     sc = Scenario(name=Path(path).stem)
     try:
-        for k in ("name", "description", "honest", "rule", "f", "m", "trim", "rounds", "mode",
-                  "seed", "crosscheck", "deadline_s", "round_min_s", "split", "alpha", "max_samples",
+        for k in ("name", "description", "honest", "rule", "f", "m", "trim", "pre", "bucket",
+                  "model", "rounds", "mode", "seed", "crosscheck", "deadline_s", "round_min_s", "split", "alpha", "max_samples",
                   "allow_more_byzantine", "boards", "unix32_heap", "privacy", "clip_l2"):
             if k in doc:
                 setattr(sc, k, doc[k])
@@ -487,6 +502,7 @@ def load_scenario(path: Path) -> Scenario:
     for k, typ in (("honest", int), ("f", int), ("rounds", int), ("seed", int), ("lr", int),
                    ("epochs", int), ("batch", int), ("max_samples", int), ("m", int), ("trim", int),
                    ("name", str), ("description", str), ("rule", str), ("mode", str),
+                   ("pre", str), ("bucket", int), ("model", str),
                    ("split", str), ("crosscheck", str), ("allow_more_byzantine", bool),
                    ("boards", str), ("privacy", str), ("clip_l2", int)):
         if type(getattr(sc, k)) is not typ:
@@ -504,8 +520,9 @@ def apply_overrides(sc: Scenario, a: Any) -> Scenario:
     """Flags win over the scenario file. Without --f, --byzantine K also sets f = K (the rule
     is configured to tolerate the attackers asked for); wire attacks, whose nodes send honest
     updates, leave f alone."""
-    for k in ("honest", "rule", "f", "rounds", "mode", "split", "alpha", "seed", "crosscheck",
-              "max_samples", "boards", "unix32_heap", "privacy", "clip_l2"):
+    for k in ("honest", "rule", "f", "pre", "bucket", "model", "rounds", "mode", "split", "alpha",
+              "seed",
+              "crosscheck", "max_samples", "boards", "unix32_heap", "privacy", "clip_l2"):
         v = getattr(a, k, None)
         if v is not None:
             setattr(sc, k, v)
@@ -595,7 +612,8 @@ def prepare(sc: Scenario, out: Path, force: bool = False) -> dict[str, Any]:
         shutil.copy(ddir / f"{nid}.mfds", nd / "shard.bin")
         write_node_config(nd, sc, None, dp=dp)
     cfg = CoordinatorConfig(mesh_dir=str(out / "mesh"), rule=sc.rule, f=sc.f, m=sc.m,
-                            trim=sc.trim, rounds=sc.rounds, mode=sc.mode,
+                            trim=sc.trim, pre=sc.pre, bucket=sc.bucket, rounds=sc.rounds,
+                            mode=sc.mode, model=sc.model,
                             crosscheck=sc.crosscheck, deadline_s=sc.deadline_s,
                             round_min_s=sc.round_min_s,
                             init_seed=sc.seed, test_shard=str(ddir / "test.mfds"),
@@ -622,6 +640,7 @@ def write_node_config(nd: Path, sc: Scenario, broker: tuple[str, int] | None,
     bridge (mps2-an385); `dp`: Scenario.dp_config() (its node part goes to "dp")."""
     conf: dict[str, Any] = {
         "mode": sc.mode,
+        "model": sc.model,
         "train": {"lr": sc.lr, "epochs": sc.epochs, "batch": sc.batch, "seed": sc.seed},
         # A node whose runner died must not linger: no GLOBAL_MODEL for this long -> exit.
         "idle_exit_s": int(max(120, 3 * sc.deadline_s)),
@@ -659,7 +678,7 @@ def make_adversary(sc: Scenario, out: Path, mesh: str) -> advmod.Adversary | Non
                                             g.attack, xs, ys, dict(g.params)))
     train = {"lr": sc.lr, "epochs": sc.epochs, "batch": sc.batch, "seed": sc.seed}
     return advmod.Adversary(mesh, coord_pub, nodes, sc.honest_ids(), sc.rounds, train,
-                            sc.mode, sc.seed,
+                            sc.mode, sc.seed, model_name=sc.model,
                             reward_band=int(sc.reputation.get("reward_band",
                                                               ReputationBook().reward_band)))
 

@@ -141,16 +141,46 @@ class TrainConfig:
 
 class Model:
     # What a mesh needs from a model: a fixed-length vector of raw Q16.16 parameters, a
-    # deterministic init, prediction, and local training. Subclasses set name and n_params
-    # and implement init, logits/predict and train; delta/apply/evaluate come for free.
+    # deterministic init, prediction, and local training. Subclasses set name, n_params, d
+    # (features) and k (classes) and implement init, logits and train; predict, check_data,
+    # delta, apply and evaluate come for free.
     name = ""
     n_params = 0
 
     def init(self, seed):
         raise NotImplementedError
 
-    def predict(self, params, x):
+    def logits(self, params, x):
         raise NotImplementedError
+
+    def predict(self, params, x):
+        # argmax of the logits, lowest class index on ties.
+        z = self.logits(params, x)
+        best = 0
+        for c in range(1, self.k):
+            if z[c] > z[best]:
+                best = c
+        return best
+
+    def check_data(self, data):
+        if isinstance(data, Shard):
+            # A Shard checked its labels against its own class count when it was opened.
+            if data.d != self.d:
+                raise ModelError("data: shard has %d features, expected %d" % (data.d, self.d))
+            if data.k > self.k:
+                raise ModelError("data: shard has %d classes, the model %d" % (data.k, self.k))
+            return
+        xs, ys = data
+        if len(xs) != len(ys):
+            raise ModelError("data: %d feature rows but %d labels" % (len(xs), len(ys)))
+        if not xs:
+            raise ModelError("data: no samples")
+        for i in range(len(xs)):
+            if len(xs[i]) != self.d:
+                raise ModelError("data: sample %d has %d features, expected %d" % (i, len(xs[i]), self.d))
+            y = ys[i]
+            if not isinstance(y, int) or y < 0 or y >= self.k:
+                raise ModelError("data: label %r of sample %d outside 0..%d" % (y, i, self.k - 1))
 
     def train(self, params, data, cfg, out=None, scratch=None):
         # out: None, or a list of n_params that becomes the trained parameters (returned);
@@ -231,35 +261,6 @@ class SoftmaxRegression(Model):
     def probs(self, params, x):
         return softmax(self.logits(params, x))
 
-    def predict(self, params, x):
-        # argmax of the logits, lowest class index on ties.
-        z = self.logits(params, x)
-        best = 0
-        for c in range(1, self.k):
-            if z[c] > z[best]:
-                best = c
-        return best
-
-    def check_data(self, data):
-        if isinstance(data, Shard):
-            # A Shard checked its labels against its own class count when it was opened.
-            if data.d != self.d:
-                raise ModelError("data: shard has %d features, expected %d" % (data.d, self.d))
-            if data.k > self.k:
-                raise ModelError("data: shard has %d classes, the model %d" % (data.k, self.k))
-            return
-        xs, ys = data
-        if len(xs) != len(ys):
-            raise ModelError("data: %d feature rows but %d labels" % (len(xs), len(ys)))
-        if not xs:
-            raise ModelError("data: no samples")
-        for i in range(len(xs)):
-            if len(xs[i]) != self.d:
-                raise ModelError("data: sample %d has %d features, expected %d" % (i, len(xs[i]), self.d))
-            y = ys[i]
-            if not isinstance(y, int) or y < 0 or y >= self.k:
-                raise ModelError("data: label %r of sample %d outside 0..%d" % (y, i, self.k - 1))
-
     def scratch_len(self):
         return self.d
 
@@ -302,51 +303,57 @@ class SoftmaxRegression(Model):
         xs = [None] * cfg.batch
         nzs = [None] * cfg.batch
         qs = [None] * cfg.batch
-        rng = XorShift32(cfg.seed)
-        order = list(range(n))
-        for _ in range(cfg.epochs):
-            rng.shuffle(order)
-            for start in range(0, n, cfg.batch):
-                batch = order[start:start + cfg.batch]
-                m = len(batch)
+        for batch in batches(n, cfg):
+            m = len(batch)
+            for s in range(m):
+                i = batch[s]
+                x = row(i)
+                if not isinstance(x, list):
+                    x = bytes(x)
+                nz = _nonzero(x)
+                q = softmax(self._logits(p, x, nz, shift))
+                q[label(i)] -= ONE
+                xs[s] = x
+                nzs[s] = nz
+                qs[s] = q
+            mw = m << 32
+            mw2 = mw << 1
+            mb = m << 16
+            mb2 = mb << 1
+            for c in range(k):
+                gb = 0
                 for s in range(m):
-                    i = batch[s]
-                    x = row(i)
-                    if not isinstance(x, list):
-                        x = bytes(x)
-                    nz = _nonzero(x)
-                    q = softmax(self._logits(p, x, nz, shift))
-                    q[label(i)] -= ONE
-                    xs[s] = x
-                    nzs[s] = nz
-                    qs[s] = q
-                mw = m << 32
-                mw2 = mw << 1
-                mb = m << 16
-                mb2 = mb << 1
-                for c in range(k):
-                    gb = 0
-                    for s in range(m):
-                        g = qs[s][c]
-                        if g:
-                            gb += g
-                            x = xs[s]
-                            for j in nzs[s]:
-                                gw[j] += g * x[j]
-                    o = c * d
-                    for j in range(d):
-                        g = gw[j]
-                        if g:
-                            gw[j] = 0
-                            v = p[o + j] - (2 * lrw * g + mw) // mw2
-                            p[o + j] = MAX_RAW if v > MAX_RAW else (MIN_RAW if v < MIN_RAW else v)
-                    if gb:
-                        v = p[bo + c] - (2 * lr * gb + mb) // mb2
-                        p[bo + c] = MAX_RAW if v > MAX_RAW else (MIN_RAW if v < MIN_RAW else v)
-                x = None
-                for s in range(m):
-                    xs[s] = nzs[s] = qs[s] = None
+                    g = qs[s][c]
+                    if g:
+                        gb += g
+                        x = xs[s]
+                        for j in nzs[s]:
+                            gw[j] += g * x[j]
+                o = c * d
+                for j in range(d):
+                    g = gw[j]
+                    if g:
+                        gw[j] = 0
+                        v = p[o + j] - (2 * lrw * g + mw) // mw2
+                        p[o + j] = MAX_RAW if v > MAX_RAW else (MIN_RAW if v < MIN_RAW else v)
+                if gb:
+                    v = p[bo + c] - (2 * lr * gb + mb) // mb2
+                    p[bo + c] = MAX_RAW if v > MAX_RAW else (MIN_RAW if v < MIN_RAW else v)
+            x = None
+            for s in range(m):
+                xs[s] = nzs[s] = qs[s] = None
         return p
+
+
+def batches(n, cfg):
+    # Training's sample order: for each epoch, shuffle (one XorShift32(cfg.seed) for the whole
+    # call) and cut into batches of cfg.batch indices, the last one possibly shorter.
+    rng = XorShift32(cfg.seed)
+    order = list(range(n))
+    for _ in range(cfg.epochs):
+        rng.shuffle(order)
+        for start in range(0, n, cfg.batch):
+            yield order[start:start + cfg.batch]
 
 
 def _held(buf, n, what):
@@ -374,12 +381,19 @@ def _nonzero(x):
 
 
 MODELS = {"softmax": SoftmaxRegression}
+# Models in modules of their own, imported on first use (a softmax node never loads them).
+LAZY_MODELS = ("mlp",)
 
 
 def get(name, **kw):
     cls = MODELS.get(name)
+    if cls is None and name == "mlp":
+        from microfed.mlp import MLP
+
+        cls = MLP
     if cls is None:
-        raise ModelError("unknown model %r (known: %s)" % (name, ", ".join(sorted(MODELS))))
+        raise ModelError("unknown model %r (known: %s)"
+                         % (name, ", ".join(sorted(list(MODELS) + list(LAZY_MODELS)))))
     return cls(**kw)
 
 

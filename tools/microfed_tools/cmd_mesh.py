@@ -11,6 +11,7 @@
                         [--dp-epsilon E | --dp-noise-multiplier Z]
                         [--dp-delta D] [--clip-norm C] [--dp-noise urandom|seeded] [--clip-l2 RAW]
     microfed mesh sweep [--rounds 30] [--jobs 2] [--out DIR] [--md docs/results.md]
+    microfed mesh study [--splits iid,dir0.5,dir0.1] [--pres none,nnm] [--seeds 1,2,3,4,5] ...
     microfed mesh dp-sweep [--rules fedavg,krum] [--epsilons 0,16,64,256,1024] [--seeds 1,2,3]
 
 `run` without arguments runs scenarios/default.toml (10 honest MicroPython nodes + 3
@@ -51,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from microfed_host.adversary import ATTACKS
-from microfed_host.coordinator import PRIVACY, RULES
+from microfed_host.coordinator import PRES, PRIVACY, RULES
 from microfed_tools import observe
 
 
@@ -165,9 +166,15 @@ def _sweep_command(name: str, main: Callable[[argparse.Namespace], None],
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from microfed_host import mesh
+    from microfed_host.sweep import main_sweep
 
-    return _sweep_command("sweep", mesh.main_sweep, args)
+    return _sweep_command("sweep", main_sweep, args)
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from microfed_host.study import main_study
+
+    return _sweep_command("study", main_study, args)
 
 
 def cmd_dp_sweep(args: argparse.Namespace) -> int:
@@ -202,6 +209,13 @@ def register(subparsers: Any) -> None:
     r.add_argument("--allow-more-byzantine", dest="allow_more_byzantine", action="store_true",
                    help="run with more Byzantine nodes than f (past the rule's guarantee) on "
                    "purpose instead of refusing")
+    r.add_argument("--pre", choices=PRES, help="pre-aggregation step before the rule "
+                   "(coordinated mode): nnm (nearest-neighbour mixing, with f) or bucketing "
+                   "(docs/determinism.md 4.7-4.8)")
+    r.add_argument("--bucket", type=int, help="--pre bucketing: updates per bucket (default 2)")
+    r.add_argument("--model", choices=("softmax", "mlp"),
+                   help="the model: softmax (650 parameters, default) or mlp (64-32-10, 2 410 "
+                   "parameters; coordinated mode)")
     r.add_argument("--rounds", type=int, help="training rounds")
     r.add_argument("--mode", choices=("coordinated", "gossip"))
     r.add_argument("--split", choices=("iid", "dirichlet"))
@@ -261,6 +275,24 @@ def register(subparsers: Any) -> None:
     s.add_argument("--render-only", dest="render_only", action="store_true",
                    help="rewrite the markdown from OUT/results.json without running")
     s.set_defaults(func=cmd_sweep)
+
+    t = sub.add_parser("study", help="rule x pre step x attack x split x Byzantine fraction "
+                       "over seeds, with bootstrap intervals and detection rates (docs/results.md)")
+    t.add_argument("--splits", default="iid,dir0.5,dir0.1", help="iid, dir0.5, dir0.1")
+    t.add_argument("--rules", default=",".join(RULES))
+    t.add_argument("--pres", default="none,nnm", help="pre steps: none, nnm, bucketing")
+    t.add_argument("--attacks", default="none,alie,fang-krum,min-max,min-sum,adaptive,mimic")
+    t.add_argument("--fractions", default="0.1,0.2,0.3",
+                   help="Byzantine fractions b / n (f = b)")
+    t.add_argument("--seeds", default="1,2,3,4,5")
+    t.add_argument("--rounds", type=int, default=30)
+    t.add_argument("--jobs", type=int, default=2, help="parallel runs (default 2)")
+    t.add_argument("--out", default="runs/study", help="directory for the runs, results.json "
+                   "and plots")
+    t.add_argument("--md", default="docs/results.md", help="markdown report to write ('' none)")
+    t.add_argument("--render-only", dest="render_only", action="store_true",
+                   help="rewrite the markdown and plots from OUT/results.json without running")
+    t.set_defaults(func=cmd_study)
 
     d = sub.add_parser("dp-sweep", help="accuracy vs epsilon (local DP) in-process; writes "
                        "its table into docs/results.md")
