@@ -18,8 +18,8 @@ Speed and memory (MicroPython has no SHA-512 and small heaps; numbers in docs/ed
 - fixed-base [n]B uses a 4-tooth comb (15 affine points, built once on first use, ~4 KB of
   heap): 63 doublings instead of 252;
 - verification halves the doublings: a short (c, t) with c = k*t mod 8L (Euclid stopped
-  half way) turns the check into one ~128-bit joint loop over -[c]A, -[t]R (width-5 NAF,
-  8 odd multiples each) and [t*S mod L]B (the comb); this is exactly equivalent to the
+  half way) turns the check into one ~128-bit joint loop over -[c]A, -[t]R (width-3 NAF,
+  2 odd multiples each) and [t*S mod L]B (the comb); this is exactly equivalent to the
   cofactorless equation, see _verify;
 - inversion and square roots use the ref10 addition chain (cheaper than ``pow`` here).
 Not constant time: big-int timings on an interpreter leak anyway.  See docs/ed25519.md.
@@ -46,9 +46,9 @@ _W = 4  # comb teeth
 _S = 64  # comb spacing: _W * _S >= 253 bits of a scalar reduced mod L
 _comb = None  # the comb table (_table()): tuple of 16 niels points (index 0 unused)
 # Verification's NAF width: digits odd in -(_NAF_H - 1).._NAF_H - 1, so _NAF_H / 2 odd
-# multiples of A and of R on the heap while it runs (4 each: 8 points, ~1.8 KB on a 32-bit
-# port; width 5 took twice that for about as many instructions, docs/ed25519.md).
-_NAF_W = 4
+# multiples of A and of R on the heap while it runs (width 3: P and 3P, 4 points, ~0.9 KB on a
+# 32-bit port; width 5 held 16 points for about as many instructions, docs/ed25519.md).
+_NAF_W = 3
 _NAF_H = 1 << (_NAF_W - 1)
 
 
