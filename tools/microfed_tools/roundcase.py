@@ -156,18 +156,32 @@ def run_reference(case: Case) -> dict[str, Any]:
 
 
 def run_repl(repl: Any, case: Case, files: bool = False, chunk: int = 1024,
-             timeout: float = 600) -> dict[str, Any]:
+             timeout: float = 600, frozen: bool = False) -> dict[str, Any]:
     """On a board behind a raw REPL (microfed frozen in). `files`: the board has a filesystem
     (its flash): the shard goes there first and the node reads it from there, and the peers'
-    vectors wait there (`vectors = "flash"`); else both sit in RAM."""
-    store = shard_path = ""
+    vectors wait there (`vectors = "flash"`); else both sit in RAM. `frozen`: the firmware's
+    frozen round program is imported instead of compiling this one on the board, and with
+    `files` each message is read from the board's filesystem into the receive buffer, as
+    run_unix does, after a soft reset (what a node's own heap holds; the board's image must be
+    a current `microfed firmware build`)."""
+    store = shard_path = msgs = ""
     if files:
         repl.write_file(BOARD_DIR + "/shard.bin", case.shard)
         store, shard_path = BOARD_DIR, BOARD_DIR + "/shard.bin"
+        if frozen:
+            msgs = BOARD_DIR + "/msgs.bin"
+            repl.write_file(msgs, messages(case))
+            # A fresh interpreter with the files in flash, as a node boots: the raw REPL keeps
+            # its input buffer at the size of the largest statement it was sent (a file block
+            # as text, ~8 KB), and the transfer helpers stay defined; a reset frees both.
+            repl.soft_reset()
     repl.exec_verified("import gc\ngc.collect()\n_h0 = gc.mem_free()\n", what="heap baseline")
-    repl.exec_verified(PROGRAM.read_text(), timeout=timeout, what="round program")
+    if frozen:
+        repl.exec_verified("from roundprog import RoundCase\n", what="round program")
+    else:
+        repl.exec_verified(PROGRAM.read_text(), timeout=timeout, what="round program")
     text = ""
-    for stmt in script(case, "_h0", store, shard_path, chunk):
+    for stmt in script(case, "_h0", store, shard_path, chunk, msgs):
         text = repl.exec_verified(stmt + "\n", timeout=timeout, what="round step")
     return ast.literal_eval(text.strip().splitlines()[-1])
 
@@ -226,7 +240,7 @@ def smallest_heap(exe: str, case: Case, lo: int = 8 * 1024,
 
 
 def measure_board(board: Any, case: Case, files: bool = False,
-                  image: str | None = None) -> dict[str, Any]:
+                  image: str | None = None, frozen: bool = False) -> dict[str, Any]:
     """Boot `board` in QEMU with instruction counting (devicecost.ICOUNT_ARGS), optionally from
     another `image` (e.g. a smaller-heap build), and run the case once from a soft reset;
     counts come back in instructions (not thousands)."""
@@ -240,7 +254,7 @@ def measure_board(board: Any, case: Case, files: bool = False,
         # import first looks on it, which is the filesystem's cost, not the round's.
         repl = rawrepl.connect(pty, board, timeout=60, soft_reset=True, fs_mount=files)
         try:
-            res = run_repl(repl, case, files)
+            res = run_repl(repl, case, files, frozen=frozen)
         finally:
             repl.close()
     finally:
