@@ -14,3 +14,9 @@ module("mqtt.py", base_path="../../firmware")
 module("mqttc.py", base_path="../../firmware")
 module("node.py", base_path="../../firmware")
 module("serialstream.py", base_path="../../firmware")
+# The node's round on recorded inputs (tools/microfed_tools/roundcase.py): the program that
+# stands in for node.py when a build is measured (hil/test_node_round.py, benchmarks/device.py).
+# Frozen like node.py, its code sits in flash as the node's does; exec'd from source it would
+# put ~2.6 KB of its own bytecode on the heap that no node has (docs/boards.md). It is imported
+# only by the harness: a node never loads it, and it costs an image ~3 KB of flash.
+module("roundprog.py", base_path="../../tools/microfed_tools")

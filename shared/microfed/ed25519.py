@@ -18,8 +18,8 @@ Speed and memory (MicroPython has no SHA-512 and small heaps; numbers in docs/ed
 - fixed-base [n]B uses a 4-tooth comb (15 affine points, built once on first use, ~4 KB of
   heap): 63 doublings instead of 252;
 - verification halves the doublings: a short (c, t) with c = k*t mod 8L (Euclid stopped
-  half way) turns the check into one ~128-bit joint loop over -[c]A, -[t]R (width-5 NAF,
-  8 odd multiples each) and [t*S mod L]B (the comb); this is exactly equivalent to the
+  half way) turns the check into one ~128-bit joint loop over -[c]A, -[t]R (width-3 NAF,
+  2 odd multiples each) and [t*S mod L]B (the comb); this is exactly equivalent to the
   cofactorless equation, see _verify;
 - inversion and square roots use the ref10 addition chain (cheaper than ``pow`` here).
 Not constant time: big-int timings on an interpreter leak anyway.  See docs/ed25519.md.
@@ -45,6 +45,11 @@ _N8L = 8 * _L  # order of the whole curve group
 _W = 4  # comb teeth
 _S = 64  # comb spacing: _W * _S >= 253 bits of a scalar reduced mod L
 _comb = None  # the comb table (_table()): tuple of 16 niels points (index 0 unused)
+# Verification's NAF width: digits odd in -(_NAF_H - 1).._NAF_H - 1, so _NAF_H / 2 odd
+# multiples of A and of R on the heap while it runs (width 3: P and 3P, 4 points, ~0.9 KB on a
+# 32-bit port; width 5 held 16 points for about as many instructions, docs/ed25519.md).
+_NAF_W = 3
+_NAF_H = 1 << (_NAF_W - 1)
 
 
 # --- field ---------------------------------------------------------------------------
@@ -266,28 +271,32 @@ def _mul_base(n, p=_P):
     return X, Y, Z
 
 
-def _wnaf5(n, size):
-    # Width-5 NAF of 0 <= n < 2^(size - 3), size a multiple of 8.  out[i] = 0 for a zero
-    # digit, else digit + 16 (digits are odd, in -15..15, so a stored digit is never 0).
+def _wnaf(n, size):
+    # Width-_NAF_W NAF of 0 <= n < 2^(size - 3), size a multiple of 8.  out[i] = 0 for a
+    # zero digit, else digit + _NAF_H (digits are odd, in -(_NAF_H - 1).._NAF_H - 1, so a
+    # stored digit is never 0).
     kb = n.to_bytes((size >> 3) + 1, "little")
     out = bytearray(size)
+    w = _NAF_W
+    half = _NAF_H
+    mask = (half << 1) - 1
     i = 0
     carry = 0
     while i < size - 1:
         j = i >> 3
-        win = ((kb[j] | (kb[j + 1] << 8)) >> (i & 7)) & 31
+        win = ((kb[j] | (kb[j + 1] << 8)) >> (i & 7)) & mask
         if not (win + carry) & 1:
             carry = ((win & 1) + carry) >> 1
             i += 1
             continue
         win += carry
-        if win >= 16:
-            out[i] = win - 16
+        if win >= half:
+            out[i] = win - half
             carry = 1
         else:
-            out[i] = win + 16
+            out[i] = win + half
             carry = 0
-        i += 5
+        i += w
     return out
 
 
@@ -380,7 +389,7 @@ def _half(k):
 
 
 def _odd_multiples(x, y, p=_P):
-    # (2j + 1) P for j = 0..7 in cached form, P = (x, y) affine.
+    # (2j + 1) P for j = 0.._NAF_H / 2 - 1 in cached form, P = (x, y) affine.
     T = x * y % p
     out = [_cached(x, y, 1, T)]
     X2, Y2, Z2, T2 = _dbl(x, y, 1)
@@ -388,7 +397,7 @@ def _odd_multiples(x, y, p=_P):
     X = x
     Y = y
     Z = 1
-    for _ in range(7):
+    for _ in range((_NAF_H >> 1) - 1):
         X, Y, Z, T = _add(X, Y, Z, T, q)
         out.append(_cached(X, Y, Z, T))
     return out
@@ -420,10 +429,11 @@ def _verify(pub, msg, sig, p=_P):
     # NAF digits needed: ~128-bit scalars (nearly always) fit 136, the rest 176 or 256.
     m = abs(c) | t
     size = 136 if m >> 130 == 0 else (176 if m >> 170 == 0 else 256)
-    terms = ((_wnaf5(abs(c), size), _odd_multiples(A[0], A[1]), c > 0),
-             (_wnaf5(t, size), _odd_multiples(R[0], R[1]), True))
+    terms = ((_wnaf(abs(c), size), _odd_multiples(A[0], A[1]), c > 0),
+             (_wnaf(t, size), _odd_multiples(R[0], R[1]), True))
     A = R = None
     sd = _comb_digits(t * s % _L)
+    half = _NAF_H
     top = size - 1
     while top >= _S and not (terms[0][0][top] or terms[1][0][top]):
         top -= 1
@@ -451,13 +461,13 @@ def _verify(pub, msg, sig, p=_P):
             d = dg[i]
             if not d:
                 continue
-            # NAF digit d - 16; negating a cached point swaps Y + X with Y - X and flips
-            # the sign of 2dT.
-            if d > 16:
-                q = odd[(d - 17) >> 1]
+            # NAF digit d - _NAF_H; negating a cached point swaps Y + X with Y - X and
+            # flips the sign of 2dT.
+            if d > half:
+                q = odd[(d - half - 1) >> 1]
             else:
-                q = odd[(15 - d) >> 1]
-            if (d > 16) == sub:
+                q = odd[(half - 1 - d) >> 1]
+            if (d > half) == sub:
                 a = (Y - X) * q[0] % p
                 b = (Y + X) * q[1] % p
                 t = -(T * q[3] % p)

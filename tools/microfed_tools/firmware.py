@@ -34,6 +34,8 @@ REPO = Path(__file__).resolve().parents[2]
 MANIFEST = REPO / "boards" / "firmware" / "manifest.py"
 BOARDS_FW = REPO / "boards" / "firmware"  # manifests and our own board directories
 FROZEN_DIRS = (REPO / "shared" / "microfed", REPO / "firmware", BOARDS_FW)
+# Frozen files outside those directories (the manifest names them one by one).
+FROZEN_FILES = (REPO / "tools" / "microfed_tools" / "roundprog.py",)
 BUILD_SUFFIXES = (".py", ".mk", ".c", ".h")  # files whose change means a rebuild
 
 Say = Callable[[str], None]
@@ -130,7 +132,7 @@ def _m32_works() -> bool:
 def frozen_files() -> list[Path]:
     """Every file a build may freeze or compile (manifests, board directories): a change
     rebuilds."""
-    files = [MANIFEST]
+    files = [MANIFEST, *FROZEN_FILES]
     for d in FROZEN_DIRS:
         files += sorted(p for p in d.rglob("*") if p.suffix in BUILD_SUFFIXES
                         and p.is_file() and "__pycache__" not in p.parts)

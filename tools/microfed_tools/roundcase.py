@@ -105,24 +105,38 @@ def make_case(gossip: bool = True, peers: int = PEERS, samples: int = SAMPLES,
     return Case(registry, shard, True, msgs, ref["digest"])
 
 
-def script(case: Case, heap0: str, store: str, shard_path: str, chunk: int) -> list[str]:
+def messages(case: Case) -> bytes:
+    """The registry frame and every message, back to back: the file script(msgs=...) reads."""
+    return case.registry + b"".join(m for _k, m in case.messages)
+
+
+def script(case: Case, heap0: str, store: str, shard_path: str, chunk: int,
+           msgs: str = "") -> list[str]:
     """The statements that drive roundprog.py after it is loaded, in order; each one small
-    enough for a board's raw REPL and heap (`chunk` hex characters of data per statement)."""
+    enough for a board's raw REPL and heap (`chunk` hex characters of data per statement).
+    `msgs`: the board's file holding messages(case); each message is then read from it into
+    the receive buffer (RoundCase.recv) instead of being sent as hex."""
     buf = max(len(case.registry), *(len(m) for _k, m in case.messages))
-    out = [f"_rc = RoundCase({heap0}, {buf})"]
+    out = [f"_rc = RoundCase({heap0})"]
+    at = [0]
 
     def feed(method: str, raw: bytes) -> None:
+        if msgs and method == "put":
+            out.append(f"_rc.recv({msgs!r}, {at[0]}, {len(raw)})")
+            at[0] += len(raw)
+            return
         h = raw.hex()
         for i in range(0, len(h), chunk):
             out.append(f"_rc.{method}('{h[i:i + chunk]}')")
 
-    feed("put", case.registry)
     if not shard_path:
         out.append(f"_rc.shard_buffer({len(case.shard)})")
         feed("put_shard", case.shard)
-    out.append(f"_rc.boot({NODE!r}, {_seed(NODE).hex()!r}, "
+    out.append(f"_rc.boot_shard({NODE!r}, {shard_path!r}, {buf})")
+    feed("put", case.registry)
+    out.append(f"_rc.boot_registry({_seed(NODE).hex()!r}, "
                f"{keys.public_key(_seed('coordinator')).hex()!r}, {MESH!r}, {store!r}, {CLOCK}, "
-               f"{shard_path!r}, {case.gossip})")
+               f"{case.gossip})")
     for kind, msg in case.messages:
         feed("put", msg)
         out.append(f"_rc.on_global({TRAIN!r})" if kind == "global" else "_rc.on_update()")
@@ -142,18 +156,32 @@ def run_reference(case: Case) -> dict[str, Any]:
 
 
 def run_repl(repl: Any, case: Case, files: bool = False, chunk: int = 1024,
-             timeout: float = 600) -> dict[str, Any]:
+             timeout: float = 600, frozen: bool = False) -> dict[str, Any]:
     """On a board behind a raw REPL (microfed frozen in). `files`: the board has a filesystem
     (its flash): the shard goes there first and the node reads it from there, and the peers'
-    vectors wait there (`vectors = "flash"`); else both sit in RAM."""
-    store = shard_path = ""
+    vectors wait there (`vectors = "flash"`); else both sit in RAM. `frozen`: the firmware's
+    frozen round program is imported instead of compiling this one on the board, and with
+    `files` each message is read from the board's filesystem into the receive buffer, as
+    run_unix does, after a soft reset (what a node's own heap holds; the board's image must be
+    a current `microfed firmware build`)."""
+    store = shard_path = msgs = ""
     if files:
         repl.write_file(BOARD_DIR + "/shard.bin", case.shard)
         store, shard_path = BOARD_DIR, BOARD_DIR + "/shard.bin"
+        if frozen:
+            msgs = BOARD_DIR + "/msgs.bin"
+            repl.write_file(msgs, messages(case))
+            # A fresh interpreter with the files in flash, as a node boots: the raw REPL keeps
+            # its input buffer at the size of the largest statement it was sent (a file block
+            # as text, ~8 KB), and the transfer helpers stay defined; a reset frees both.
+            repl.soft_reset()
     repl.exec_verified("import gc\ngc.collect()\n_h0 = gc.mem_free()\n", what="heap baseline")
-    repl.exec_verified(PROGRAM.read_text(), timeout=timeout, what="round program")
+    if frozen:
+        repl.exec_verified("from roundprog import RoundCase\n", what="round program")
+    else:
+        repl.exec_verified(PROGRAM.read_text(), timeout=timeout, what="round program")
     text = ""
-    for stmt in script(case, "_h0", store, shard_path, chunk):
+    for stmt in script(case, "_h0", store, shard_path, chunk, msgs):
         text = repl.exec_verified(stmt + "\n", timeout=timeout, what="round step")
     return ast.literal_eval(text.strip().splitlines()[-1])
 
@@ -166,20 +194,26 @@ def run_unix(exe: str, case: Case, heapsize: str = "256k", store: bool = True,
              timeout: float = 600) -> dict[str, Any]:
     """On a unix-port build (e.g. unix32, microfed frozen in) with a filesystem: the shard is
     a file and, with `store`, the peers' vectors too. Raises RuntimeError with the board's
-    output when the run fails (e.g. MemoryError at this heap size)."""
+    output when the run fails (e.g. MemoryError at this heap size).
+
+    What is measured is what a node needs, so the harness takes on the heap only what a node's
+    own would: the round program is the build's frozen `roundprog` (frozen like node.py, whose
+    place it takes; exec'd from source it would add its bytecode, ~2.6 KB, and its compilation
+    to the heap), and each message is read from a file straight into the receive buffer, as
+    the MQTT client reads a payload from its socket (not compiled from hex statements). The
+    statements that remain are one short call each."""
     # Always a directory name of the same length: the GC scans the C stack conservatively,
     # and a longer working directory shifts what it finds there (measured: 40 more characters
     # moved the smallest coordinated heap by 1 KB).
     with tempfile.TemporaryDirectory(prefix="mfround-", dir="/tmp") as d:
         work = Path(d)
         (work / "shard.bin").write_bytes(case.shard)
-        # Statement by statement, as the raw REPL does it: compiling the whole script at once
-        # would put ~100 KB of hex in RAM that a node never holds.
+        (work / "msgs.bin").write_bytes(messages(case))
         (work / "steps.txt").write_text(
-            "\n".join(script(case, "_h0", "." if store else "", "shard.bin", 1024)) + "\n")
-        (work / "roundprog.py").write_text(PROGRAM.read_text())
+            "\n".join(script(case, "_h0", "." if store else "", "shard.bin", 1024, "msgs.bin"))
+            + "\n")
         (work / "round.py").write_text("import gc\ngc.collect()\n_h0 = gc.mem_free()\n"
-                                       "exec(open('roundprog.py').read())\n"
+                                       "from roundprog import RoundCase\n"
                                        "for _line in open('steps.txt'):\n"
                                        "    exec(_line)\n"
                                        "    _line = None\n")
@@ -206,7 +240,7 @@ def smallest_heap(exe: str, case: Case, lo: int = 8 * 1024,
 
 
 def measure_board(board: Any, case: Case, files: bool = False,
-                  image: str | None = None) -> dict[str, Any]:
+                  image: str | None = None, frozen: bool = False) -> dict[str, Any]:
     """Boot `board` in QEMU with instruction counting (devicecost.ICOUNT_ARGS), optionally from
     another `image` (e.g. a smaller-heap build), and run the case once from a soft reset;
     counts come back in instructions (not thousands)."""
@@ -220,7 +254,7 @@ def measure_board(board: Any, case: Case, files: bool = False,
         # import first looks on it, which is the filesystem's cost, not the round's.
         repl = rawrepl.connect(pty, board, timeout=60, soft_reset=True, fs_mount=files)
         try:
-            res = run_repl(repl, case, files)
+            res = run_repl(repl, case, files, frozen=frozen)
         finally:
             repl.close()
     finally:

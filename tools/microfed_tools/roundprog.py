@@ -1,11 +1,14 @@
 # A gossip node's round on recorded inputs, step by step through microfed.noderound (the very
 # calls firmware/node.py makes), with the instructions and the live heap of every phase.
-# Portable MicroPython 1.29 / CPython: this file is sent to a board as it is (raw REPL) and
-# exec'd under CPython for the answers the board must give (tools/microfed_tools/roundcase.py).
+# Portable MicroPython 1.29 / CPython: this file is sent to a board as it is (raw REPL),
+# frozen into every firmware `microfed firmware build` makes (imported as `roundprog` by
+# roundcase.run_unix, in node.py's place: its code in flash, not on the heap), and exec'd under
+# CPython for the answers the board must give (tools/microfed_tools/roundcase.py).
 #
-# Inputs arrive the way a board gets them: bytes pushed into one receive buffer (a frame at a
-# time, like the MQTT client's), the shard and the peers' vectors in flash when the board has
-# a filesystem (`store` a directory), else in RAM (`store` = "").
+# Inputs arrive the way a board gets them: bytes put into one receive buffer (a frame at a
+# time, like the MQTT client's: pushed as hex over a raw REPL, read from a file on unix32),
+# the shard and the peers' vectors in flash when the board has a filesystem (`store` a
+# directory), else in RAM (`store` = "").
 # No time.ticks_us on CPython (counts are 0) and no gc.mem_free (heap figures are 0).
 
 import gc
@@ -22,9 +25,9 @@ _free = getattr(gc, "mem_free", None) or (lambda: 0)
 
 
 class RoundCase:
-    def __init__(self, heap0, buf_size):
+    def __init__(self, heap0):
         self.heap0 = heap0  # free heap (after collect) before anything of the node existed
-        self.buf = bytearray(buf_size)
+        self.buf = None  # the receive buffer: boot_shard allocates it
         self.fill = 0
         self.cost = {}
         self.live = {}
@@ -36,6 +39,15 @@ class RoundCase:
         b = bytes.fromhex(hexchunk)
         self.buf[self.fill:self.fill + len(b)] = b
         self.fill += len(b)
+
+    def recv(self, path, off, n):
+        """One message read from a file straight into the receive buffer, as an MQTT client
+        reads a payload from its socket (run_unix: no hex text, no statement per 512 bytes)."""
+        f = open(path, "rb")
+        f.seek(off)
+        f.readinto(memoryview(self.buf)[:n])
+        f.close()
+        self.fill = n
 
     def take(self):
         n = self.fill
@@ -66,25 +78,31 @@ class RoundCase:
         self.shard[self.shard_fill:self.shard_fill + len(b)] = b
         self.shard_fill += len(b)
 
-    def boot(self, node_id, seed_hex, coord_hex, mesh, store, clock, shard_path="", gossip=True):
-        """Shard (the file `shard_path`, else the shard buffer), model and the round's buffers;
-        then identity, registry (one signature check; its frame is in the receive buffer),
-        peer store (files in the directory `store`, else RAM). In firmware/node.py's order:
-        the buffers before the first Ed25519 operation."""
-        self.begin()
-        self.data = model.Shard(open(shard_path, "rb") if shard_path else self.shard)
-        self.model = model.get("softmax", n_features=self.data.d, n_classes=self.data.k)
-        d = self.model.n_params
-        self.rb = noderound.RoundBuffers(self.model, node_id)
-        self.end("boot_shard")
+    def boot_shard(self, node_id, shard_path, buf_size):
+        """Shard (the file `shard_path`, else the shard buffer), model, then the round's large
+        blocks, allocated once: the receive buffer (room for the largest message, like the
+        MQTT client's) and noderound.RoundBuffers. In firmware/node.py's order: after the
+        shard and the model, before the first message and the first Ed25519 operation."""
         self.begin()
         self.node_id = node_id
+        self.data = model.Shard(open(shard_path, "rb") if shard_path else self.shard)
+        self.model = model.get("softmax", n_features=self.data.d, n_classes=self.data.k)
+        gc.collect()
+        self.buf = bytearray(buf_size)
+        self.rb = noderound.RoundBuffers(self.model, node_id)
+        self.end("boot_shard")
+
+    def boot_registry(self, seed_hex, coord_hex, mesh, store, clock, gossip=True):
+        """Identity, registry (one signature check; its frame is in the receive buffer), peer
+        store (files in the directory `store`, else RAM)."""
+        self.begin()
         self.seed = bytes.fromhex(seed_hex)
         self.coord = bytes.fromhex(coord_hex)
         self.mesh_id = wire.mesh_id(mesh)
         self.clock = clock
         self.seq = 0
-        reg = load_registry_frame(bytes(self.take()), self.mesh_id, self.coord, ed25519.verify)
+        d = self.model.n_params
+        reg = load_registry_frame(self.take(), self.mesh_id, self.coord, ed25519.verify)
         self.peers = None
         if gossip:
             if store:
