@@ -127,6 +127,10 @@ def test_grid_leaves_out_what_cannot_run(tmp_path: Path) -> None:
     assert ("krum", "none", "none", 0.2) not in keys  # no attackers: one fraction is enough
     assert len(cells) == 2 * (3 * (1 + 2))  # seeds x (combos x (none + 2 fractions))
     assert len({c["out"] for c in cells}) == len(cells)
+    both = study.grid(["iid"], ["krum"], ["none"], ["none"], [0.2], [1], 5, tmp_path,
+                      ("softmax", "mlp"))
+    assert [c["model"] for c in both] == ["softmax", "mlp"]
+    assert len({c["out"] for c in both}) == 2
 
 
 def test_the_study_command_end_to_end(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from microfed_host import adversary as advmod
 from microfed_host import coordinator as coordmod
 from microfed_host.mesh import run
 from microfed_host.rounds_store import RoundsStore
-from microfed_host.scenario import AttackGroup, MeshError, Scenario
+from microfed_host.scenario import MODELS, AttackGroup, MeshError, Scenario
 
 # Data splits of the study: name -> (split, Dirichlet alpha).
 SPLITS = {"iid": ("iid", 0.5), "dir0.5": ("dirichlet", 0.5), "dir0.1": ("dirichlet", 0.1)}
@@ -53,7 +53,9 @@ def bootstrap_interval(xs: list[float], seed: int = 0, level: float = 0.95,
 
 
 def _cell_name(c: dict[str, Any]) -> str:
-    return f"{c['split']}-{c['rule']}-{c['pre']}-{c['attack']}-fn{c['fraction']}-s{c['seed']}"
+    model = "" if c.get("model", "softmax") == "softmax" else f"-{c['model']}"
+    return (f"{c['split']}-{c['rule']}-{c['pre']}-{c['attack']}-fn{c['fraction']}"
+            f"-s{c['seed']}{model}")
 
 
 def _ban_rounds(store: Path) -> dict[str, int]:
@@ -74,7 +76,7 @@ def run_cell(c: dict[str, Any]) -> dict[str, Any]:
                   attackers=[AttackGroup(c["attack"], byz)] if byz else [],
                   # fedavg reads f only for nearest-neighbour mixing
                   rule=c["rule"], f=0 if c["rule"] == "fedavg" and c["pre"] == "none" else f,
-                  pre=c["pre"],
+                  pre=c["pre"], model=c.get("model", "softmax"),
                   rounds=c["rounds"], mode="coordinated", split=split, alpha=alpha,
                   seed=c["seed"], crosscheck="sampled:10",
                   allow_more_byzantine=c["rule"] == "fedavg")
@@ -83,6 +85,7 @@ def run_cell(c: dict[str, Any]) -> dict[str, Any]:
     bans = _ban_rounds(out / coordmod.STORE_NAME)
     byz_ids = s.get("byzantine_ids") or sc.byzantine_ids()
     return {**{k: c[k] for k in ("split", "rule", "pre", "attack", "fraction", "seed")},
+            "model": c.get("model", "softmax"),
             "byzantine": len(byz_ids), "honest": HONEST, "f": sc.f,
             "final_accuracy": s["final_accuracy"], "accuracy": s["accuracy"],
             "banned": bans, "byzantine_ids": byz_ids,
@@ -91,7 +94,8 @@ def run_cell(c: dict[str, Any]) -> dict[str, Any]:
 
 
 def grid(splits: list[str], rules: list[str], pres: list[str], attacks: list[str],
-         fractions: list[float], seeds: list[int], rounds: int, out: Path) -> list[dict[str, Any]]:
+         fractions: list[float], seeds: list[int], rounds: int, out: Path,
+         models: tuple[str, ...] = ("softmax",)) -> list[dict[str, Any]]:
     """The cells to run; combinations that cannot run are left out (bucketing before fedavg,
     and the attack "none" at more than one fraction: it has no attackers)."""
     cells = []
@@ -102,11 +106,13 @@ def grid(splits: list[str], rules: list[str], pres: list[str], attacks: list[str
                     continue
                 for at in attacks:
                     for fr in (fractions[:1] if at == "none" else fractions):
-                        for seed in seeds:
-                            c = {"split": sp, "rule": ru, "pre": pre, "attack": at,
-                                 "fraction": fr, "seed": seed, "rounds": rounds}
-                            c["out"] = str(out / "runs" / _cell_name(c))
-                            cells.append(c)
+                        for model in models:
+                            for seed in seeds:
+                                c = {"split": sp, "rule": ru, "pre": pre, "attack": at,
+                                     "fraction": fr, "seed": seed, "rounds": rounds,
+                                     "model": model}
+                                c["out"] = str(out / "runs" / _cell_name(c))
+                                cells.append(c)
     return cells
 
 
@@ -127,8 +133,8 @@ def study(cells: list[dict[str, Any]], out: Path, jobs: int = 2,
             say(f"  [{len(results):>4}/{len(cells)}] {r['split']:6} {r['rule']:12} "
                 f"{r['pre']:9} {r['attack']:10} f/n {r['fraction']:<4} seed {r['seed']:<3} "
                 f"final {100 * r['final_accuracy']:5.1f}%  (about {left / 60:.0f} min left)")
-    results.sort(key=lambda r: (r["split"], r["rule"], r["pre"], r["attack"], r["fraction"],
-                                r["seed"]))
+    results.sort(key=lambda r: (r["split"], r["model"], r["rule"], r["pre"], r["attack"],
+                                r["fraction"], r["seed"]))
     doc = {"honest": HONEST, "results": results, "elapsed_s": round(time.monotonic() - t0, 1),
            "jobs": jobs, "axes": axes or {}}
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -136,10 +142,17 @@ def study(cells: list[dict[str, Any]], out: Path, jobs: int = 2,
 
 
 # ------------------------------------------------------------------ statistics
+def _split_model(r: dict[str, Any]) -> str:
+    """The table a result goes in: its split, and its model when not the softmax."""
+    m = r.get("model", "softmax")
+    return r["split"] if m == "softmax" else f"{r['split']}, {m}"
+
+
 def _groups(results: list[dict[str, Any]]) -> dict[tuple[Any, ...], list[dict[str, Any]]]:
     g: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in results:
-        g.setdefault((r["split"], r["rule"], r["pre"], r["attack"], r["fraction"]), []).append(r)
+        g.setdefault((_split_model(r), r["rule"], r["pre"], r["attack"], r["fraction"]),
+                     []).append(r)
     return g
 
 
@@ -283,7 +296,7 @@ def plots(doc: dict[str, Any], out: Path) -> list[str]:
         ax.set_title(f"mean final accuracy, {sp}, f/n {fr}", fontsize=8)
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        p = out / f"heatmap_{sp}.png"
+        p = out / f"heatmap_{sp.replace(', ', '-')}.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)
         written.append(str(p))
@@ -304,6 +317,10 @@ def main_study(a: Any) -> None:
     splits = _names(a.splits, "splits")
     rules = _names(a.rules, "rules")
     pres = _names(a.pres, "pres")
+    models = _names(a.models, "models")
+    for m in models:
+        if m not in MODELS:
+            raise MeshError(f"unknown model {m!r} (one of {', '.join(MODELS)})")
     try:
         attacks = [advmod.canonical_attack(x) for x in _names(a.attacks, "attacks")]
         fractions = [float(x) for x in _names(a.fractions, "fractions")]
@@ -328,10 +345,10 @@ def main_study(a: Any) -> None:
     if not 1 <= a.jobs <= MAX_JOBS:
         raise MeshError(f"--jobs must be in 1..{MAX_JOBS}, got {a.jobs}")
     out = Path(a.out)
-    cells = grid(splits, rules, pres, attacks, fractions, seeds, a.rounds, out)
+    cells = grid(splits, rules, pres, attacks, fractions, seeds, a.rounds, out, tuple(models))
     command = (f"microfed mesh study --splits {a.splits} --rules {a.rules} --pres {a.pres} "
                f"--attacks {a.attacks} --fractions {a.fractions} --seeds {a.seeds} "
-               f"--rounds {a.rounds}")
+               f"--rounds {a.rounds}" + ("" if models == ["softmax"] else f" --models {a.models}"))
     if a.render_only:
         try:
             doc = json.loads((out / "results.json").read_text())
@@ -340,11 +357,12 @@ def main_study(a: Any) -> None:
     else:
         print(f"microfed mesh study: {len(cells)} runs ({len(splits)} splits x {len(rules)} "
               f"rules x {len(pres)} pre steps x {len(attacks)} attacks x {len(fractions)} "
-              f"fractions x {len(seeds)} seeds, less what cannot run), {a.rounds} rounds each, "
+              f"fractions x {len(models)} models x {len(seeds)} seeds, less what cannot run), "
+              f"{a.rounds} rounds each, "
               f"{a.jobs} jobs", flush=True)
         doc = study(cells, out, a.jobs, axes={"splits": splits, "rules": rules, "pres": pres,
                                               "attacks": attacks, "fractions": fractions,
-                                              "seeds": seeds})
+                                              "seeds": seeds, "models": models})
     pics = plots(doc, out)
     block = markdown(doc, command)
     if a.md:

@@ -284,6 +284,7 @@ def register(subparsers: Any) -> None:
     t.add_argument("--attacks", default="none,alie,fang-krum,min-max,min-sum,adaptive,mimic")
     t.add_argument("--fractions", default="0.1,0.2,0.3",
                    help="Byzantine fractions b / n (f = b)")
+    t.add_argument("--models", default="softmax", help="softmax and/or mlp")
     t.add_argument("--seeds", default="1,2,3,4,5")
     t.add_argument("--rounds", type=int, default=30)
     t.add_argument("--jobs", type=int, default=2, help="parallel runs (default 2)")
