@@ -66,18 +66,17 @@ def to_raw(a: np.ndarray, name: str = "") -> np.ndarray:
         raise Q16ConversionError("dtype", None, name, None,
                                  detail=f"float16/32/64 array expected, got {arr.dtype}")
     x = arr.astype(np.float64, copy=False).ravel()
-    finite = np.isfinite(x)
-    if not finite.all():
-        i = int(np.flatnonzero(~finite)[0])
-        v = float(x[i])
-        raise Q16ConversionError("nan" if v != v else "inf", v, name, _index(arr, i))
-    y = x * float(q16.ONE)  # exact unless it overflows to inf, which the range check catches
-    r = np.floor(y)
-    raw = r + (y - r >= 0.5)  # y - floor(y) is exact: round half up without adding 0.5
-    bad = (raw < q16.MIN_RAW) | (raw > q16.MAX_RAW)
-    if bad.any():
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are reported below
+        y = x * float(q16.ONE)  # exact unless it overflows to inf: the range check catches it
+        r = np.floor(y)
+        raw = r + (y - r >= 0.5)  # y - floor(y) is exact: round half up without adding 0.5
+    if raw.size and not (raw.min() >= q16.MIN_RAW and raw.max() <= q16.MAX_RAW):
+        # NaN fails both comparisons, inf the range: find the first offender, say what it is.
+        bad = ~((raw >= q16.MIN_RAW) & (raw <= q16.MAX_RAW))
         i = int(np.flatnonzero(bad)[0])
-        raise Q16ConversionError("overflow", float(x[i]), name, _index(arr, i))
+        v = float(x[i])
+        reason = "nan" if v != v else "inf" if v in (float("inf"), float("-inf")) else "overflow"
+        raise Q16ConversionError(reason, v, name, _index(arr, i))
     return raw.astype(np.int64)
 
 

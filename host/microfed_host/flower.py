@@ -193,7 +193,9 @@ class _ExactBase(FedAvg):
         if not ids:
             log.warning("round %d: no usable reply; the model is unchanged", server_round)
             return None, MetricRecord({"microfed-rejected": rejected, "microfed-skipped": 1})
-        matrix = np.stack(rows).astype(np.int32)
+        matrix = np.empty((len(rows), layout.size), dtype=np.int32)
+        for i, row in enumerate(rows):
+            matrix[i] = row  # in int32 range: to_raw checked
         params = self._params(len(ids))
         if self.rule == "fedavg":
             params["weights"] = weights
@@ -238,6 +240,8 @@ class _ExactBase(FedAvg):
         if len(content.array_records) != 1:
             raise ReplyRejected(node, f"{len(content.array_records)} ArrayRecords, expected 1")
         rec = next(iter(content.array_records.values()))
+        if not layout.keys:
+            raise ReplyRejected(node, "the model has no arrays")
         if tuple(rec.keys()) != layout.keys:
             raise ReplyRejected(node, f"array keys {list(rec.keys())}, expected "
                                       f"{list(layout.keys)}")
