@@ -342,6 +342,15 @@ def test_too_few_replies_skips_the_round():
     assert arrays is None and metrics["microfed-skipped"] == 1
 
 
+@needs_flwr
+def test_benchmark_case_flower_krum_picks_the_byzantine_client():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/aggregate.py"), "--case"],
+                         capture_output=True, text=True, env=_env(), timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Flower 1.42 Krum (float) winner:  client-0" in out.stdout
+    assert "exact Krum (microfed) winner:     client-0" not in out.stdout
+
+
 # --- the example ----------------------------------------------------------------------------
 
 @needs_flwr

@@ -133,9 +133,17 @@ class _ExactBase(FedAvg):
         self.audit_dir = audit_dir
         self.node_id_fn = node_id_fn
         self.layout: _Layout | None = None
-        self.last_request: dict | None = None
+        self._last_input: tuple[list[str], np.ndarray, dict] | None = None
         self.last_result: dict | None = None
         self.digests: dict[int, str] = {}
+
+    @property
+    def last_request(self) -> dict | None:
+        """The last round's request in `microfed aggregate`'s JSON format (built on demand:
+        n x d Python ints cost more than the aggregation itself)."""
+        if self._last_input is None:
+            return None
+        return self._request(*self._last_input)
 
     # -- what subclasses supply ---------------------------------------------------------------
     def _params(self, n: int) -> dict:
@@ -199,7 +207,7 @@ class _ExactBase(FedAvg):
         params = self._params(len(ids))
         if self.rule == "fedavg":
             params["weights"] = weights
-        self.last_request = self._request(ids, matrix, params)
+        self._last_input = (ids, matrix, params)
         if self.audit_dir:
             os.makedirs(self.audit_dir, exist_ok=True)
             path = os.path.join(self.audit_dir, "round-%04d.json" % server_round)
