@@ -42,13 +42,19 @@ def krum_scores(vecs, f):
         raise AggregationError("f must be >= 0")
     if n < 2 * f + 3:
         raise AggregationError("krum needs n >= 2f + 3: n=%d, f=%d" % (n, f))
+    return scores_from_distances(distance_matrix(vecs), f)
+
+
+def distance_matrix(vecs):
+    # The full symmetric matrix of exact squared distances (each pair computed once).
+    n = len(vecs)
     dm = [[0] * n for _ in range(n)]
     for i in range(n):
         for j in range(i + 1, n):
             x = dist(vecs[i], vecs[j])
             dm[i][j] = x
             dm[j][i] = x
-    return scores_from_distances(dm, f)
+    return dm
 
 
 def scores_from_distances(dm, f):

@@ -8,7 +8,7 @@
 # Kept out of microfed.aggregate so that a node importing the rules does not pay for these.
 
 try:
-    from microfed.aggregate import AggregationError, dist, mean, median
+    from microfed.aggregate import AggregationError, distance_matrix, mean, median
     from microfed.q16 import rdiv
 except ImportError:
     pass  # on a board fed definition by definition they are already in the namespace
@@ -52,12 +52,7 @@ def nnm(ids, vecs, f):
     if f < 0 or n < 2 * f + 1:
         raise AggregationError("nnm needs n >= 2f + 1: n=%d, f=%d" % (n, f))
     k = n - f
-    dm = [[0] * n for _ in range(n)]
-    for i in range(n):
-        for j in range(i + 1, n):
-            x = dist(vecs[i], vecs[j])
-            dm[i][j] = x
-            dm[j][i] = x
+    dm = distance_matrix(vecs)
     out = []
     for i in range(n):
         row = dm[i]
