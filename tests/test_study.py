@@ -125,8 +125,14 @@ def test_grid_leaves_out_what_cannot_run(tmp_path: Path) -> None:
     keys = {(c["rule"], c["pre"], c["attack"], c["fraction"]) for c in cells}
     assert ("fedavg", "bucketing", "alie", 0.1) not in keys
     assert ("krum", "none", "none", 0.2) not in keys  # no attackers: one fraction is enough
-    assert len(cells) == 2 * (3 * (1 + 2))  # seeds x (combos x (none + 2 fractions))
+    assert ("krum", "bucketing", "alie", 0.2) not in keys  # 2f+3 = 11 buckets: 21 updates
+    # seeds x (3 combos x (none + 2 fractions) - krum+bucketing's alie at 0.2)
+    assert len(cells) == 2 * (3 * (1 + 2) - 1)
     assert len({c["out"] for c in cells}) == len(cells)
+    # Krum on buckets of 2 needs 2f+3 buckets: at f/n 0.1 (f = 2) 13 updates, at 0.3 (f = 6)
+    # 29, more than the 15 honest nodes.
+    bk = study.grid(["iid"], ["krum"], ["bucketing"], ["alie"], [0.1, 0.3], [1], 5, tmp_path)
+    assert [c["fraction"] for c in bk] == [0.1]
     both = study.grid(["iid"], ["krum"], ["none"], ["none"], [0.2], [1], 5, tmp_path,
                       ("softmax", "mlp"))
     assert [c["model"] for c in both] == ["softmax", "mlp"]

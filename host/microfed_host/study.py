@@ -28,6 +28,7 @@ from microfed_host.scenario import MODELS, AttackGroup, MeshError, Scenario
 # Data splits of the study: name -> (split, Dirichlet alpha).
 SPLITS = {"iid": ("iid", 0.5), "dir0.5": ("dirichlet", 0.5), "dir0.1": ("dirichlet", 0.1)}
 HONEST = 15  # honest nodes in every cell; the Byzantine count follows the fraction
+BUCKET = 2  # updates per bucket when the pre step is bucketing
 BOOTSTRAP = 10000
 MAX_JOBS = 8
 
@@ -76,7 +77,7 @@ def run_cell(c: dict[str, Any]) -> dict[str, Any]:
                   attackers=[AttackGroup(c["attack"], byz)] if byz else [],
                   # fedavg reads f only for nearest-neighbour mixing
                   rule=c["rule"], f=0 if c["rule"] == "fedavg" and c["pre"] == "none" else f,
-                  pre=c["pre"], model=c.get("model", "softmax"),
+                  pre=c["pre"], bucket=BUCKET, model=c.get("model", "softmax"),
                   rounds=c["rounds"], mode="coordinated", split=split, alpha=alpha,
                   seed=c["seed"], crosscheck="sampled:10",
                   allow_more_byzantine=c["rule"] == "fedavg")
@@ -96,8 +97,10 @@ def run_cell(c: dict[str, Any]) -> dict[str, Any]:
 def grid(splits: list[str], rules: list[str], pres: list[str], attacks: list[str],
          fractions: list[float], seeds: list[int], rounds: int, out: Path,
          models: tuple[str, ...] = ("softmax",)) -> list[dict[str, Any]]:
-    """The cells to run; combinations that cannot run are left out (bucketing before fedavg,
-    and the attack "none" at more than one fraction: it has no attackers)."""
+    """The cells to run; combinations that cannot run are left out: bucketing before fedavg,
+    a rule whose minimum (after the pre step) the honest nodes alone do not meet (Krum or
+    trimmed mean on buckets of 2 at larger f), and the attack "none" at more than one fraction
+    (it has no attackers)."""
     cells = []
     for sp in splits:
         for ru in rules:
@@ -106,6 +109,9 @@ def grid(splits: list[str], rules: list[str], pres: list[str], attacks: list[str
                     continue
                 for at in attacks:
                     for fr in (fractions[:1] if at == "none" else fractions):
+                        f = max(byzantine_count(fr), 1)
+                        if coordmod.rule_min_nodes(ru, f, f, pre, BUCKET) > HONEST:
+                            continue
                         for model in models:
                             for seed in seeds:
                                 c = {"split": sp, "rule": ru, "pre": pre, "attack": at,
@@ -366,7 +372,8 @@ def main_study(a: Any) -> None:
     pics = plots(doc, out)
     block = markdown(doc, command)
     if a.md:
-        write_block(Path(a.md), "study", "<!-- study:begin -->\n" + block + "\n<!-- study:end -->")
+        write_block(Path(a.md), a.tag, f"<!-- {a.tag}:begin -->\n" + block
+                    + f"\n<!-- {a.tag}:end -->")
     print("\n" + block)
     for p in pics:
         print(f"  plot: {p}")

@@ -146,6 +146,8 @@ class Model:
     # delta, apply and evaluate come for free.
     name = ""
     n_params = 0
+    d = 0  # features
+    k = 0  # classes
 
     def init(self, seed):
         raise NotImplementedError

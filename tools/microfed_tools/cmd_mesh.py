@@ -291,6 +291,8 @@ def register(subparsers: Any) -> None:
     t.add_argument("--out", default="runs/study", help="directory for the runs, results.json "
                    "and plots")
     t.add_argument("--md", default="docs/results.md", help="markdown report to write ('' none)")
+    t.add_argument("--tag", default="study", help="its block in --md: between <!-- TAG:begin "
+                   "--> and <!-- TAG:end --> (default study)")
     t.add_argument("--render-only", dest="render_only", action="store_true",
                    help="rewrite the markdown and plots from OUT/results.json without running")
     t.set_defaults(func=cmd_study)
