@@ -6,11 +6,13 @@ docs/boards.md.
     .venv/bin/python benchmarks/device.py [--board mps2-an385 --board virt-rv32] [--no-round]
                                           [--write docs/boards.md]
     .venv/bin/python benchmarks/device.py --dp [--board mps2-an385] [--write docs/privacy.md]
+    .venv/bin/python benchmarks/device.py --mlp [--write docs/model.md]
 
 --write replaces the text between the `<!-- benchmarks/device.py -->` and
 `<!-- end benchmarks/device.py -->` markers of that file with the tables (and the date);
 with --dp, the local-DP costs (sampler, clip, privatising a delta) between
-`<!-- benchmarks/device.py --dp -->` and `<!-- end benchmarks/device.py --dp -->`.
+`<!-- benchmarks/device.py --dp -->` and `<!-- end benchmarks/device.py --dp -->`; with --mlp,
+the MLP's import, init and one epoch, between the `--mlp` markers.
 """
 
 from __future__ import annotations
@@ -62,6 +64,22 @@ def dp_costs(boards: list[str]) -> None:
     print("| heap taken by the frozen dgauss + dp imports | " + " | ".join(heap) + " |")
     same = all({k: results[b][k] for k in want} == want for b in boards)
     print(f"\nsamples, clip and privatised delta equal the host's bit for bit: {same}")
+
+
+def mlp_costs(boards: list[str]) -> None:
+    results = {b: devicecost.measure_board(load_board(b), programs=(devicecost.MLP_PROGRAM,),
+                                           phases=devicecost.MLP_PHASES)[0] for b in boards}
+    want = devicecost.mlp_host_expectations()
+    print("| MLP 64-32-10 (instructions) | " + " | ".join(boards) + " |")
+    print("| --- | " + " | ".join("---:" for _ in boards) + " |")
+    for phase in devicecost.MLP_PHASES:
+        label = f"mlp_train_epoch ({devicecost.SAMPLES} samples)" if phase == "mlp_train_epoch" \
+            else phase
+        print(f"| {label} | " + " | ".join(_n(results[b][phase]) for b in boards) + " |")
+    print("| live heap after the epoch: module, parameters, trained copy, sums, samples (B) | "
+          + " | ".join(_n(results[b]["mlp_live_heap"]) for b in boards) + " |")
+    same = all({k: results[b][k] for k in want} == want for b in boards)
+    print(f"\ntrained parameters equal the host's bit for bit: {same}")
 
 
 PHASES = ("boot_registry", "boot_shard", "check_global", "peer_checks", "aggregate",
@@ -144,6 +162,7 @@ def main() -> None:
                     help="also run the round on mps2-an385 from a firmware with this heap "
                          "(e.g. 64k; repeatable; default 64k), shard and vectors on its disk")
     ap.add_argument("--dp", action="store_true", help="only the local-DP costs (microfed.dp)")
+    ap.add_argument("--mlp", action="store_true", help="only the MLP's costs (microfed.mlp)")
     ap.add_argument("--write", type=Path, default=None, help="also write the tables into this file")
     a = ap.parse_args()
     boards = a.board or (["mps2-an385"] if a.dp else ["mps2-an385", "virt-rv32"])
@@ -151,6 +170,8 @@ def main() -> None:
     with contextlib.redirect_stdout(out):
         if a.dp:
             dp_costs(boards)
+        elif a.mlp:
+            mlp_costs(boards)
         else:
             components(boards)
             if not a.no_round:
@@ -158,7 +179,7 @@ def main() -> None:
                 unix32_heap()
     print(out.getvalue())
     if a.write is not None:
-        write_into(a.write, out.getvalue(), " --dp" if a.dp else "")
+        write_into(a.write, out.getvalue(), " --dp" if a.dp else " --mlp" if a.mlp else "")
 
 
 if __name__ == "__main__":

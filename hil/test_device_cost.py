@@ -82,14 +82,34 @@ DP_BUDGETS: dict[str, dict[str, int]] = {
 }
 
 
-def test_dp_costs_within_budget_and_equal_the_host(target: Any) -> None:
+def _program_within_budget(target: Any, what: str, budgets: dict[str, dict[str, int]],
+                           program: str, phases: tuple[str, ...],
+                           want: dict[str, Any]) -> None:
+    """One cost program on the board: its results equal the host's, its phases within
+    budget."""
     board = target.board
-    if getattr(board, "name", "") not in DP_BUDGETS:
-        pytest.skip("no local-DP budget for board %s" % getattr(board, "name", board))
-    run = devicecost.measure_board(board, programs=(devicecost.DP_PROGRAM,),
-                                   phases=devicecost.DP_PHASES)[0]
-    want = devicecost.dp_host_expectations()
+    if getattr(board, "name", "") not in budgets:
+        pytest.skip("no %s budget for board %s" % (what, getattr(board, "name", board)))
+    run = devicecost.measure_board(board, programs=(program,), phases=phases)[0]
     assert {k: run[k] for k in want} == want
-    budget = DP_BUDGETS[board.name]
-    over = {p: (run[p], budget[p]) for p in devicecost.DP_PHASES if run[p] > budget[p]}
+    budget = budgets[board.name]
+    over = {p: (run[p], budget[p]) for p in phases if run[p] > budget[p]}
     assert over == {}, "instructions over budget (measured, budget): %r" % over
+
+
+def test_dp_costs_within_budget_and_equal_the_host(target: Any) -> None:
+    _program_within_budget(target, "local-DP", DP_BUDGETS, devicecost.DP_PROGRAM,
+                           devicecost.DP_PHASES, devicecost.dp_host_expectations())
+
+
+# The MLP (microfed.mlp, docs/model.md): measured 2026-11-27 (python benchmarks/device.py
+# --mlp) plus 5 %.
+MLP_BUDGETS: dict[str, dict[str, int]] = {
+    "mps2-an385": {"mlp_import": 328_000, "mlp_init": 20_006_000,
+                   "mlp_train_epoch": 192_652_000},
+}
+
+
+def test_mlp_costs_within_budget_and_equal_the_host(target: Any) -> None:
+    _program_within_budget(target, "MLP", MLP_BUDGETS, devicecost.MLP_PROGRAM,
+                           devicecost.MLP_PHASES, devicecost.mlp_host_expectations())

@@ -50,12 +50,17 @@ class MLP(Model):
         self.n_params = self.o_b2 + n_classes
 
     def init(self, seed):
+        # W1 from the generator, then W2; filled into one list (concatenating would need two
+        # 9.6 KB blocks at once, which a board's heap may not have).
         rng = XorShift32(seed)
+        p = [0] * self.n_params
         s1 = 2 * self.INIT_AMP1 + 1
+        for t in range(self.h * self.d):
+            p[t] = rng.next() % s1 - self.INIT_AMP1
         s2 = 2 * self.INIT_AMP2 + 1
-        w1 = [rng.next() % s1 - self.INIT_AMP1 for _ in range(self.h * self.d)]
-        w2 = [rng.next() % s2 - self.INIT_AMP2 for _ in range(self.k * self.h)]
-        return w1 + [0] * self.h + w2 + [0] * self.k
+        for t in range(self.o_w2, self.o_b2):
+            p[t] = rng.next() % s2 - self.INIT_AMP2
+        return p
 
     def _forward(self, p, x, nz, shift):
         # a_i = sat(b1_i + round_half_up(sum_j W1_ij x_j / 2^16)), r_i = max(0, a_i);
@@ -84,6 +89,10 @@ class MLP(Model):
             raise ModelError("sample has %d features, expected %d" % (len(x), self.d))
         return self._forward(params, x, _nonzero(x), 0)[2]
 
+    def scratch_len(self):
+        # The batch's gradient sums, one per parameter, laid out like the parameters.
+        return self.n_params
+
     def train(self, params, data, cfg, out=None, scratch=None):
         # Per batch of m samples, with the parameters held fixed over the batch, per sample:
         #   g_c   = p_c - ONE*[c == y]                                  (Q16.16)
@@ -93,24 +102,27 @@ class MLP(Model):
         # GW1_ij = sum dh_i x_j, Gb1_i = sum dh_i; then every parameter
         #   theta <- sat(theta - round_half_up(lr * G / (m * 2^32)))  (weights: G at 2^32)
         #   theta <- sat(theta - round_half_up(lr * G / (m * 2^16)))  (biases: G at 2^16)
-        # Sample order and batches as in SoftmaxRegression.train. `scratch` is not used (the
-        # sums take 2 410 slots: this model is for boards with the heap for it).
+        # Sample order and batches as in SoftmaxRegression.train. `out` and `scratch` (the
+        # sums, scratch_len() of them): lists a board allocates once, before its data, so that
+        # no 9.6 KB block has to be found mid-run (the result is the same without them).
         self.check_params(params)
         self.check_data(data)
         row, label, n, shift = _samples(data)
         d, h, k = self.d, self.h, self.k
-        lr = cfg.lr
+        o_b1, o_w2, o_b2 = self.o_b1, self.o_w2, self.o_b2
         p = _held(out, self.n_params, "out")
         if p is None:
             p = exact_list(params)
         elif p is not params:
             p[:] = params
-        gw1 = [0] * (h * d)  # at 2^(32 - shift): x_j = b_j << shift is summed as b_j
-        gb1 = [0] * h
-        gw2 = [0] * (k * h)
-        gb2 = [0] * k
+        gs = _held(scratch, self.n_params, "scratch")
+        if gs is None:
+            gs = [0] * self.n_params
+        else:
+            for t in range(self.n_params):
+                gs[t] = 0  # an earlier call that failed mid-batch leaves sums behind
+        # gs[:o_b1], W1's sums, are at 2^(32 - shift): x_j = b_j << shift is summed as b_j.
         for batch in batches(n, cfg):
-            m = len(batch)
             for i in batch:
                 x = row(i)
                 if not isinstance(x, list):
@@ -122,45 +134,37 @@ class MLP(Model):
                 for c in range(k):
                     gc = g[c]
                     if gc:
-                        gb2[c] += gc
-                        o = c * h
+                        gs[o_b2 + c] += gc
+                        o = o_w2 + c * h
                         for u in range(h):
                             if r[u]:
-                                gw2[o + u] += gc * r[u]
+                                gs[o + u] += gc * r[u]
                 for u in range(h):
                     if a[u] <= 0:
                         continue
                     acc = 0
                     for c in range(k):
                         if g[c]:
-                            acc += p[self.o_w2 + c * h + u] * g[c]
+                            acc += p[o_w2 + c * h + u] * g[c]
                     du = (acc + 32768) >> 16
                     if du:
-                        gb1[u] += du
+                        gs[o_b1 + u] += du
                         o = u * d
                         for j in nz:
-                            gw1[o + j] += du * x[j]
-            self._apply(p, gw1, gb1, gw2, gb2, lr, m, shift)
+                            gs[o + j] += du * x[j]
+            self._apply(p, gs, cfg.lr, len(batch), shift)
         return p
 
-    def _apply(self, p, gw1, gb1, gw2, gb2, lr, m, shift):
-        # One SGD step from the batch's sums; every sum is zeroed as it is consumed.
+    def _apply(self, p, gs, lr, m, shift):
+        # One SGD step from the batch's sums; every sum is zeroed as it is consumed. Weights'
+        # sums are at 2^32 (W1's at 2^(32 - shift)), biases' at 2^16.
         mw = m << 32
         mb = m << 16
-        lrw = lr << shift
-        for t in range(len(gw1)):
-            if gw1[t]:
-                _step(p, t, gw1[t], lrw, mw << 1, mw)
-                gw1[t] = 0
-        for i in range(len(gb1)):
-            if gb1[i]:
-                _step(p, self.o_b1 + i, gb1[i], lr, mb << 1, mb)
-                gb1[i] = 0
-        for t in range(len(gw2)):
-            if gw2[t]:
-                _step(p, self.o_w2 + t, gw2[t], lr, mw << 1, mw)
-                gw2[t] = 0
-        for c in range(len(gb2)):
-            if gb2[c]:
-                _step(p, self.o_b2 + c, gb2[c], lr, mb << 1, mb)
-                gb2[c] = 0
+        for lo, hi, num, half in ((0, self.o_b1, lr << shift, mw), (self.o_b1, self.o_w2, lr, mb),
+                                  (self.o_w2, self.o_b2, lr, mw),
+                                  (self.o_b2, self.n_params, lr, mb)):
+            for t in range(lo, hi):
+                g = gs[t]
+                if g:
+                    _step(p, t, g, num, half << 1, half)
+                    gs[t] = 0

@@ -170,6 +170,39 @@ DP_RESULTS = ("dgauss_mesh_sum_sq", "dgauss_mesh_sha256_blocks", "dgauss_2_3_sum
               "dgauss_2_3_sha256_blocks", "clip_digest", "privatize_digest")
 
 
+# The MLP (microfed.mlp, 64-32-10 = 2 410 parameters, docs/model.md): import, init and one
+# epoch over SAMPLES synthetic samples (the same as train_epoch's), and the heap it then holds
+# (module, parameters, trained copy, sums, samples).
+MLP_COST_FUNCTION = ('''
+import time, gc
+SAMPLES = @SAMPLES@
+def _mfmlpcost():''' + _PROLOGUE + '''    from microfed import model
+    m = model.get("mlp")
+    out["mlp_import"] = td(tk(), t)
+    gc.collect(); t = tk()
+    p = m.init(1)
+    out["mlp_init"] = td(tk(), t)
+    # The trained copy and the sums before the data, as a node's RoundBuffers: allocated
+    # after the samples' small lists, a 9.6 KB block is not always there (measured).
+    buf = [0] * m.n_params
+    sums = [0] * m.scratch_len()
+    r = model.XorShift32(7)
+    xs = [[(r.next() % 17) << 12 for _ in range(64)] for _ in range(SAMPLES)]
+    ys = [r.next() % 10 for _ in range(SAMPLES)]
+    cfg = model.TrainConfig(16384, 1, 10, 5)
+    gc.collect(); t = tk()
+    new = m.train(p, (xs, ys), cfg, buf, sums)
+    out["mlp_train_epoch"] = td(tk(), t)
+    out["mlp_train_digest"] = model.params_digest(new)
+    gc.collect()
+    out["mlp_live_heap"] = f0 - free()
+    return out
+''').replace("@SAMPLES@", str(SAMPLES))
+MLP_PROGRAM = MLP_COST_FUNCTION + "print(repr(_mfmlpcost()))\ndel _mfmlpcost\n"
+MLP_PHASES = ("mlp_import", "mlp_init", "mlp_train_epoch")
+MLP_RESULTS = ("mlp_train_digest",)
+
+
 def host_expectations(functions: tuple[str, ...] = (COST_FUNCTION, SECAGG_FUNCTION),
                       name: str = "_mfcost",
                       results: tuple[str, ...] = RESULTS) -> dict[str, Any]:
@@ -184,6 +217,10 @@ def host_expectations(functions: tuple[str, ...] = (COST_FUNCTION, SECAGG_FUNCTI
 
 def dp_host_expectations() -> dict[str, Any]:
     return host_expectations((DP_COST_FUNCTION,), "_mfdpcost", DP_RESULTS)
+
+
+def mlp_host_expectations() -> dict[str, Any]:
+    return host_expectations((MLP_COST_FUNCTION,), "_mfmlpcost", MLP_RESULTS)
 
 
 def measure(repl: Any, programs: tuple[str, ...] = (DEVICE_PROGRAM, SECAGG_PROGRAM),
