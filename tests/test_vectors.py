@@ -85,6 +85,24 @@ def test_aggregate_micropython(upy_results: dict, i: int) -> None:
     assert upy_results["aggregate"][i] == AGG[i]["expect"]
 
 
+def test_from_float_rounds_half_up_exactly() -> None:
+    # floor(x * 65536 + 1/2) in exact arithmetic, where adding 0.5 in floating point would
+    # round 0.49999999999999994 up to 1 (found by the Flower edge's tests, floatedge.py).
+    import math
+    from fractions import Fraction
+
+    from microfed import q16
+
+    below = math.nextafter(0.5, 0.0)
+    xs = [below, 0.5, -0.5, -below, 1.5, -1.5, math.nextafter(7.5, 0.0), 2.0 ** 20 + 0.5,
+          -(2.0 ** 20) - 0.5, math.nextafter(-0.5, 0.0)]
+    for raw in xs:
+        x = raw / 65536
+        v = Fraction(x) * 65536 + Fraction(1, 2)
+        assert q16.from_float(x) == v.numerator // v.denominator, raw
+    assert q16.from_float(below / 65536) == 0
+
+
 def test_vectors_regenerate_identically(tmp_path) -> None:
     """The committed vectors are exactly what the reference produces today."""
     before = {n: (ROOT / "tests" / "vectors" / n).read_bytes() for n in ("q16.json", "aggregate.json")}

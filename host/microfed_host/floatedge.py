@@ -3,8 +3,8 @@
 The rule is the determinism contract's edge conversion, ``raw = floor(x * 65536 + 1/2)``
 (round half up, toward +infinity), computed exactly: ``x * 65536`` is exact in float64 (a power
 of two), and the half is added by comparing the fractional part instead of adding 0.5 in
-floating point, which would round 0.49999999999999994 up to 1. Unlike ``microfed.q16.from_float``
-nothing saturates here: NaN, an infinity or a value outside [-32768, 32768 - 2^-16] raises
+floating point, which would round 0.49999999999999994 up to 1 (``microfed.q16.from_float``
+rounds the same way). Unlike ``from_float`` nothing saturates here: NaN, an infinity or a value outside [-32768, 32768 - 2^-16] raises
 ``Q16ConversionError`` carrying the value and its position, because a silently clipped weight is
 a different model. No numpy float dtype is wider than float64 here (longdouble is refused).
 """

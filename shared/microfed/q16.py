@@ -73,16 +73,19 @@ def vscale(u, k):
 
 def from_float(x):
     # Edge only (host data loading): raw = floor(x * 65536 + 0.5), saturated.
-    # Never called on a device's consensus path.
+    # Never called on a device's consensus path. Computed exactly: x * 65536 is exact (a power
+    # of two), and so are its floor and fraction, where adding 0.5 in floating point would
+    # round 0.49999999999999994 up to 1.
     import math
     if x != x:
         raise ValueError("q16.from_float: NaN")
-    y = x * ONE + 0.5
+    y = x * ONE
     if y >= MAX_RAW:
         return MAX_RAW
     if y <= MIN_RAW:
         return MIN_RAW
-    return int(math.floor(y))
+    f = math.floor(y)
+    return int(f) + (1 if y - f >= 0.5 else 0)
 
 
 def to_float(raw):
