@@ -354,7 +354,8 @@ def main_study(a: Any) -> None:
     cells = grid(splits, rules, pres, attacks, fractions, seeds, a.rounds, out, tuple(models))
     command = (f"microfed mesh study --splits {a.splits} --rules {a.rules} --pres {a.pres} "
                f"--attacks {a.attacks} --fractions {a.fractions} --seeds {a.seeds} "
-               f"--rounds {a.rounds}" + ("" if models == ["softmax"] else f" --models {a.models}"))
+               f"--rounds {a.rounds}" + ("" if models == ["softmax"] else f" --models {a.models}")
+               + ("" if a.tag == "study" else f" --tag {a.tag}"))
     if a.render_only:
         try:
             doc = json.loads((out / "results.json").read_text())
