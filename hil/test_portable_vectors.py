@@ -71,7 +71,11 @@ def _run_cases(device: Any, call: str, cases: list[Any]) -> list[Any]:
         # Raw UTF-8, not \u escapes: MicroPython's json turns an escaped astral character
         # (a surrogate pair) into two lone surrogates.
         device.repl.upload_data(json.dumps(case, ensure_ascii=False).encode(), what="case")
-        text = device.repl.exec("import json\nprint(json.dumps(%s(json.loads(_mfD))))\n"
+        # A collection first: it also sends the allocator back to the start of the heap, so
+        # what a case keeps does not end up strewn across it (measured on mps2-an385: after
+        # 51 reputation cases a 3.3 KB block was missing with 126 KB free).
+        text = device.repl.exec("import json, gc\ngc.collect()\n"
+                                "print(json.dumps(%s(json.loads(_mfD))))\n"
                                 "_mfD=None" % call, timeout=300)
         out.append(json.loads(text))
     return out
