@@ -177,6 +177,8 @@ for op, args in json.loads(sys.stdin.read()):
             out.append(hx(ed25519.public_key(a[0])))
         elif op == "sign":
             out.append(hx(ed25519.sign(a[0], a[1])))
+        elif op == "sign_pub":
+            out.append(hx(ed25519.sign(a[0], a[1], a[2])))
         elif op == "verify":
             out.append(ed25519.verify(a[0], a[1], a[2]))
         elif op == "sha512":
@@ -295,6 +297,8 @@ def test_interop_with_cryptography_cpython(seed, msg):
     sig = ed25519.sign(seed, msg)
     assert ed25519.public_key(seed) == pub
     assert sig == c_sign(seed, msg)  # Ed25519 is deterministic: byte for byte
+    # A node passes the key it checked at boot; the signature is the same bytes.
+    assert ed25519.sign(seed, msg, pub) == sig
     assert ed25519.verify(pub, msg, sig) is True
     assert c_verify(pub, msg, sig) is True
 
@@ -453,6 +457,20 @@ def test_random_bytes_never_raise(pub, msg, sig):
     assert ed25519.verify(pub, msg, sig) is c_verify(pub, msg, sig)
 
 
+@pytest.mark.parametrize("pub", [b"\x00" * 31, b"\x00" * 33, "0" * 32, 7])
+def test_sign_rejects_a_public_key_that_is_not_32_bytes(pub):
+    with pytest.raises(ValueError, match="public key must be 32 bytes"):
+        ed25519.sign(bytes(32), b"abc", pub)
+
+
+def test_a_wrong_public_key_gives_a_signature_that_does_not_verify():
+    # Not checked (that would cost what passing it saves), but never a valid signature.
+    seed, other = bytes(range(32)), bytes(range(1, 33))
+    sig = ed25519.sign(seed, b"abc", c_pub(other))
+    assert c_verify(c_pub(seed), b"abc", sig) is False
+    assert c_verify(c_pub(other), b"abc", sig) is False
+
+
 def test_bytearray_inputs_are_accepted():
     seed = bytes(range(32))
     pub, sig = c_pub(seed), c_sign(seed, b"abc")
@@ -469,6 +487,8 @@ def test_bytearray_inputs_are_accepted():
 def test_sign_and_public_key_reject_bad_arguments(seed, msg, exc):
     with pytest.raises(exc):
         ed25519.sign(seed, msg)
+    with pytest.raises(exc):
+        ed25519.sign(seed, msg, bytes(32))
     if not isinstance(msg, str):
         with pytest.raises(exc):
             ed25519.public_key(seed)
@@ -515,13 +535,15 @@ def test_micropython_signatures_verify_with_cryptography(micropython, tmp_path):
     for seed, msg in cases:
         ops.append(["pub", [H(seed)]])
         ops.append(["sign", [H(seed), H(msg)]])
+        ops.append(["sign_pub", [H(seed), H(msg), H(c_pub(seed))]])
     res = run_mp(micropython, tmp_path, ops)
     rng = random.Random(34)
     for i, (seed, msg) in enumerate(cases):
-        pub, sig = bytes.fromhex(res[2 * i]), bytes.fromhex(res[2 * i + 1])
+        pub, sig = bytes.fromhex(res[3 * i]), bytes.fromhex(res[3 * i + 1])
         assert pub == c_pub(seed)
         assert c_verify(pub, msg, sig) is True
         assert sig == c_sign(seed, msg)
+        assert bytes.fromhex(res[3 * i + 2]) == sig  # the key passed in: the same bytes
         for j in range(3):
             what, p2, m2, s2 = mutate(rng, i + j, pub, msg, sig)
             assert c_verify(p2, m2, s2) is False, (what, i)

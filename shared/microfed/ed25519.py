@@ -322,24 +322,35 @@ def public_key(seed):
     return _encode(X, Y, Z)
 
 
-def sign(seed, msg):
-    """The 64-byte signature R || S of bytes ``msg`` under a 32-byte seed (RFC 8032 5.1.6)."""
+def sign(seed, msg, pub=None):
+    """The 64-byte signature R || S of bytes ``msg`` under a 32-byte seed (RFC 8032 5.1.6).
+    ``pub``: the seed's public key, when the caller holds it (a node checks it against its
+    seed once, at boot): the signature is the same, without the scalar multiplication that
+    would derive it again (a third of a signature's instructions on the Cortex-M3: the
+    public_key and sign rows of docs/boards.md). A ``pub`` that is not the seed's gives a signature that does not verify;
+    it is never checked here, because checking costs what passing it saves."""
     if not isinstance(msg, (bytes, bytearray)):
         raise TypeError("message must be bytes")
+    if pub is not None and (not isinstance(pub, (bytes, bytearray)) or len(pub) != 32):
+        raise ValueError("Ed25519 public key must be 32 bytes")
     p = _P
     a, prefix = _expand(seed)
     msg = bytes(msg)
     r = int.from_bytes(sha512(prefix + msg), "little") % _L
-    AX, AY, AZ = _mul_base(a % _L)
     RX, RY, RZ = _mul_base(r)
-    # One inversion for both encodings.
-    i = _inv(AZ * RZ % p)
-    ai = i * RZ % p
-    ri = i * AZ % p
-    ax = AX * ai % p
-    rx = RX * ri % p
-    pub = ((AY * ai % p) | ((ax & 1) << 255)).to_bytes(32, "little")
-    rs = ((RY * ri % p) | ((rx & 1) << 255)).to_bytes(32, "little")
+    if pub is None:
+        AX, AY, AZ = _mul_base(a % _L)
+        # One inversion for both encodings.
+        i = _inv(AZ * RZ % p)
+        ai = i * RZ % p
+        ri = i * AZ % p
+        ax = AX * ai % p
+        rx = RX * ri % p
+        pub = ((AY * ai % p) | ((ax & 1) << 255)).to_bytes(32, "little")
+        rs = ((RY * ri % p) | ((rx & 1) << 255)).to_bytes(32, "little")
+    else:
+        pub = bytes(pub)
+        rs = _encode(RX, RY, RZ)
     k = int.from_bytes(sha512(rs + pub + msg), "little") % _L
     s = (r + k * a) % _L
     return rs + s.to_bytes(32, "little")

@@ -97,6 +97,9 @@ class RoundCase:
         store (files in the directory `store`, else RAM)."""
         self.begin()
         self.seed = bytes.fromhex(seed_hex)
+        # As a node's boot does (it checks its bundle's key against the seed): each signature
+        # then takes the key instead of deriving it again.
+        self.pub = ed25519.public_key(self.seed)
         self.coord = bytes.fromhex(coord_hex)
         self.mesh_id = wire.mesh_id(mesh)
         self.clock = clock
@@ -119,7 +122,7 @@ class RoundCase:
     def _sign(self, kind, round_, payload):
         self.seq += 1
         return wire.encode(kind, self.mesh_id, self.node_id, round_, self.seq, self.clock,
-                           payload, lambda m: ed25519.sign(self.seed, m))
+                           payload, lambda m: ed25519.sign(self.seed, m, self.pub))
 
     def on_global(self, train):
         """Step 1 (and 5 when the global announces the last round), then 2 and 3."""
@@ -161,7 +164,7 @@ class RoundCase:
         self.begin()
         self.seq += 1
         frame = noderound.update_frame(self.mesh_id, self.node_id, r, self.seq, self.clock,
-                                       self.data.n, delta, lambda m: ed25519.sign(self.seed, m),
+                                       self.data.n, delta, lambda m: ed25519.sign(self.seed, m, self.pub),
                                        self.rb.frame)
         delta = None
         fh = hashlib.sha256(frame).digest()
