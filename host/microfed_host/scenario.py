@@ -39,6 +39,7 @@ MAX_TIMEOUT_S = 7 * 86400.0
 # under test are 64 KB gossip, 32 KB coordinated); 64 MB is far beyond any MCU (the point of
 # unix32 is an MCU's constraints).
 UNIX32_HEAP_RANGE = (16 * 1024, 64 * 1024 * 1024)
+M3_HEAP_RANGE = (16 * 1024, 4 * 1024 * 1024)  # what microfed_tools.firmware builds
 # Secure aggregation's per-node L2 clip bound (raw Q16.16): 16.0, above every delta of the
 # digits model at the default lr (docs/privacy.md, "Clipping", measured there).
 DEFAULT_CLIP_L2 = 16 << 16
@@ -117,6 +118,9 @@ class Scenario:
     # in node order; one entry without a count takes the rest. mqtt transport only.
     boards: str = "unix"
     unix32_heap: int = DEFAULT_UNIX32_HEAP  # -X heapsize= of the unix32 nodes, bytes
+    # The MicroPython heap of the mps2-an385 nodes' firmware (`microfed firmware build --heap`),
+    # bytes; 0: the board profile's build (138 000 B).
+    m3_heap: int = 0
     privacy: str = "none"  # microfed_host.privacy.PRIVACY_MODES
     # [dp] (privacy = "dp"): a target epsilon over the whole run at dp_delta, or a noise
     # multiplier z (sigma = z * clip_norm); clip_norm in model units (converted at the edge).
@@ -235,6 +239,10 @@ class Scenario:
                             f"{serial[0]} nodes do not survive yet (QEMU's UART has no Ctrl-C: "
                             "their RAM disk would go with the emulator); use unix or unix32")
         self.unix32_heap = parse_heap(self.unix32_heap)
+        if self.m3_heap != 0:
+            self.m3_heap = parse_heap(self.m3_heap, "m3_heap", M3_HEAP_RANGE)
+            if self.m3_heap % 1024:
+                raise MeshError(f"m3_heap must be a multiple of 1024 bytes, got {self.m3_heap}")
         self._check_privacy()
         if not isinstance(self.reputation, dict):
             raise MeshError("[reputation] must be a table")
@@ -394,7 +402,8 @@ def parse_boards(spec: Any, honest: int) -> list[tuple[str, int]]:
     return [(k, honest - given if n < 0 else n) for k, n in out]
 
 
-def parse_heap(v: Any) -> int:
+def parse_heap(v: Any, name: str = "unix32_heap",
+               limits: tuple[int, int] = UNIX32_HEAP_RANGE) -> int:
     """A heap size in bytes: an integer, or a string with a k/m suffix (\"512k\")."""
     n: int | None = None
     if isinstance(v, int) and not isinstance(v, bool):
@@ -405,14 +414,14 @@ def parse_heap(v: Any) -> int:
         digits = t[:-1] if mult > 1 else t
         if digits.isdigit():
             n = int(digits) * mult
-    lo, hi = UNIX32_HEAP_RANGE
+    lo, hi = limits
     if n is None or not lo <= n <= hi:
-        raise MeshError(f"unix32_heap must be bytes (or \"512k\", \"1m\") in "
+        raise MeshError(f"{name} must be bytes (or \"512k\", \"1m\") in "
                         f"{lo // 1024}k..{hi // (1024 * 1024)}m, got {v!r}")
     return n
 
 
-_TOP = {"boards", "unix32_heap", "chaos", "name", "description", "honest", "rule", "f", "m", "trim", "pre", "bucket", "model", "rounds", "mode", "seed",
+_TOP = {"boards", "unix32_heap", "m3_heap", "chaos", "name", "description", "honest", "rule", "f", "m", "trim", "pre", "bucket", "model", "rounds", "mode", "seed",
         "crosscheck", "deadline_s", "round_min_s", "split", "alpha", "max_samples", "attackers", "train",
         "data", "reputation", "allow_more_byzantine", "privacy", "dp",
         "clip_l2"}
@@ -452,7 +461,8 @@ def load_scenario(path: Path) -> Scenario:
     try:
         for k in ("name", "description", "honest", "rule", "f", "m", "trim", "pre", "bucket",
                   "model", "rounds", "mode", "seed", "crosscheck", "deadline_s", "round_min_s", "split", "alpha", "max_samples",
-                  "allow_more_byzantine", "boards", "unix32_heap", "privacy", "clip_l2"):
+                  "allow_more_byzantine", "boards", "unix32_heap", "m3_heap", "privacy",
+                  "clip_l2"):
             if k in doc:
                 setattr(sc, k, doc[k])
         dpt = doc.get("dp", {})
@@ -522,7 +532,8 @@ def apply_overrides(sc: Scenario, a: Any) -> Scenario:
     updates, leave f alone."""
     for k in ("honest", "rule", "f", "pre", "bucket", "model", "rounds", "mode", "split", "alpha",
               "seed",
-              "crosscheck", "max_samples", "boards", "unix32_heap", "privacy", "clip_l2"):
+              "crosscheck", "max_samples", "boards", "unix32_heap", "m3_heap", "privacy",
+              "clip_l2"):
         v = getattr(a, k, None)
         if v is not None:
             setattr(sc, k, v)

@@ -5,7 +5,7 @@
                         [--rounds R] [--mode coordinated|gossip]
                         [--split iid|dirichlet] [--alpha A] [--seed S] [--out DIR]
                         [--crosscheck always|sampled:N|off] [--transport mqtt|inproc]
-                        [--boards unix32:8,mps2-an385:2] [--unix32-heap 512k]
+                        [--boards unix32:8,mps2-an385:2] [--unix32-heap 512k] [--m3-heap 72k]
                         [--broker auto|mosquitto|amqtt|HOST:PORT]
                         [--privacy none|dp|secagg|secagg+dp]
                         [--dp-epsilon E | --dp-noise-multiplier Z]
@@ -134,11 +134,13 @@ def board_launchers(sc: Any) -> dict[str, Any]:
         if kind == "unix":
             continue
         try:
-            image = firmware.build(kind, say=lambda m: print(m, file=sys.stderr))
+            heap = (sc.m3_heap or None) if kind == "mps2-an385" else None
+            image = firmware.build(kind, say=lambda m: print(m, file=sys.stderr), heap=heap)
             if kind == "mps2-an385":
                 from microfed_tools import emunode
 
-                out[kind] = emunode.launcher(kind)  # QEMU + RAM disk + serial bridge
+                # QEMU + RAM disk + serial bridge
+                out[kind] = emunode.launcher(kind, image=str(image) if heap else None)
             else:
                 out[kind] = nodeproc.unix32_launcher(image, sc.unix32_heap)
         except (firmware.FirmwareError, nodeproc.NodeError) as e:
@@ -230,6 +232,9 @@ def register(subparsers: Any) -> None:
                    "count takes the rest (e.g. unix32:8,mps2-an385:2 or unix32); mqtt only")
     r.add_argument("--unix32-heap", dest="unix32_heap",
                    help="-X heapsize= of the unix32 nodes (default 512k)")
+    r.add_argument("--m3-heap", dest="m3_heap",
+                   help="MicroPython heap of the mps2-an385 nodes' firmware, built for it "
+                   "(e.g. 72k; default: the board profile's build, 138 000 B)")
     r.add_argument("--transport", choices=("mqtt", "inproc"), default="mqtt",
                    help="mqtt: broker + MicroPython processes (default); inproc: one CPython process")
     r.add_argument("--clip-l2", dest="clip_l2", type=int, metavar="RAW",
