@@ -221,6 +221,10 @@ class Node:
         me = reg.lookup(self.node_id)
         if me is None or me[0] != bundle.public_key or not me[1]:
             raise ValueError("bundle: this node is not an active registry member with its key")
+        # The registry's retained copy arrives after every (re)connect, byte for byte the frame
+        # checked here: recognised by its hash, it costs no second Ed25519 verification (whose
+        # long-int temporaries, right after boot, strew the heap: docs/boards.md).
+        self.registry_sha = _sha(bundle.registry_frame)
 
         # DP (config "dp"): local DP clips and noises every delta before it is signed; with
         # privacy secagg (distributed DP) the Client adds the noise share before masking.
@@ -432,12 +436,17 @@ class Node:
             self.duplicates += 1  # our own echo, or a redelivery
 
     def on_registry(self, msg):
+        h = _sha(msg)
+        if h == self.registry_sha:
+            self.duplicates += 1
+            return
         reg = load_registry_frame(msg, self.mesh_id, self.b.coordinator_key, ed25519.verify)
         if reg.version <= self.registry.version:
             self.duplicates += 1
             return
         old = self.registry
         self.registry = reg
+        self.registry_sha = h
         # A peer re-enrolled with a new key starts a new counter epoch: forget its counters
         # (frames signed with its old key can never verify again).
         rekeyed = []

@@ -19,18 +19,33 @@ from microfed_host import upy
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+def dirty_buffers(n: int, chunk: int) -> list:
+    """colagg.buffers as a node reuses them: full of another round's values."""
+    cols = colagg.buffers(n, chunk)
+    for k, c in enumerate(cols):
+        for x in range(chunk):
+            c[x] = (-1) ** x * (2**31 - 1 - k)
+    return cols
+
+
 def check(rule: str, ids: list[str], rows: list[list[int]], params: dict, chunk: int) -> None:
+    n = len(rows)
+    # None: run() allocates; enough dirty buffers (a node's, reused); too few (it allocates).
+    variants = [None, dirty_buffers(n + 2, chunk), dirty_buffers(max(0, n - 1), chunk)]
     try:
         ref = audit.run(rule, ids, rows, params)
     except AggregationError as e:
-        with pytest.raises(AggregationError) as got:
-            colagg.run(rule, ids, noderound.list_reader(rows), len(rows[0]), params, chunk)
-        assert str(got.value) == str(e)
+        for cols in variants:
+            with pytest.raises(AggregationError) as got:
+                colagg.run(rule, ids, noderound.list_reader(rows), len(rows[0]), params, chunk,
+                           cols)
+            assert str(got.value) == str(e)
         return
-    digest, selected = colagg.run(rule, ids, noderound.list_reader(rows), len(rows[0]), params,
-                                  chunk)
-    assert digest.hex() == ref["digest"], (rule, chunk)
-    assert selected == ref.get("selected"), (rule, chunk)
+    for k, cols in enumerate(variants):
+        digest, selected = colagg.run(rule, ids, noderound.list_reader(rows), len(rows[0]),
+                                      params, chunk, cols)
+        assert digest.hex() == ref["digest"], (rule, chunk, k)
+        assert selected == ref.get("selected"), (rule, chunk, k)
 
 
 @SETTINGS

@@ -414,6 +414,49 @@ def test_any_exception_in_a_handler_is_a_counted_rejection(micropython: str,
     assert "microfed/%s/update/node-01" % MESH in done["sent"]
 
 
+REGISTRY_COPY_SCRIPT = NODE_PRELUDE + r"""
+from microfed import ed25519
+checks = [0]
+real_verify = ed25519.verify
+
+def counting_verify(pub, msg, sig):
+    checks[0] += 1
+    return real_verify(pub, msg, sig)
+
+ed25519.verify = counting_verify
+nd = nodemod.Node(bundle, cfg, shard, T(), H(), lambda ev: None)
+at_boot = checks[0]
+f = open(d + "/again.bin", "rb"); again = f.read(); f.close()
+nd.on_message(nd.t_registry, bundle.registry_frame)   # the retained copy, byte for byte
+copy = [checks[0] - at_boot, nd.duplicates]
+nd.on_message(nd.t_registry, again)                   # same version, other bytes: checked
+print(json.dumps({"copy": copy, "again": [checks[0] - at_boot, nd.duplicates],
+                  "rejected": nd.counters()["rejected"]}))
+"""
+
+
+def test_the_retained_registry_copy_costs_no_signature_check(micropython: str,
+                                                             tmp_path: Path) -> None:
+    # After every (re)connect the broker hands the node the registry it booted with; the
+    # same bytes are a duplicate without an Ed25519 verification. Other bytes are checked.
+    import hashlib
+
+    from microfed_host import keys
+
+    mid, coord, _n = _one_node_dir(tmp_path)
+    me = hashlib.sha256(b"n").digest()
+    again = wire.encode(wire.REGISTRY, mid, wire.COORDINATOR, 0, 2, 0,
+                        wire.encode_registry(mid, 1, keys.public_key(coord),
+                                             [("node-01", keys.public_key(me), True)]),
+                        keys.signer(coord))
+    (tmp_path / "again.bin").write_bytes(again)
+    (tmp_path / "r.py").write_text(REGISTRY_COPY_SCRIPT)
+    out = upy.run([str(tmp_path / "r.py"), str(tmp_path)],
+                  path=[ROOT / "shared", FIRMWARE, FIRMWARE / "lib"])
+    got = json.loads(out.splitlines()[-1])
+    assert got == {"copy": [0, 1], "again": [1, 2], "rejected": {}}
+
+
 def test_bad_files_stop_boot_with_a_reason(micropython: str, mesh: dict[str, Any]) -> None:
     d = node_dir(mesh, "node-01", "bad")
     (d / "config.json").write_text('{"mode": "sideways"}')

@@ -364,7 +364,9 @@ class Peers:
             raise ValueError("peer check %r is not one of %s" % (check, ", ".join(PEER_CHECKS)))
         # The aggregation modules now, at boot, rather than mid-run on a fragmented heap; a
         # coordinated node, which has no Peers, never imports them (~0.8 KB on a 32-bit port).
-        from microfed import colagg  # noqa: F401
+        # So are the aggregation's column buffers, one per registered node (colagg.buffers).
+        from microfed import colagg
+        self.cols = colagg.buffers(len(registry.nodes))
         self.check = check
         self.check_sig = check_sig
         self.per_sender = per_sender
@@ -387,6 +389,11 @@ class Peers:
 
     def set_registry(self, reg, rekeyed=()):
         self.verifier.registry = reg
+        if len(reg.nodes) > len(self.cols):
+            # Now, with the registry, rather than in the round's aggregation.
+            from microfed import colagg
+
+            self.cols = colagg.buffers(len(reg.nodes))
         store = self.verifier.guard.store
         if isinstance(store, MemoryStore):
             for k in list(store.counters.keys()):
@@ -504,17 +511,19 @@ class Peers:
         def read_into(i, start, count, out):
             vec.read_into(slots[i], start, count, out)
 
-        return announced_digest(body, ids, read_into, self.verifier.limits.dim, weights), ids
+        return announced_digest(body, ids, read_into, self.verifier.limits.dim, weights,
+                                self.cols), ids
 
 
-def announced_digest(body, ids, read_into, d, weights):
+def announced_digest(body, ids, read_into, d, weights, cols=None):
     """The digest of the aggregate a GLOBAL_MODEL announces (`body`: its decoded payload),
-    over the updates `ids` in announced order, update i read by read_into (microfed.colagg)."""
+    over the updates `ids` in announced order, update i read by read_into (microfed.colagg;
+    `cols`: its column buffers, allocated once by the caller)."""
     from microfed import colagg  # gossip only: Peers imported it at boot
 
     rule = body["rule"]
     return colagg.run(rule, ids, read_into, d,
-                      wire.rule_params(rule, body["p1"], body["p2"], weights))[0]
+                      wire.rule_params(rule, body["p1"], body["p2"], weights), cols=cols)[0]
 
 
 def list_reader(vecs):
