@@ -96,6 +96,7 @@ ERR_NO_UPDATE = 4201  # the node sent no valid update in time
 ERR_BAD_MODEL = 4202  # the ServerApp's arrays cannot be the node's Q16.16 model
 ERR_MAPPING = 4203  # no MQTT node for this Flower node
 ERR_TRANSPORT = 4204  # the broker cannot be reached
+ERR_INTERNAL = 4200  # anything else that went wrong in the bridge (the reason names it)
 
 
 class BridgeError(RuntimeError):
@@ -363,6 +364,10 @@ def train(msg: Message, context: Context) -> Message:
     except BridgeError as e:
         log.error("%s", e)
         return Message(error=Error(code=e.code, reason=str(e)), reply_to=msg)
+    except Exception as e:  # a fault of the bridge itself: an error reply, not a dead actor
+        log.exception("the bridge failed on a train message")
+        return Message(error=Error(code=ERR_INTERNAL, reason=f"{type(e).__name__}: {e}"),
+                       reply_to=msg)
     return Message(content=content, reply_to=msg)
 
 
