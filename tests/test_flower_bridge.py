@@ -260,6 +260,19 @@ def test_a_silent_node_is_an_error_not_a_hang(mesh: Path) -> None:
     assert "node node-02 sent no valid update for round 1 within 1 s" in str(ei.value)
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--nodes", "4", "--f", "1"], "needs --nodes >= 2f + 3 = 5, got 4"),
+    (["--rounds", "0"], "--rounds must be in 1..10000, got 0"),
+    (["--timeout", "0"], "--timeout must be in (0, 3600] seconds"),
+    (["--max-samples", "-1"], "--max-samples must be >= 0"),
+])
+def test_the_command_refuses_bad_flags_in_one_line(args: list[str], needle: str) -> None:
+    from conftest import run_microfed
+
+    r = run_microfed("flower-bridge", *args, timeout=60)
+    assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
 # --- from the dev venv ----------------------------------------------------------------------
 
 @pytest.mark.skipif(HAVE_FLWR, reason="flwr is in this venv: the tests above ran here")
