@@ -27,6 +27,15 @@ HAVE_RAY = importlib.util.find_spec("ray") is not None
 needs_flwr = pytest.mark.skipif(not HAVE_FLWR, reason="flwr >= 1.42 not in this venv "
                                 "(test_in_flower_venv runs these in .venv-flower)")
 NODES, ROUNDS, F = 4, 3, 0
+JUNK = b"MF" + bytes(range(40))  # no frame: what the verifier's decode step says of it below
+
+
+def _junk_reason() -> str:
+    try:
+        wire.decode(JUNK)
+    except wire.WireError as e:
+        return e.reason
+    raise AssertionError("JUNK decodes")
 
 
 def _need_mesh_parts(micropython: bool = True) -> None:
@@ -52,9 +61,10 @@ def _login(mesh_dir: Path, user: str) -> Any:
 
 def _hostile(out: Path, host: str, port: int, mesh: str) -> None:
     """Retained frames every round's subscription to these update topics gets first:
-    node-01's topic a forgery (a key that is not node-01's), node-03's a frame node-02 really
-    signed (a high counter: were it checked, node-02's own updates would be replays), node-04's
-    node-04's own frame of round 0 (late). Each published with that topic owner's login."""
+    node-01's topic a forgery (a key that is not node-01's), node-02's bytes that are no frame,
+    node-03's a frame node-02 really signed (a high counter: were it checked, node-02's own
+    updates would be replays), node-04's node-04's own frame of round 0 (late). Each
+    published with that topic owner's login."""
     from microfed_host import keys
     from microfed_host.provision import MeshDir
 
@@ -68,6 +78,7 @@ def _hostile(out: Path, host: str, port: int, mesh: str) -> None:
 
     plan = {
         "node-01": frame("node-01", os.urandom(32), 1, 5),
+        "node-02": JUNK,
         "node-03": frame("node-02", keys.read_private_key(md.node_key("node-02")), 1, 1 << 40),
         "node-04": frame("node-04", keys.read_private_key(md.node_key("node-04")), 0, 1 << 40),
     }
@@ -152,9 +163,10 @@ def test_hostile_frames_are_rejected_with_their_reason_and_counted(
     s, out = bridged["summary"], bridged["out"]
     # One of each per round; the honest update still arrived every round (n == NODES), and
     # node-02's counter was not used up by its frame on node-03's topic.
-    assert s["rejected"] == {"bad_signature": ROUNDS, "topic_sender_mismatch": ROUNDS,
-                             "stale_round": ROUNDS}
-    expect = {"node-01": "bad_signature", "node-03": "topic_sender_mismatch",
+    junk = _junk_reason()
+    assert s["rejected"] == {"bad_signature": ROUNDS, junk: ROUNDS,
+                             "topic_sender_mismatch": ROUNDS, "stale_round": ROUNDS}
+    expect = {"node-01": "bad_signature", "node-02": junk, "node-03": "topic_sender_mismatch",
               "node-04": "stale_round"}
     for r in range(1, ROUNDS + 1):
         for node, reason in expect.items():
@@ -241,23 +253,28 @@ def test_what_cannot_be_relayed_is_an_error_reply(mesh: Path, arrays: dict, node
 
 
 @needs_flwr
-def test_a_silent_node_is_an_error_not_a_hang(mesh: Path) -> None:
+def test_a_silent_node_is_an_error_reply_not_a_hang(mesh: Path) -> None:
     _need_mesh_parts(micropython=False)
-    from microfed_host import brokerauth
+    from flwr.app import Context, RecordDict
+
+    from microfed_host import brokerauth, flowerbridge
     from microfed_host.broker import broker_from_arg
-    from microfed_host.flowerbridge import ERR_NO_UPDATE, Bridge, BridgeError
 
     brk = broker_from_arg("mosquitto", workdir=mesh / "broker",
                           auth_dir=mesh / "mesh" / brokerauth.BROKER_DIR)
     brk.start()
+    os.environ[flowerbridge.CONFIG_ENV] = str(mesh / flowerbridge.CONFIG_NAME)
     try:
-        bridge = Bridge(_config(mesh, brk.address, timeout_s=1.0))
-        with pytest.raises(BridgeError) as ei:
-            bridge.relay("node-02", 1, bridge.global_frame(1, [0] * 650))
+        _config(mesh, brk.address, timeout_s=1.0)
+        ctx = Context(run_id=1, node_id=77, node_config={"partition-id": 1},
+                      state=RecordDict(), run_config={})
+        reply = flowerbridge.train(_message({"params": np.zeros(650)}), ctx)
     finally:
+        del os.environ[flowerbridge.CONFIG_ENV]
         brk.close()
-    assert ei.value.code == ERR_NO_UPDATE
-    assert "node node-02 sent no valid update for round 1 within 1 s" in str(ei.value)
+    assert reply.has_error() and reply.error.code == flowerbridge.ERR_NO_UPDATE
+    assert ("node node-02 sent no valid update for round 1 within 1 s (frames rejected: none)"
+            in str(reply.error.reason)), reply.error.reason
 
 
 @pytest.mark.parametrize("args, needle", [

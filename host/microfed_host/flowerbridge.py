@@ -283,7 +283,7 @@ class Bridge:
 
 
 def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)  # several processes write the same global: atomically, whole
 
@@ -452,13 +452,22 @@ def run(out: Path, nodes: int = 4, rounds: int = 3, f: int = 0, seed: int = 1,
         say(f"  started {len(ids)} MicroPython nodes; partition-id i -> "
             + ", ".join(f"{i}: {n}" for i, n in enumerate(ids)))
         # The ClientApps run in Ray's worker processes: they find the bridge and microfed
-        # through the environment they inherit.
-        os.environ[CONFIG_ENV] = str(out / CONFIG_NAME)
+        # through the environment they inherit (set for the simulation, then put back).
         parts = [str(REPO / p) for p in ("shared", "host", "tools")]
-        os.environ["PYTHONPATH"] = os.pathsep.join(parts + [os.environ.get("PYTHONPATH", "")])
-        os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # offline: no usage events
-        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's FutureWarning
-        result = _simulate(cfg, sc, out, say)
+        env = {CONFIG_ENV: str(out / CONFIG_NAME),
+               "PYTHONPATH": os.pathsep.join(parts + [os.environ.get("PYTHONPATH", "")]),
+               "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
+               "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}  # else Ray warns about GPUs
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            result = _simulate(cfg, sc, out, say)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         bridge = Bridge(cfg)
         final = bridge.global_frame(rounds + 1, result["final_raw"], final=True)
         bridge.publish_global(final)
