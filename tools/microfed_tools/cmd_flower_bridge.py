@@ -8,8 +8,8 @@ Starts the MQTT broker, provisions a mesh of --nodes nodes, starts one MicroPyth
 node per mesh node (the firmware `microfed mesh run` runs), and runs a ServerApp with
 ExactKrum(f) for --rounds rounds in Flower's simulation engine. Every virtual SuperNode runs
 the bridge's ClientApp (microfed_host.flowerbridge), which relays its round to one MQTT node:
-partition-id i fronts the i-th node (n00, n01, ...). Prints each round's digest, which
-`microfed aggregate` recomputes from OUT/flower-audit/round-NNNN.json (docs/flower.md).
+partition-id i fronts node i + 1 (0: node-01, 1: node-02, ...). Prints each round's digest,
+which `microfed aggregate` recomputes from OUT/flower-audit/round-NNNN.json (docs/flower.md).
 
 Needs Flower 1.42 with its simulation engine (ray): `pip install microfed[flower-dev]`, or run
 it as `./dev flower-bridge ...` (the .venv-flower venv).
