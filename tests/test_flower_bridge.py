@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,34 @@ def test_every_process_signs_the_same_global_and_a_node_accepts_it(mesh: Path) -
                                 ed25519.verify, guard, 2, 650, cfg.epoch + 5)
     assert fr.round == 3 and fr.seq == 3 and fr.body["values"] == params
     assert not fr.body["final"] and a.global_frame(4, params, final=True) != fa
+
+
+@needs_flwr
+def test_the_recorded_update_again_is_the_same_answer_and_a_new_one_a_replay(
+        mesh: Path) -> None:
+    """A node answers every copy of a global with the same signed update: once accepted and
+    recorded, those bytes are the round's answer again (a round asked twice gets it), while
+    another frame with that counter is a replay."""
+    from microfed_host import keys
+    from microfed_host.flowerbridge import Bridge
+    from microfed_host.provision import MeshDir
+
+    bridge = Bridge(_config(mesh))
+    sign = keys.signer(keys.read_private_key(MeshDir(mesh / "mesh").node_key("node-02")))
+    mid = wire.mesh_id("bridge-test")
+    now = int(time.time())
+    first = bytes(wire.encode_update(mid, "node-02", 1, 7, now, 60, [3] * 650, sign))
+    got = bridge._check("node-02", 1, first, {})
+    assert got is not None and got.delta == [3] * 650 and got.samples == 60
+    bridge.record(got, bridge.global_frame(1, [0] * 650), 77)
+    rejected: dict[str, int] = {}
+    again = bridge._check("node-02", 1, first, rejected)
+    assert again is not None and again.sha256 == got.sha256 and rejected == {}
+    other = bytes(wire.encode_update(mid, "node-02", 1, 7, now, 60, [4] * 650, sign))
+    assert bridge._check("node-02", 1, other, rejected) is None
+    assert rejected == {"replay": 1}
+    assert bridge._check("node-02", 2, first, rejected) is None  # a late copy in round 2
+    assert rejected == {"replay": 2}
 
 
 def _message(arrays: dict[str, np.ndarray], server_round: int = 1) -> Any:

@@ -149,6 +149,13 @@ class Relayed:
     def sha256(self) -> str:
         return hashlib.sha256(self.frame).hexdigest()
 
+    @classmethod
+    def of(cls, node: str, round_: int, raw: bytes, fr: wire.Frame,
+           rejected: dict[str, int]) -> Relayed:
+        """From the update frame `raw`, decoded as `fr`."""
+        return cls(node, round_, bytes(raw), int(fr.body["samples"]),
+                   [int(v) for v in fr.body["values"]], rejected)
+
 
 class Bridge:
     """One process's side of the bridge: the coordinator's signer, the registry, the verifier
@@ -248,6 +255,11 @@ class Bridge:
     def _check(self, node: str, round_: int, raw: bytes, rejected: dict[str, int]
                ) -> Relayed | None:
         sha = hashlib.sha256(raw).hexdigest()
+        if self._recorded(node, round_) == raw:
+            # The update this bridge accepted and recorded for this round, sent again (the
+            # node answers every copy of the global): the same answer, not a replay. A train
+            # message for a round asked again (Flower retrying) gets it too.
+            return Relayed.of(node, round_, raw, wire.decode(raw), rejected)
         try:
             claimed = wire.decode(raw, values=False).sender
         except Exception:  # undecodable: the verifier below names what is wrong with it
@@ -266,14 +278,22 @@ class Bridge:
             log.warning("round %d: rejected a frame on update/%s: %s: %s (sha256 %s)",
                         round_, node, e.reason, e.message, sha[:16])
             return None
-        return Relayed(node, round_, bytes(raw), int(fr.body["samples"]),
-                       [int(v) for v in fr.body["values"]], rejected)
+        return Relayed.of(node, round_, raw, fr, rejected)
 
     # -- the records ---------------------------------------------------------------------
+    def _dir(self, round_: int) -> Path:
+        return self.state / "rounds" / ("round-%04d" % round_)
+
+    def _recorded(self, node: str, round_: int) -> bytes | None:
+        try:
+            return (self._dir(round_) / f"{node}.bin").read_bytes()
+        except OSError:
+            return None
+
     def record(self, got: Relayed, global_frame: bytes, flower_node: int) -> None:
         """state_dir/rounds/round-NNNN/: global.bin, <node>.bin (the update frame as it came)
         and <node>.json (Flower node id, SHA-256, samples, rejections)."""
-        d = self.state / "rounds" / ("round-%04d" % got.round)
+        d = self._dir(got.round)
         d.mkdir(parents=True, exist_ok=True)
         _write(d / "global.bin", global_frame)
         _write(d / f"{got.node}.bin", got.frame)
