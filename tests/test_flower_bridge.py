@@ -312,11 +312,13 @@ def test_a_silent_node_is_an_error_reply_not_a_hang(mesh: Path) -> None:
     (["--timeout", "0"], "--timeout must be in (0, 3600] seconds"),
     (["--max-samples", "-1"], "--max-samples must be >= 0"),
 ])
-def test_the_command_refuses_bad_flags_in_one_line(args: list[str], needle: str) -> None:
-    from conftest import run_microfed
+def test_the_command_refuses_bad_flags_in_one_line(args: list[str], needle: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from microfed_tools import cli as cli_mod
 
-    r = run_microfed("flower-bridge", *args, timeout=60)
-    assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert cli_mod.main(["flower-bridge", *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err
 
 
 # --- from the dev venv ----------------------------------------------------------------------
