@@ -380,7 +380,8 @@ def train(msg: Message, context: Context) -> Message:
         if not path:
             raise BridgeError(ERR_MAPPING, f"${CONFIG_ENV} is not set: it names the bridge's "
                               f"{CONFIG_NAME} (microfed flower-bridge writes it)")
-        content = train_reply(_bridge(path, threading.get_ident()), msg, dict(context.node_config))
+        bridge = _bridge(path, threading.get_ident())
+        content = train_reply(bridge, msg, dict(context.node_config))
     except BridgeError as e:
         log.error("%s", e)
         return Message(error=Error(code=e.code, reason=str(e)), reply_to=msg)
@@ -397,8 +398,8 @@ def audit_request(state_dir: Path, round_: int, rule: str, params: dict[str, Any
                   name: Callable[[dict[str, Any]], str] = lambda d: "%020d" % d["flower_node"]
                   ) -> dict[str, Any]:
     """Round `round_`'s aggregation as `microfed aggregate` takes it, rebuilt from what the
-    bridge recorded: every update frame verified again against the registry's key (no
-    counters: the record is the past), its delta added to the recorded global. `name` gives
+    bridge recorded: the global and every update frame verified again against the registry's
+    keys (no counters: the record is the past), each delta added to the global. `name` gives
     each update's node id as the strategy named it (ExactKrum: the Flower node id)."""
     from microfed_host.keys import check_signature
 
@@ -406,6 +407,10 @@ def audit_request(state_dir: Path, round_: int, rule: str, params: dict[str, Any
     mesh_dir = Path(BridgeConfig.load(Path(state_dir).parent / CONFIG_NAME).mesh_dir)
     reg = MeshDir(mesh_dir).load()[2].portable()
     g = wire.decode((d / "global.bin").read_bytes())
+    if (g.kind != wire.GLOBAL_MODEL or g.sender != wire.COORDINATOR or g.round != round_
+            or not check_signature(reg.coordinator, g.signing_digest(), g.signature)):
+        raise ValueError(f"{d / 'global.bin'}: not the coordinator's GLOBAL_MODEL of round "
+                         f"{round_}")
     ups = []
     for meta in sorted(d.glob("*.json")):
         doc = json.loads(meta.read_text())
