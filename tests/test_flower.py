@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from fractions import Fraction
@@ -18,16 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flower_venv import ROOT, have, run_in_flower_venv
+from flower_venv import env as _env
 
 from microfed import audit, q16
 from microfed_host.floatedge import Q16ConversionError, from_raw, to_raw
 from microfed_tools import cli as cli_mod
 
-ROOT = Path(__file__).resolve().parents[1]
-FLOWER_PY = Path(os.environ.get("MICROFED_FLOWER_VENV", ROOT / ".venv-flower")) / "bin" / "python"
-HAVE_FLWR = importlib.util.find_spec("flwr") is not None and (
-    importlib.util.find_spec("flwr.serverapp.strategy") is not None
-)
+HAVE_FLWR = have("flwr.serverapp.strategy")
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 needs_flwr = pytest.mark.skipif(not HAVE_FLWR, reason="flwr >= 1.42 not in this venv "
                                 "(test_in_flower_venv runs these in .venv-flower)")
@@ -116,12 +113,6 @@ def test_import_without_flwr_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=_env(), timeout=120)
     assert "pip install microfed[flower]" in out.stdout, out.stdout + out.stderr
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(str(ROOT / p) for p in ("shared", "host", "tools"))
-    return env
 
 
 # --- the strategies -------------------------------------------------------------------------
@@ -378,10 +369,4 @@ def test_example_digest_is_the_same_on_every_run(tmp_path, capsys):
 
 @pytest.mark.skipif(HAVE_FLWR, reason="flwr is in this venv: the tests above ran here")
 def test_in_flower_venv():
-    if not FLOWER_PY.exists():
-        pytest.skip("no .venv-flower: `./dev flower` creates it and runs this file there")
-    out = subprocess.run([str(FLOWER_PY), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          str(Path(__file__))], capture_output=True, text=True, env=_env(),
-                         cwd=ROOT, timeout=900)
-    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-2000:]
-    assert " passed" in out.stdout and " failed" not in out.stdout
+    run_in_flower_venv(__file__, timeout=900)

@@ -390,10 +390,8 @@ class Coordinator:
 
     def _global_frame(self, round_: int, params: list[int], ann: dict[str, Any]) -> tuple[bytes, int]:
         seq = self.coord_seq + 1
-        payload = wire.encode_global_payload(params, **ann)
-        frame = wire.encode(wire.GLOBAL_MODEL, self.mesh_id, wire.COORDINATOR, round_, seq,
-                            int(self.clock()), payload, self._sign)
-        return frame, seq
+        return sign_global(self.mesh_id, self._sign, round_, seq, int(self.clock()), params,
+                           ann), seq
 
     def expected_now(self) -> list[str]:
         """The nodes this round waits for: expected, still active in the registry, not banned."""
@@ -453,7 +451,7 @@ class Coordinator:
         self.registry_frame = frame
         for v in (self.v_update, self.v_digest, self.v_hello, self.v_sa):
             v.registry = new
-        rekeyed = self.store.adopt_keys(_active_keys(new))
+        rekeyed = self.store.adopt_keys(active_keys(new))
         revoked = sorted(n for n, (_p, a) in new.nodes.items()
                          if not a and old.nodes.get(n, (b"", False))[1])
         added = sorted(n for n, (_p, a) in new.nodes.items() if a and n not in old.nodes)
@@ -502,7 +500,7 @@ class Coordinator:
         return changed
 
     def start(self) -> None:
-        self.store.adopt_keys(_active_keys(self.registry))
+        self.store.adopt_keys(active_keys(self.registry))
         stored = self.store.get_config()
         mine = self.cfg.to_json()
         if stored is None:
@@ -1014,7 +1012,18 @@ class Coordinator:
         return {"privacy": self.accountant.spent(rounds, ks)}
 
 
-def _active_keys(reg: Any) -> dict[str, bytes]:
+def sign_global(mesh_id: bytes, sign: Callable[[bytes], bytes], round_: int, seq: int,
+                now: int, params: list[int], ann: dict[str, Any]) -> bytes:
+    """The GLOBAL_MODEL frame of `round_`: the model `params` and the announcement `ann`
+    (wire.encode_global_payload's keywords; {} announces nothing), signed with the
+    coordinator's key by `sign` (keys.signer). Ed25519 is deterministic: the same arguments
+    give the same bytes (the Flower bridge relies on it, microfed_host.flowerbridge)."""
+    payload = wire.encode_global_payload(params, **ann)
+    return wire.encode(wire.GLOBAL_MODEL, mesh_id, wire.COORDINATOR, round_, seq, now, payload,
+                       sign)
+
+
+def active_keys(reg: Any) -> dict[str, bytes]:
     """Node id -> public key of every active node of a portable Registry."""
     return {n: pub for n, (pub, active) in reg.nodes.items() if active}
 

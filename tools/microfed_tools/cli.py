@@ -19,6 +19,7 @@ COMMANDS: tuple[str, ...] = (
     "microfed_tools.cmd_provision",
     "microfed_tools.cmd_boards",
     "microfed_tools.cmd_flash",
+    "microfed_tools.cmd_flower_bridge",
     "microfed_tools.cmd_firmware",
     "microfed_tools.cmd_mesh",
     "microfed_tools.cmd_coordinator",
