@@ -1,0 +1,554 @@
+"""The scale model's measurements (docs/scaling.md): round time and the coordinator's and the
+broker's load at growing mesh sizes, on both engines, and what one broker can carry.
+
+    python benchmarks/scaling.py --sizes 10,50,200 --rounds 5 --engines inproc,mqtt \\
+        [--mode coordinated] [--json FILE] [--write docs/scaling.md]
+    python benchmarks/scaling.py --load-test [--publishers 1,2,4] [--seconds 5] \\
+        [--size 2700] [--broker mosquitto|HOST:PORT] [--write docs/scaling.md]
+
+Each size is one `mesh.run` of `--honest N --byzantine 0 --rule krum --f F` (F = --f, else
+(N - 3) // 4, at least 1) over R rounds, coordinated mode by default: `inproc` is the
+in-process engine, `mqtt` mosquitto + the coordinator process + N MicroPython unix-port node
+processes, as `microfed mesh run` starts them. Every figure per round is the mean over
+rounds 2..R (round 1 carries start-up: imports, keys, the nodes' HELLOs), so R >= 2:
+
+- round_s: wall time per round, from the store's round close times;
+- coord_cpu_s: the coordinator's CPU seconds per round (user + system): its process's
+  (mqtt; what the coordinator reports in its round events, `Coordinator.cost()`), or the
+  thread CPU inside its handle() and tick() (inproc, where the simulated nodes share the
+  process); busy_share: the wall time inside handle() and tick() over round_s;
+- fast_ms / ref_ms: the aggregation on the numpy fast path and on the reference beside it
+  (cross-check `always`);
+- coord_rss_mb: the coordinator's peak RSS (the in-process engine's includes every node);
+- broker_cpu_s, broker_in_kb, broker_out_kb (mqtt): the mosquitto process's CPU seconds (schedstat, ns) and
+  the bytes it read and wrote (/proc/PID/stat and /proc/PID/io, sampled every 50 ms and
+  interpolated at the round close times): every PUBLISH, PUBACK and fan-out copy;
+  broker_cpu_run_s: its CPU seconds over the whole run (from the coordinator's start);
+- msgs, kb: messages and payload bytes published per round, by kind (update, digest,
+  global), counted by a subscriber with the coordinator's login (mqtt; it adds one delivery
+  per message to the broker's work) or, in-process, from the store (updates and digests)
+  plus the one global; store_updates: the store's update rows per round (the counter must
+  match them);
+- node_rss_mb (mqtt): mean and largest peak RSS of the node processes (a CPython wrapper
+  around the MicroPython unix port with a 4 MB heap).
+
+--write replaces the text between `<!-- benchmarks/scaling.py sizes -->` (or `... load`)
+and `<!-- end ... -->` in that file with the table, the date, the command and the load
+average at start and end. Nothing is asserted here: tests/test_scaling.py runs this code
+at a tiny size and checks the record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+for _d in ("shared", "host", "tools"):
+    if str(REPO / _d) not in sys.path:
+        sys.path.insert(0, str(REPO / _d))
+
+from microfed import wire  # noqa: E402
+from microfed_host import brokerauth, mesh  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from markers import write_between  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+PER_ROUND_KINDS = ("update", "digest", "global")
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+# ------------------------------------------------------------------ /proc sampling
+
+
+def proc_cpu(pid: int) -> float | None:
+    """CPU seconds of a process (None once it is gone): its main thread's time on a CPU in
+    nanoseconds (/proc/PID/schedstat; mosquitto is one thread), else user + system in clock
+    ticks (/proc/PID/stat: 10 ms steps)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    f = stat.rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / TICK
+
+
+def proc_io(pid: int) -> tuple[int, int] | None:
+    """(rchar, wchar): bytes the process passed to read() and write() (sockets included)."""
+    try:
+        d = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    except OSError:
+        return None
+    return int(d["rchar"]), int(d["wchar"])
+
+
+def proc_hwm_kb(pid: int) -> int | None:
+    """Peak resident set size (VmHWM) in KB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def pids_of(needle: str) -> list[int]:
+    """Processes whose command line contains `needle` (this run's directory)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if needle in cmd:
+            out.append(int(d.name))
+    return out
+
+
+class Sampler(threading.Thread):
+    """Samples one process (the broker) every `every` s: (time, cpu s, rchar, wchar); and
+    the peak RSS of others (the nodes) as they come and go."""
+
+    def __init__(self, pid: int, every: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.every = every
+        self.samples: list[tuple[float, float, int, int]] = []
+        self.watch: dict[int, int] = {}  # pid -> peak RSS KB seen
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            self.sample()
+            for p in list(self.watch):
+                kb = proc_hwm_kb(p)
+                if kb is not None:
+                    self.watch[p] = max(self.watch[p], kb)
+            self.halt.wait(self.every)
+
+    def sample(self) -> None:
+        cpu, io = proc_cpu(self.pid), proc_io(self.pid)
+        if cpu is not None and io is not None:
+            self.samples.append((time.time(), cpu, io[0], io[1]))
+
+    def at(self, t: float) -> tuple[float, float, float]:
+        """(cpu, rchar, wchar) at time t, interpolated between the samples around it."""
+        s = self.samples
+        if not s:
+            raise RuntimeError("no samples of the broker process")
+        if t <= s[0][0]:
+            return s[0][1:]
+        for a, b in zip(s, s[1:], strict=False):
+            if a[0] <= t <= b[0]:
+                w = (t - a[0]) / (b[0] - a[0]) if b[0] > a[0] else 0.0
+                return tuple(x + w * (y - x) for x, y in zip(a[1:], b[1:], strict=True))  # type: ignore[return-value]
+        return s[-1][1:]
+
+
+# ------------------------------------------------------------------ counting subscriber
+
+
+class Counter:
+    """A subscriber with the coordinator's login on every topic that login may read: one
+    (kind, round, payload bytes, topic bytes) per message it sees."""
+
+    def __init__(self, host: str, port: int, mesh_name: str, mesh_dir: Path) -> None:
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.seen: list[tuple[str, int, int, int]] = []
+        self.subscribed = threading.Event()
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"scaling-counter-{os.getpid()}")
+        brokerauth.apply_paho(c, brokerauth.client_auth(mesh_dir))
+        base = brokerauth.topic_base(mesh_name)
+        subs = [(base + t, 0) for t in ("update/+", "digest/+", "hello/+", "global",
+                                        "registry", "secagg/+", "secagg-round")]
+
+        def on_connect(cl: Any, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
+            cl.subscribe(subs)
+
+        def on_subscribe(_c: Any, _u: Any, _mid: Any, _rc: Any, _p: Any = None) -> None:
+            self.subscribed.set()
+
+        def on_message(_c: Any, _u: Any, msg: Any) -> None:
+            p = msg.payload
+            kind, rnd = (p[3], struct.unpack_from("<I", p, 12)[0]) if len(p) >= 16 else (0, 0)
+            self.seen.append((wire.KIND_NAMES.get(kind, str(kind)).lower(), rnd, len(p),
+                              len(msg.topic)))
+
+        c.on_connect, c.on_subscribe, c.on_message = on_connect, on_subscribe, on_message
+        c.connect(host, port, 60)
+        c.loop_start()
+        self.client = c
+        if not self.subscribed.wait(10):
+            raise RuntimeError("the counting subscriber got no SUBACK within 10 s")
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def per_round(self, r0: int, r1: int) -> tuple[dict[str, float], dict[str, float]]:
+        """Messages and payload KB per round over rounds r0..r1, by kind: a round's updates
+        and digests carry its number; the GLOBAL_MODEL that closes round r carries r + 1."""
+        return per_round_of(self.seen, r0, r1)
+
+
+def per_round_of(seen: list[tuple[str, int, int, int]], r0: int, r1: int
+                 ) -> tuple[dict[str, float], dict[str, float]]:
+    k = r1 - r0 + 1
+    msgs = {x: 0.0 for x in PER_ROUND_KINDS}
+    kb = {x: 0.0 for x in PER_ROUND_KINDS}
+    for kind, rnd, size, _t in seen:
+        key = {"model_update": "update", "gossip_digest": "digest",
+               "global_model": "global"}.get(kind)
+        if key is None:
+            continue
+        rr = rnd - 1 if key == "global" else rnd
+        if r0 <= rr <= r1:
+            msgs[key] += 1 / k
+            kb[key] += size / 1024 / k
+    return msgs, kb
+
+
+# ------------------------------------------------------------------ one size
+
+
+def scenario(n: int, rounds: int, mode: str, f: int | None, seed: int) -> mesh.Scenario:
+    sc = mesh.load_scenario(mesh.DEFAULT_SCENARIO)
+    sc.name = f"scaling-{n}"
+    sc.honest, sc.attackers, sc.rounds, sc.mode, sc.seed = n, [], rounds, mode, seed
+    sc.rule, sc.f = "krum", f if f is not None else max(1, (n - 3) // 4)
+    sc.crosscheck = "always"
+    sc.deadline_s = max(60.0, 0.5 * n)  # a slow machine must not close rounds early
+    sc.check()
+    return sc
+
+
+def coordinator_events(out: Path) -> list[dict[str, Any]]:
+    evs = []
+    for line in (out / "coordinator.log").read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                evs.append(json.loads(line))
+            except ValueError:
+                continue
+    return evs
+
+
+def store_figures(out: Path, r0: int, r1: int) -> dict[str, Any]:
+    db = sqlite3.connect(out / "coordinator.sqlite")
+    try:
+        closed = dict(db.execute("SELECT round, closed FROM rounds"))
+        updates = db.execute("SELECT COUNT(*) FROM updates WHERE round BETWEEN ? AND ?",
+                             (r0, r1)).fetchone()[0]
+        ukb = db.execute("SELECT COALESCE(SUM(LENGTH(frame)), 0) FROM updates WHERE round "
+                         "BETWEEN ? AND ? AND verdict = 'accepted'", (r0, r1)).fetchone()[0]
+        digests = db.execute("SELECT COUNT(*) FROM digests WHERE round BETWEEN ? AND ?",
+                             (r0, r1)).fetchone()[0]
+        gframe = db.execute("SELECT global_frame FROM state").fetchone()[0]
+    finally:
+        db.close()
+    return {"closed": closed, "updates": updates, "update_bytes": ukb, "digests": digests,
+            "global_bytes": len(gframe)}
+
+
+def measure(n: int, rounds: int, engine: str, mode: str = "coordinated", f: int | None = None,
+            seed: int = 1, work: Path | None = None, broker: str = "mosquitto") -> dict[str, Any]:
+    """One mesh of n honest nodes on `engine` ("inproc" or "mqtt"): the record described in
+    the module docstring."""
+    if rounds < 2:
+        raise ValueError("rounds must be >= 2 (round 1 carries start-up)")
+    sc = scenario(n, rounds, mode, f, seed)
+    tmp = None
+    if work is None:
+        tmp = tempfile.TemporaryDirectory(prefix="scaling-")
+        work = Path(tmp.name)
+    out = Path(work) / f"{engine}-{n}"
+    rec: dict[str, Any] = {"engine": engine, "n": n, "rounds": rounds, "mode": mode,
+                           "rule": sc.rule, "f": sc.f, "load_start": loadavg()}
+    hooks: dict[str, Any] = {}
+
+    def on_ready(host: str, port: int, mesh_name: str) -> None:
+        pids = pids_of(str(out / "broker"))
+        if len(pids) != 1:
+            raise mesh.MeshError(f"expected one broker process for {out}, found {pids}")
+        hooks["sampler"] = Sampler(pids[0])
+        hooks["sampler"].start()
+        hooks["counter"] = Counter(host, port, mesh_name, out / "mesh")
+
+        def find_nodes() -> None:  # the nodes start right after this hook returns
+            end = time.monotonic() + 60
+            while time.monotonic() < end and len(hooks["sampler"].watch) < n:
+                for p in pids_of(str(out / "nodes")):
+                    hooks["sampler"].watch.setdefault(p, 0)
+                time.sleep(0.2)
+
+        threading.Thread(target=find_nodes, daemon=True).start()
+
+    def on_done() -> None:
+        hooks["sampler"].sample()
+        hooks["sampler"].halt.set()
+        hooks["counter"].stop()
+
+    t0 = time.monotonic()
+    try:
+        if engine == "mqtt":
+            summary = mesh.run(sc, out, transport="mqtt", broker=broker, force=True, say=None,
+                               on_ready=on_ready, on_done=on_done,
+                               timeout=max(600.0, 30.0 * rounds + 3.0 * n))
+        else:
+            summary = mesh.run(sc, out, transport="inproc", force=True, say=None)
+        rec["wall_s"] = round(time.monotonic() - t0, 2)
+        rec["load_end"] = loadavg()
+        rec.update(figures(out, engine, n, rounds, hooks))
+        rec["final_digest"] = summary["final_digest"]
+        rec["final_accuracy"] = summary["final_accuracy"]
+        rec["rounds_done"] = summary["rounds"]
+        rec["samples_per_node"] = json.loads((out / "scenario.json").read_text())["shard_sizes"][0]
+    finally:
+        if "sampler" in hooks:
+            hooks["sampler"].halt.set()
+        if tmp is not None:
+            tmp.cleanup()
+    return rec
+
+
+def figures(out: Path, engine: str, n: int, rounds: int, hooks: dict[str, Any]) -> dict[str, Any]:
+    r0, r1 = 2, rounds
+    k = r1 - r0 + 1
+    evs = {e["round"]: e for e in coordinator_events(out) if e.get("ev") == "round"}
+    done = next(e for e in coordinator_events(out) if e.get("ev") == "done")
+    a, b = evs[r0 - 1]["cost"], evs[r1]["cost"]
+    st = store_figures(out, r0, r1)
+    round_s = (st["closed"][r1] - st["closed"][r0 - 1]) / k
+    busy_cpu = (b["busy_cpu_s"] - a["busy_cpu_s"]) / k
+    busy_wall = (b["busy_wall_s"] - a["busy_wall_s"]) / k
+    rec: dict[str, Any] = {
+        "round_s": round(round_s, 4),
+        "coord_cpu_s": round((b["cpu_s"] - a["cpu_s"]) / k if engine == "mqtt" else busy_cpu, 4),
+        "coord_busy_cpu_s": round(busy_cpu, 4),
+        "busy_share": round(busy_wall / round_s, 3) if round_s > 0 else None,
+        "fast_ms": round(1000 * sum(evs[r]["cost"]["fast_s"] for r in range(r0, r1 + 1)) / k, 3),
+        "ref_ms": round(1000 * sum(evs[r]["cost"]["ref_s"] for r in range(r0, r1 + 1)) / k, 3),
+        "coord_rss_mb": round(done["cost"]["maxrss_kb"] / 1024, 1),
+        "store_updates": round(st["updates"] / k, 3),
+        "store_digests": round(st["digests"] / k, 3),
+        "global_bytes": st["global_bytes"],
+    }
+    if engine == "mqtt":
+        s: Sampler = hooks["sampler"]
+        ca, cb = s.at(st["closed"][r0 - 1]), s.at(st["closed"][r1])
+        rec["broker_cpu_s"] = round((cb[0] - ca[0]) / k, 4)
+        rec["broker_cpu_run_s"] = round(s.samples[-1][1] - s.samples[0][1], 3)
+        rec["broker_in_kb"] = round((cb[1] - ca[1]) / 1024 / k, 1)
+        rec["broker_out_kb"] = round((cb[2] - ca[2]) / 1024 / k, 1)
+        msgs, kb = hooks["counter"].per_round(r0, r1)
+        seen = hooks["counter"].seen
+        rec["startup_msgs"] = {x: sum(1 for m in seen if m[0] == x)
+                               for x in ("hello", "status", "registry")}
+        rss = [v for v in s.watch.values() if v]
+        rec["node_rss_mb"] = {"mean": round(sum(rss) / len(rss) / 1024, 1) if rss else None,
+                              "max": round(max(rss) / 1024, 1) if rss else None,
+                              "processes": len(rss)}
+    else:
+        msgs = {"update": st["updates"] / k, "digest": st["digests"] / k, "global": 1.0}
+        kb = {"update": st["update_bytes"] / 1024 / k, "digest": 0.0,
+              "global": st["global_bytes"] / 1024}
+        rec["broker_cpu_s"] = rec["broker_in_kb"] = rec["broker_out_kb"] = None
+    rec["msgs"] = {x: round(v, 3) for x, v in msgs.items()}
+    rec["kb"] = {x: round(v, 1) for x, v in kb.items()}
+    return rec
+
+
+# ------------------------------------------------------------------ broker load test
+
+LOAD_PUBLISHER = r'''
+import sys, time, paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+host, port, topic, size, seconds, window = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
+c = paho.Client(CallbackAPIVersion.VERSION2, client_id=topic.replace("/", "-"))
+c.max_inflight_messages_set(window)
+c.connect(host, port, 60)
+c.loop_start()
+payload = bytes(size)
+end = time.monotonic() + seconds
+sent = 0
+pending = []
+while time.monotonic() < end:
+    pending.append(c.publish(topic, payload, qos=1))
+    sent += 1
+    if len(pending) >= window:
+        pending.pop(0).wait_for_publish(10)
+for p in pending:
+    p.wait_for_publish(10)
+c.disconnect()
+c.loop_stop()
+print(sent)
+'''
+
+
+def load_test(publishers: list[int], seconds: float, size: int, broker: str) -> list[dict[str, Any]]:
+    """P publisher processes (paho, QoS 1, 20 in flight each) send `size`-byte messages on
+    their own topics for `seconds`; one subscriber (QoS 1, as the coordinator's durable
+    session) receives them all. Per P: messages per second through the broker and its CPU
+    seconds per message (in + one delivery out)."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from microfed_host.broker import broker_from_arg
+
+    rows = []
+    script = Path(tempfile.gettempdir()) / f"scaling_pub_{os.getpid()}.py"
+    script.write_text(LOAD_PUBLISHER)
+    try:
+        for p in publishers:
+            b = broker_from_arg(broker)
+            b.start()
+            try:
+                got = [0]
+                sub = paho.Client(CallbackAPIVersion.VERSION2, client_id="scaling-sub",
+                                  clean_session=False)
+
+                def on_msg(_c: Any, _u: Any, _m: Any, got: list[int] = got) -> None:
+                    got[0] += 1
+
+                sub.on_message = on_msg
+                sub.connect(b.host, b.port, 60)
+                sub.subscribe("load/#", 1)
+                sub.loop_start()
+                time.sleep(0.5)
+                pid = b.pid
+                c0 = proc_cpu(pid) if pid else None
+                t0 = time.monotonic()
+                la0 = loadavg()
+                procs = [subprocess.Popen([sys.executable, str(script), b.host, str(b.port),
+                                           f"load/p{i}", str(size), str(seconds), "20"],
+                                          stdout=subprocess.PIPE, text=True)
+                         for i in range(p)]
+                sent = sum(int(pr.communicate(timeout=seconds + 60)[0].strip() or 0)
+                           for pr in procs)
+                end = time.monotonic() + 10
+                while got[0] < sent and time.monotonic() < end:
+                    time.sleep(0.05)
+                dt = time.monotonic() - t0
+                c1 = proc_cpu(pid) if pid else None
+                sub.disconnect()
+                sub.loop_stop()
+                cpu = (c1 - c0) if c0 is not None and c1 is not None else None
+                rows.append({"publishers": p, "size": size, "sent": sent, "received": got[0],
+                             "seconds": round(dt, 2), "msgs_per_s": round(got[0] / dt),
+                             "broker": b.kind,
+                             "broker_cpu_s": None if cpu is None else round(cpu, 2),
+                             "broker_cpu_ms_per_msg": None if not cpu or not got[0]
+                             else round(1000 * cpu / got[0], 4),
+                             "load_start": la0, "load_end": loadavg()})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            finally:
+                b.close()
+    finally:
+        script.unlink(missing_ok=True)
+    return rows
+
+
+# ------------------------------------------------------------------ tables
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    head = ("| engine | n | f | round s | coord CPU s/round | busy share | fast ms | ref ms | "
+            "coord RSS MB | broker CPU s/round | broker in/out KB/round | msgs/round "
+            "(update+global) | KB/round (update+global) | node RSS MB (mean/max) | load start→end |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in records:
+        bro = "–" if r["broker_cpu_s"] is None else f"{r['broker_cpu_s']:.3f}"
+        io = ("–" if r["broker_in_kb"] is None
+              else f"{r['broker_in_kb']:.0f} / {r['broker_out_kb']:.0f}")
+        nr = r.get("node_rss_mb") or {}
+        nrs = f"{nr['mean']} / {nr['max']}" if nr.get("mean") is not None else "–"
+        m, k = r["msgs"], r["kb"]
+        lines.append(
+            f"| {r['engine']} | {r['n']} | {r['f']} | {r['round_s']:.2f} | {r['coord_cpu_s']:.3f} | "
+            f"{r['busy_share']:.0%} | {r['fast_ms']:.1f} | {r['ref_ms']:.0f} | "
+            f"{r['coord_rss_mb']:.0f} | {bro} | {io} | "
+            f"{m['update']:.0f} + {m['global']:.0f} | {k['update']:.0f} + {k['global']:.1f} | "
+            f"{nrs} | {r['load_start']} → {r['load_end']} |")
+    return "\n".join(lines)
+
+
+def load_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| broker | publishers | payload B | messages | seconds | msgs/s | broker CPU s | "
+             "broker CPU ms/msg | load start→end |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['broker']} | {r['publishers']} | {r['size']} | {r['received']} | "
+                     f"{r['seconds']} | {r['msgs_per_s']} | {r['broker_cpu_s']} | "
+                     f"{r['broker_cpu_ms_per_msg']} | {r['load_start']} → {r['load_end']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="10,50,200")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--engines", default="inproc,mqtt")
+    ap.add_argument("--mode", choices=("coordinated", "gossip"), default="coordinated")
+    ap.add_argument("--f", type=int, default=None, help="Krum's f (default (n - 3) // 4)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--broker", default="mosquitto")
+    ap.add_argument("--load-test", dest="load_test", action="store_true",
+                    help="measure the broker alone instead (publishers -> one subscriber)")
+    ap.add_argument("--publishers", default="1,2,4")
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--size", type=int, default=2700)
+    ap.add_argument("--json", type=Path, default=None, help="append the records (JSON lines)")
+    ap.add_argument("--write", type=Path, default=None, help="a document with the markers")
+    a = ap.parse_args()
+    command = "python benchmarks/scaling.py " + " ".join(sys.argv[1:])
+    la0 = loadavg()
+    if a.load_test:
+        recs = load_test([int(x) for x in a.publishers.split(",")], a.seconds, a.size, a.broker)
+        text, marker = load_table(recs), "benchmarks/scaling.py load"
+    else:
+        recs = []
+        for engine in a.engines.split(","):
+            for n in (int(x) for x in a.sizes.split(",")):
+                r = measure(n, a.rounds, engine, a.mode, a.f, a.seed, broker=a.broker)
+                recs.append(r)
+                print(json.dumps(r), file=sys.stderr, flush=True)
+                if a.json is not None:
+                    with open(a.json, "a") as fh:
+                        fh.write(json.dumps(r) + "\n")
+        text, marker = table(recs), "benchmarks/scaling.py sizes"
+    if a.json is not None and a.load_test:
+        with open(a.json, "a") as fh:
+            for r in recs:
+                fh.write(json.dumps(r) + "\n")
+    body = f"{text}\n\nLoad average (1, 5, 15 min) {la0} at the start, {loadavg()} at the end."
+    print(body)
+    if a.write is not None:
+        write_between(a.write, marker, command, body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

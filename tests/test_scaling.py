@@ -1,0 +1,77 @@
+"""benchmarks/scaling.py's code path at a tiny size, so the scale model's benchmark cannot rot
+silently: every field of its record is there and sane, and its message counts equal what the
+coordinator's store says. Nothing here is timed against a bound (speed is measured in the
+benchmark, never asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from microfed_host.broker import find_mosquitto
+from microfed_host.upy import find_micropython
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 5
+ROUNDS = 2
+
+FIELDS = ("engine", "n", "rounds", "mode", "rule", "f", "load_start", "load_end", "wall_s",
+          "round_s", "coord_cpu_s", "coord_busy_cpu_s", "busy_share", "fast_ms", "ref_ms",
+          "coord_rss_mb", "store_updates", "store_digests", "global_bytes", "broker_cpu_s",
+          "broker_in_kb", "broker_out_kb", "msgs", "kb", "final_digest", "final_accuracy",
+          "rounds_done", "samples_per_node")
+
+
+def _bench() -> Any:
+    spec = importlib.util.spec_from_file_location("scaling_bench", ROOT / "benchmarks" / "scaling.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _common(r: dict[str, Any], engine: str) -> None:
+    for k in FIELDS:
+        assert k in r, k
+    assert (r["engine"], r["n"], r["rounds"], r["rounds_done"]) == (engine, N, ROUNDS, ROUNDS)
+    assert r["round_s"] > 0 and r["wall_s"] > r["round_s"]
+    assert r["coord_cpu_s"] > 0 and r["coord_busy_cpu_s"] > 0
+    assert 0 < r["busy_share"] <= 1.0
+    # cross-check "always": both paths ran in every round measured
+    assert r["fast_ms"] > 0 and r["ref_ms"] > 0
+    assert r["coord_rss_mb"] > 10
+    # one update per node per round, as the store says; one GLOBAL_MODEL closes the round
+    assert r["store_updates"] == N and r["msgs"]["update"] == N
+    assert r["msgs"]["global"] == 1 and r["msgs"]["digest"] == 0 == r["store_digests"]
+    assert r["kb"]["update"] > N * 2.5  # a signed 650-parameter update is ~2.7 KB
+    assert abs(r["kb"]["global"] - r["global_bytes"] / 1024) < 0.1
+    assert len(r["final_digest"]) == 64 and 0 < r["final_accuracy"] <= 1
+
+
+def test_scaling_record_inproc_and_mqtt(tmp_path: Path) -> None:
+    if find_micropython() is None or find_mosquitto() is None:
+        pytest.skip("needs the MicroPython unix port and mosquitto")
+    bench = _bench()
+    ri = bench.measure(N, ROUNDS, "inproc", f=1, work=tmp_path)
+    _common(ri, "inproc")
+    assert ri["broker_cpu_s"] is None and ri["broker_in_kb"] is None
+
+    rm = bench.measure(N, ROUNDS, "mqtt", f=1, work=tmp_path)
+    _common(rm, "mqtt")
+    # the same seed and scenario: the same bits on both engines
+    assert rm["final_digest"] == ri["final_digest"]
+    # the broker's own figures (/proc): it read at least the updates, and wrote each update
+    # to the coordinator and the counter and the global to every node
+    assert rm["broker_cpu_run_s"] > 0 and rm["broker_cpu_s"] >= 0
+    assert rm["broker_in_kb"] >= rm["kb"]["update"]
+    assert rm["broker_out_kb"] >= 2 * rm["kb"]["update"] + N * rm["kb"]["global"]
+    assert rm["startup_msgs"]["hello"] == N and rm["startup_msgs"]["registry"] >= 1
+    assert rm["node_rss_mb"]["processes"] == N and rm["node_rss_mb"]["mean"] > 1
+    # what a row of the table shows
+    row = bench.table([ri, rm]).splitlines()
+    assert len(row) == 4 and row[2].startswith("| inproc | 5 |") and row[3].startswith("| mqtt | 5 |")
+    shutil.rmtree(tmp_path, ignore_errors=True)
