@@ -60,6 +60,7 @@ for _d in ("shared", "host", "tools"):
 
 from microfed import wire  # noqa: E402
 from microfed_host import brokerauth, mesh  # noqa: E402
+from microfed_host.coordinator import peak_rss_kb  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from markers import write_between  # noqa: E402
@@ -76,13 +77,14 @@ def loadavg() -> str:
 
 
 def proc_cpu(pid: int) -> float | None:
-    """CPU seconds of a process (None once it is gone): its main thread's time on a CPU in
-    nanoseconds (/proc/PID/schedstat; mosquitto is one thread), else user + system in clock
-    ticks (/proc/PID/stat: 10 ms steps)."""
+    """CPU seconds of a process (None once it is gone): a one-thread process's (mosquitto's)
+    time on a CPU in nanoseconds (/proc/PID/schedstat), else user + system of all its
+    threads in clock ticks (/proc/PID/stat: 10 ms steps; RabbitMQ's Erlang VM)."""
     try:
-        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+        if len(os.listdir(f"/proc/{pid}/task")) == 1:
+            return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
     except (OSError, ValueError, IndexError):
-        pass
+        return None
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -98,17 +100,6 @@ def proc_io(pid: int) -> tuple[int, int] | None:
     except OSError:
         return None
     return int(d["rchar"]), int(d["wchar"])
-
-
-def proc_hwm_kb(pid: int) -> int | None:
-    """Peak resident set size (VmHWM) in KB."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def pids_of(needle: str) -> list[int]:
@@ -142,9 +133,7 @@ class Sampler(threading.Thread):
         while not self.halt.is_set():
             self.sample()
             for p in list(self.watch):
-                kb = proc_hwm_kb(p)
-                if kb is not None:
-                    self.watch[p] = max(self.watch[p], kb)
+                self.watch[p] = max(self.watch[p], peak_rss_kb(p))
             self.halt.wait(self.every)
 
     def sample(self) -> None:
@@ -274,9 +263,10 @@ def store_figures(out: Path, r0: int, r1: int) -> dict[str, Any]:
 
 
 def measure(n: int, rounds: int, engine: str, mode: str = "coordinated", f: int | None = None,
-            seed: int = 1, work: Path | None = None, broker: str = "mosquitto") -> dict[str, Any]:
+            seed: int = 1, work: Path | None = None, broker: str = "mosquitto",
+            rabbit: Rabbit | None = None) -> dict[str, Any]:
     """One mesh of n honest nodes on `engine` ("inproc" or "mqtt"): the record described in
-    the module docstring."""
+    the module docstring. rabbit (mqtt): a running RabbitMQ instead of mosquitto."""
     if rounds < 2:
         raise ValueError("rounds must be >= 2 (round 1 carries start-up)")
     sc = scenario(n, rounds, mode, f, seed)
@@ -286,11 +276,13 @@ def measure(n: int, rounds: int, engine: str, mode: str = "coordinated", f: int 
         work = Path(tmp.name)
     out = Path(work) / f"{engine}-{n}"
     rec: dict[str, Any] = {"engine": engine, "n": n, "rounds": rounds, "mode": mode,
-                           "rule": sc.rule, "f": sc.f, "load_start": loadavg()}
-    hooks: dict[str, Any] = {}
+                           "rule": sc.rule, "f": sc.f, "load_start": loadavg(),
+                           "broker": None if engine != "mqtt" else
+                           "rabbitmq" if rabbit is not None else broker}
+    hooks: dict[str, Any] = {"rabbit": rabbit is not None}
 
     def on_ready(host: str, port: int, mesh_name: str) -> None:
-        pids = pids_of(str(out / "broker"))
+        pids = [rabbit.pid()] if rabbit is not None else pids_of(str(out / "broker"))
         if len(pids) != 1:
             raise mesh.MeshError(f"expected one broker process for {out}, found {pids}")
         hooks["sampler"] = Sampler(pids[0])
@@ -313,7 +305,9 @@ def measure(n: int, rounds: int, engine: str, mode: str = "coordinated", f: int 
 
     t0 = time.monotonic()
     try:
-        if engine == "mqtt":
+        if engine == "mqtt" and rabbit is not None:
+            summary = rabbit.run(sc, out, on_ready, on_done, timeout=max(300.0, 3.0 * n))
+        elif engine == "mqtt":
             summary = mesh.run(sc, out, transport="mqtt", broker=broker, force=True, say=None,
                                on_ready=on_ready, on_done=on_done,
                                timeout=max(600.0, 30.0 * rounds + 3.0 * n))
@@ -361,8 +355,11 @@ def figures(out: Path, engine: str, n: int, rounds: int, hooks: dict[str, Any]) 
         ca, cb = s.at(st["closed"][r0 - 1]), s.at(st["closed"][r1])
         rec["broker_cpu_s"] = round((cb[0] - ca[0]) / k, 4)
         rec["broker_cpu_run_s"] = round(s.samples[-1][1] - s.samples[0][1], 3)
-        rec["broker_in_kb"] = round((cb[1] - ca[1]) / 1024 / k, 1)
-        rec["broker_out_kb"] = round((cb[2] - ca[2]) / 1024 / k, 1)
+        # mosquitto reads and writes its sockets with read() and write(), which /proc/PID/io
+        # counts; Erlang (RabbitMQ) receives with recvfrom(), which it does not.
+        rabbit = hooks.get("rabbit", False)
+        rec["broker_in_kb"] = None if rabbit else round((cb[1] - ca[1]) / 1024 / k, 1)
+        rec["broker_out_kb"] = None if rabbit else round((cb[2] - ca[2]) / 1024 / k, 1)
         msgs, kb = hooks["counter"].per_round(r0, r1)
         seen = hooks["counter"].seen
         rec["startup_msgs"] = {x: sum(1 for m in seen if m[0] == x)
@@ -379,6 +376,154 @@ def figures(out: Path, engine: str, n: int, rounds: int, hooks: dict[str, Any]) 
     rec["msgs"] = {x: round(v, 3) for x, v in msgs.items()}
     rec["kb"] = {x: round(v, 1) for x, v in kb.items()}
     return rec
+
+
+# ------------------------------------------------------------------ RabbitMQ
+
+
+class Rabbit:
+    """A RabbitMQ node with the MQTT plugin (Debian's rabbitmq-server 3.10), started by the
+    operator (docs/scaling.md says how). For each run it imports the run's logins (the
+    same passwords mosquitto gets) and the ACL as topic permissions on amq.topic (MQTT's
+    "/" is AMQP's "."), then runs the mesh against it as an external broker."""
+
+    def __init__(self, node: str, port: int, pidfile: Path) -> None:
+        self.node, self.port, self.pidfile = node, port, pidfile
+
+    def pid(self) -> int:
+        return int(self.pidfile.read_text().split()[0])
+
+    @staticmethod
+    def definitions(mesh_dir: Path) -> dict[str, Any]:
+        import base64
+        import hashlib
+        import re
+
+        def rx(topic: str, binding: bool) -> str:
+            levels = topic.split("/")
+            plus = r"(\*|[^.]+)" if binding else r"[^.]+"
+            return r"\.".join(plus if x == "+" else re.escape(x) for x in levels)
+
+        acl = brokerauth.parse_acl((mesh_dir / "broker" / "acl").read_text())
+        users, perms, tperms = [], [], []
+        for user, rules in acl.items():
+            cred = brokerauth.read_credentials(mesh_dir, user)
+            if cred is None:
+                continue
+            salt = os.urandom(4)
+            h = base64.b64encode(salt + hashlib.sha256(salt + cred["password"].encode()).digest())
+            users.append({"name": user, "password_hash": h.decode(), "tags": "",
+                          "hashing_algorithm": "rabbit_password_hashing_sha256"})
+            perms.append({"user": user, "vhost": "/", "configure": ".*", "write": ".*",
+                          "read": ".*"})
+            w = [rx(t, False) for a, t in rules if a in ("write", "readwrite")]
+            r = [rx(t, True) for a, t in rules if a in ("read", "readwrite")]
+            tperms.append({"user": user, "vhost": "/", "exchange": "amq.topic",
+                           "write": "^(" + "|".join(w) + ")$" if w else "^$",
+                           "read": "^(" + "|".join(r) + ")$" if r else "^$"})
+        return {"vhosts": [{"name": "/"}], "users": users, "permissions": perms,
+                "topic_permissions": tperms}
+
+    def import_logins(self, mesh_dir: Path) -> None:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+            json.dump(self.definitions(mesh_dir), fh)
+        os.chmod(fh.name, 0o644)  # rabbitmqctl runs as the rabbitmq user
+        try:
+            subprocess.run(["rabbitmqctl", "-n", self.node, "import_definitions", fh.name],
+                           check=True, capture_output=True, text=True, timeout=120)
+        finally:
+            os.unlink(fh.name)
+
+    def run(self, sc: mesh.Scenario, out: Path, on_ready: Any, on_done: Any,
+            timeout: float) -> dict[str, Any]:
+        """mesh.run's steps (prepare, run_mqtt, summarize) with the logins imported between
+        provisioning and the coordinator's connection."""
+        from microfed_host.mesh import run_mqtt
+        from microfed_host.report import summarize
+        from microfed_host.scenario import prepare
+
+        t0 = time.monotonic()
+        doc = prepare(sc, out, force=True)
+        self.import_logins(out / "mesh")
+        info = run_mqtt(sc, out, doc, f"127.0.0.1:{self.port}", None, timeout=timeout,
+                        on_ready=on_ready, on_done=on_done)
+        return summarize(out, doc, info, time.monotonic() - t0)
+
+
+def acl_probe(host: str, port: int, mesh_dir: Path) -> dict[str, str]:
+    """What a broker does with the mesh's logins and ACL (docs/scaling.md, "Tried"): an
+    anonymous client; node A's QoS 1 update on its own topic and on node B's, as the
+    coordinator's login sees them; node A subscribing to a topic its ACL does not list; a
+    retained global published by the coordinator's login, read by a node that connects
+    afterwards. Each outcome in words."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    mesh_name = json.loads((mesh_dir / "mesh.json").read_text())["mesh"]
+    base = brokerauth.topic_base(mesh_name)
+    nodes = sorted(p.stem for p in (mesh_dir / "nodes").glob("*.mqtt"))
+    a, b = nodes[0], nodes[1]
+    out: dict[str, str] = {}
+
+    def client(user: str | None, name: str) -> tuple[Any, dict[str, Any]]:
+        st: dict[str, Any] = {"rc": None, "msgs": [], "granted": None, "closed": False}
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{name}-{os.getpid()}")
+        if user is not None:
+            brokerauth.apply_paho(c, brokerauth.client_auth(mesh_dir, user))
+        c.on_connect = lambda _c, _u, _f, rc, _p=None: st.update(rc=str(rc))
+        c.on_message = lambda _c, _u, m: st["msgs"].append((m.topic, bytes(m.payload), m.retain))
+        c.on_subscribe = lambda _c, _u, _m, rcs, _p=None: st.update(granted=[str(x) for x in rcs])
+        c.on_disconnect = lambda _c, _u, _f, rc, _p=None: st.update(closed=str(rc))
+        c.connect(host, port, 30)
+        c.loop_start()
+        end = time.monotonic() + 5
+        while st["rc"] is None and time.monotonic() < end:
+            time.sleep(0.02)
+        return c, st
+
+    def settle() -> None:
+        time.sleep(1.0)
+
+    anon, st = client(None, "anon")
+    out["anonymous client"] = f"CONNACK {st['rc']}"
+    anon.loop_stop()
+    coord, cs = client(brokerauth.COORDINATOR_USER, "coord")
+    coord.subscribe(base + "update/+", 1)
+    settle()
+    node, ns = client(a, "a")
+    info = node.publish(base + "update/" + a, b"own", qos=1)
+    info.wait_for_publish(5)
+    node.publish(base + "update/" + b, b"spoof", qos=1)
+    settle()
+    got = [m[1] for m in cs["msgs"]]
+    out["QoS 1 update on its own topic"] = ("delivered to the coordinator" if b"own" in got
+                                            else "not delivered")
+    out["update on another node's topic"] = (
+        "DELIVERED (no per-topic ACL)" if b"spoof" in got else
+        "dropped" + (f", connection closed ({ns['closed']})" if ns["closed"] else
+                     " (connection kept)"))
+    node.disconnect()
+    node.loop_stop()
+    node, ns = client(a, "a2")
+    node.subscribe(base + "digest/+", 1)
+    settle()
+    out["subscribe outside its ACL"] = (f"SUBACK {ns['granted']}" if ns["granted"] is not None
+                                        else "no SUBACK") + (
+        f", connection closed ({ns['closed']})" if ns["closed"] else "")
+    node.disconnect()
+    node.loop_stop()
+    coord.publish(base + "global", b"retained-global", qos=1, retain=True).wait_for_publish(5)
+    settle()
+    node, ns = client(a, "a3")
+    node.subscribe(base + "global", 1)
+    settle()
+    ret = [m for m in ns["msgs"] if m[1] == b"retained-global"]
+    out["retained global to a later subscriber"] = (
+        f"delivered (retain flag {ret[0][2]})" if ret else "not delivered")
+    for c in (node, coord):
+        c.disconnect()
+        c.loop_stop()
+    return out
 
 
 # ------------------------------------------------------------------ broker load test
@@ -406,6 +551,26 @@ c.disconnect()
 c.loop_stop()
 print(sent)
 '''
+
+
+def probe(broker: str, rabbit: Rabbit | None) -> dict[str, Any]:
+    """acl_probe() against mosquitto as microfed starts it (the mesh's passwd and acl), or
+    against a RabbitMQ node with the mesh's logins imported."""
+    from microfed_host.broker import broker_from_arg
+    from microfed_host.provision import init_mesh
+
+    with tempfile.TemporaryDirectory(prefix="scaling-acl-") as tmp:
+        md = Path(tmp) / "mesh"
+        init_mesh(md, "mesh-probe", 3, "127.0.0.1:1883")
+        if rabbit is not None:
+            rabbit.import_logins(md)
+            return {"broker": "rabbitmq", **acl_probe("127.0.0.1", rabbit.port, md)}
+        b = broker_from_arg(broker, workdir=Path(tmp) / "broker", auth_dir=md / "broker")
+        b.start()
+        try:
+            return {"broker": b.kind, **acl_probe(b.host, b.port, md)}
+        finally:
+            b.close()
 
 
 def load_test(publishers: list[int], seconds: float, size: int, broker: str) -> list[dict[str, Any]]:
@@ -486,8 +651,9 @@ def table(records: list[dict[str, Any]]) -> str:
         nr = r.get("node_rss_mb") or {}
         nrs = f"{nr['mean']} / {nr['max']}" if nr.get("mean") is not None else "–"
         m, k = r["msgs"], r["kb"]
+        eng = r["engine"] + (f" ({r['broker']})" if r.get("broker") else "")
         lines.append(
-            f"| {r['engine']} | {r['n']} | {r['f']} | {r['round_s']:.2f} | {r['coord_cpu_s']:.3f} | "
+            f"| {eng} | {r['n']} | {r['f']} | {r['round_s']:.2f} | {r['coord_cpu_s']:.3f} | "
             f"{r['busy_share']:.0%} | {r['fast_ms']:.1f} | {r['ref_ms']:.0f} | "
             f"{r['coord_rss_mb']:.0f} | {bro} | {io} | "
             f"{m['update']:.0f} + {m['global']:.0f} | {k['update']:.0f} + {k['global']:.1f} | "
@@ -515,6 +681,12 @@ def main() -> int:
     ap.add_argument("--f", type=int, default=None, help="Krum's f (default (n - 3) // 4)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--broker", default="mosquitto")
+    ap.add_argument("--rabbitmq", default=None, metavar="NODE:MQTT_PORT:PIDFILE",
+                    help="mqtt engine against a running RabbitMQ node instead of mosquitto "
+                    "(e.g. scaling@localhost:18830:/tmp/rabbit.pid)")
+    ap.add_argument("--acl-probe", dest="acl_probe", action="store_true",
+                    help="provision a 3-node mesh and probe the broker's logins, ACL, QoS 1 "
+                    "and retained messages (mosquitto, or --rabbitmq)")
     ap.add_argument("--load-test", dest="load_test", action="store_true",
                     help="measure the broker alone instead (publishers -> one subscriber)")
     ap.add_argument("--publishers", default="1,2,4")
@@ -525,6 +697,13 @@ def main() -> int:
     a = ap.parse_args()
     command = "python benchmarks/scaling.py " + " ".join(sys.argv[1:])
     la0 = loadavg()
+    rabbit = None
+    if a.rabbitmq:
+        node, port, pidfile = a.rabbitmq.split(":", 2)
+        rabbit = Rabbit(node, int(port), Path(pidfile))
+    if a.acl_probe:
+        print(json.dumps(probe(a.broker, rabbit), indent=2))
+        return 0
     if a.load_test:
         recs = load_test([int(x) for x in a.publishers.split(",")], a.seconds, a.size, a.broker)
         text, marker = load_table(recs), "benchmarks/scaling.py load"
@@ -532,7 +711,8 @@ def main() -> int:
         recs = []
         for engine in a.engines.split(","):
             for n in (int(x) for x in a.sizes.split(",")):
-                r = measure(n, a.rounds, engine, a.mode, a.f, a.seed, broker=a.broker)
+                r = measure(n, a.rounds, engine, a.mode, a.f, a.seed, broker=a.broker,
+                            rabbit=rabbit)
                 recs.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)
                 if a.json is not None:

@@ -382,9 +382,8 @@ class Coordinator:
         on the fast path and on the reference (seconds; 0.0: not run), the thread CPU and wall
         seconds inside handle() and tick() (the call in progress included), this process's
         CPU seconds (user + system, every thread: in-process runs count the simulated nodes
-        too) and peak RSS in KB."""
-        import resource
-
+        too) and peak RSS in KB (VmHWM: getrusage's ru_maxrss would count the RSS of the
+        parent that started this process, which Linux carries across fork and exec)."""
         cpu, wall = self.busy_cpu_s, self.busy_wall_s
         if self._busy_since is not None:
             cpu += time.thread_time() - self._busy_since[0]
@@ -393,7 +392,7 @@ class Coordinator:
         return {"fast_s": round(self.checker.fast_s, 6), "ref_s": round(self.checker.ref_s, 6),
                 "busy_cpu_s": round(cpu, 6), "busy_wall_s": round(wall, 6),
                 "cpu_s": round(t.user + t.system, 3),
-                "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+                "maxrss_kb": peak_rss_kb()}
 
     def _rule_params(self, n: int, weights: list[int],
                      round_: int) -> tuple[dict[str, Any], int, int]:
@@ -1052,6 +1051,19 @@ class Coordinator:
             return {}
         ks = [int(row["n_accepted"]) for row in self.store.rounds()]
         return {"privacy": self.accountant.spent(rounds, ks)}
+
+
+def peak_rss_kb(pid: int | str = "self") -> int:
+    """A process's peak resident set size in KB (/proc/PID/status VmHWM; 0 when gone or
+    not on Linux)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _active_keys(reg: Any) -> dict[str, bytes]:
