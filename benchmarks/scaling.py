@@ -17,8 +17,8 @@ rounds 2..R (round 1 carries start-up: imports, keys, the nodes' HELLOs), so R >
   (mqtt; what the coordinator reports in its round events, `Coordinator.cost()`), or the
   thread CPU inside its handle() and tick() (inproc, where the simulated nodes share the
   process); busy_share: the wall time inside handle() and tick() over round_s;
-- fast_ms / ref_ms: the aggregation on the numpy fast path and on the reference beside it
-  (cross-check `always`);
+- fast_ms / ref_ms: the aggregation's CPU time on the numpy fast path and on the reference
+  beside it (cross-check `always`; the coordinator thread's CPU time);
 - coord_rss_mb: the coordinator's peak RSS (the in-process engine's includes every node);
 - broker_cpu_s, broker_in_kb, broker_out_kb (mqtt): the mosquitto process's CPU seconds (schedstat, ns) and
   the bytes it read and wrote (/proc/PID/stat and /proc/PID/io, sampled every 50 ms and
@@ -636,6 +636,110 @@ def load_test(publishers: list[int], seconds: float, size: int, broker: str) -> 
     return rows
 
 
+# ------------------------------------------------------------------ the model
+
+
+def fit_origin(xs: list[float], ys: list[float]) -> float:
+    """The least-squares slope of y = c * x through the origin."""
+    return sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs)
+
+
+def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """y = a + b * x, least squares."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2
+                                                                            for x in xs)
+    return my - b * mx, b
+
+
+def n_within(budget: float, lin: float, quad: float) -> int:
+    """The largest n with lin * n + quad * n^2 <= budget."""
+    if quad <= 0:
+        return int(budget / lin)
+    return int((-lin + (lin * lin + 4 * quad * budget) ** 0.5) / (2 * quad))
+
+
+def model(records: list[dict[str, Any]], load: list[dict[str, Any]],
+          budgets: tuple[float, ...] = (1.0, 10.0, 60.0)) -> str:
+    """The extrapolation, every number with its formula and its measured inputs."""
+    mq = [r for r in records if r["engine"] == "mqtt" and r.get("broker") == "mosquitto"]
+    if not mq:
+        raise SystemExit("the model needs mqtt (mosquitto) records")
+    ns = [float(r["n"]) for r in mq]
+    a_ref = fit_origin([n * n for n in ns], [r["ref_ms"] / 1000 for r in mq])
+    a_fast = fit_origin([n * n for n in ns], [r["fast_ms"] / 1000 for r in mq])
+    rest = [r["coord_cpu_s"] - (r["ref_ms"] + r["fast_ms"]) / 1000 for r in mq]
+    b_upd = fit_origin(ns, rest)
+    b_brk = fit_origin(ns, [r["broker_cpu_s"] for r in mq])
+    g0, g1 = fit_line(ns, [float(r["global_bytes"]) for r in mq])
+    upd = sum(r["kb"]["update"] * 1024 / r["n"] for r in mq) / len(mq)
+    inputs = ", ".join(f"n={r['n']}: coord {r['coord_cpu_s']:.3f} s, ref {r['ref_ms']:.1f} ms, "
+                       f"fast {r['fast_ms']:.2f} ms, broker {1000 * r['broker_cpu_s']:.1f} ms, "
+                       f"global {r['global_bytes']} B" for r in mq)
+    L = [f"Measured inputs (mqtt engine, mosquitto, per round): {inputs}.", "",
+         "Fitted constants (least squares; d = 650 parameters):", "",
+         "| constant | formula | value |", "| --- | --- | --- |",
+         f"| a_ref | reference Krum CPU = a_ref * n^2 | {a_ref * 1e6:.2f} µs per pair "
+         f"({a_ref * 1e9 / 650:.1f} ns per pair and coordinate) |",
+         f"| a_fast | numpy Krum CPU = a_fast * n^2 | {a_fast * 1e6:.3f} µs per pair |",
+         f"| b_upd | coordinator CPU - aggregation = b_upd * n | {b_upd * 1000:.2f} ms per update "
+         "(verify, SQLite, MQTT, reputation) |",
+         f"| b_brk | mosquitto CPU per round = b_brk * n | {b_brk * 1000:.3f} ms per node "
+         "(update in, PUBACK, update to the coordinator and to the counter, global out) |",
+         f"| g0, g1 | GLOBAL_MODEL bytes = g0 + g1 * n | {g0:.0f} B + {g1:.1f} B per accepted "
+         "update (the announcement lists each: sender and SHA-256) |",
+         f"| u | update bytes | {upd:.0f} B |", "",
+         "**Extrapolation** (not measured): one coordinator's CPU per round, "
+         "C(n) = b_upd * n + (a_fast + a_ref / N) * n^2 with the reference every N-th round "
+         "(`--crosscheck always`: N = 1; `sampled:10`: N = 10; `off`: a_ref = 0); the largest "
+         "n whose C(n) fits a round budget:", "",
+         "| round budget | cross-check always | sampled:10 | off |", "| --- | --- | --- | --- |"]
+    for bud in budgets:
+        L.append(f"| {bud:g} s | {n_within(bud, b_upd, a_fast + a_ref):,} | "
+                 f"{n_within(bud, b_upd, a_fast + a_ref / 10):,} | "
+                 f"{n_within(bud, b_upd, a_fast):,} |")
+    per_msg = [r["broker_cpu_ms_per_msg"] / 1000 for r in load if r.get("broker_cpu_ms_per_msg")]
+    L += ["", "**Extrapolation**: one mosquitto (one thread: it saturates at 1 CPU second per "
+          "second):", ""]
+    if per_msg:
+        m = sum(per_msg) / len(per_msg)
+        L.append(f"- load test: {m * 1e6:.1f} µs of broker CPU per {load[0]['size']}-byte QoS 1 "
+                 f"message (in, PUBACK, one delivery out); saturation = 1 / that = "
+                 f"**{1 / m:,.0f} messages per second**.")
+    L.append(f"- in the mesh: b_brk = {b_brk * 1000:.3f} ms per node and round; one mosquitto "
+             f"core saturates at n = T / b_brk = **{1 / b_brk:,.0f} nodes per second of round "
+             "period T** (e.g. "
+             + ", ".join(f"T = {t:g} s: {t / b_brk:,.0f} nodes" for t in budgets)
+             + "), before the bytes below.")
+    L += ["- bytes out per round (coordinated mode, no counter): n * (g0 + g1 * n) for the "
+          "global's fan-out + n * u for the updates to the coordinator:", ""]
+    L += ["| n | GLOBAL_MODEL | broker bytes out per round |", "| --- | --- | --- |"]
+    for n in (200, 1000, 10000, 100000):
+        gb = g0 + g1 * n
+        L.append(f"| {n:,} | {gb / 1024:,.1f} KB | {(n * gb + n * upd) / 2**20:,.1f} MB |")
+    L += ["", "Hard limits of today's format, from the fitted g0, g1 (computed, not measured "
+          "at that size): a GLOBAL_MODEL with n accepted updates exceeds a node's default "
+          f"`max_msg` of 16 384 bytes (firmware/config.py) above n = (16384 - g0) / g1 = "
+          f"**{(16384 - g0) / g1:,.0f}**, and wire.MAX_FRAME (65 536) above n = "
+          f"**{(65536 - g0) / g1:,.0f}**."]
+    L += ["", "**Extrapolation**: an edge tier of sites of k nodes, one edge aggregator each "
+          "(its own Krum over k updates, the same constants), one update per site to the top: "
+          "C_edge = C(k), C_top = C(n / k) (cross-check always); the top's broker carries n / k "
+          "updates and n / k global copies:", "",
+          "| n | flat C(n) | k | C_edge(k) | C_top(n/k) | top broker CPU per round |",
+          "| --- | --- | --- | --- | --- | --- |"]
+
+    def c_of(n: float) -> float:
+        return b_upd * n + (a_fast + a_ref) * n * n
+
+    for n in (1000, 10000, 100000):
+        for k in (50, 200):
+            L.append(f"| {n:,} | {c_of(n):,.1f} s | {k} | {c_of(k):.2f} s | "
+                     f"{c_of(n / k):.2f} s | {1000 * b_brk * n / k:.1f} ms |")
+    return "\n".join(L)
+
+
 # ------------------------------------------------------------------ tables
 
 
@@ -693,6 +797,10 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--size", type=int, default=2700)
     ap.add_argument("--json", type=Path, default=None, help="append the records (JSON lines)")
+    ap.add_argument("--model", default=None, metavar="SIZES.jsonl,LOAD.jsonl",
+                    help="no run: fit the records of earlier runs and extrapolate")
+    ap.add_argument("--label", default=None, help="the markers' label (default: sizes, load "
+                    "or model)")
     ap.add_argument("--write", type=Path, default=None, help="a document with the markers")
     a = ap.parse_args()
     command = "python benchmarks/scaling.py " + " ".join(sys.argv[1:])
@@ -701,12 +809,20 @@ def main() -> int:
     if a.rabbitmq:
         node, port, pidfile = a.rabbitmq.split(":", 2)
         rabbit = Rabbit(node, int(port), Path(pidfile))
+    if a.model:
+        files = [Path(x) for x in a.model.split(",")]
+        recs = [json.loads(line) for f in files for line in f.read_text().splitlines() if line]
+        text = model([r for r in recs if "engine" in r], [r for r in recs if "publishers" in r])
+        print(text)
+        if a.write is not None:
+            write_between(a.write, f"benchmarks/scaling.py {a.label or 'model'}", command, text)
+        return 0
     if a.acl_probe:
         print(json.dumps(probe(a.broker, rabbit), indent=2))
         return 0
     if a.load_test:
         recs = load_test([int(x) for x in a.publishers.split(",")], a.seconds, a.size, a.broker)
-        text, marker = load_table(recs), "benchmarks/scaling.py load"
+        text, marker = load_table(recs), f"benchmarks/scaling.py {a.label or 'load'}"
     else:
         recs = []
         for engine in a.engines.split(","):
@@ -718,7 +834,7 @@ def main() -> int:
                 if a.json is not None:
                     with open(a.json, "a") as fh:
                         fh.write(json.dumps(r) + "\n")
-        text, marker = table(recs), "benchmarks/scaling.py sizes"
+        text, marker = table(recs), f"benchmarks/scaling.py {a.label or 'sizes'}"
     if a.json is not None and a.load_test:
         with open(a.json, "a") as fh:
             for r in recs:

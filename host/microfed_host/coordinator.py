@@ -379,11 +379,12 @@ class Coordinator:
 
     def cost(self) -> dict[str, Any]:
         """What the coordinator has cost so far (benchmarks/scaling.py): the last aggregation
-        on the fast path and on the reference (seconds; 0.0: not run), the thread CPU and wall
-        seconds inside handle() and tick() (the call in progress included), this process's
-        CPU seconds (user + system, every thread: in-process runs count the simulated nodes
-        too) and peak RSS in KB (VmHWM: getrusage's ru_maxrss would count the RSS of the
-        parent that started this process, which Linux carries across fork and exec)."""
+        on the fast path and on the reference (thread CPU seconds; 0.0: not run), the thread
+        CPU and wall seconds inside handle() and tick() (the call in progress included), this
+        process's CPU seconds (user + system, every thread: in-process runs count the
+        simulated nodes too) and peak RSS in KB (VmHWM: getrusage's ru_maxrss would count
+        the RSS of the parent that started this process, which Linux carries across fork
+        and exec)."""
         cpu, wall = self.busy_cpu_s, self.busy_wall_s
         if self._busy_since is not None:
             cpu += time.thread_time() - self._busy_since[0]
