@@ -653,11 +653,12 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - b * mx, b
 
 
-def n_within(budget: float, lin: float, quad: float) -> int:
-    """The largest n with lin * n + quad * n^2 <= budget."""
+def n_within(budget: float, c0: float, lin: float, quad: float) -> int:
+    """The largest n with c0 + lin * n + quad * n^2 <= budget."""
+    room = budget - c0
     if quad <= 0:
-        return int(budget / lin)
-    return int((-lin + (lin * lin + 4 * quad * budget) ** 0.5) / (2 * quad))
+        return int(room / lin)
+    return int((-lin + (lin * lin + 4 * quad * room) ** 0.5) / (2 * quad))
 
 
 def model(records: list[dict[str, Any]], load: list[dict[str, Any]],
@@ -670,7 +671,7 @@ def model(records: list[dict[str, Any]], load: list[dict[str, Any]],
     a_ref = fit_origin([n * n for n in ns], [r["ref_ms"] / 1000 for r in mq])
     a_fast = fit_origin([n * n for n in ns], [r["fast_ms"] / 1000 for r in mq])
     rest = [r["coord_cpu_s"] - (r["ref_ms"] + r["fast_ms"]) / 1000 for r in mq]
-    b_upd = fit_origin(ns, rest)
+    c0, b_upd = fit_line(ns, rest)
     b_brk = fit_origin(ns, [r["broker_cpu_s"] for r in mq])
     g0, g1 = fit_line(ns, [float(r["global_bytes"]) for r in mq])
     upd = sum(r["kb"]["update"] * 1024 / r["n"] for r in mq) / len(mq)
@@ -683,22 +684,22 @@ def model(records: list[dict[str, Any]], load: list[dict[str, Any]],
          f"| a_ref | reference Krum CPU = a_ref * n^2 | {a_ref * 1e6:.2f} µs per pair "
          f"({a_ref * 1e9 / 650:.1f} ns per pair and coordinate) |",
          f"| a_fast | numpy Krum CPU = a_fast * n^2 | {a_fast * 1e6:.3f} µs per pair |",
-         f"| b_upd | coordinator CPU - aggregation = b_upd * n | {b_upd * 1000:.2f} ms per update "
-         "(verify, SQLite, MQTT, reputation) |",
+         f"| c0, b_upd | coordinator CPU - aggregation = c0 + b_upd * n | {c0 * 1000:.1f} ms "
+         f"per round + {b_upd * 1000:.2f} ms per update |",
          f"| b_brk | mosquitto CPU per round = b_brk * n | {b_brk * 1000:.3f} ms per node "
          "(update in, PUBACK, update to the coordinator and to the counter, global out) |",
          f"| g0, g1 | GLOBAL_MODEL bytes = g0 + g1 * n | {g0:.0f} B + {g1:.1f} B per accepted "
          "update (the announcement lists each: sender and SHA-256) |",
          f"| u | update bytes | {upd:.0f} B |", "",
          "**Extrapolation** (not measured): one coordinator's CPU per round, "
-         "C(n) = b_upd * n + (a_fast + a_ref / N) * n^2 with the reference every N-th round "
+         "C(n) = c0 + b_upd * n + (a_fast + a_ref / N) * n^2 with the reference every N-th round "
          "(`--crosscheck always`: N = 1; `sampled:10`: N = 10; `off`: a_ref = 0); the largest "
          "n whose C(n) fits a round budget:", "",
          "| round budget | cross-check always | sampled:10 | off |", "| --- | --- | --- | --- |"]
     for bud in budgets:
-        L.append(f"| {bud:g} s | {n_within(bud, b_upd, a_fast + a_ref):,} | "
-                 f"{n_within(bud, b_upd, a_fast + a_ref / 10):,} | "
-                 f"{n_within(bud, b_upd, a_fast):,} |")
+        L.append(f"| {bud:g} s | {n_within(bud, c0, b_upd, a_fast + a_ref):,} | "
+                 f"{n_within(bud, c0, b_upd, a_fast + a_ref / 10):,} | "
+                 f"{n_within(bud, c0, b_upd, a_fast):,} |")
     per_msg = [r["broker_cpu_ms_per_msg"] / 1000 for r in load if r.get("broker_cpu_ms_per_msg")]
     L += ["", "**Extrapolation**: one mosquitto (one thread: it saturates at 1 CPU second per "
           "second):", ""]
@@ -727,16 +728,17 @@ def model(records: list[dict[str, Any]], load: list[dict[str, Any]],
           "(its own Krum over k updates, the same constants), one update per site to the top: "
           "C_edge = C(k), C_top = C(n / k) (cross-check always); the top's broker carries n / k "
           "updates and n / k global copies:", "",
-          "| n | flat C(n) | k | C_edge(k) | C_top(n/k) | top broker CPU per round |",
-          "| --- | --- | --- | --- | --- | --- |"]
+          "| n | flat C(n) | k | sites n/k | C_edge(k) | C_top(n/k) | C_edge + C_top | "
+          "top broker CPU per round |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def c_of(n: float) -> float:
-        return b_upd * n + (a_fast + a_ref) * n * n
+        return c0 + b_upd * n + (a_fast + a_ref) * n * n
 
     for n in (1000, 10000, 100000):
         for k in (50, 200):
-            L.append(f"| {n:,} | {c_of(n):,.1f} s | {k} | {c_of(k):.2f} s | "
-                     f"{c_of(n / k):.2f} s | {1000 * b_brk * n / k:.1f} ms |")
+            L.append(f"| {n:,} | {c_of(n):,.1f} s | {k} | {n // k:,} | {c_of(k):.2f} s | "
+                     f"{c_of(n / k):.2f} s | {c_of(k) + c_of(n / k):.2f} s | "
+                     f"{1000 * b_brk * n / k:.1f} ms |")
     return "\n".join(L)
 
 
