@@ -453,8 +453,8 @@ class Rabbit:
 def acl_probe(host: str, port: int, mesh_dir: Path) -> dict[str, str]:
     """What a broker does with the mesh's logins and ACL (docs/scaling.md, "Tried"): an
     anonymous client; node A's QoS 1 update on its own topic and on node B's, as the
-    coordinator's login sees them; node A subscribing to a topic its ACL does not list; a
-    retained global published by the coordinator's login, read by a node that connects
+    coordinator's login sees them; node A subscribing to a topic its ACL does not list
+    (digest/+), and whether node B's digest then reaches it; a retained global published by the coordinator's login, read by a node that connects
     afterwards. Each outcome in words."""
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
@@ -507,11 +507,17 @@ def acl_probe(host: str, port: int, mesh_dir: Path) -> dict[str, str]:
     node, ns = client(a, "a2")
     node.subscribe(base + "digest/+", 1)
     settle()
+    other, _os = client(b, "b")
+    other.publish(base + "digest/" + b, b"b-digest", qos=1).wait_for_publish(5)
+    settle()
+    seen = any(m[1] == b"b-digest" for m in ns["msgs"])
     out["subscribe outside its ACL"] = (f"SUBACK {ns['granted']}" if ns["granted"] is not None
                                         else "no SUBACK") + (
-        f", connection closed ({ns['closed']})" if ns["closed"] else "")
-    node.disconnect()
-    node.loop_stop()
+        f", connection closed ({ns['closed']})" if ns["closed"] else "") + (
+        "; node B's digest then DELIVERED to it" if seen else "; node B's digest not delivered to it")
+    for c in (node, other):
+        c.disconnect()
+        c.loop_stop()
     coord.publish(base + "global", b"retained-global", qos=1, retain=True).wait_for_publish(5)
     settle()
     node, ns = client(a, "a3")
@@ -624,7 +630,7 @@ def load_test(publishers: list[int], seconds: float, size: int, broker: str) -> 
                 rows.append({"publishers": p, "size": size, "sent": sent, "received": got[0],
                              "seconds": round(dt, 2), "msgs_per_s": round(got[0] / dt),
                              "broker": b.kind,
-                             "broker_cpu_s": None if cpu is None else round(cpu, 2),
+                             "broker_cpu_s": None if cpu is None else round(cpu, 4),
                              "broker_cpu_ms_per_msg": None if not cpu or not got[0]
                              else round(1000 * cpu / got[0], 4),
                              "load_start": la0, "load_end": loadavg()})

@@ -64,14 +64,55 @@ def test_scaling_record_inproc_and_mqtt(tmp_path: Path) -> None:
     _common(rm, "mqtt")
     # the same seed and scenario: the same bits on both engines
     assert rm["final_digest"] == ri["final_digest"]
-    # the broker's own figures (/proc): it read at least the updates, and wrote each update
-    # to the coordinator and the counter and the global to every node
+    # the broker's own figures (/proc, sampled every 50 ms and interpolated at the round
+    # close times, so within 10 %): it read the updates, and wrote each update to the
+    # coordinator and the counter and the global to every node
     assert rm["broker_cpu_run_s"] > 0 and rm["broker_cpu_s"] >= 0
-    assert rm["broker_in_kb"] >= rm["kb"]["update"]
-    assert rm["broker_out_kb"] >= 2 * rm["kb"]["update"] + N * rm["kb"]["global"]
+    assert rm["broker_in_kb"] >= 0.9 * rm["kb"]["update"]
+    assert rm["broker_out_kb"] >= 0.9 * (2 * rm["kb"]["update"] + N * rm["kb"]["global"])
     assert rm["startup_msgs"]["hello"] == N and rm["startup_msgs"]["registry"] >= 1
     assert rm["node_rss_mb"]["processes"] == N and rm["node_rss_mb"]["mean"] > 1
     # what a row of the table shows
     row = bench.table([ri, rm]).splitlines()
     assert len(row) == 4 and row[2].startswith("| inproc | 5 |") and row[3].startswith("| mqtt (mosquitto) | 5 |")
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_rabbitmq_logins_follow_the_mesh_acl(tmp_path: Path) -> None:
+    """What --rabbitmq imports: the run's users with their passwords (RabbitMQ's salted
+    SHA-256) and the ACL as topic permissions on amq.topic, MQTT's '/' as AMQP's '.'."""
+    import base64
+    import hashlib
+    import re
+
+    from microfed_host import brokerauth
+    from microfed_host.provision import init_mesh
+
+    md = tmp_path / "mesh"
+    init_mesh(md, "mesh-t", 2, "127.0.0.1:1883")
+    defs = _bench().Rabbit.definitions(md)
+    users = {u["name"]: u for u in defs["users"]}
+    assert set(users) == {"coordinator", "monitor", "node-01", "node-02"}
+    pw = brokerauth.read_credentials(md, "node-01")
+    assert pw is not None
+    raw = base64.b64decode(users["node-01"]["password_hash"])
+    assert raw[4:] == hashlib.sha256(raw[:4] + pw["password"].encode()).digest()
+    tp = {t["user"]: t for t in defs["topic_permissions"]}
+    b = "microfed.mesh-t."
+    assert re.match(tp["node-01"]["write"], b + "update.node-01")
+    assert not re.match(tp["node-01"]["write"], b + "update.node-02")
+    assert not re.match(tp["node-01"]["write"], b + "global")
+    assert re.match(tp["node-01"]["read"], b + "global")
+    assert re.match(tp["node-01"]["read"], b + "update.*")  # a subscription's binding key
+    assert not re.match(tp["node-01"]["read"], b + "digest.*")
+    assert re.match(tp["coordinator"]["write"], b + "global")
+    assert not re.match(tp["coordinator"]["write"], b + "update.node-01")
+
+
+def test_broker_load_test_counts_every_message() -> None:
+    if find_mosquitto() is None:
+        pytest.skip("needs mosquitto")
+    (row,) = _bench().load_test([1], 0.5, 2700, "mosquitto")
+    assert row["sent"] > 0 and row["received"] == row["sent"]
+    assert row["broker"] == "mosquitto" and row["broker_cpu_s"] > 0
+    assert row["broker_cpu_ms_per_msg"] > 0 and row["msgs_per_s"] > 0
