@@ -642,6 +642,50 @@ def load_test(publishers: list[int], seconds: float, size: int, broker: str) -> 
     return rows
 
 
+# ------------------------------------------------------------------ a per-update O(n) step
+
+
+def quorum_check(sizes: list[int], calls: int = 200) -> list[dict[str, Any]]:
+    """The coordinator's quorum check, `Coordinator.expected_now()`, which every accepted
+    update runs twice (the "accepted" event's `want` and maybe_close()): it walks every
+    expected node, so a round of n updates costs 2 n^2 of its steps. Timed here on a real
+    Coordinator of a freshly provisioned mesh of n nodes (thread CPU per call)."""
+    from microfed_host.coordinator import Coordinator, CoordinatorConfig
+    from microfed_host.provision import init_mesh
+    from microfed_host.rounds_store import RoundsStore
+
+    rows = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix="scaling-quorum-") as tmp:
+            init_mesh(Path(tmp) / "mesh", "mesh-q", n, "127.0.0.1:1883")
+            store = RoundsStore(Path(tmp) / "c.sqlite")
+            try:
+                c = Coordinator(CoordinatorConfig(mesh_dir=str(Path(tmp) / "mesh"), rule="fedavg",
+                                                  f=0), store, lambda *_a: None,
+                                log=lambda _e: None)
+                assert len(c.expected_now()) == n
+                t0 = time.thread_time()
+                for _ in range(calls):
+                    c.expected_now()
+                per = (time.thread_time() - t0) / calls
+            finally:
+                store.close()
+        rows.append({"quorum_n": n, "per_call_us": round(per * 1e6, 2),
+                     "per_round_s": round(2 * n * per, 4), "q_us_per_pair": round(2 * per / n * 1e6, 4),
+                     "load": loadavg()})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def quorum_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| n | expected_now() per call | 2 n calls per round | per pair of nodes | load |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['quorum_n']} | {r['per_call_us']} µs | {r['per_round_s']} s | "
+                     f"{r['q_us_per_pair']} µs | {r['load']} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------ the model
 
 
@@ -668,6 +712,7 @@ def n_within(budget: float, c0: float, lin: float, quad: float) -> int:
 
 
 def model(records: list[dict[str, Any]], load: list[dict[str, Any]],
+          quorum: list[dict[str, Any]] | None = None,
           budgets: tuple[float, ...] = (1.0, 10.0, 60.0)) -> str:
     """The extrapolation, every number with its formula and its measured inputs."""
     mq = [r for r in records if r["engine"] == "mqtt" and r.get("broker") == "mosquitto"]
@@ -676,7 +721,10 @@ def model(records: list[dict[str, Any]], load: list[dict[str, Any]],
     ns = [float(r["n"]) for r in mq]
     a_ref = fit_origin([n * n for n in ns], [r["ref_ms"] / 1000 for r in mq])
     a_fast = fit_origin([n * n for n in ns], [r["fast_ms"] / 1000 for r in mq])
-    rest = [r["coord_cpu_s"] - (r["ref_ms"] + r["fast_ms"]) / 1000 for r in mq]
+    # the quorum check's n^2 (quorum_check(), measured on its own at the largest n)
+    q = (max(quorum, key=lambda r: r["quorum_n"])["q_us_per_pair"] / 1e6) if quorum else 0.0
+    rest = [r["coord_cpu_s"] - (r["ref_ms"] + r["fast_ms"]) / 1000 - q * n * n
+            for r, n in zip(mq, ns, strict=True)]
     c0, b_upd = fit_line(ns, rest)
     b_brk = fit_origin(ns, [r["broker_cpu_s"] for r in mq])
     g0, g1 = fit_line(ns, [float(r["global_bytes"]) for r in mq])
@@ -690,22 +738,24 @@ def model(records: list[dict[str, Any]], load: list[dict[str, Any]],
          f"| a_ref | reference Krum CPU = a_ref * n^2 | {a_ref * 1e6:.2f} µs per pair "
          f"({a_ref * 1e9 / 650:.1f} ns per pair and coordinate) |",
          f"| a_fast | numpy Krum CPU = a_fast * n^2 | {a_fast * 1e6:.3f} µs per pair |",
-         f"| c0, b_upd | coordinator CPU - aggregation = c0 + b_upd * n | {c0 * 1000:.1f} ms "
-         f"per round + {b_upd * 1000:.2f} ms per update |",
+         f"| q | the quorum check, Coordinator.expected_now(), twice per update = q * n^2 | "
+         f"{q * 1e6:.3f} µs per pair (measured alone: table above) |",
+         f"| c0, b_upd | coordinator CPU - aggregation - q n^2 = c0 + b_upd * n | "
+         f"{c0 * 1000:.1f} ms per round + {b_upd * 1000:.2f} ms per update |",
          f"| b_brk | mosquitto CPU per round = b_brk * n | {b_brk * 1000:.3f} ms per node "
          "(update in, PUBACK, update to the coordinator and to the counter, global out) |",
          f"| g0, g1 | GLOBAL_MODEL bytes = g0 + g1 * n | {g0:.0f} B + {g1:.1f} B per accepted "
          "update (the announcement lists each: sender and SHA-256) |",
          f"| u | update bytes | {upd:.0f} B |", "",
          "**Extrapolation** (not measured): one coordinator's CPU per round, "
-         "C(n) = c0 + b_upd * n + (a_fast + a_ref / N) * n^2 with the reference every N-th round "
+         "C(n) = c0 + b_upd * n + (q + a_fast + a_ref / N) * n^2 with the reference every N-th round "
          "(`--crosscheck always`: N = 1; `sampled:10`: N = 10; `off`: a_ref = 0); the largest "
          "n whose C(n) fits a round budget:", "",
          "| round budget | cross-check always | sampled:10 | off |", "| --- | --- | --- | --- |"]
     for bud in budgets:
-        L.append(f"| {bud:g} s | {n_within(bud, c0, b_upd, a_fast + a_ref):,} | "
-                 f"{n_within(bud, c0, b_upd, a_fast + a_ref / 10):,} | "
-                 f"{n_within(bud, c0, b_upd, a_fast):,} |")
+        L.append(f"| {bud:g} s | {n_within(bud, c0, b_upd, q + a_fast + a_ref):,} | "
+                 f"{n_within(bud, c0, b_upd, q + a_fast + a_ref / 10):,} | "
+                 f"{n_within(bud, c0, b_upd, q + a_fast):,} |")
     per_msg = [r["broker_cpu_ms_per_msg"] / 1000 for r in load if r.get("broker_cpu_ms_per_msg")]
     L += ["", "**Extrapolation**: one mosquitto (one thread: it saturates at 1 CPU second per "
           "second):", ""]
@@ -738,7 +788,7 @@ def model(records: list[dict[str, Any]], load: list[dict[str, Any]],
           "top broker CPU per round |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def c_of(n: float) -> float:
-        return c0 + b_upd * n + (a_fast + a_ref) * n * n
+        return c0 + b_upd * n + (q + a_fast + a_ref) * n * n
 
     for n in (1000, 10000, 100000):
         for k in (50, 200):
@@ -796,6 +846,9 @@ def main() -> int:
     ap.add_argument("--rabbitmq", default=None, metavar="NODE:MQTT_PORT:PIDFILE",
                     help="mqtt engine against a running RabbitMQ node instead of mosquitto "
                     "(e.g. scaling@localhost:18830:/tmp/rabbit.pid)")
+    ap.add_argument("--quorum", default=None, metavar="SIZES",
+                    help="time the coordinator's quorum check at these mesh sizes (e.g. "
+                    "10,200,1000)")
     ap.add_argument("--acl-probe", dest="acl_probe", action="store_true",
                     help="provision a 3-node mesh and probe the broker's logins, ACL, QoS 1 "
                     "and retained messages (mosquitto, or --rabbitmq)")
@@ -820,15 +873,19 @@ def main() -> int:
     if a.model:
         files = [Path(x) for x in a.model.split(",")]
         recs = [json.loads(line) for f in files for line in f.read_text().splitlines() if line]
-        text = model([r for r in recs if "engine" in r], [r for r in recs if "publishers" in r])
+        text = model([r for r in recs if "engine" in r], [r for r in recs if "publishers" in r],
+                     [r for r in recs if "quorum_n" in r])
         print(text)
         if a.write is not None:
             write_between(a.write, f"benchmarks/scaling.py {a.label or 'model'}", command, text)
         return 0
-    if a.acl_probe:
+    if a.quorum:
+        recs = quorum_check([int(x) for x in a.quorum.split(",")])
+        text, marker = quorum_table(recs), f"benchmarks/scaling.py {a.label or 'quorum'}"
+    elif a.acl_probe:
         print(json.dumps(probe(a.broker, rabbit), indent=2))
         return 0
-    if a.load_test:
+    elif a.load_test:
         recs = load_test([int(x) for x in a.publishers.split(",")], a.seconds, a.size, a.broker)
         text, marker = load_table(recs), f"benchmarks/scaling.py {a.label or 'load'}"
     else:
@@ -843,7 +900,7 @@ def main() -> int:
                     with open(a.json, "a") as fh:
                         fh.write(json.dumps(r) + "\n")
         text, marker = table(recs), f"benchmarks/scaling.py {a.label or 'sizes'}"
-    if a.json is not None and a.load_test:
+    if a.json is not None and (a.load_test or a.quorum):
         with open(a.json, "a") as fh:
             for r in recs:
                 fh.write(json.dumps(r) + "\n")

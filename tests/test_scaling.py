@@ -116,3 +116,33 @@ def test_broker_load_test_counts_every_message() -> None:
     assert row["sent"] > 0 and row["received"] == row["sent"]
     assert row["broker"] == "mosquitto" and row["broker_cpu_s"] > 0
     assert row["broker_cpu_ms_per_msg"] > 0 and row["msgs_per_s"] > 0
+
+
+def test_quorum_check_times_the_coordinators_walk() -> None:
+    (row,) = _bench().quorum_check([5], calls=20)
+    assert row["quorum_n"] == 5 and row["per_call_us"] > 0
+    assert row["per_round_s"] == round(2 * 5 * row["per_call_us"] / 1e6, 4)
+
+
+def test_model_recovers_the_constants_it_extrapolates_from() -> None:
+    """Records made from known constants: the model's fits give them back, and its budget
+    table is the root of C(n) = budget."""
+    bench = _bench()
+    a_ref, a_fast, q, c0, b, brk, g0, g1 = 26e-6, 0.5e-6, 0.7e-6, 0.02, 1.5e-3, 1e-4, 2758, 41
+    recs = []
+    for n in (10, 50, 200):
+        recs.append({"engine": "mqtt", "broker": "mosquitto", "n": n,
+                     "ref_ms": 1000 * a_ref * n * n, "fast_ms": 1000 * a_fast * n * n,
+                     "coord_cpu_s": c0 + b * n + (q + a_fast + a_ref) * n * n,
+                     "broker_cpu_s": brk * n, "global_bytes": g0 + g1 * n,
+                     "kb": {"update": n * 2715 / 1024}})
+    text = bench.model(recs, [{"broker_cpu_ms_per_msg": 0.016, "size": 2700}],
+                       [{"quorum_n": 1000, "q_us_per_pair": 0.7}])
+    assert "26.00 µs per pair" in text and "0.500 µs per pair" in text
+    assert "20.0 ms per round + 1.50 ms per update" in text
+    assert "0.100 ms per node" in text and "2758 B + 41.0 B" in text
+    n1 = bench.n_within(10.0, c0, b, q + a_fast + a_ref)
+    assert c0 + b * n1 + (q + a_fast + a_ref) * n1 ** 2 <= 10.0
+    assert c0 + b * (n1 + 1) + (q + a_fast + a_ref) * (n1 + 1) ** 2 > 10.0
+    assert f"| 10 s | {n1:,} |" in text
+    assert "**62,500 messages per second**" in text
