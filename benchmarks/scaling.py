@@ -802,9 +802,13 @@ def model(records: list[dict[str, Any]], load: list[dict[str, Any]],
 
 
 def table(records: list[dict[str, Any]]) -> str:
+    """One row per record; the digests' column only when some run had them (gossip)."""
+    kinds = ("update", "digest", "global") if any(r["msgs"]["digest"] for r in records) \
+        else ("update", "global")
+    names = "+".join(kinds)
     head = ("| engine | n | f | round s | coord CPU s/round | busy share | fast ms | ref ms | "
-            "coord RSS MB | broker CPU s/round | broker in/out KB/round | msgs/round "
-            "(update+global) | KB/round (update+global) | node RSS MB (mean/max) | load start→end |")
+            f"coord RSS MB | broker CPU s/round | broker in/out KB/round | msgs/round "
+            f"({names}) | KB/round ({names}) | node RSS MB (mean/max) | load start→end |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in records:
         bro = "–" if r["broker_cpu_s"] is None else f"{r['broker_cpu_s']:.3f}"
@@ -814,11 +818,12 @@ def table(records: list[dict[str, Any]]) -> str:
         nrs = f"{nr['mean']} / {nr['max']}" if nr.get("mean") is not None else "–"
         m, k = r["msgs"], r["kb"]
         eng = r["engine"] + (f" ({r['broker']})" if r.get("broker") else "")
+        msgs = " + ".join(f"{m[x]:.0f}" for x in kinds)
+        kb = " + ".join(f"{k[x]:.1f}" if x == "global" else f"{k[x]:.0f}" for x in kinds)
         lines.append(
-            f"| {eng} | {r['n']} | {r['f']} | {r['round_s']:.2f} | {r['coord_cpu_s']:.3f} | "
-            f"{r['busy_share']:.0%} | {r['fast_ms']:.1f} | {r['ref_ms']:.0f} | "
-            f"{r['coord_rss_mb']:.0f} | {bro} | {io} | "
-            f"{m['update']:.0f} + {m['global']:.0f} | {k['update']:.0f} + {k['global']:.1f} | "
+            f"| {eng} | {r['n']} | {r['f']} | {r['round_s']:.2f} | "
+            f"{r['coord_cpu_s']:.3f} | {r['busy_share']:.0%} | {r['fast_ms']:.1f} | "
+            f"{r['ref_ms']:.0f} | {r['coord_rss_mb']:.0f} | {bro} | {io} | {msgs} | {kb} | "
             f"{nrs} | {r['load_start']} → {r['load_end']} |")
     return "\n".join(lines)
 
