@@ -2,9 +2,20 @@
 broker's load at growing mesh sizes, on both engines, and what one broker can carry.
 
     python benchmarks/scaling.py --sizes 10,50,200 --rounds 5 --engines inproc,mqtt \\
-        [--mode coordinated] [--json FILE] [--write docs/scaling.md]
+        [--mode coordinated|gossip] [--f F] [--rabbitmq NODE:MQTT_PORT:PIDFILE] \\
+        [--json FILE] [--write docs/scaling.md [--label sizes]]
     python benchmarks/scaling.py --load-test [--publishers 1,2,4] [--seconds 5] \\
         [--size 2700] [--broker mosquitto|HOST:PORT] [--write docs/scaling.md]
+    python benchmarks/scaling.py --quorum 10,50,200,1000 [--write docs/scaling.md]
+    python benchmarks/scaling.py --acl-probe [--rabbitmq NODE:MQTT_PORT:PIDFILE]
+    python benchmarks/scaling.py --model SIZES.jsonl,LOAD.jsonl,QUORUM.jsonl \\
+        [--write docs/scaling.md]
+
+--load-test measures mosquitto alone (publishers -> one subscriber: its CPU per message);
+--quorum times the coordinator's quorum check (quorum_check()); --acl-probe asks a broker
+what it does with a mesh's logins and ACL (acl_probe()); --model fits the records of earlier
+runs and extrapolates per tier (model()), running nothing; --rabbitmq runs the mqtt engine
+against a running RabbitMQ node with the MQTT plugin instead of mosquitto (Rabbit).
 
 Each size is one `mesh.run` of `--honest N --byzantine 0 --rule krum --f F` (F = --f, else
 (N - 3) // 4, at least 1) over R rounds, coordinated mode by default: `inproc` is the
@@ -20,8 +31,8 @@ rounds 2..R (round 1 carries start-up: imports, keys, the nodes' HELLOs), so R >
 - fast_ms / ref_ms: the aggregation's CPU time on the numpy fast path and on the reference
   beside it (cross-check `always`; the coordinator thread's CPU time);
 - coord_rss_mb: the coordinator's peak RSS (the in-process engine's includes every node);
-- broker_cpu_s, broker_in_kb, broker_out_kb (mqtt): the mosquitto process's CPU seconds (schedstat, ns) and
-  the bytes it read and wrote (/proc/PID/stat and /proc/PID/io, sampled every 50 ms and
+- broker_cpu_s, broker_in_kb, broker_out_kb (mqtt): the mosquitto process's CPU seconds
+  (schedstat, ns) and the bytes it read and wrote (/proc/PID/stat and /proc/PID/io, sampled every 50 ms and
   interpolated at the round close times): every PUBLISH, PUBACK and fan-out copy;
   broker_cpu_run_s: its CPU seconds over the whole run (from the coordinator's start);
 - msgs, kb: messages and payload bytes published per round, by kind (update, digest,
@@ -32,8 +43,8 @@ rounds 2..R (round 1 carries start-up: imports, keys, the nodes' HELLOs), so R >
 - node_rss_mb (mqtt): mean and largest peak RSS of the node processes (a CPython wrapper
   around the MicroPython unix port with a 4 MB heap).
 
---write replaces the text between `<!-- benchmarks/scaling.py sizes -->` (or `... load`)
-and `<!-- end ... -->` in that file with the table, the date, the command and the load
+--write replaces the text between `<!-- benchmarks/scaling.py LABEL -->` and
+`<!-- end benchmarks/scaling.py LABEL -->` (LABEL: --label, else sizes, load, quorum or model) with the table, the date, the command and the load
 average at start and end. Nothing is asserted here: tests/test_scaling.py runs this code
 at a tiny size and checks the record.
 """
