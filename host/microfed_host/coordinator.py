@@ -349,6 +349,10 @@ class Coordinator:
         self.gate_deadline = 0.0
         self.paused_since: float | None = None
         self.round_opened = 0.0
+        # What handle() and tick() cost, summed (thread CPU and wall seconds; cost()).
+        self.busy_cpu_s = 0.0
+        self.busy_wall_s = 0.0
+        self._busy_since: tuple[float, float] | None = None
 
     # -- plumbing -----------------------------------------------------------------------
     def log(self, ev: str, **kw: Any) -> None:
@@ -361,6 +365,35 @@ class Coordinator:
 
     def publish(self, topic: str, payload: bytes, retain: bool) -> None:
         self._publish(topic, payload, retain)
+
+    def _timed(self, fn: Callable[..., None], *args: Any) -> None:
+        """fn(*args), its thread CPU and wall time added to busy_cpu_s and busy_wall_s."""
+        c0, w0 = time.thread_time(), time.perf_counter()
+        self._busy_since = (c0, w0)
+        try:
+            fn(*args)
+        finally:
+            self.busy_cpu_s += time.thread_time() - c0
+            self.busy_wall_s += time.perf_counter() - w0
+            self._busy_since = None
+
+    def cost(self) -> dict[str, Any]:
+        """What the coordinator has cost so far (benchmarks/scaling.py): the last aggregation
+        on the fast path and on the reference (thread CPU seconds; 0.0: not run), the thread
+        CPU and wall seconds inside handle() and tick() (the call in progress included), this
+        process's CPU seconds (user + system, every thread: in-process runs count the
+        simulated nodes too) and peak RSS in KB (VmHWM: getrusage's ru_maxrss would count
+        the RSS of the parent that started this process, which Linux carries across fork
+        and exec)."""
+        cpu, wall = self.busy_cpu_s, self.busy_wall_s
+        if self._busy_since is not None:
+            cpu += time.thread_time() - self._busy_since[0]
+            wall += time.perf_counter() - self._busy_since[1]
+        t = os.times()
+        return {"fast_s": round(self.checker.fast_s, 6), "ref_s": round(self.checker.ref_s, 6),
+                "busy_cpu_s": round(cpu, 6), "busy_wall_s": round(wall, 6),
+                "cpu_s": round(t.user + t.system, 3),
+                "maxrss_kb": peak_rss_kb()}
 
     def _rule_params(self, n: int, weights: list[int],
                      round_: int) -> tuple[dict[str, Any], int, int]:
@@ -579,6 +612,9 @@ class Coordinator:
         into a crash loop."""
         if self.done:
             return
+        self._timed(self._handle, topic, payload)
+
+    def _handle(self, topic: str, payload: bytes) -> None:
         try:
             self._dispatch(topic, payload)
         except Exception as e:
@@ -855,6 +891,9 @@ class Coordinator:
     def tick(self) -> None:
         if self.done:
             return
+        self._timed(self._tick)
+
+    def _tick(self) -> None:
         self.store.flush_if_due(self.clock())
         if self.paused_since is not None:
             return
@@ -970,7 +1009,7 @@ class Coordinator:
                  banned=self.book.banned(), newly_banned=newly, close_reason=reason,
                  crosschecked=crosschecked, rejected=dict(self.rejected),
                  verdicts={k: v for k, v in verdicts.items() if v != BANNED},
-                 **self._privacy_spent(r))
+                 cost=self.cost(), **self._privacy_spent(r))
         self.publish(self.t["global"], frame, True)
         self._scheduled_revocations(r)
         if final:
@@ -1001,7 +1040,8 @@ class Coordinator:
                  accuracy=self.last_accuracy, banned=self.book.banned(),
                  crosscheck={"checked": self.checker.checked,
                              "mismatches": self.checker.mismatches},
-                 rejected=dict(self.rejected), **self._privacy_spent(self.cfg.rounds))
+                 rejected=dict(self.rejected), cost=self.cost(),
+                 **self._privacy_spent(self.cfg.rounds))
 
     def _privacy_spent(self, rounds: int) -> dict[str, Any]:
         """{"privacy": epsilon spent by every honest node after `rounds` rounds} or {}. With
@@ -1021,6 +1061,19 @@ def sign_global(mesh_id: bytes, sign: Callable[[bytes], bytes], round_: int, seq
     payload = wire.encode_global_payload(params, **ann)
     return wire.encode(wire.GLOBAL_MODEL, mesh_id, wire.COORDINATOR, round_, seq, now, payload,
                        sign)
+
+
+def peak_rss_kb(pid: int | str = "self") -> int:
+    """A process's peak resident set size in KB (/proc/PID/status VmHWM; 0 when gone or
+    not on Linux)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def active_keys(reg: Any) -> dict[str, bytes]:

@@ -7,6 +7,7 @@ reference runs too (always / every N-th round / off). A disagreement raises
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -88,6 +89,10 @@ class CrossChecker:
     policy: Policy
     checked: int = 0
     mismatches: int = 0
+    # CPU seconds (this thread's: robust to a shared machine) the last run() spent on the
+    # fast path and on the reference (0.0: not run).
+    fast_s: float = 0.0
+    ref_s: float = 0.0
 
     def run(
         self,
@@ -99,9 +104,13 @@ class CrossChecker:
     ) -> dict:
         """Aggregate on the fast path; when the policy says so, also with the reference and
         raise CrossCheckMismatch if the two differ in any bit."""
+        t0 = time.thread_time()
         result = fast.run(rule, ids, matrix, params)
+        t1 = time.thread_time()
+        self.fast_s, self.ref_s = t1 - t0, 0.0
         if self.policy.wants(round_no):
             ref = audit.run(rule, list(ids), matrix.tolist(), params)
+            self.ref_s = time.thread_time() - t1
             self.checked += 1
             diff = diff_results(result, ref)
             if diff is not None:

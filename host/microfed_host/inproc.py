@@ -207,8 +207,15 @@ def run_inproc(sc: Scenario, out: Path, doc: dict[str, Any],
     bus = Bus()
     store = RoundsStore(out / coordmod.STORE_NAME)
     clock = VirtualClock()
+    # The coordinator's events go to coordinator.log as in a real mesh (one JSON line each).
+    evlog = open(out / "coordinator.log", "a")
+
+    def log(ev: dict[str, Any]) -> None:
+        evlog.write(json.dumps(ev) + "\n")
+        prog.event(ev)
+
     try:
-        coord = Coordinator(cfg, store, bus.publish, log=prog.event, clock=clock)
+        coord = Coordinator(cfg, store, bus.publish, log=log, clock=clock)
         reg = coord.registry
         sims: list[SimNode] = []
         for nid in sc.honest_ids():
@@ -267,6 +274,7 @@ def run_inproc(sc: Scenario, out: Path, doc: dict[str, Any],
                 "node_rejections": {s.id: s.rejected for s in sims if s.rejected}}
     finally:
         store.close()
+        evlog.close()
 
 
 # ------------------------------------------------------------------ report
