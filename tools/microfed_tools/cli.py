@@ -21,6 +21,7 @@ COMMANDS: tuple[str, ...] = (
     "microfed_tools.cmd_flash",
     "microfed_tools.cmd_firmware",
     "microfed_tools.cmd_mesh",
+    "microfed_tools.cmd_hier",
     "microfed_tools.cmd_coordinator",
     "microfed_tools.cmd_package",
     "microfed_tools.cmd_report",

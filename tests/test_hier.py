@@ -1,0 +1,242 @@
+"""Hierarchical meshes (docs/hierarchy.md): two sites of four real MicroPython unix-port nodes,
+each site on its own mosquitto with its edge coordinator, bridged to the root's mosquitto
+and the root coordinator; the digests of both tiers agree every round, and `microfed
+aggregate` on the recorded inputs reaches the final digest the root published. Hostile:
+forged and malformed edge updates crossing the bridge, a replayed edge update, and a global
+not signed by the root, each rejected with its reason and counted while the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from microfed import model, wire
+from microfed_host import brokerauth, hier, keys
+from microfed_host import coordinator as coordmod
+from microfed_host.coordinator import Coordinator
+from microfed_host.edge import EdgeCoordinator
+from microfed_host.rounds_store import RoundsStore
+
+DIM = 650  # softmax, 64 features x 10 classes + 10 biases
+
+
+def _need_tools() -> None:
+    from microfed_host import upy
+    from microfed_host.broker import find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto not installed: apt-get install mosquitto (the sites' bridges)")
+    if upy.find_micropython() is None:
+        pytest.skip(f"MicroPython unix port missing: {upy.INSTALL_HINT}")
+
+
+def _forger(ctx: dict[str, Any], sent: dict[str, bytes]) -> None:
+    """At site 1's broker, with the edge coordinator's own login (a compromised edge host):
+    an edge update for edge-1 signed with a key that is not edge-1's, and a frame that is not
+    a frame. Both cross the bridge to the root."""
+    from microfed_host.mqtt import HostMQTT
+
+    s1 = ctx["sites"][0]
+    host, port = s1["broker"]
+    auth = brokerauth.client_auth(ctx["out"] / s1["site"] / hier.EDGE_DIR)
+    c = HostMQTT(host, port, "test-forger", **auth)
+    c.connect(10)
+    try:
+        topic = f"microfed/{ctx['mesh']}/{brokerauth.EDGE_UP}{s1['edge']}"
+        forged = wire.encode(wire.MODEL_UPDATE, wire.mesh_id(ctx["mesh"]), s1["edge"], 1, 1 << 40,
+                             int(time.time()), wire.encode_model_update(40, [65536] * DIM),
+                             keys.signer(keys.generate_seed()))
+        c.publish(topic, forged, qos=1)
+        c.publish(topic, b"MF not a frame", qos=1)
+        sent["forged"] = forged
+    finally:
+        c.close()
+
+
+def test_two_bridged_sites_agree_every_round_and_offline(tmp_path: Path, capsys: Any) -> None:
+    _need_tools()
+    from microfed_tools import cli
+    from microfed_tools.cmd_hier import audit_run
+
+    out = tmp_path / "run"
+    sent: dict[str, bytes] = {}
+    spec = hier.HierSpec(sites=2, nodes_per_site=4, rounds=3, edge_rule="median",
+                         root_rule="fedavg", seed=5, max_samples=60, deadline_s=30.0)
+    t0 = time.monotonic()
+    s = hier.run(spec, out, say=None, timeout=240, on_ready=lambda ctx: _forger(ctx, sent))
+    took = time.monotonic() - t0
+    assert "forged" in sent
+
+    # The run went on: three rounds, both edges aggregated in each, every node done.
+    assert sorted(s["root_agg_digests"]) == [1, 2, 3]
+    assert set(s["node_exit_codes"].values()) == {0}, s["node_exit_codes"]
+    # Each edge verified every global the root signed, and ended with the root's final one.
+    final = s["final_digest"]
+    assert final and s["edge_final_digests"] == {"site-1": final, "site-2": final}
+    root_store = RoundsStore(out / "root" / coordmod.STORE_NAME)
+    try:
+        rows = {r["round"]: r for r in root_store.rounds()}
+        counts = root_store.rejection_counts()
+    finally:
+        root_store.close()
+    for site in ("site-1", "site-2"):
+        seen = s["root_globals_seen"][site]
+        assert [seen[r + 1] for r in (1, 2, 3)] == [rows[r]["model_digest"] for r in (1, 2, 3)]
+    # The hostile frames: rejected at the root with their reasons, counted, never aggregated.
+    assert s["rejected"]["root"] == {"bad_signature": 1, "truncated": 1}
+    assert counts == {"bad_signature": 1, "truncated": 1}
+    assert s["rejected"]["site-1"] == {} and s["rejected"]["site-2"] == {}
+
+    # Offline: both tiers of every round recomputed from the stores by `microfed aggregate`'s
+    # engines (all three, bit for bit), each digest checked, down to the final model.
+    rep = audit_run(out, "all")
+    assert rep["ok"], rep["problems"]
+    assert rep["final_digest"] == final
+    for row in rep["rounds"]:
+        r = row["round"]
+        assert row["root"] == rows[r]["agg_digest"] == s["root_agg_digests"][r]
+        for site in ("site-1", "site-2"):
+            assert row["sites"][site] == s["edge_agg_digests"][site][r]
+    # ... and the command itself on the recorded root request of the last round.
+    capsys.readouterr()
+    assert cli.main(["aggregate", str(out / "audit" / "round-003" / "root.json"),
+                     "--compact"]) == 0
+    assert json.loads(capsys.readouterr().out)["digest"] == rows[3]["agg_digest"]
+    assert cli.main(["hier", "audit", str(out)]) == 0
+    assert "agree" in capsys.readouterr().out
+    print(f"hierarchical run: {s['seconds']} s inside, {took:.1f} s in all")
+
+
+def test_provisioning_keeps_root_secrets_home_and_the_bridge_narrow(tmp_path: Path) -> None:
+    spec = hier.HierSpec(sites=2, nodes_per_site=4)
+    doc = hier.prepare(spec, tmp_path, ("10.0.0.1", 1883), [("10.0.1.1", 1883),
+                                                            ("10.0.2.1", 1883)])
+    mesh = doc["mesh"]
+    for k, site in enumerate(doc["sites"], start=1):
+        ed = tmp_path / site["site"] / hier.EDGE_DIR
+        # The edge machine gets the root's public key and signed registry, never its seed.
+        names = {p.name for p in ed.rglob("*")}
+        assert "coordinator.key" not in names and "coordinator.pub" in names
+        assert (ed / "coordinator.pub").read_bytes() == \
+            (tmp_path / "root" / "mesh" / "coordinator.pub").read_bytes()
+        bridge = (ed / "broker" / "bridge.conf").read_text().splitlines()
+        assert stat.S_IMODE(os.stat(ed / "broker" / "bridge.conf").st_mode) == 0o600
+        b = f"microfed/{mesh}/"
+        assert [ln for ln in bridge if ln.startswith("topic ")] == [
+            f"topic {b}global in 1", f"topic {b}registry in 1",
+            f"topic edge-{k} out 1 {b}up/ {b}update/"]
+        assert "address 10.0.0.1:1883" in bridge and "bridge_outgoing_retain false" in bridge
+        # The site's broker knows its own nodes and edge only.
+        acl = brokerauth.parse_acl((ed / "broker" / "acl").read_text())
+        assert sorted(acl) == sorted(["coordinator", *site["nodes"]])
+        assert ("read", b + "global") in acl["coordinator"]
+        assert ("readwrite", b + "global") not in acl["coordinator"]
+        # Nodes pin the root's key: the only key a global can carry.
+        bundle = json.loads((tmp_path / site["site"] / "nodes" / site["nodes"][0] /
+                             "bundle.json").read_text())
+        assert bundle["coordinator_public_key"] == \
+            keys.read_public_key(ed / "coordinator.pub").hex()
+    root_acl = brokerauth.parse_acl((tmp_path / "root" / "broker" / "acl").read_text())
+    assert sorted(root_acl) == ["coordinator", "edge-1", "edge-2", "monitor"]
+    assert root_acl["edge-1"] == [("write", f"microfed/{mesh}/update/edge-1"),
+                                  ("read", f"microfed/{mesh}/global"),
+                                  ("read", f"microfed/{mesh}/registry")]
+
+
+class _Tiers:
+    """A root and one edge in process, wired as the bridge wires them, on a fake clock."""
+
+    def __init__(self, root: Path) -> None:
+        spec = hier.HierSpec(sites=2, nodes_per_site=4)
+        self.doc = hier.prepare(spec, root, ("127.0.0.1", 1), [("127.0.0.1", 2), ("127.0.0.1", 3)])
+        self.root_dir = root
+        self.mesh = self.doc["mesh"]
+        self.t = coordmod.topics(self.mesh)
+        self.now = [1_800_000_000.0]
+        self.events: dict[str, list[dict[str, Any]]] = {"root": [], "edge": []}
+        self.to_root: list[tuple[str, bytes]] = []
+        self.to_site: list[tuple[str, bytes]] = []
+        self.root = Coordinator(coordmod.load_config(root / "root"),
+                                RoundsStore(root / "root" / coordmod.STORE_NAME), self._root_pub,
+                                self.events["root"].append, lambda: self.now[0])
+        self.edge = EdgeCoordinator(coordmod.load_config(root / "site-1"),
+                                    RoundsStore(root / "site-1" / coordmod.STORE_NAME),
+                                    self._edge_pub, self.events["edge"].append,
+                                    lambda: self.now[0])
+        self.nodes = self.doc["sites"][0]["nodes"]
+
+    def _root_pub(self, topic: str, payload: bytes, retain: bool) -> None:
+        if topic == self.t["global"]:
+            self.to_site.append((topic, payload))  # the bridge carries it down
+
+    def _edge_pub(self, topic: str, payload: bytes, retain: bool) -> None:
+        if topic.startswith(self.t["base"] + brokerauth.EDGE_UP):  # ... and this up
+            self.to_root.append((self.t["update"] + topic.rsplit("/", 1)[1], payload))
+
+    def pump(self) -> None:
+        while self.to_root or self.to_site:
+            if self.to_root:
+                self.root.handle(*self.to_root.pop(0))
+            if self.to_site:
+                self.edge.handle(*self.to_site.pop(0))
+
+    def node_update(self, node: str, round_: int, seq: int) -> bytes:
+        seed = keys.read_private_key(self.root_dir / "root" / "mesh" / "nodes" / f"{node}.key")
+        vals = [(self.nodes.index(node) + 1) * 7] * DIM
+        return wire.encode(wire.MODEL_UPDATE, wire.mesh_id(self.mesh), node, round_, seq,
+                           int(self.now[0]), wire.encode_model_update(10, vals),
+                           keys.signer(seed))
+
+    def rejections(self, tier: str) -> list[str]:
+        return [e["reason"] for e in self.events[tier] if e["ev"] == "rejected"]
+
+
+def test_root_rejects_replayed_edge_updates_and_edges_reject_unsigned_globals(
+        tmp_path: Path) -> None:
+    w = _Tiers(tmp_path)
+    w.root.start()
+    w.edge.start()
+    w.pump()
+    assert [e["round"] for e in w.events["edge"] if e["ev"] == "root_global"] == [1]
+    for n in w.nodes:
+        w.edge.handle(w.t["update"] + n, w.node_update(n, 1, 1))
+    first = w.to_root[0][1]
+    w.pump()
+    # Round 1 at the root waits for edge-2: send its update as its edge would.
+    seed2 = keys.read_private_key(tmp_path / "site-2" / hier.EDGE_DIR / "edge.key")
+    up2 = wire.encode_update(wire.mesh_id(w.mesh), "edge-2", 1, 1, int(w.now[0]), 40, [3] * DIM,
+                             keys.signer(seed2))
+    w.root.handle(w.t["update"] + "edge-2", bytes(up2))
+    w.pump()
+    assert w.root.round == 2 and w.edge.round == 2
+    seen = [e for e in w.events["edge"] if e["ev"] == "root_global"]
+    assert seen[-1]["round"] == 2 and seen[-1]["included"] is True
+    # Replays of edge-1's accepted round-1 update, in round 2: rejected, counted.
+    w.root.handle(w.t["update"] + "edge-1", first)
+    assert w.rejections("root")[-1] == "duplicate"
+    # The same update re-signed by edge-2's key under edge-1's name: a forgery.
+    fr = wire.decode(first)
+    forged = wire.encode(wire.MODEL_UPDATE, fr.mesh_id, "edge-1", 2, fr.seq + 1, fr.timestamp,
+                         fr.payload, keys.signer(seed2))
+    w.root.handle(w.t["update"] + "edge-1", forged)
+    assert w.rejections("root")[-1] == "bad_signature"
+    # A global the root did not sign (here: by the edge's own key) never reaches the round.
+    own = keys.read_private_key(tmp_path / "site-1" / hier.EDGE_DIR / "edge.key")
+    fake = wire.encode(wire.GLOBAL_MODEL, wire.mesh_id(w.mesh), wire.COORDINATOR, 3, 1 << 50,
+                       int(w.now[0]), wire.encode_global_payload(w.edge.params), keys.signer(own))
+    w.edge.handle(w.t["global"], fake)
+    assert w.rejections("edge")[-1] == "bad_signature"
+    assert w.edge.root_round == 2
+    # The root's own global again (a reconnect's retained copy) is no rejection.
+    before = len(w.rejections("edge"))
+    w.edge.handle(w.t["global"], w.root.global_frame)
+    assert len(w.rejections("edge")) == before
+    assert w.root.rejected == {"duplicate": 1, "bad_signature": 1}
+    assert model.params_digest(w.edge.params) == model.params_digest(w.root.params)
