@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from microfed import model, wire
-from microfed_host import brokerauth, hier, keys
+from microfed_host import brokerauth, hier, keys, provision
 from microfed_host import coordinator as coordmod
 from microfed_host.coordinator import Coordinator
 from microfed_host.edge import EdgeCoordinator
@@ -173,8 +173,8 @@ class _Tiers:
         self.nodes = self.doc["sites"][0]["nodes"]
 
     def _root_pub(self, topic: str, payload: bytes, retain: bool) -> None:
-        if topic == self.t["global"]:
-            self.to_site.append((topic, payload))  # the bridge carries it down
+        if topic in (self.t["global"], self.t["registry"]):
+            self.to_site.append((topic, payload))  # the bridge carries them down
 
     def _edge_pub(self, topic: str, payload: bytes, retain: bool) -> None:
         if topic.startswith(self.t["base"] + brokerauth.EDGE_UP):  # ... and this up
@@ -240,3 +240,16 @@ def test_root_rejects_replayed_edge_updates_and_edges_reject_unsigned_globals(
     assert len(w.rejections("edge")) == before
     assert w.root.rejected == {"duplicate": 1, "bad_signature": 1}
     assert model.params_digest(w.edge.params) == model.params_digest(w.root.params)
+    # A revocation at the root reaches the edge down the bridge: its round stops waiting.
+    gone = w.nodes[-1]
+    provision.revoke_node(tmp_path / "root" / "mesh", gone)
+    w.root.check_registry(force=True)
+    w.pump()
+    assert w.edge.registry.version == w.root.registry.version
+    assert gone not in w.edge.expected_now() and len(w.edge.expected_now()) == 3
+    # A registry the root did not sign is refused at the edge.
+    bad = wire.encode(wire.REGISTRY, wire.mesh_id(w.mesh), wire.COORDINATOR, 0, 99,
+                      int(w.now[0]), wire.decode(w.root.registry_frame).payload,
+                      keys.signer(own))
+    w.edge.handle(w.t["registry"], bad)
+    assert w.rejections("edge")[-1] == "bad_signature"

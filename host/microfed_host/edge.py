@@ -32,9 +32,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from microfed import model, noderound, wire
+from microfed import model, noderound, verify, wire
 from microfed.replay import MemoryStore, ReplayGuard
 from microfed.verify import Rejected
+from microfed.wire import WireError
 from microfed_host import brokerauth, keys
 from microfed_host import coordinator as coordmod
 from microfed_host import registry as regmod
@@ -83,7 +84,7 @@ def load_edge_dir(edge_dir: str) -> tuple[dict[str, Any], bytes, Any, bytes, tup
 
 
 class EdgeCoordinator(Coordinator):
-    SUBSCRIBE = ("update/+", "digest/+", "hello/+", "global")
+    SUBSCRIBE = ("update/+", "digest/+", "hello/+", "global", "registry")
     CLIENT_PREFIX = "microfed-edge-"
     ROLE = "edge coordinator"
 
@@ -153,12 +154,33 @@ class EdgeCoordinator(Coordinator):
 
     # -- the root's global -------------------------------------------------------------------
     def _dispatch(self, topic: str, payload: bytes) -> None:
-        if topic == self.t["global"]:
+        if topic in (self.t["global"], self.t["registry"]):
             if not isinstance(payload, bytes | bytearray):
                 raise TypeError("payload is not bytes")
-            self.on_root_global(bytes(payload))
+            if topic == self.t["global"]:
+                self.on_root_global(bytes(payload))
+            else:
+                self.on_root_registry(bytes(payload))
         else:
             super()._dispatch(topic, payload)
+
+    def on_root_registry(self, raw: bytes) -> None:
+        """A registry the root signed, down the bridge (a revocation, an addition, a
+        re-enrolment at the root): newer than ours, it replaces the edge directory's
+        registry.json and is adopted at once, as the root adopts its own. Older or equal: an
+        echo of the retained copy, nothing to do; not the root's: a rejection, counted."""
+        try:
+            reg = verify.load_registry_frame(raw, self.mesh_id, self.root_key,
+                                             keys.check_signature)
+        except WireError as e:
+            self._reject(e.reason, "root registry: " + e.message, raw,
+                         hashlib.sha256(raw).hexdigest())
+            return
+        if reg.version <= self.registry.version:
+            return
+        regmod.save(Path(self.cfg.mesh_dir) / "registry.json",
+                    regmod.from_frame(self.mesh, raw, self.root_key), raw)
+        self.check_registry(force=True)
 
     def on_root_global(self, raw: bytes) -> None:
         """The root's GLOBAL_MODEL, as the site's nodes get it: checked as a node checks it
