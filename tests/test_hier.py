@@ -1,9 +1,10 @@
-"""Hierarchical meshes (docs/hierarchy.md): two sites of four real MicroPython unix-port nodes,
-each site on its own mosquitto with its edge coordinator, bridged to the root's mosquitto
-and the root coordinator; the digests of both tiers agree every round, and `microfed
-aggregate` on the recorded inputs reaches the final digest the root published. Hostile:
-forged and malformed edge updates crossing the bridge, a replayed edge update, and a global
-not signed by the root, each rejected with its reason and counted while the run goes on.
+"""Hierarchical meshes (docs/hierarchy.md): two sites of four real MicroPython unix-port nodes
+and one compromised node (sign-flip, the host-side adversary) each, each site on its own
+mosquitto with its edge coordinator (median), bridged to the root's mosquitto and the root
+coordinator; the digests of both tiers agree every round, and `microfed aggregate` on the
+recorded inputs reaches the final digest the root published. Hostile: forged and malformed
+edge updates crossing the bridge, a replayed edge update, a global and a registry not signed
+by the root, each rejected with its reason and counted while the run goes on.
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ def test_two_bridged_sites_agree_every_round_and_offline(tmp_path: Path, capsys:
 
     out = tmp_path / "run"
     sent: dict[str, bytes] = {}
-    spec = hier.HierSpec(sites=2, nodes_per_site=4, rounds=3, edge_rule="median",
-                         root_rule="fedavg", seed=5, max_samples=60, deadline_s=30.0)
+    spec = hier.HierSpec(sites=2, nodes_per_site=5, byzantine=1, attack="sign-flip", rounds=3,
+                         edge_rule="median", root_rule="fedavg", seed=5, max_samples=60,
+                         deadline_s=30.0)
     t0 = time.monotonic()
     s = hier.run(spec, out, say=None, timeout=240, on_ready=lambda ctx: _forger(ctx, sent))
     took = time.monotonic() - t0
@@ -77,6 +79,7 @@ def test_two_bridged_sites_agree_every_round_and_offline(tmp_path: Path, capsys:
     # The run went on: three rounds, both edges aggregated in each, every node done.
     assert sorted(s["root_agg_digests"]) == [1, 2, 3]
     assert set(s["node_exit_codes"].values()) == {0}, s["node_exit_codes"]
+    assert len(s["node_exit_codes"]) == 8  # 4 MicroPython nodes per site
     # Each edge verified every global the root signed, and ended with the root's final one.
     final = s["final_digest"]
     assert final and s["edge_final_digests"] == {"site-1": final, "site-2": final}
@@ -98,6 +101,9 @@ def test_two_bridged_sites_agree_every_round_and_offline(tmp_path: Path, capsys:
     # engines (all three, bit for bit), each digest checked, down to the final model.
     rep = audit_run(out, "all")
     assert rep["ok"], rep["problems"]
+    for r in (1, 2, 3):  # the edges' medians had the attacker's update in their input
+        req = json.loads((out / "audit" / f"round-{r:03d}" / "site-1.json").read_text())
+        assert [u["node"] for u in req["updates"]] == [f"s1-node-0{i}" for i in range(1, 6)]
     assert rep["final_digest"] == final
     for row in rep["rounds"]:
         r = row["round"]

@@ -49,7 +49,14 @@ from microfed_host import edge as edgemod
 from microfed_host import registry as regmod
 from microfed_host.coordinator import CoordinatorConfig, rule_min_nodes
 from microfed_host.rounds_store import RoundsStore
-from microfed_host.scenario import MeshError, Scenario, make_node_dir, write_data
+from microfed_host.scenario import (
+    AttackGroup,
+    MeshError,
+    Scenario,
+    adversary_of,
+    make_node_dir,
+    write_data,
+)
 
 MAX_SITES = 64
 MAX_NODES_PER_SITE = 200
@@ -66,6 +73,8 @@ class HierSpec:
     edge_f: int = 1  # krum / multi_krum: f; trimmed_mean: the trim count
     root_rule: str = "fedavg"
     root_f: int = 0
+    byzantine: int = 0  # per site: its last ids are compromised (the host-side adversary)
+    attack: str = "sign-flip"  # what they do (microfed_host.adversary.ATTACKS)
     seed: int = 1
     max_samples: int = 60  # per node (0: the whole shard); training otherwise as Scenario's
     deadline_s: float = 30.0
@@ -83,6 +92,9 @@ class HierSpec:
             if n < need:
                 raise MeshError(f"--{tier}-rule {rule} with f={f} needs at least {need} "
                                 f"{'nodes per site' if tier == 'edge' else 'sites'}, got {n}")
+        if not 0 <= self.byzantine < self.nodes_per_site:
+            raise MeshError(f"--byzantine-per-site must be in 0..{self.nodes_per_site - 1}")
+        # Per site, the edge rule's Byzantine budget, as `microfed mesh run` enforces it.
         self.scenario().check()
 
     def site_names(self) -> list[str]:
@@ -96,14 +108,19 @@ class HierSpec:
         w = max(2, len(str(self.nodes_per_site)))
         return [f"s{k}-node-{i:0{w}d}" for i in range(1, self.nodes_per_site + 1)]
 
+    def site_byzantine(self, k: int) -> list[str]:
+        return self.site_nodes(k)[self.nodes_per_site - self.byzantine:]
+
     def node_ids(self) -> list[str]:
         return [n for k in range(1, self.sites + 1) for n in self.site_nodes(k)]
 
     def scenario(self) -> Scenario:
-        """The training settings as a Scenario (what a node's config.json is written from)."""
-        return Scenario(name="hier", honest=self.sites * self.nodes_per_site, rule=self.edge_rule,
-                        f=self.edge_f, rounds=self.rounds, seed=self.seed,
-                        max_samples=self.max_samples, deadline_s=self.deadline_s)
+        """One site as a Scenario: its edge rule, its honest and compromised nodes, and the
+        training settings a node's config.json is written from."""
+        return Scenario(name="hier", honest=self.nodes_per_site - self.byzantine,
+                        attackers=[AttackGroup(self.attack, self.byzantine)] if self.byzantine
+                        else [], rule=self.edge_rule, f=self.edge_f, rounds=self.rounds,
+                        seed=self.seed, max_samples=self.max_samples, deadline_s=self.deadline_s)
 
 
 def _trim(rule: str, f: int) -> int:
@@ -223,7 +240,7 @@ def prepare(spec: HierSpec, out: Path, root_broker: tuple[str, int],
     (out / "root" / coordmod.CONFIG_NAME).write_text(json.dumps(root_cfg.to_json(), indent=2) + "\n")
     for k, site in enumerate(doc["sites"], start=1):
         sd = out / site["site"]
-        for nid in site["nodes"]:
+        for nid in site["nodes"][:spec.nodes_per_site - spec.byzantine]:
             make_node_dir(sd / "nodes" / nid, bundles / f"{nid}.json", ddir / f"{nid}.mfds", sc,
                           site_brokers[k - 1])
         cfg = CoordinatorConfig(mesh_dir=str(sd / EDGE_DIR), rule=spec.edge_rule, f=spec.edge_f,
@@ -290,13 +307,16 @@ def run(spec: HierSpec, out: Path, force: bool = False,
     site_addrs = [("127.0.0.1", free_port()) for _ in range(spec.sites)]
     doc = prepare(spec, out, root_addr, site_addrs, force)
     mesh = doc["mesh"]
-    emit(f"microfed hier: {spec.sites} sites x {spec.nodes_per_site} MicroPython nodes, edge rule "
+    emit(f"microfed hier: {spec.sites} sites x {spec.nodes_per_site - spec.byzantine} MicroPython "
+         "nodes" + (f" + {spec.byzantine} compromised ({spec.attack})" if spec.byzantine else "")
+         + f", edge rule "
          f"{spec.edge_rule} (f={spec.edge_f}), root rule {spec.root_rule} (f={spec.root_f}), "
          f"{spec.rounds} rounds, seed {spec.seed}")
     emit(f"  run directory: {out}")
     brokers: list[Any] = []
     tiers: list[_Tier] = []
     nodes: list[NodeProcess] = []
+    advs: list[Any] = []
     rejected: dict[str, dict[str, int]] = {}
     rounds: dict[str, dict[int, dict[str, Any]]] = {}
     root_globals: dict[str, dict[int, str]] = {}
@@ -347,19 +367,27 @@ def run(spec: HierSpec, out: Path, force: bool = False,
             on_ready({"out": out, "mesh": mesh, "root_broker": root_addr,
                       "sites": [dict(s, broker=a) for s, a in
                                 zip(doc["sites"], site_addrs, strict=True)]})
-        for site, addr in zip(doc["sites"], site_addrs, strict=True):
-            for nid in site["nodes"]:
+        sc = spec.scenario()
+        for k, (site, addr) in enumerate(zip(doc["sites"], site_addrs, strict=True), start=1):
+            byz = spec.site_byzantine(k)
+            if byz:
+                advs.append(_adversary(sc, out, mesh, byz, site["nodes"], addr))
+            for nid in site["nodes"][:spec.nodes_per_site - spec.byzantine]:
                 node = launch(nid, out / site["site"] / "nodes" / nid, addr)
                 try:
                     node.start()
                 except NodeError as e:
                     raise MeshError(str(e)) from None
                 nodes.append(node)
-        emit(f"  started the root, {spec.sites} edge coordinators and {len(nodes)} nodes")
+        emit(f"  started the root, {spec.sites} edge coordinators and {len(nodes)} nodes"
+             + (f"; {spec.byzantine} {spec.attack} attacker(s) per site" if advs else ""))
         end = time.monotonic() + timeout
         while not all(t.done is not None for t in tiers):
             for t in tiers:
                 t.poll(on_event)
+            for a in advs:
+                if a.error:
+                    raise MeshError(f"adversary failed: {a.error}")
             for node in nodes:
                 rc = node.poll()
                 if rc is not None and rc != 0:
@@ -377,6 +405,8 @@ def run(spec: HierSpec, out: Path, force: bool = False,
     finally:
         for node in nodes:
             node.stop()
+        for a in advs:
+            a.stop()
         for t in tiers:
             t.proc.stop()
         for b in reversed(brokers):
@@ -384,6 +414,7 @@ def run(spec: HierSpec, out: Path, force: bool = False,
     root_done = tiers[0].done or {}
     summary = {
         "mesh": mesh, "sites": spec.sites, "nodes_per_site": spec.nodes_per_site,
+        "byzantine_per_site": spec.byzantine, "attack": spec.attack if spec.byzantine else None,
         "rounds": spec.rounds, "edge_rule": spec.edge_rule, "root_rule": spec.root_rule,
         "final_digest": root_done.get("final_digest"), "accuracy": root_done.get("accuracy"),
         "edge_final_digests": {t.name: (t.done or {}).get("final_digest") for t in tiers[1:]},
@@ -399,6 +430,23 @@ def run(spec: HierSpec, out: Path, force: bool = False,
          + ("the same" if set(summary["edge_final_digests"].values()) == {summary["final_digest"]}
             else "A DIFFERENT ONE") + f"), {summary['seconds']} s")
     return summary
+
+
+def _adversary(sc: Scenario, out: Path, mesh: str, byz: list[str], site_nodes: list[str],
+               addr: tuple[str, int]) -> Any:
+    """A site's compromised nodes: the adversary (microfed_host.adversary) on the site's
+    broker, each node logged in as itself, publishing on its own topic."""
+    from microfed_host import adversary as advmod
+
+    adv = adversary_of(sc, mesh, out / "root" / "mesh", out / "data", byz,
+                       [n for n in site_nodes if n not in byz])
+    adv.own_topics = True
+    logins = {n: brokerauth.client_auth(out / "root" / "mesh", n) for n in byz}
+    th = advmod.AdversaryThread(adv, addr[0], addr[1], wait_s=max(5.0, sc.deadline_s / 2),
+                                logins=logins)
+    th.start_client()
+    th.start()
+    return th
 
 
 def _wait(t: _Tier, kind: str, match: Callable[[dict[str, Any]], bool], seconds: float,

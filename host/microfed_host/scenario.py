@@ -678,19 +678,27 @@ def write_node_config(nd: Path, sc: Scenario, broker: tuple[str, int] | None,
 def make_adversary(sc: Scenario, out: Path, mesh: str) -> advmod.Adversary | None:
     if not sc.attackers:
         return None
-    md = out / "mesh"
+    return adversary_of(sc, mesh, out / "mesh", out / "data", sc.byzantine_ids(),
+                        sc.honest_ids())
+
+
+def adversary_of(sc: Scenario, mesh: str, md: Path, ddir: Path, byzantine: list[str],
+                 honest: list[str]) -> advmod.Adversary:
+    """The Adversary holding the registered keys (in mesh directory `md`) and shards (in
+    `ddir`) of `byzantine`, attacking as sc.attackers say, group by group in id order, among
+    `honest` nodes."""
     coord_pub = keys.read_public_key(md / "coordinator.pub")
     nodes: list[advmod.Compromised] = []
-    byz = iter(sc.byzantine_ids())
+    byz = iter(byzantine)
     for g in sc.attackers:
         for _ in range(g.count):
             nid = next(byz)
-            ds, _i, _n = data.decode_shard((out / "data" / f"{nid}.mfds").read_bytes())
+            ds, _i, _n = data.decode_shard((ddir / f"{nid}.mfds").read_bytes())
             xs, ys = ds.as_lists()
             nodes.append(advmod.Compromised(nid, keys.read_private_key(md / "nodes" / f"{nid}.key"),
                                             g.attack, xs, ys, dict(g.params)))
     train = {"lr": sc.lr, "epochs": sc.epochs, "batch": sc.batch, "seed": sc.seed}
-    return advmod.Adversary(mesh, coord_pub, nodes, sc.honest_ids(), sc.rounds, train,
+    return advmod.Adversary(mesh, coord_pub, nodes, honest, sc.rounds, train,
                             sc.mode, sc.seed, model_name=sc.model,
                             reward_band=int(sc.reputation.get("reward_band",
                                                               ReputationBook().reward_band)))

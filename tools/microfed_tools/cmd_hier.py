@@ -2,6 +2,7 @@
 
     microfed hier run   [--sites 2] [--nodes-per-site 4] [--rounds 3]
                         [--edge-rule median] [--edge-f 1] [--root-rule fedavg] [--root-f 0]
+                        [--byzantine-per-site B] [--attack sign-flip]
                         [--seed 1] [--max-samples 60] [--deadline 30] [--out DIR] [--force]
     microfed hier audit RUN_DIR [--engine fast|reference|micropython|all]
     microfed hier provision --root-broker HOST:PORT --site-brokers HOST:PORT,... [...] --out DIR
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from microfed_host.adversary import ATTACKS
 from microfed_host.coordinator import RULES
 
 EXIT_USAGE = 2
@@ -46,6 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--root-rule", default="fedavg", choices=RULES,
                        help="the root's rule over the edges (default fedavg, weighted by samples)")
         q.add_argument("--root-f", type=int, default=0)
+        q.add_argument("--byzantine-per-site", type=int, default=0,
+                       help="compromised nodes per site (the last ids; host-side adversary)")
+        q.add_argument("--attack", default="sign-flip", choices=ATTACKS,
+                       help="what the compromised nodes do (default sign-flip)")
         q.add_argument("--seed", type=int, default=1)
         q.add_argument("--max-samples", type=int, default=60, help="samples per node (0: all)")
         q.add_argument("--deadline", type=float, default=30.0, help="seconds a round waits")
@@ -77,7 +83,8 @@ def _spec(a: argparse.Namespace) -> Any:
 
     return HierSpec(sites=a.sites, nodes_per_site=a.nodes_per_site, rounds=a.rounds,
                     edge_rule=a.edge_rule, edge_f=a.edge_f, root_rule=a.root_rule,
-                    root_f=a.root_f, seed=a.seed, max_samples=a.max_samples,
+                    root_f=a.root_f, byzantine=a.byzantine_per_site, attack=a.attack,
+                    seed=a.seed, max_samples=a.max_samples,
                     deadline_s=a.deadline)
 
 
