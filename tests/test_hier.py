@@ -61,6 +61,31 @@ def _forger(ctx: dict[str, Any], sent: dict[str, bytes]) -> None:
         c.close()
 
 
+def _retained_globals(ctx: dict[str, Any], got: dict[str, bytes]) -> None:
+    """What a node subscribing now gets at each site broker: the retained global, which the
+    bridge must have kept retained (the root published it while the bridge was subscribed)."""
+    import threading
+
+    from microfed_host.mqtt import HostMQTT
+
+    for site in ctx["sites"]:
+        seen = threading.Event()
+
+        def take(_topic: str, payload: bytes, name: str = site["site"],
+                 ev: threading.Event = seen) -> None:
+            got[name] = payload
+            ev.set()
+
+        c = HostMQTT(*site["broker"], f"test-late-{site['site']}",
+                     **brokerauth.client_auth(ctx["out"] / site["site"] / hier.EDGE_DIR))
+        c.connect(10)
+        try:
+            c.subscribe(f"microfed/{ctx['mesh']}/global", take)
+            seen.wait(5)
+        finally:
+            c.close()
+
+
 def test_two_bridged_sites_agree_every_round_and_offline(tmp_path: Path, capsys: Any) -> None:
     _need_tools()
     from microfed_tools import cli
@@ -68,11 +93,13 @@ def test_two_bridged_sites_agree_every_round_and_offline(tmp_path: Path, capsys:
 
     out = tmp_path / "run"
     sent: dict[str, bytes] = {}
+    late: dict[str, bytes] = {}
     spec = hier.HierSpec(sites=2, nodes_per_site=5, byzantine=1, attack="sign-flip", rounds=3,
                          edge_rule="median", root_rule="fedavg", seed=5, max_samples=60,
                          deadline_s=30.0)
     t0 = time.monotonic()
-    s = hier.run(spec, out, say=None, timeout=240, on_ready=lambda ctx: _forger(ctx, sent))
+    s = hier.run(spec, out, say=None, timeout=240, on_ready=lambda ctx: _forger(ctx, sent),
+                 on_done=lambda ctx: _retained_globals(ctx, late))
     took = time.monotonic() - t0
     assert "forged" in sent
 
@@ -87,8 +114,11 @@ def test_two_bridged_sites_agree_every_round_and_offline(tmp_path: Path, capsys:
     try:
         rows = {r["round"]: r for r in root_store.rounds()}
         counts = root_store.rejection_counts()
+        final_frame = (root_store.load_state() or {})["global_frame"]
     finally:
         root_store.close()
+    # A node that (re)connects at its site after the end still finds the root's final global.
+    assert late == {"site-1": final_frame, "site-2": final_frame}
     for site in ("site-1", "site-2"):
         seen = s["root_globals_seen"][site]
         assert [seen[r + 1] for r in (1, 2, 3)] == [rows[r]["model_digest"] for r in (1, 2, 3)]

@@ -169,7 +169,7 @@ def bridge_lines(mesh: str, edge: str, root: tuple[str, int], login: dict[str, s
     return [f"connection microfed-bridge-{edge}", f"address {root[0]}:{root[1]}",
             "bridge_protocol_version mqttv311", f"remote_clientid microfed-bridge-{edge}",
             f"remote_username {login['username']}", f"remote_password {login['password']}",
-            "cleansession false", "try_private false", "notifications false",
+            "cleansession false", "try_private true", "notifications false",
             "bridge_outgoing_retain false", "restart_timeout 1 5", "start_type automatic",
             f"topic {b}global in 1", f"topic {b}registry in 1",
             f"topic {edge} out 1 {b}{EDGE_UP} {b}update/"]

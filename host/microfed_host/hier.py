@@ -156,7 +156,7 @@ def provision(out: Path, spec: HierSpec, root_broker: tuple[str, int],
     (rbd / "mosquitto.conf").write_text("\n".join(
         ["# mosquitto 2.0 configuration of the root broker (written by `microfed hier "
          "provision`).", "# Run: mosquitto -c " + str((rbd / "mosquitto.conf").resolve()),
-         "per_listener_settings false", *brokerauth.mosquitto_auth_lines(rbd),
+         "per_listener_settings false", *brokerauth.mosquitto_auth_lines(rbd), _user_line(),
          f"listener {root_broker[1]}", "set_tcp_nodelay true"]) + "\n")
     sites = []
     for k, (site, edge) in enumerate(zip(spec.site_names(), edges, strict=True), start=1):
@@ -201,10 +201,17 @@ def write_edge_dir(mesh_dir: Path, ed: Path, site: str, edge: str, nodes: list[s
     keys.write_secret_file(bd / "mosquitto.conf", "\n".join(
         [f"# mosquitto 2.0 configuration of {site}'s broker (written by `microfed hier "
          "provision`).", "# Run: mosquitto -c " + str((bd / "mosquitto.conf").resolve()),
-         "per_listener_settings false", *brokerauth.mosquitto_auth_lines(bd),
+         "per_listener_settings false", *brokerauth.mosquitto_auth_lines(bd), _user_line(),
          f"listener {site_broker[1]}", "set_tcp_nodelay true", "",
          "# The bridge to the root broker: the root's global and registry in, this edge's",
          "# update out; nothing else crosses.", *bridge]) + "\n")
+
+
+def _user_line() -> str:
+    """mosquitto started as root switches to this user, who owns the 0600 files it reads."""
+    import pwd
+
+    return f"user {pwd.getpwuid(os.getuid()).pw_name}"
 
 
 def site_bridge_lines(ed: Path, mesh_dir: Path, root_broker: tuple[str, int]) -> list[str]:
@@ -285,11 +292,13 @@ class _Tier:
 
 def run(spec: HierSpec, out: Path, force: bool = False,
         say: Callable[[str], None] | None = print, timeout: float = 600.0,
-        on_ready: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        on_ready: Callable[[dict[str, Any]], None] | None = None,
+        on_done: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the hierarchy on this machine (mosquitto brokers on loopback) and return its
     summary (also in OUT/summary.json). on_ready(ctx): once every coordinator is up and
     every bridge carried the root's first global, before the nodes start; ctx has "out",
-    "mesh", "root_broker" and "sites" ([{site, edge, nodes, broker: (host, port)}])."""
+    "mesh", "root_broker" and "sites" ([{site, edge, nodes, broker: (host, port)}]).
+    on_done(ctx): once every coordinator is done, while the brokers still run."""
     from microfed_host.broker import Broker, BrokerError, find_mosquitto, free_port
     from microfed_host.nodeproc import NodeError, NodeProcess, unix_launcher
 
@@ -363,10 +372,10 @@ def run(spec: HierSpec, out: Path, force: bool = False,
         emit(f"  root broker {root_addr[0]}:{root_addr[1]}; "
              + "; ".join(f"{s['site']} broker {a[0]}:{a[1]} bridged"
                          for s, a in zip(doc["sites"], site_addrs, strict=True)))
+        ctx = {"out": out, "mesh": mesh, "root_broker": root_addr,
+               "sites": [dict(s, broker=a) for s, a in zip(doc["sites"], site_addrs, strict=True)]}
         if on_ready is not None:
-            on_ready({"out": out, "mesh": mesh, "root_broker": root_addr,
-                      "sites": [dict(s, broker=a) for s, a in
-                                zip(doc["sites"], site_addrs, strict=True)]})
+            on_ready(ctx)
         sc = spec.scenario()
         for k, (site, addr) in enumerate(zip(doc["sites"], site_addrs, strict=True), start=1):
             byz = spec.site_byzantine(k)
@@ -400,6 +409,8 @@ def run(spec: HierSpec, out: Path, force: bool = False,
                 raise MeshError(f"the run did not finish within {timeout:.0f} s "
                                 f"(waiting for {', '.join(waiting)})")
             time.sleep(0.05)
+        if on_done is not None:
+            on_done(ctx)
         stop = time.monotonic() + 15
         exits = {n.node_id: n.wait(max(0.1, stop - time.monotonic())) for n in nodes}
     finally:
