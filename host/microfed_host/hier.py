@@ -75,6 +75,7 @@ class HierSpec:
     root_f: int = 0
     byzantine: int = 0  # per site: its last ids are compromised (the host-side adversary)
     attack: str = "sign-flip"  # what they do (microfed_host.adversary.ATTACKS)
+    allow_more_byzantine: bool = False  # run past the edge rule's guarantee on purpose
     seed: int = 1
     max_samples: int = 60  # per node (0: the whole shard); training otherwise as Scenario's
     deadline_s: float = 30.0
@@ -95,7 +96,10 @@ class HierSpec:
         if not 0 <= self.byzantine < self.nodes_per_site:
             raise MeshError(f"--byzantine-per-site must be in 0..{self.nodes_per_site - 1}")
         # Per site, the edge rule's Byzantine budget, as `microfed mesh run` enforces it.
-        self.scenario().check()
+        try:
+            self.scenario().check()
+        except MeshError as e:
+            raise MeshError(f"each site: {e} (--f is --edge-f here)") from None
 
     def site_names(self) -> list[str]:
         return [f"site-{k}" for k in range(1, self.sites + 1)]
@@ -120,7 +124,8 @@ class HierSpec:
         return Scenario(name="hier", honest=self.nodes_per_site - self.byzantine,
                         attackers=[AttackGroup(self.attack, self.byzantine)] if self.byzantine
                         else [], rule=self.edge_rule, f=self.edge_f, rounds=self.rounds,
-                        seed=self.seed, max_samples=self.max_samples, deadline_s=self.deadline_s)
+                        seed=self.seed, max_samples=self.max_samples, deadline_s=self.deadline_s,
+                        allow_more_byzantine=self.allow_more_byzantine)
 
 
 def _trim(rule: str, f: int) -> int:

@@ -2,7 +2,7 @@
 
     microfed hier run   [--sites 2] [--nodes-per-site 4] [--rounds 3]
                         [--edge-rule median] [--edge-f 1] [--root-rule fedavg] [--root-f 0]
-                        [--byzantine-per-site B] [--attack sign-flip]
+                        [--byzantine-per-site B] [--attack sign-flip] [--allow-more-byzantine]
                         [--seed 1] [--max-samples 60] [--deadline 30] [--out DIR] [--force]
     microfed hier audit RUN_DIR [--engine fast|reference|micropython|all]
     microfed hier provision --root-broker HOST:PORT --site-brokers HOST:PORT,... [...] --out DIR
@@ -52,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="compromised nodes per site (the last ids; host-side adversary)")
         q.add_argument("--attack", default="sign-flip", choices=ATTACKS,
                        help="what the compromised nodes do (default sign-flip)")
+        q.add_argument("--allow-more-byzantine", action="store_true",
+                       help="run past the edge rule's Byzantine budget on purpose")
         q.add_argument("--seed", type=int, default=1)
         q.add_argument("--max-samples", type=int, default=60, help="samples per node (0: all)")
         q.add_argument("--deadline", type=float, default=30.0, help="seconds a round waits")
@@ -84,6 +86,7 @@ def _spec(a: argparse.Namespace) -> Any:
     return HierSpec(sites=a.sites, nodes_per_site=a.nodes_per_site, rounds=a.rounds,
                     edge_rule=a.edge_rule, edge_f=a.edge_f, root_rule=a.root_rule,
                     root_f=a.root_f, byzantine=a.byzantine_per_site, attack=a.attack,
+                    allow_more_byzantine=a.allow_more_byzantine,
                     seed=a.seed, max_samples=a.max_samples,
                     deadline_s=a.deadline)
 
