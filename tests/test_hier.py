@@ -75,7 +75,8 @@ def _retained_globals(ctx: dict[str, Any], got: dict[str, bytes]) -> None:
             got[name] = payload
             ev.set()
 
-        c = HostMQTT(*site["broker"], f"test-late-{site['site']}",
+        host, port = site["broker"]
+        c = HostMQTT(host, port, f"test-late-{site['site']}",
                      **brokerauth.client_auth(ctx["out"] / site["site"] / hier.EDGE_DIR))
         c.connect(10)
         try:
@@ -146,6 +147,17 @@ def test_two_bridged_sites_agree_every_round_and_offline(tmp_path: Path, capsys:
     assert json.loads(capsys.readouterr().out)["digest"] == rows[3]["agg_digest"]
     assert cli.main(["hier", "audit", str(out)]) == 0
     assert "agree" in capsys.readouterr().out
+    # Every process of the run is gone: brokers, coordinators, nodes (their command lines
+    # name the run directory).
+    left = []
+    for pid in os.listdir("/proc"):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if pid.isdigit() and str(out).encode() in cmd:
+            left.append(cmd.decode(errors="replace"))
+    assert left == []
     print(f"hierarchical run: {s['seconds']} s inside, {took:.1f} s in all")
 
 
@@ -304,3 +316,44 @@ def test_bad_flags_exit_2_with_a_reason(tmp_path: Path, capsys: Any, args: list[
     err = capsys.readouterr().err
     assert err.startswith("microfed hier: error: ") and message in err, err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_restarted_edge_resumes_its_round_and_its_counter(tmp_path: Path) -> None:
+    w = _Tiers(tmp_path)
+    w.root.start()
+    w.edge.start()
+    w.pump()
+    seed2 = keys.read_private_key(tmp_path / "site-2" / hier.EDGE_DIR / "edge.key")
+
+    def edge2(round_: int) -> None:
+        up = wire.encode_update(wire.mesh_id(w.mesh), "edge-2", round_, round_, int(w.now[0]), 40,
+                                [3] * DIM, keys.signer(seed2))
+        w.root.handle(w.t["update"] + "edge-2", bytes(up))
+
+    for n in w.nodes:
+        w.edge.handle(w.t["update"] + n, w.node_update(n, 1, 1))
+    edge2(1)
+    w.pump()
+    assert w.root.round == 2 and w.edge.round == 2
+    w.edge.handle(w.t["update"] + w.nodes[0], w.node_update(w.nodes[0], 2, 2))
+    # The edge dies with one update of round 2 in its store, and starts again on it.
+    w.edge.store.close()
+    w.edge = EdgeCoordinator(coordmod.load_config(tmp_path / "site-1"),
+                             RoundsStore(tmp_path / "site-1" / coordmod.STORE_NAME),
+                             w._edge_pub, w.events["edge"].append, lambda: w.now[0])
+    w.edge.start()
+    assert w.edge.round == 2 and sorted(w.edge.pending) == [w.nodes[0]]
+    w.pump()  # it sent its round-1 update again: the same bytes, a duplicate at the root
+    assert w.rejections("root") == ["duplicate"]
+    w.edge.handle(w.t["global"], w.root.global_frame)  # the retained global, as after a reconnect
+    for n in w.nodes[1:]:
+        w.edge.handle(w.t["update"] + n, w.node_update(n, 2, 2))
+    edge2(2)
+    w.pump()
+    assert w.root.round == 3 and w.rejections("root") == ["duplicate"]
+    store = RoundsStore(tmp_path / "root" / coordmod.STORE_NAME)
+    try:
+        ups = [wire.decode(f) for f in store.accepted_frames(2)]
+    finally:
+        store.close()
+    assert {(u.sender, u.seq) for u in ups} == {("edge-1", 2), ("edge-2", 2)}

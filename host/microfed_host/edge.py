@@ -200,7 +200,7 @@ class EdgeCoordinator(Coordinator):
         self.params = list(fr.body["values"])
         digest = model.params_digest(self.params).hex()
         mine = self.sent.get(fr.round - 1)
-        accepted = fr.body["accepted"]
+        accepted: list[tuple[str, bytes]] = list(fr.body["accepted"])
         included = None if mine is None else (self.edge_id, mine) in accepted
         if included is False:
             self.store.security_event(fr.round - 1, "edge_update_left_out", self.edge_id,

@@ -33,7 +33,8 @@ EXIT_MISMATCH = 1
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("hier", help="hierarchical meshes: sites with edge coordinators under a root",
-                       description=__doc__.splitlines()[0])
+                       description="Hierarchical meshes: sites with edge coordinators under "
+                       "a root (docs/hierarchy.md).")
     hs = p.add_subparsers(dest="hier_command", metavar="ACTION")
     hs.required = True
 
