@@ -190,6 +190,17 @@ def test_provisioning_keeps_root_secrets_home_and_the_bridge_narrow(tmp_path: Pa
                              "bundle.json").read_text())
         assert bundle["coordinator_public_key"] == \
             keys.read_public_key(ed / "coordinator.pub").hex()
+    # A revocation reaches the site broker's files and the edge directory's registry.
+    gone = doc["sites"][0]["nodes"][1]
+    assert hier.revoke(tmp_path, gone) == 2
+    ed = tmp_path / "site-1" / hier.EDGE_DIR
+    assert gone not in brokerauth.read_password_file(ed / "broker" / "passwd")
+    assert gone not in brokerauth.parse_acl((ed / "broker" / "acl").read_text())
+    assert len(brokerauth.read_password_file(ed / "broker" / "passwd")) == 4  # edge + 3
+    reg = json.loads((ed / "registry.json").read_text())
+    assert reg["version"] == 2 and {n["id"]: n["status"] for n in reg["nodes"]}[gone] == "revoked"
+    with pytest.raises(hier.MeshError, match="not a node of any site"):
+        hier.revoke(tmp_path, "edge-1")
     root_acl = brokerauth.parse_acl((tmp_path / "root" / "broker" / "acl").read_text())
     assert sorted(root_acl) == ["coordinator", "edge-1", "edge-2", "monitor"]
     assert root_acl["edge-1"] == [("write", f"microfed/{mesh}/update/edge-1"),

@@ -183,7 +183,6 @@ def write_edge_dir(mesh_dir: Path, ed: Path, site: str, edge: str, nodes: list[s
     its nodes') and ACL, and the site broker's bridge to the root (0600: it holds the
     edge's root-broker password)."""
     mesh_doc = json.loads((mesh_dir / "mesh.json").read_text())
-    mesh = mesh_doc["mesh"]
     ed.mkdir(parents=True)
     site_doc = dict(mesh_doc, broker={"host": site_broker[0], "port": site_broker[1]})
     (ed / "mesh.json").write_text(json.dumps(site_doc, indent=2) + "\n")
@@ -192,15 +191,8 @@ def write_edge_dir(mesh_dir: Path, ed: Path, site: str, edge: str, nodes: list[s
     keys.write_private_key(ed / edgemod.EDGE_KEY, keys.read_private_key(mesh_dir / "nodes" / f"{edge}.key"))
     (ed / edgemod.EDGE_FILE).write_text(json.dumps({"edge": edge, "site": site, "nodes": nodes},
                                                    indent=2) + "\n")
-    # The edge coordinator logs in to its site broker as "coordinator" (a fresh password);
-    # the nodes with the logins their bundles carry.
-    creds = [brokerauth.ensure_credentials(ed, brokerauth.COORDINATOR_USER)]
-    creds += [brokerauth.read_credentials(mesh_dir, n) or {} for n in nodes]
-    users = [(brokerauth.COORDINATOR_USER, brokerauth.edge_site_acl(mesh, edge))]
-    users += [(n, brokerauth.node_acl(mesh, n)) for n in nodes]
+    write_site_auth(mesh_dir, ed)
     bd = ed / brokerauth.BROKER_DIR
-    brokerauth.write_auth_files(bd, creds, brokerauth.users_acl_text(
-        mesh, users, f"`microfed hier provision`, broker of {site}"))
     bridge = site_bridge_lines(ed, mesh_dir, root_broker)
     keys.write_secret_file(bd / "bridge.conf", "\n".join(bridge) + "\n")
     keys.write_secret_file(bd / "mosquitto.conf", "\n".join(
@@ -210,6 +202,50 @@ def write_edge_dir(mesh_dir: Path, ed: Path, site: str, edge: str, nodes: list[s
          f"listener {site_broker[1]}", "set_tcp_nodelay true", "",
          "# The bridge to the root broker: the root's global and registry in, this edge's",
          "# update out; nothing else crosses.", *bridge]) + "\n")
+
+
+def write_site_auth(mesh_dir: Path, ed: Path) -> list[str]:
+    """(Re)write a site broker's passwd and ACL: the edge coordinator (as "coordinator", its
+    own password) and the site's nodes still active in the root's registry, with the logins
+    their bundles carry. Returns those nodes."""
+    mesh = json.loads((ed / "mesh.json").read_text())["mesh"]
+    info = edgemod.read_edge(ed)
+    reg, _frame = regmod.load(mesh_dir / "registry.json",
+                              keys.read_public_key(mesh_dir / "coordinator.pub"))
+    nodes = [n for n in info["nodes"] if n in reg.nodes and reg.nodes[n].active]
+    creds = [brokerauth.ensure_credentials(ed, brokerauth.COORDINATOR_USER)]
+    creds += [brokerauth.ensure_credentials(mesh_dir, n) for n in nodes]
+    users = [(brokerauth.COORDINATOR_USER, brokerauth.edge_site_acl(mesh, info["edge"]))]
+    users += [(n, brokerauth.node_acl(mesh, n)) for n in nodes]
+    brokerauth.write_auth_files(ed / brokerauth.BROKER_DIR, creds, brokerauth.users_acl_text(
+        mesh, users, f"`microfed hier`, broker of {info.get('site', info['edge'])}"))
+    return nodes
+
+
+def revoke(out: Path, node: str) -> int:
+    """Revoke a node of a provisioned hierarchy: at the root (registry version + 1, re-signed;
+    its bundle and logins go: provision.revoke_node) and at its site (the edge directory's
+    registry, the site broker's passwd and ACL without it). A running root adopts the
+    registry within a second and publishes it, the bridge carries it to the edge and the
+    nodes, who adopt it too; the site broker re-reads its files on SIGHUP. Returns the new
+    registry version."""
+    from microfed_host.provision import ProvisionError, revoke_node
+
+    out = Path(out)
+    doc = json.loads((out / HIER_FILE).read_text())
+    site = next((s for s in doc["sites"] if node in s["nodes"]), None)
+    if site is None:
+        raise MeshError(f"{node} is not a node of any site of {out} (an edge: `microfed "
+                        "provision revoke --mesh OUT/root/mesh EDGE`)")
+    mesh_dir = out / "root" / "mesh"
+    try:
+        reg = revoke_node(mesh_dir, node)
+    except ProvisionError as e:
+        raise MeshError(str(e)) from None
+    ed = out / site["site"] / EDGE_DIR
+    shutil.copy(mesh_dir / "registry.json", ed / "registry.json")
+    write_site_auth(mesh_dir, ed)
+    return reg.version
 
 
 def _user_line() -> str:

@@ -6,6 +6,7 @@
                         [--seed 1] [--max-samples 60] [--deadline 30] [--out DIR] [--force]
     microfed hier audit RUN_DIR [--engine fast|reference|micropython|all]
     microfed hier provision --root-broker HOST:PORT --site-brokers HOST:PORT,... [...] --out DIR
+    microfed hier revoke RUN_DIR NODE
     microfed hier root  RUN_DIR/root   [--broker HOST:PORT]
     microfed hier edge  RUN_DIR/site-K [--broker HOST:PORT]
 
@@ -74,6 +75,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--root-broker", required=True, metavar="HOST:PORT")
     q.add_argument("--site-brokers", required=True, metavar="HOST:PORT,...")
     q.set_defaults(func=cmd_provision)
+    q = hs.add_parser("revoke", help="revoke a node at the root and at its site")
+    q.add_argument("run_dir", type=Path)
+    q.add_argument("node")
+    q.set_defaults(func=cmd_revoke)
     for role in ("root", "edge"):
         q = hs.add_parser(role, help=f"serve the {role} coordinator of a provisioned hierarchy")
         q.add_argument("run_dir", type=Path, help="OUT/root" if role == "root" else "OUT/site-K")
@@ -201,6 +206,19 @@ def cmd_provision(a: argparse.Namespace) -> int:
         return _error(e)
     print(f"provisioned {out}: root/ for the root machine, site-K/ for site K's edge machine "
           "(docs/hierarchy.md, \"Deploying\")")
+    return 0
+
+
+def cmd_revoke(a: argparse.Namespace) -> int:
+    from microfed_host import hier
+
+    try:
+        version = hier.revoke(a.run_dir, a.node)
+    except (hier.MeshError, OSError, ValueError, KeyError) as e:
+        return _error(e)
+    print(f"{a.node} revoked: registry v{version}; a running root adopts it within a second and "
+          "its edge and nodes get it over the bridge; send the site's mosquitto a SIGHUP (its "
+          "passwd and acl no longer list the node)")
     return 0
 
 
