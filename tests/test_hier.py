@@ -368,3 +368,28 @@ def test_a_restarted_edge_resumes_its_round_and_its_counter(tmp_path: Path) -> N
     finally:
         store.close()
     assert {(u.sender, u.seq) for u in ups} == {("edge-1", 2), ("edge-2", 2)}
+
+
+def test_an_edge_the_root_closed_a_round_without_follows_the_root(tmp_path: Path) -> None:
+    w = _Tiers(tmp_path)
+    w.root.start()
+    w.edge.start()
+    w.pump()
+    seed2 = keys.read_private_key(tmp_path / "site-2" / hier.EDGE_DIR / "edge.key")
+    up2 = wire.encode_update(wire.mesh_id(w.mesh), "edge-2", 1, 1, int(w.now[0]), 40, [3] * DIM,
+                             keys.signer(seed2))
+    w.root.handle(w.t["update"] + "edge-2", bytes(up2))
+    w.edge.handle(w.t["update"] + w.nodes[0], w.node_update(w.nodes[0], 1, 1))
+    # Site 1 is slow: the root's deadline closes round 1 with edge-2 alone.
+    w.now[0] += 31
+    w.root.tick()
+    assert w.root.round == 2
+    w.pump()
+    assert w.edge.round == 2 and not w.edge.pending
+    assert [e for e in w.events["edge"] if e["ev"] == "round_skipped"][-1]["dropped"] == \
+        [w.nodes[0]]
+    # Site 1 takes part in round 2 as usual.
+    for n in w.nodes:
+        w.edge.handle(w.t["update"] + n, w.node_update(n, 2, 2))
+    w.pump()
+    assert "edge-1" in w.root.pending and w.rejections("root") == []

@@ -213,6 +213,25 @@ class EdgeCoordinator(Coordinator):
             if not self.finishing:
                 self._begin_finish()
             self.maybe_finish()
+        elif fr.round > self.round and not self.finishing:
+            self._follow_root(fr.round)
+
+    def _follow_root(self, g: int) -> None:
+        """The root closed the edge's open round without it (the root's deadline came first):
+        that round is over everywhere, and the site's nodes now train on global g and send
+        updates of round g. The edge drops what it holds of the old round (the root would
+        refuse its aggregate as a stale round) and opens round g, persisted first."""
+        old, dropped = self.round, sorted(self.pending)
+        self.store.security_event(old, "edge_round_skipped", self.edge_id,
+                                  "the root's global %d came while round %d was open; %d "
+                                  "update(s) of it dropped" % (g, old, len(dropped)))
+        self.store.init_state(g, coordmod._pack(self.params), self.book.to_bytes(),
+                              self.global_frame, self.coord_seq)
+        self.round = g
+        self.pending = {}
+        self.deadline = self.clock() + self.cfg.deadline_s
+        self.round_opened = self.clock()
+        self.log("round_skipped", round=old, now=g, dropped=dropped)
 
 
 def main(argv: list[str] | None = None) -> int:
