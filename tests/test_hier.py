@@ -229,6 +229,7 @@ class _Tiers:
                                     self._edge_pub, self.events["edge"].append,
                                     lambda: self.now[0])
         self.nodes = self.doc["sites"][0]["nodes"]
+        self.seed2 = keys.read_private_key(root / "site-2" / hier.EDGE_DIR / "edge.key")
 
     def _root_pub(self, topic: str, payload: bytes, retain: bool) -> None:
         if topic in (self.t["global"], self.t["registry"]):
@@ -244,6 +245,12 @@ class _Tiers:
                 self.root.handle(*self.to_root.pop(0))
             if self.to_site:
                 self.edge.handle(*self.to_site.pop(0))
+
+    def edge2(self, round_: int) -> None:
+        """Edge 2's update of round_ (counter = round) at the root, as its bridge delivers it."""
+        up = wire.encode_update(wire.mesh_id(self.mesh), "edge-2", round_, round_,
+                                int(self.now[0]), 40, [3] * DIM, keys.signer(self.seed2))
+        self.root.handle(self.t["update"] + "edge-2", bytes(up))
 
     def node_update(self, node: str, round_: int, seq: int) -> bytes:
         seed = keys.read_private_key(self.root_dir / "root" / "mesh" / "nodes" / f"{node}.key")
@@ -268,10 +275,7 @@ def test_root_rejects_replayed_edge_updates_and_edges_reject_unsigned_globals(
     first = w.to_root[0][1]
     w.pump()
     # Round 1 at the root waits for edge-2: send its update as its edge would.
-    seed2 = keys.read_private_key(tmp_path / "site-2" / hier.EDGE_DIR / "edge.key")
-    up2 = wire.encode_update(wire.mesh_id(w.mesh), "edge-2", 1, 1, int(w.now[0]), 40, [3] * DIM,
-                             keys.signer(seed2))
-    w.root.handle(w.t["update"] + "edge-2", bytes(up2))
+    w.edge2(1)
     w.pump()
     assert w.root.round == 2 and w.edge.round == 2
     seen = [e for e in w.events["edge"] if e["ev"] == "root_global"]
@@ -282,7 +286,7 @@ def test_root_rejects_replayed_edge_updates_and_edges_reject_unsigned_globals(
     # The same update re-signed by edge-2's key under edge-1's name: a forgery.
     fr = wire.decode(first)
     forged = wire.encode(wire.MODEL_UPDATE, fr.mesh_id, "edge-1", 2, fr.seq + 1, fr.timestamp,
-                         fr.payload, keys.signer(seed2))
+                         fr.payload, keys.signer(w.seed2))
     w.root.handle(w.t["update"] + "edge-1", forged)
     assert w.rejections("root")[-1] == "bad_signature"
     # A global the root did not sign (here: by the edge's own key) never reaches the round.
@@ -334,16 +338,9 @@ def test_a_restarted_edge_resumes_its_round_and_its_counter(tmp_path: Path) -> N
     w.root.start()
     w.edge.start()
     w.pump()
-    seed2 = keys.read_private_key(tmp_path / "site-2" / hier.EDGE_DIR / "edge.key")
-
-    def edge2(round_: int) -> None:
-        up = wire.encode_update(wire.mesh_id(w.mesh), "edge-2", round_, round_, int(w.now[0]), 40,
-                                [3] * DIM, keys.signer(seed2))
-        w.root.handle(w.t["update"] + "edge-2", bytes(up))
-
     for n in w.nodes:
         w.edge.handle(w.t["update"] + n, w.node_update(n, 1, 1))
-    edge2(1)
+    w.edge2(1)
     w.pump()
     assert w.root.round == 2 and w.edge.round == 2
     w.edge.handle(w.t["update"] + w.nodes[0], w.node_update(w.nodes[0], 2, 2))
@@ -359,7 +356,7 @@ def test_a_restarted_edge_resumes_its_round_and_its_counter(tmp_path: Path) -> N
     w.edge.handle(w.t["global"], w.root.global_frame)  # the retained global, as after a reconnect
     for n in w.nodes[1:]:
         w.edge.handle(w.t["update"] + n, w.node_update(n, 2, 2))
-    edge2(2)
+    w.edge2(2)
     w.pump()
     assert w.root.round == 3 and w.rejections("root") == ["duplicate"]
     store = RoundsStore(tmp_path / "root" / coordmod.STORE_NAME)
@@ -375,10 +372,7 @@ def test_an_edge_the_root_closed_a_round_without_follows_the_root(tmp_path: Path
     w.root.start()
     w.edge.start()
     w.pump()
-    seed2 = keys.read_private_key(tmp_path / "site-2" / hier.EDGE_DIR / "edge.key")
-    up2 = wire.encode_update(wire.mesh_id(w.mesh), "edge-2", 1, 1, int(w.now[0]), 40, [3] * DIM,
-                             keys.signer(seed2))
-    w.root.handle(w.t["update"] + "edge-2", bytes(up2))
+    w.edge2(1)
     w.edge.handle(w.t["update"] + w.nodes[0], w.node_update(w.nodes[0], 1, 1))
     # Site 1 is slow: the root's deadline closes round 1 with edge-2 alone.
     w.now[0] += 31
