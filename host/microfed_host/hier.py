@@ -307,9 +307,21 @@ class _Tier:
 
         self.name = name
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.proc = _Coord(run_dir, broker, self.events, module)
+        self.args = (run_dir, broker, self.events, module)
+        self.proc = _Coord(*self.args)
         self.log_path = run_dir / "coordinator.log"
         self.done: dict[str, Any] | None = None
+        self.restarts = 0
+
+    def kill_and_restart(self) -> None:
+        """SIGKILL (a crash, a power cut), then the same process again on the same run
+        directory: it resumes from its store, and its broker session kept what came meanwhile."""
+        from microfed_host.mesh import _Coord
+
+        self.proc.kill9()
+        self.proc.log.close()
+        self.proc = _Coord(*self.args)
+        self.restarts += 1
 
     def poll(self, on_event: Callable[[str, dict[str, Any]], None]) -> None:
         while True:
@@ -334,17 +346,22 @@ class _Tier:
 def run(spec: HierSpec, out: Path, force: bool = False,
         say: Callable[[str], None] | None = print, timeout: float = 600.0,
         on_ready: Callable[[dict[str, Any]], None] | None = None,
-        on_done: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        on_done: Callable[[dict[str, Any]], None] | None = None,
+        kill_edge_at: int = 0) -> dict[str, Any]:
     """Run the hierarchy on this machine (mosquitto brokers on loopback) and return its
     summary (also in OUT/summary.json). on_ready(ctx): once every coordinator is up and
     every bridge carried the root's first global, before the nodes start; ctx has "out",
     "mesh", "root_broker" and "sites" ([{site, edge, nodes, broker: (host, port)}]).
-    on_done(ctx): once every coordinator is done, while the brokers still run."""
+    on_done(ctx): once every coordinator is done, while the brokers still run.
+    kill_edge_at: > 0: SIGKILL site 1's edge coordinator once it has accepted two updates of
+    that round, and start it again (it resumes from its store)."""
     from microfed_host.broker import Broker, BrokerError, find_mosquitto, free_port
     from microfed_host.nodeproc import NodeError, NodeProcess, unix_launcher
 
     emit = say or (lambda _m: None)
     spec.check()
+    if not 0 <= kill_edge_at <= spec.rounds:
+        raise MeshError(f"--kill-edge-at must be a round in 1..{spec.rounds} (0: never)")
     if find_mosquitto() is None:
         raise MeshError("a hierarchical run needs mosquitto (its bridges): apt-get install mosquitto")
     try:
@@ -371,8 +388,13 @@ def run(spec: HierSpec, out: Path, force: bool = False,
     rounds: dict[str, dict[int, dict[str, Any]]] = {}
     root_globals: dict[str, dict[int, str]] = {}
 
+    kill = {"due": False}
+
     def on_event(tier: str, ev: dict[str, Any]) -> None:
         k = ev.get("ev")
+        if (kill_edge_at and tier == "site-1" and k == "accepted" and tiers[1].restarts == 0
+                and ev.get("round") == kill_edge_at and ev.get("have", 0) >= 2):
+            kill["due"] = True
         if k == "round":
             rounds.setdefault(tier, {})[ev["round"]] = ev
             if tier == "root":
@@ -435,6 +457,11 @@ def run(spec: HierSpec, out: Path, force: bool = False,
         while not all(t.done is not None for t in tiers):
             for t in tiers:
                 t.poll(on_event)
+            if kill["due"]:
+                kill["due"] = False
+                tiers[1].kill_and_restart()
+                emit(f"  *** SIGKILL to site-1's edge coordinator in round {kill_edge_at}; "
+                     "restarting it")
             for a in advs:
                 if a.error:
                     raise MeshError(f"adversary failed: {a.error}")
@@ -470,7 +497,7 @@ def run(spec: HierSpec, out: Path, force: bool = False,
         "rounds": spec.rounds, "edge_rule": spec.edge_rule, "root_rule": spec.root_rule,
         "final_digest": root_done.get("final_digest"), "accuracy": root_done.get("accuracy"),
         "edge_final_digests": {t.name: (t.done or {}).get("final_digest") for t in tiers[1:]},
-        "rejected": rejected,
+        "rejected": rejected, "edge_restarts": {t.name: t.restarts for t in tiers[1:]},
         "root_agg_digests": {r: ev["agg_digest"] for r, ev in rounds.get("root", {}).items()},
         "edge_agg_digests": {t.name: {r: ev["agg_digest"] for r, ev in rounds.get(t.name, {}).items()}
                              for t in tiers[1:]},

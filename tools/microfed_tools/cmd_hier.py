@@ -4,6 +4,7 @@
                         [--edge-rule median] [--edge-f 1] [--root-rule fedavg] [--root-f 0]
                         [--byzantine-per-site B] [--attack sign-flip] [--allow-more-byzantine]
                         [--seed 1] [--max-samples 60] [--deadline 30] [--out DIR] [--force]
+                        [--kill-edge-at ROUND]
     microfed hier audit RUN_DIR [--engine fast|reference|micropython|all]
     microfed hier provision --root-broker HOST:PORT --site-brokers HOST:PORT,... [...] --out DIR
     microfed hier revoke RUN_DIR NODE
@@ -65,6 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = hs.add_parser("run", help="run a hierarchy on this machine (mosquitto, MicroPython nodes)")
     spec_args(q)
     q.add_argument("--timeout", type=float, default=600.0)
+    q.add_argument("--kill-edge-at", type=int, default=0, metavar="ROUND",
+                   help="SIGKILL site 1's edge coordinator in ROUND and restart it (0: never)")
     q.set_defaults(func=cmd_run)
     q = hs.add_parser("audit", help="recompute both tiers offline and check every digest")
     q.add_argument("run_dir", type=Path)
@@ -109,7 +112,8 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     out = Path(a.out) if a.out else Path("runs") / f"hier-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        summary = hier.run(_spec(a), out, force=a.force, timeout=a.timeout)
+        summary = hier.run(_spec(a), out, force=a.force, timeout=a.timeout,
+                           kill_edge_at=a.kill_edge_at)
     except hier.MeshError as e:
         return _error(e)
     except KeyboardInterrupt:
