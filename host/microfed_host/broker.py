@@ -136,7 +136,10 @@ class Broker:
         external: str | None = None,
         auth_dir: str | Path | None = None,
         tls_port: int | None = None,
+        extra_conf: list[str] | None = None,
     ) -> None:
+        """extra_conf: more mosquitto.conf lines (a bridge to a root broker: hier.py); the
+        configuration file is then 0600, since a bridge's lines hold its remote password."""
         if kind not in KINDS:
             raise BrokerError(f"unknown broker kind {kind!r}; choose one of {', '.join(KINDS)}")
         if not 0 <= port < 65536:
@@ -163,6 +166,9 @@ class Broker:
         if tls_port is not None and (self.auth_dir is None or not 0 <= tls_port < 65536):
             raise BrokerError("tls_port needs auth_dir (the mesh's broker/ certificates) and 0..65535")
         self.tls_port = tls_port
+        self.extra_conf = list(extra_conf or [])
+        if self.extra_conf and kind not in ("mosquitto",):
+            raise BrokerError("extra mosquitto.conf lines (a bridge) need kind 'mosquitto'")
 
     # -- public --------------------------------------------------------------
     @property
@@ -363,7 +369,11 @@ class Broker:
             if not self.tls_port:
                 self.tls_port = free_port(self.host)
             lines += brokerauth.mosquitto_tls_lines(self.auth_dir, self.tls_port, self.host)
-        conf.write_text("\n".join(lines) + "\n")
+        lines += self.extra_conf
+        conf.unlink(missing_ok=True)
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
         with open(self._dir / "mosquitto.stderr", "ab") as err:
             self._proc = subprocess.Popen(
                 [exe, "-c", str(conf)],

@@ -109,16 +109,70 @@ def monitor_acl(mesh: str) -> list[tuple[str, str]]:
 
 
 def acl_text(mesh: str, node_ids: list[str]) -> str:
-    out = ["# microfed broker ACL for mesh %r (written by `microfed provision`; do not edit:" % mesh,
-           "# init/add/revoke rewrite it). Anything not listed is denied.", "",
-           f"user {COORDINATOR_USER}"]
-    out += [f"topic {a} {t}" for a, t in coordinator_acl(mesh)]
-    out += ["", f"user {MONITOR_USER}"]
-    out += [f"topic {a} {t}" for a, t in monitor_acl(mesh)]
-    for nid in node_ids:
-        out += ["", f"user {nid}"]
-        out += [f"topic {a} {t}" for a, t in node_acl(mesh, nid)]
+    users = [(COORDINATOR_USER, coordinator_acl(mesh)), (MONITOR_USER, monitor_acl(mesh))]
+    users += [(nid, node_acl(mesh, nid)) for nid in node_ids]
+    return users_acl_text(mesh, users, "`microfed provision`; do not edit: init/add/revoke "
+                          "rewrite it")
+
+
+def users_acl_text(mesh: str, users: list[tuple[str, list[tuple[str, str]]]], by: str) -> str:
+    """A mosquitto ACL file: one `user` block of `topic ACCESS TOPIC` lines per user."""
+    out = [f"# microfed broker ACL for mesh {mesh!r} (written by {by}).",
+           "# Anything not listed is denied."]
+    for user, rules in users:
+        out += ["", f"user {user}"]
+        out += [f"topic {a} {t}" for a, t in rules]
     return "\n".join(out) + "\n"
+
+
+# -- hierarchical meshes (microfed_host.hier, docs/hierarchy.md) -------------------------
+# An edge coordinator publishes its signed edge update on microfed/<mesh>/up/<edge> at its
+# site's broker; the site's bridge carries exactly that topic to the root broker, renamed
+# microfed/<mesh>/update/<edge>, and carries the root's global and registry down.
+EDGE_UP = "up/"
+
+
+def edge_bridge_acl(mesh: str, edge: str) -> list[tuple[str, str]]:
+    """At the root broker, an edge's bridge login: its own edge update up, the root's
+    global and registry down; nothing else crosses."""
+    b = topic_base(mesh)
+    return [("write", b + "update/" + edge), ("read", b + "global"), ("read", b + "registry")]
+
+
+def edge_site_acl(mesh: str, edge: str) -> list[tuple[str, str]]:
+    """At a site's broker, the edge coordinator: its nodes' updates, hellos and digests, its
+    notices, its own edge-update topic; it only reads the global (the bridge writes the
+    root's there: an edge cannot even try to hand its nodes a global of its own)."""
+    b = topic_base(mesh)
+    return [("read", b + "global"), ("readwrite", b + "registry"), ("read", b + "update/+"),
+            ("read", b + "digest/+"), ("read", b + "hello/+"), ("write", b + "notice/+"),
+            ("readwrite", b + EDGE_UP + edge)]
+
+
+def write_auth_files(bd: Path, creds: list[dict[str, str]], acl: str) -> None:
+    """passwd (mosquitto $7$ hashes of `creds`) and acl in broker directory `bd`, 0600."""
+    bd = Path(bd)
+    bd.mkdir(parents=True, exist_ok=True)
+    lines = [f"{c['username']}:{hash_password(c['password'])}" for c in creds]
+    keys.write_secret_file(bd / "passwd", "\n".join(lines) + "\n")
+    keys.write_secret_file(bd / "acl", acl)
+
+
+def bridge_lines(mesh: str, edge: str, root: tuple[str, int], login: dict[str, str]) -> list[str]:
+    """mosquitto.conf lines of a site broker's bridge to the root broker (mosquitto 2.0):
+    the root's retained global and registry in, the edge's update out (renamed from up/ to
+    update/ and sent without the retain flag); `login`: the edge's credentials at the root.
+    Nothing else crosses in either direction."""
+    b = topic_base(mesh)
+    if any(c.isspace() for c in mesh + edge):
+        raise BrokerAuthError(f"mesh {mesh!r} / edge {edge!r}: no whitespace in a bridge topic")
+    return [f"connection microfed-bridge-{edge}", f"address {root[0]}:{root[1]}",
+            "bridge_protocol_version mqttv311", f"remote_clientid microfed-bridge-{edge}",
+            f"remote_username {login['username']}", f"remote_password {login['password']}",
+            "cleansession false", "try_private true", "notifications false",
+            "bridge_outgoing_retain false", "restart_timeout 1 5", "start_type automatic",
+            f"topic {b}global in 1", f"topic {b}registry in 1",
+            f"topic {edge} out 1 {b}{EDGE_UP} {b}update/"]
 
 
 def parse_acl(text: str) -> dict[str, list[tuple[str, str]]]:
@@ -214,12 +268,8 @@ def write_broker_files(root: Path, mesh: str, active: list[str], revoked: list[s
     bd.mkdir(parents=True, exist_ok=True)
     for nid in revoked:
         cred_path(root, nid).unlink(missing_ok=True)
-    lines = []
-    for user in [COORDINATOR_USER, MONITOR_USER, *active]:
-        c = ensure_credentials(root, user)
-        lines.append(f"{c['username']}:{hash_password(c['password'])}")
-    keys.write_secret_file(bd / "passwd", "\n".join(lines) + "\n")
-    keys.write_secret_file(bd / "acl", acl_text(mesh, active))
+    creds = [ensure_credentials(root, user) for user in [COORDINATOR_USER, MONITOR_USER, *active]]
+    write_auth_files(bd, creds, acl_text(mesh, active))
     if not (bd / "ca.crt").exists() or not (bd / "broker.crt").exists():
         make_tls(bd, broker_host)
     (bd / "mosquitto.conf").write_text(mosquitto_conf_example(bd))

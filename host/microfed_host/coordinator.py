@@ -278,7 +278,7 @@ class Coordinator:
         self._publish = publish
         self._log = log
         self.clock = clock
-        mesh, seed, reg, self.registry_frame, self._registry_stamp = _load_mesh(cfg.mesh_dir)
+        mesh, seed, reg, self.registry_frame, self._registry_stamp = self._load(cfg.mesh_dir)
         self.mesh = str(mesh["mesh"])
         self.mesh_id = wire.mesh_id(self.mesh)
         self._sign = keys.signer(seed)
@@ -355,6 +355,29 @@ class Coordinator:
         self._busy_since: tuple[float, float] | None = None
 
     # -- plumbing -----------------------------------------------------------------------
+    # What serve() subscribes to under microfed/<mesh>/, and its client id's prefix.
+    SUBSCRIBE: tuple[str, ...] = ("update/+", "digest/+", "hello/+", "secagg/+")
+    CLIENT_PREFIX = "microfed-coordinator-"
+    ROLE = "coordinator"
+
+    def _load(self, mesh_dir: str) -> tuple[dict[str, Any], bytes, Any, bytes, tuple[int, int]]:
+        """The mesh directory: (mesh.json, the signing seed, registry, its frame, stamp)."""
+        return _load_mesh(mesh_dir)
+
+    def _initial_frame(self) -> tuple[bytes, int]:
+        """The frame a new run starts with and its counter: the GLOBAL_MODEL of round 1."""
+        return self._global_frame(1, self.params, {})
+
+    def _round_frame(self, r: int, new_params: list[int], agg: list[int],
+                     ann: dict[str, Any]) -> tuple[bytes, int]:
+        """The signed frame closing round r produces (and its counter): GLOBAL_MODEL r+1
+        with the announcement `ann` (an edge coordinator sends its aggregate up instead)."""
+        return self._global_frame(r + 1, new_params, ann)
+
+    def _emit(self, frame: bytes) -> None:
+        """Publish what the last closed round produced (retained; again after a restart)."""
+        self.publish(self.t["global"], frame, True)
+
     def log(self, ev: str, **kw: Any) -> None:
         kw["ev"] = ev
         kw["t"] = round(self.clock(), 3)
@@ -464,7 +487,7 @@ class Coordinator:
             stamp = _registry_stamp(self.cfg.mesh_dir)
             if stamp == self._registry_stamp:
                 return False
-            _mesh, _seed, reg, frame, stamp = _load_mesh(self.cfg.mesh_dir)
+            _mesh, _seed, reg, frame, stamp = self._load(self.cfg.mesh_dir)
         except CoordinatorError as e:
             self.log("registry_error", error=str(e)[:300])
             return False
@@ -547,7 +570,7 @@ class Coordinator:
         if st is None:
             self.round = 1
             self.params = self.model.init(self.cfg.init_seed)
-            frame, seq = self._global_frame(1, self.params, {})
+            frame, seq = self._initial_frame()
             self.store.init_state(1, _pack(self.params), self.book.to_bytes(), frame, seq)
             self.coord_seq, self.global_frame = seq, frame
             self.last_accuracy = self.accuracy(self.params)
@@ -596,7 +619,7 @@ class Coordinator:
                      missing_hello=[n for n in self.expected if n not in self.hellos])
         # Re-publishing the stored bytes (not a re-signed frame) lets nodes that already
         # acted on it recognise it by hash.
-        self.publish(self.t["global"], self.global_frame, True)
+        self._emit(self.global_frame)
         if self.round > self.cfg.rounds and not self.done:
             self._begin_finish()
         self.deadline = self.clock() + self.cfg.deadline_s
@@ -987,7 +1010,7 @@ class Coordinator:
         ann = {"rule": self.cfg.rule, "p1": p1, "p2": p2,
                "agg_digest": bytes.fromhex(res["digest"]),
                "accepted": accepted, "final": final}
-        frame, seq = self._global_frame(r + 1, new_params, ann)
+        frame, seq = self._round_frame(r, new_params, agg, ann)
         model_digest = model.params_digest(new_params).hex()
         row = {"n_accepted": len(ids), "rule": self.cfg.rule,
                "params": {k: v for k, v in params.items() if k != "weights"},
@@ -1010,7 +1033,7 @@ class Coordinator:
                  crosschecked=crosschecked, rejected=dict(self.rejected),
                  verdicts={k: v for k, v in verdicts.items() if v != BANNED},
                  cost=self.cost(), **self._privacy_spent(r))
-        self.publish(self.t["global"], frame, True)
+        self._emit(frame)
         self._scheduled_revocations(r)
         if final:
             self._begin_finish()
@@ -1214,7 +1237,8 @@ def load_config(run_dir: Path) -> CoordinatorConfig:
 
 def serve(run_dir: Path, host: str, port: int, log: Log = _json_log,
           connect_timeout: float = 15.0, stop: Callable[[], bool] | None = None,
-          reload: Callable[[], CoordinatorConfig | None] | None = None) -> int:
+          reload: Callable[[], CoordinatorConfig | None] | None = None,
+          role: type[Coordinator] | None = None) -> int:
     """Run the coordinator over MQTT until the run is over, or until `stop()` is true (a
     service told to stop: the message in hand is handled and acknowledged, the store
     flushed, a "stopped" event logged; the round stays open in the store, and the next
@@ -1227,7 +1251,8 @@ def serve(run_dir: Path, host: str, port: int, log: Log = _json_log,
     message is acknowledged after handle() returns, whatever its verdict, so none can be
     redelivered into a loop. A broker outage pauses the round (deadlines stop); the
     coordinator waits for the broker however long it takes, then re-publishes its retained
-    registry and global."""
+    registry and global. `role`: the Coordinator class to run (an edge coordinator's:
+    microfed_host.edge)."""
     from microfed_host import brokerauth
     from microfed_host.mqtt import HostMQTT, MQTTError
     from microfed_host.provision import MeshDir
@@ -1241,11 +1266,12 @@ def serve(run_dir: Path, host: str, port: int, log: Log = _json_log,
         t = topics(mesh)
         # Frames above wire.MAX_FRAME are rejected unread: the client drops (and acks) them
         # before they reach the queue, which bounds memory at QUEUE_SIZE x MAX_MESSAGE.
-        client = HostMQTT(host, port, f"microfed-coordinator-{mesh}"[:64], durable=True,
+        cls = role or Coordinator
+        client = HostMQTT(host, port, f"{cls.CLIENT_PREFIX}{mesh}"[:64], durable=True,
                           max_message=MAX_MESSAGE, queue_size=QUEUE_SIZE,
                           reconnect_min=0.5, reconnect_max=4.0,
                           **brokerauth.client_auth(Path(cfg.mesh_dir)))
-        for sub in ("update/+", "digest/+", "hello/+", "secagg/+"):
+        for sub in cls.SUBSCRIBE:
             client.subscribe(t["base"] + sub)
         try:
             client.connect(connect_timeout)
@@ -1253,7 +1279,7 @@ def serve(run_dir: Path, host: str, port: int, log: Log = _json_log,
             raise CoordinatorError(str(e)) from None
         pub = RetainedPublisher(client, log)
         client.on_reconnect.append(pub.republish_all)
-        coord = Coordinator(cfg, store, pub.publish, log)
+        coord = cls(cfg, store, pub.publish, log)
         coord.start()
         # The runner starts the nodes only now: from here on the broker keeps every
         # message for this (persistent) session, even while the coordinator is down.
@@ -1329,11 +1355,12 @@ def serve(run_dir: Path, host: str, port: int, log: Log = _json_log,
         store.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, role: type[Coordinator] | None = None,
+         prog: str = "python -m microfed_host.coordinator") -> int:
     from microfed_host.broker import parse_address
 
-    ap = argparse.ArgumentParser(prog="python -m microfed_host.coordinator",
-                                 description="Run the microfed coordinator on a run directory.")
+    ap = argparse.ArgumentParser(prog=prog, description="Run the microfed %s on a run directory."
+                                 % ("coordinator" if role is None else role.ROLE))
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--broker", required=True, metavar="HOST:PORT")
     a = ap.parse_args(argv)
@@ -1344,7 +1371,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _term)
     try:
         host, port = parse_address(a.broker)
-        return serve(a.run_dir, host, port)
+        return serve(a.run_dir, host, port, role=role)
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # one readable line for the runner, never a bare traceback

@@ -78,15 +78,17 @@ __all__ = ["DEFAULT_SCENARIO", "AttackGroup", "MeshError", "Scenario", "apply_ov
            "load_scenario", "run", "table"]
 
 class _Coord:
-    """The coordinator child process and a thread that turns its stdout into events."""
+    """The coordinator child process (`module`: an edge coordinator's is microfed_host.edge)
+    and a thread that turns its stdout into events."""
 
-    def __init__(self, out: Path, broker: str, events: queue.Queue[dict[str, Any]]) -> None:
+    def __init__(self, out: Path, broker: str, events: queue.Queue[dict[str, Any]],
+                 module: str = "microfed_host.coordinator") -> None:
         env = dict(os.environ)
         parts = [str(REPO / "shared"), str(REPO / "host"), str(REPO / "tools")]
         env["PYTHONPATH"] = os.pathsep.join(parts + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         self.log = open(out / "coordinator.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "microfed_host.coordinator", str(out), "--broker", broker],
+            [sys.executable, "-m", module, str(out), "--broker", broker],
             stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL, env=env)
         self.events = events
         self.thread = threading.Thread(target=self._read, daemon=True)

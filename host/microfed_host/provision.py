@@ -170,12 +170,19 @@ def new_node_key(md: MeshDir, node_id: str, force: bool) -> bytes:
 
 
 def init_mesh(out: Path, name: str, nodes: int, broker: str = DEFAULT_BROKER,
-              force: bool = False, tls: bool = False) -> tuple[dict[str, Any], MeshRegistry]:
+              force: bool = False, tls: bool = False,
+              ids: list[str] | None = None) -> tuple[dict[str, Any], MeshRegistry]:
     """A new mesh in `out`: coordinator key, `nodes` node keys, signed registry v1, bundles.
-    Refuses to overwrite the keys of an existing mesh unless `force`."""
+    `ids`: the members' ids (default node_ids(nodes)). Refuses to overwrite the keys of an
+    existing mesh unless `force`."""
     md = MeshDir(Path(out))
     if not 1 <= nodes <= MAX_NODES:
         raise ProvisionError(f"--nodes must be in 1..{MAX_NODES}")
+    members = node_ids(nodes) if ids is None else list(ids)
+    if len(members) != nodes or len(set(members)) != nodes:
+        raise ProvisionError(f"{nodes} distinct member ids needed, got {len(set(members))}")
+    for node_id in members:
+        check_node_id(node_id)
     check_mesh_name(name)
     broker_doc = parse_broker(broker)
     if tls:
@@ -194,7 +201,7 @@ def init_mesh(out: Path, name: str, nodes: int, broker: str = DEFAULT_BROKER,
     keys.write_private_key(md.coord_key, seed, force=force)
     keys.write_public_key(md.coord_pub, keys.public_key(seed), force=True)
     reg = MeshRegistry(mesh=name, coordinator=keys.public_key(seed), version=1)
-    for node_id in node_ids(nodes):
+    for node_id in members:
         reg.nodes[node_id] = NodeEntry(node_id, new_node_key(md, node_id, force))
     mesh = {"format": MESH_FORMAT, "mesh": name, "mesh_id": wire.mesh_id(name).hex(),
             "broker": broker_doc}

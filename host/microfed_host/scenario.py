@@ -604,24 +604,13 @@ def prepare(sc: Scenario, out: Path, force: bool = False) -> dict[str, Any]:
         init_mesh(out / "mesh", mesh_name, len(ids), "127.0.0.1:1883")
     except ProvisionError as e:
         raise MeshError(f"provisioning failed: {e}") from None
-    split = data.train_test_split(sc.seed)
-    shards = data.shard(split.train, len(ids), sc.split, sc.seed, sc.alpha)
-    if sc.max_samples:
-        shards = [s.subset(np.arange(min(len(s), sc.max_samples))) for s in shards]
     ddir = out / "data"
-    ddir.mkdir()
-    data.write_shard(ddir / "test.mfds", split.test)
-    for i, (nid, s) in enumerate(zip(ids, shards, strict=True)):
-        data.write_shard(ddir / f"{nid}.mfds", s, i, len(ids))
+    split, shards = write_data(sc, ids, ddir)
     train = {"lr": sc.lr, "epochs": sc.epochs, "batch": sc.batch, "seed": sc.seed}
     dp = sc.dp_config()
     for nid in sc.honest_ids():
-        nd = out / "nodes" / nid
-        (nd / "state").mkdir(parents=True)
-        shutil.copy(out / "mesh" / "bundles" / f"{nid}.json", nd / "bundle.json")
-        os.chmod(nd / "bundle.json", 0o600)
-        shutil.copy(ddir / f"{nid}.mfds", nd / "shard.bin")
-        write_node_config(nd, sc, None, dp=dp)
+        make_node_dir(out / "nodes" / nid, out / "mesh" / "bundles" / f"{nid}.json",
+                      ddir / f"{nid}.mfds", sc, None, dp)
     cfg = CoordinatorConfig(mesh_dir=str(out / "mesh"), rule=sc.rule, f=sc.f, m=sc.m,
                             trim=sc.trim, pre=sc.pre, bucket=sc.bucket, rounds=sc.rounds,
                             mode=sc.mode, model=sc.model,
@@ -643,6 +632,30 @@ def prepare(sc: Scenario, out: Path, force: bool = False) -> dict[str, Any]:
                 "dp_resolved": dp})
     (out / "scenario.json").write_text(json.dumps(doc, indent=2) + "\n")
     return doc
+
+
+def write_data(sc: Scenario, ids: list[str], ddir: Path) -> tuple[Any, list[Any]]:
+    """The run's data in `ddir` (new): test.mfds and one shard per node id (<id>.mfds), split
+    as the scenario says; returns (the train/test split, the shards)."""
+    split = data.train_test_split(sc.seed)
+    shards = data.shard(split.train, len(ids), sc.split, sc.seed, sc.alpha)
+    if sc.max_samples:
+        shards = [s.subset(np.arange(min(len(s), sc.max_samples))) for s in shards]
+    ddir.mkdir()
+    data.write_shard(ddir / "test.mfds", split.test)
+    for i, (nid, s) in enumerate(zip(ids, shards, strict=True)):
+        data.write_shard(ddir / f"{nid}.mfds", s, i, len(ids))
+    return split, shards
+
+
+def make_node_dir(nd: Path, bundle: Path, shard: Path, sc: Scenario,
+                  broker: tuple[str, int] | None, dp: dict[str, Any] | None = None) -> None:
+    """A node directory: state/, bundle.json (0600), shard.bin and config.json."""
+    (nd / "state").mkdir(parents=True)
+    shutil.copy(bundle, nd / "bundle.json")
+    os.chmod(nd / "bundle.json", 0o600)
+    shutil.copy(shard, nd / "shard.bin")
+    write_node_config(nd, sc, broker, dp=dp)
 
 
 def write_node_config(nd: Path, sc: Scenario, broker: tuple[str, int] | None,
@@ -676,19 +689,27 @@ def write_node_config(nd: Path, sc: Scenario, broker: tuple[str, int] | None,
 def make_adversary(sc: Scenario, out: Path, mesh: str) -> advmod.Adversary | None:
     if not sc.attackers:
         return None
-    md = out / "mesh"
+    return adversary_of(sc, mesh, out / "mesh", out / "data", sc.byzantine_ids(),
+                        sc.honest_ids())
+
+
+def adversary_of(sc: Scenario, mesh: str, md: Path, ddir: Path, byzantine: list[str],
+                 honest: list[str]) -> advmod.Adversary:
+    """The Adversary holding the registered keys (in mesh directory `md`) and shards (in
+    `ddir`) of `byzantine`, attacking as sc.attackers say, group by group in id order, among
+    `honest` nodes."""
     coord_pub = keys.read_public_key(md / "coordinator.pub")
     nodes: list[advmod.Compromised] = []
-    byz = iter(sc.byzantine_ids())
+    byz = iter(byzantine)
     for g in sc.attackers:
         for _ in range(g.count):
             nid = next(byz)
-            ds, _i, _n = data.decode_shard((out / "data" / f"{nid}.mfds").read_bytes())
+            ds, _i, _n = data.decode_shard((ddir / f"{nid}.mfds").read_bytes())
             xs, ys = ds.as_lists()
             nodes.append(advmod.Compromised(nid, keys.read_private_key(md / "nodes" / f"{nid}.key"),
                                             g.attack, xs, ys, dict(g.params)))
     train = {"lr": sc.lr, "epochs": sc.epochs, "batch": sc.batch, "seed": sc.seed}
-    return advmod.Adversary(mesh, coord_pub, nodes, sc.honest_ids(), sc.rounds, train,
+    return advmod.Adversary(mesh, coord_pub, nodes, honest, sc.rounds, train,
                             sc.mode, sc.seed, model_name=sc.model,
                             reward_band=int(sc.reputation.get("reward_band",
                                                               ReputationBook().reward_band)))

@@ -22,6 +22,7 @@ COMMANDS: tuple[str, ...] = (
     "microfed_tools.cmd_flower_bridge",
     "microfed_tools.cmd_firmware",
     "microfed_tools.cmd_mesh",
+    "microfed_tools.cmd_hier",
     "microfed_tools.cmd_coordinator",
     "microfed_tools.cmd_package",
     "microfed_tools.cmd_report",

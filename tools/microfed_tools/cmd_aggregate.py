@@ -99,28 +99,40 @@ def run_engine(engine: str, req: dict, parsed: tuple) -> dict:
     return out["ok"]
 
 
+class Mismatch(Exception):
+    """Engines disagree: the message holds every difference."""
+
+
+def aggregate(req: Any, engine: str = "fast") -> dict:
+    """One request on `engine` (or "all": every engine, identical bits required): the result
+    `microfed aggregate` prints. Raises audit.InputError, AggregationError, UsageError or
+    Mismatch."""
+    parsed = audit.parse(req)
+    engines = ENGINES if engine == "all" else (engine,)
+    results = {e: run_engine(e, req, parsed) for e in engines}
+    first = results[engines[0]]
+    if len(engines) == 1:
+        return first
+    from microfed_host.crosscheck import diff_results
+
+    diffs = []
+    for other in engines[1:]:
+        diff = diff_results(first, results[other], (engines[0], other))
+        if diff is not None:
+            diffs.append(f"{engines[0]} and {other} disagree:\n{diff}")
+    if diffs:
+        raise Mismatch("\n".join(diffs))
+    return dict(first, engines=list(engines), agree=True)
+
+
 def main(args: argparse.Namespace) -> int:
     try:
-        req = _load(args.file)
-        parsed = audit.parse(req)
-        engines = ENGINES if args.engine == "all" else (args.engine,)
-        results = {e: run_engine(e, req, parsed) for e in engines}
+        first = aggregate(_load(args.file), args.engine)
     except (UsageError, audit.InputError, AggregationError) as e:
         print(f"microfed aggregate: error: {e}", file=sys.stderr)
         return EXIT_INPUT
-    first = results[engines[0]]
-    if len(engines) > 1:
-        from microfed_host.crosscheck import diff_results
-
-        failed = False
-        for other in engines[1:]:
-            diff = diff_results(first, results[other], (engines[0], other))
-            if diff is not None:
-                failed = True
-                print(f"microfed aggregate: {engines[0]} and {other} disagree:", file=sys.stderr)
-                print(diff, file=sys.stderr)
-        if failed:
-            return EXIT_MISMATCH
-        first = dict(first, engines=list(engines), agree=True)
+    except Mismatch as e:
+        print(f"microfed aggregate: {e}", file=sys.stderr)
+        return EXIT_MISMATCH
     print(json.dumps(first, indent=None if args.compact else 1))
     return 0
