@@ -35,6 +35,7 @@ rounds 2..R (round 1 carries start-up: imports, keys, the nodes' HELLOs), so R >
   (schedstat, ns) and the bytes it read and wrote (/proc/PID/stat and /proc/PID/io, sampled every 50 ms and
   interpolated at the round close times): every PUBLISH, PUBACK and fan-out copy;
   broker_cpu_run_s: its CPU seconds over the whole run (from the coordinator's start);
+  broker_run_in_kb / broker_run_out_kb: its bytes over the whole run (no interpolation);
 - msgs, kb: messages and payload bytes published per round, by kind (update, digest,
   global), counted by a subscriber with the coordinator's login (mqtt; it adds one delivery
   per message to the broker's work) or, in-process, from the store (updates and digests)
@@ -371,6 +372,12 @@ def figures(out: Path, engine: str, n: int, rounds: int, hooks: dict[str, Any]) 
         rabbit = hooks.get("rabbit", False)
         rec["broker_in_kb"] = None if rabbit else round((cb[1] - ca[1]) / 1024 / k, 1)
         rec["broker_out_kb"] = None if rabbit else round((cb[2] - ca[2]) / 1024 / k, 1)
+        # The whole run, first sample to the one on_done takes: no interpolation, so a lower
+        # bound a test can hold exactly (the per-round figures above move with sampling delay).
+        first, last = s.samples[0], s.samples[-1]
+        rec["broker_run_in_kb"] = None if rabbit else round((last[2] - first[2]) / 1024, 1)
+        rec["broker_run_out_kb"] = None if rabbit else round((last[3] - first[3]) / 1024, 1)
+        rec["rounds_measured"] = k
         msgs, kb = hooks["counter"].per_round(r0, r1)
         seen = hooks["counter"].seen
         rec["startup_msgs"] = {x: sum(1 for m in seen if m[0] == x)

@@ -64,12 +64,16 @@ def test_scaling_record_inproc_and_mqtt(tmp_path: Path) -> None:
     _common(rm, "mqtt")
     # the same seed and scenario: the same bits on both engines
     assert rm["final_digest"] == ri["final_digest"]
-    # the broker's own figures (/proc, sampled every 50 ms and interpolated at the round
-    # close times, so within 10 %): it read the updates, and wrote each update to the
-    # coordinator and the counter and the global to every node
+    # the broker's own figures (/proc): over the whole run it read at least the measured
+    # rounds' updates, and wrote each update to the coordinator and the counter and the global
+    # to every node (the per-round figures, interpolated between samples taken every 50 ms,
+    # move with the sampler's delay on a loaded machine: only their sign is held here)
+    k = rm["rounds_measured"]
     assert rm["broker_cpu_run_s"] > 0 and rm["broker_cpu_s"] >= 0
-    assert rm["broker_in_kb"] >= 0.9 * rm["kb"]["update"]
-    assert rm["broker_out_kb"] >= 0.9 * (2 * rm["kb"]["update"] + N * rm["kb"]["global"])
+    assert rm["broker_in_kb"] >= 0 and rm["broker_out_kb"] >= 0
+    assert rm["broker_run_in_kb"] >= k * rm["kb"]["update"] - 0.1
+    assert rm["broker_run_out_kb"] >= k * (2 * rm["kb"]["update"]
+                                           + N * rm["kb"]["global"]) - 0.1
     assert rm["startup_msgs"]["hello"] == N and rm["startup_msgs"]["registry"] >= 1
     assert rm["node_rss_mb"]["processes"] == N and rm["node_rss_mb"]["mean"] > 1
     # what a row of the table shows
