@@ -499,7 +499,10 @@ def run(spec: HierSpec, out: Path, force: bool = False,
         "edge_final_digests": {t.name: (t.done or {}).get("final_digest") for t in tiers[1:]},
         "rejected": rejected, "edge_restarts": {t.name: t.restarts for t in tiers[1:]},
         "root_agg_digests": {r: ev["agg_digest"] for r, ev in rounds.get("root", {}).items()},
-        "edge_agg_digests": {t.name: {r: ev["agg_digest"] for r, ev in rounds.get(t.name, {}).items()}
+        # From each edge's store, not its log: an edge killed mid-run may close a round and
+        # store it without the runner ever reading that round's event (seen once in 20 runs).
+        "edge_agg_digests": {t.name: {r: row["agg_digest"] for r, row in
+                                      _rows(out / t.name / coordmod.STORE_NAME).items()}
                              for t in tiers[1:]},
         "root_globals_seen": root_globals, "node_exit_codes": exits,
         "seconds": round(time.monotonic() - t0, 1), "out": str(out),
