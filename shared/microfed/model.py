@@ -11,6 +11,7 @@
 
 import hashlib
 import struct
+from array import array
 
 from microfed.q16 import MAX_RAW, MIN_RAW, ONE, exact_list, sat
 
@@ -305,14 +306,27 @@ class SoftmaxRegression(Model):
         xs = [None] * cfg.batch
         nzs = [None] * cfg.batch
         qs = [None] * cfg.batch
+        # A shard's rows are copied into buffers allocated here, once per call, and their
+        # non-zero indices written into more: per sample nothing is allocated but a view and
+        # the logits. On a board's heap, a copy, an index list growing and its bytes for
+        # each of a round's 111 samples split the free space (a coordinated unix32 node at
+        # 44 KB failed training with 9 KB free: docs/results.md).
+        xbuf = nzbuf = None
+        if isinstance(data, Shard) and d <= 256:
+            xbuf = [bytearray(d) for _ in range(cfg.batch)]
+            nzbuf = [bytearray(d) for _ in range(cfg.batch)]
         for batch in batches(n, cfg):
             m = len(batch)
             for s in range(m):
                 i = batch[s]
                 x = row(i)
-                if not isinstance(x, list):
-                    x = bytes(x)
-                nz = _nonzero(x)
+                if xbuf is None:
+                    nz = _nonzero(x)
+                else:
+                    xb = xbuf[s]
+                    xb[:] = x
+                    x = xb
+                    nz = _nonzero_into(x, nzbuf[s])
                 q = softmax(self._logits(p, x, nz, shift))
                 q[label(i)] -= ONE
                 xs[s] = x
@@ -351,7 +365,9 @@ def batches(n, cfg):
     # Training's sample order: for each epoch, shuffle (one XorShift32(cfg.seed) for the whole
     # call) and cut into batches of cfg.batch indices, the last one possibly shorter.
     rng = XorShift32(cfg.seed)
-    order = list(range(n))
+    # 16-bit indices when they fit: half the block a list of small ints takes on a 32-bit
+    # port, a block looked for once per call on a heap the round has split (the same order).
+    order = array("H", range(n)) if n < 65536 else list(range(n))
     for _ in range(cfg.epochs):
         rng.shuffle(order)
         for start in range(0, n, cfg.batch):
@@ -380,6 +396,17 @@ def _nonzero(x):
     # sample): zeros add nothing to an exact sum, and digits images are about half zeros.
     ix = [j for j in range(len(x)) if x[j]]
     return bytes(ix) if len(x) <= 256 else ix
+
+
+def _nonzero_into(x, buf):
+    # _nonzero's indices written into `buf` (a bytearray of len(x) <= 256 bytes); a view of
+    # the ones written.
+    t = 0
+    for j in range(len(x)):
+        if x[j]:
+            buf[t] = j
+            t += 1
+    return memoryview(buf)[:t]
 
 
 MODELS = {"softmax": SoftmaxRegression}
