@@ -27,13 +27,16 @@ BUDGETS: dict[str, dict[str, int]] = {
     # (it was built on the first call: 53.0 M); decode_update 375 000-389 000 since vectors are
     # unpacked 64 values at a time (305 000 in one n-tuple, which needed a second 2.6 KB
     # block beside the list); import 602 000 (wire.encode_update and the helpers it shares).
-    "mps2-an385": {"import": 633_000, "public_key": 20_790_000, "sign": 40_330_000,
+    # Later on 2026-11-27: import 644 000 (training's sample buffers and array order, the
+    # aggregation's column buffers, sign's public key argument), + 5 %.
+    "mps2-an385": {"import": 677_000, "public_key": 20_790_000, "sign": 40_330_000,
                    "verify": 41_440_000, "train_epoch": 67_260_000,
                    "encode_and_sign_update": 44_510_000, "decode_update": 409_000,
                    "krum_13x650_f3": 125_140_000,
                    # issue 10, measured: 39 908 000 and 3 081 000, plus 5 %
                    "x25519": 41_910_000, "secagg_mask_651": 3_240_000},
-    "virt-rv32": {"import": 678_000, "public_key": 21_420_000, "sign": 41_730_000,
+    # import 694 000 later on 2026-11-27, + 5 %
+    "virt-rv32": {"import": 729_000, "public_key": 21_420_000, "sign": 41_730_000,
                   "verify": 42_510_000, "train_epoch": 76_260_000,
                   # 2026-11-27: decode_update 415 000 in 64-value steps (353 000 in one
                   # n-tuple), import 645 000
@@ -76,7 +79,8 @@ def test_every_phase_within_its_budget(counted: list[dict[str, Any]], target: An
 # Local DP (microfed.dp, docs/privacy.md "Device cost"): measured 2026-11-26 plus 5 %.
 DP_BUDGETS: dict[str, dict[str, int]] = {
     # dp_import: 392 000 on 2026-11-27 (q16 and wire gained exact_list and encode_update), + 5 %
-    "mps2-an385": {"dp_import": 412_000, "dgauss_mesh_x200": 39_200_000,
+    # dp_import 427 000 later on 2026-11-27 (the same imports as "import" above), + 5 %
+    "mps2-an385": {"dp_import": 449_000, "dgauss_mesh_x200": 39_200_000,
                    "dgauss_2_3_x200": 23_800_000, "l2_clip_650": 3_100_000,
                    "privatize_650": 133_600_000},
 }

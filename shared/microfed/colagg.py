@@ -10,8 +10,9 @@
 # every chunk (a board's heap sees no allocation per chunk), plus the n x n distance matrix for
 # the Krum rules. A node passes `cols` (buffers(), allocated once at boot): mid-run, on a
 # fragmented heap, 13 blocks of 256 B were not there with 14 KB free (measured on the
-# Cortex-M3 with a 64 KB heap: docs/boards.md). Every rule is exactly microfed.aggregate's (same integers, same ties, same
-# errors): tests/test_colagg.py compares them bit for bit on random and adversarial cases.
+# Cortex-M3 with a 64 KB heap: docs/boards.md). Every rule is exactly microfed.aggregate's
+# (same integers, same ties, same errors): tests/test_colagg.py compares them bit for bit on
+# random and adversarial cases.
 # Portable MicroPython 1.29 / CPython; no floats.
 
 import hashlib

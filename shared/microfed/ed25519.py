@@ -326,9 +326,10 @@ def sign(seed, msg, pub=None):
     """The 64-byte signature R || S of bytes ``msg`` under a 32-byte seed (RFC 8032 5.1.6).
     ``pub``: the seed's public key, when the caller holds it (a node checks it against its
     seed once, at boot): the signature is the same, without the scalar multiplication that
-    would derive it again (a third of a signature's instructions on the Cortex-M3: the
-    public_key and sign rows of docs/boards.md). A ``pub`` that is not the seed's gives a signature that does not verify;
-    it is never checked here, because checking costs what passing it saves."""
+    would derive it again (about half of a signature's instructions on the Cortex-M3: the
+    public_key and sign rows of docs/boards.md). A ``pub`` that is not the seed's gives a
+    signature that does not verify; it is never checked here, because checking costs what
+    passing it saves."""
     if not isinstance(msg, (bytes, bytearray)):
         raise TypeError("message must be bytes")
     if pub is not None and (not isinstance(pub, (bytes, bytearray)) or len(pub) != 32):

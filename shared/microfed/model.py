@@ -307,8 +307,8 @@ class SoftmaxRegression(Model):
         nzs = [None] * cfg.batch
         qs = [None] * cfg.batch
         # A shard's rows are copied into buffers allocated here, once per call, and their
-        # non-zero indices written into more: per sample nothing is allocated but a view and
-        # the logits. On a board's heap, a copy, an index list growing and its bytes for
+        # non-zero indices written into more: per sample nothing is allocated but a view, the
+        # logits and their softmax. On a board's heap, a copy, an index list growing and its bytes for
         # each of a round's 111 samples split the free space (a coordinated unix32 node at
         # 44 KB failed training with 9 KB free: docs/results.md).
         xbuf = nzbuf = None
