@@ -22,6 +22,14 @@ _ETIMEDOUT = 110
 _ECONNREFUSED = 111
 _ECONNRESET = 104
 _CHUNK = 256  # payload bytes per DATA frame: ~300 B of line, small enough for any RAM
+# Buffers allocated once and reused by every frame and session: a frame on the way out is
+# escaped through _TXBUF bytes at a time; one coming in is decoded in a body buffer for a
+# DATA frame of _CHUNK bytes (the bridge sends no larger one), and its payload waits in _RXBUF
+# until mqttc reads it (mqttc asks for at most a few hundred bytes beyond what a frame
+# brings, except for a message it reads whole: the buffer then grows, once). The incoming
+# side's are allocated by the first open(), after the node's own boot-time buffers.
+_TXBUF = 128
+_RXBUF = 512
 
 
 class Link:
@@ -39,7 +47,9 @@ class Link:
         self.tx = tx
         self._poll = select.poll()
         self._poll.register(rx, select.POLLIN)
-        self.dec = sf.Decoder(64)
+        self.dec = None  # and self.rxbuf: made by the first open()
+        self.rxbuf = None
+        self.txbuf = bytearray(_TXBUF)
         self.sess = 0
         self.stream = None
         self.eof = False
@@ -48,14 +58,14 @@ class Link:
 
     # --- frames out -------------------------------------------------------------
     def send(self, channel, session, seq, payload=b""):
-        self.tx.write(sf.encode(channel, session, seq, payload))
+        sf.write(self.tx, channel, session, seq, payload, self.txbuf)
         self.n["frames_out"] += 1
 
     def log(self, line):
         """One log line (str or bytes) as an L frame; longer lines are cut."""
         if isinstance(line, str):
             line = line.encode()
-        self.send(sf.LOG, 0, 0, line[:sf.MAX_PAYLOAD])
+        self.send(sf.LOG, 0, 0, memoryview(line)[:sf.MAX_PAYLOAD])
 
     # --- frames in --------------------------------------------------------------
     def pump(self, wait_ms):
@@ -105,7 +115,7 @@ class Link:
                 self._end(s, b"frame missing (sequence gap)")
                 return
             s.seq_in = (seq + 1) & 0xFF
-            s.buf += payload
+            s.push(payload)  # a view into the decoder's buffer: copied now
         elif ch == sf.ACCEPT:
             s.accepted = True
         elif ch == sf.CLOSE:
@@ -134,6 +144,9 @@ class Link:
             old.close()
         if self.eof:
             raise OSError(_ECONNRESET, "serial line closed")
+        if self.dec is None:
+            self.dec = sf.Decoder(64, view=True, max_payload=_CHUNK)
+            self.rxbuf = bytearray(_RXBUF)
         self.sess = self.sess % 255 + 1
         s = Stream(self, self.sess, timeout_ms)
         self.stream = s
@@ -152,7 +165,7 @@ class Link:
 
     def stats(self):
         d = dict(self.n)
-        d["bad_frames"] = self.dec.bad
+        d["bad_frames"] = 0 if self.dec is None else self.dec.bad
         return d
 
 
@@ -164,7 +177,9 @@ class Stream:
         self.link = link
         self.sess = sess
         self.timeout_ms = timeout_ms
-        self.buf = bytearray()
+        self.buf = link.rxbuf  # bytes in: buf[h:t]
+        self.h = 0
+        self.t = 0
         self.accepted = False
         self.closed = False
         self.reason = b""
@@ -180,16 +195,35 @@ class Stream:
         link = self.link
         mv = memoryview(data)
         for i in range(0, len(data), _CHUNK):
-            link.send(sf.DATA, self.sess, self.seq_out, bytes(mv[i:i + _CHUNK]))
+            link.send(sf.DATA, self.sess, self.seq_out, mv[i:i + _CHUNK])
             self.seq_out = (self.seq_out + 1) & 0xFF
         return len(data)
 
+    def push(self, data):
+        """Append one frame's payload (called by the Link)."""
+        n = len(data)
+        buf = self.buf
+        if self.t + n > len(buf):
+            k = self.t - self.h
+            if k + n > len(buf):
+                # A read longer than the buffer is waiting (a message mqttc reads whole):
+                # a larger buffer, kept for the next sessions too.
+                nb = bytearray(k + n + _RXBUF)
+                nb[:k] = memoryview(buf)[self.h:self.t]
+                self.buf = self.link.rxbuf = buf = nb
+            else:
+                buf[:k] = memoryview(buf)[self.h:self.t]  # memmove: may overlap
+            self.h = 0
+            self.t = k
+        buf[self.t:self.t + n] = data
+        self.t += n
+
     def readable(self, wait_ms):
         """True when bytes (or the end of the session) can be read now or within wait_ms."""
-        if self.buf or self.closed:
+        if self.t > self.h or self.closed:
             return True
         if wait_ms < 0:
-            while not self.buf and not self.closed and not self.link.eof:
+            while self.t == self.h and not self.closed and not self.link.eof:
                 self.link.pump(-1)
             return True
         end = time.ticks_add(time.ticks_ms(), wait_ms)
@@ -198,34 +232,39 @@ class Stream:
             if left < 0:
                 return False
             self.link.pump(left)
-            if self.buf or self.closed:
+            if self.t > self.h or self.closed:
                 return True
 
     def _fill(self, n):
         end = time.ticks_add(time.ticks_ms(), self.timeout_ms)
-        while len(self.buf) < n and not self.closed:
+        while self.t - self.h < n and not self.closed:
             left = time.ticks_diff(end, time.ticks_ms())
             if left < 0:
                 raise OSError(_ETIMEDOUT)
             self.link.pump(left)
 
+    def _take(self, k):
+        h = self.h
+        self.h = h + k
+        if self.h == self.t:
+            self.h = self.t = 0
+        return memoryview(self.buf)[h:h + k]
+
     def read(self, n):
         """n bytes; fewer only when the session ended first."""
         self._fill(n)
-        out = bytes(self.buf[:n])
-        self.buf = self.buf[n:]
-        return out
+        return bytes(self._take(min(n, self.t - self.h)))
 
     def readinto(self, buf, n=-1):
         if n < 0 or n > len(buf):
             n = len(buf)
         self._fill(1)
-        k = min(n, len(self.buf))
-        buf[:k] = self.buf[:k]
-        self.buf = self.buf[k:]
+        k = min(n, self.t - self.h)
+        buf[:k] = self._take(k)
         return k
 
     def close(self):
+        self.h = self.t = 0  # unread bytes go with the session (the buffer is the Link's)
         link = self.link
         link._end(self, b"closed by the device")
         if link.stream is self:

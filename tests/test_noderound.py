@@ -79,8 +79,12 @@ def test_digest_of_the_announced_set_equals_the_reference(store: str, rule: str,
     assert digest == reference(frames[1:], body)
 
 
-def test_a_forged_copy_held_first_is_evicted_when_the_signed_one_arrives() -> None:
-    p = peers()
+@pytest.mark.parametrize("store", ["ram", "file"])
+def test_a_forged_copy_held_first_is_evicted_when_the_signed_one_arrives(
+        store: str, tmp_path: Path) -> None:
+    # The forgery's signature waits with its vector (in the round's file for "file") until
+    # the contention reads it back.
+    p = peers(tmp_path if store == "file" else None)
     forged = update("node-02", values=vec(9), key="node-99")
     real = update("node-02", seq=2)
     p.offer(forged, 0, 3)  # kept: no signature checked yet
@@ -202,19 +206,39 @@ def test_no_slot_for_our_own_update_is_buffer_full_not_a_crash() -> None:
     assert e.value.reason == "buffer_full"
 
 
-def test_file_vectors_are_one_file_per_round_and_go_with_it(tmp_path: Path) -> None:
+def test_file_vectors_reuse_the_files_opened_at_boot(tmp_path: Path) -> None:
     (tmp_path / "peers-7.bin").write_bytes(b"left by an earlier boot")
-    p = peers(tmp_path)
-    assert not (tmp_path / "peers-7.bin").exists()
-    frames = {r: [update(n, round_=r, seq=r) for n in IDS] for r in (3, 4)}
+    p = peers(tmp_path, slots=40)
+    # Opened at boot (no file object to allocate mid-run); scratch of earlier boots removed.
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["peers-0.bin", "peers-1.bin"]
+    frames = {r: [update(n, round_=r, seq=r, values=vec(i, salt=r)) for i, n in enumerate(IDS)]
+              for r in (3, 4, 5)}
     for r in (3, 4):
         for f in frames[r]:
             p.offer(f, 0, 3)
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["peers-3.bin", "peers-4.bin"]
     body = announce(frames[4], "median")
     p.drop_before(4)
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["peers-4.bin"]
     assert p.digest(4, body)[0] == reference(frames[4], body)
+    # Round 5 writes over round 3's file, from its start: nothing of round 3 shows through,
+    # and a third round at once (3 is gone, so this is 4 and 5) needs no extra file.
+    for f in frames[5][:3]:
+        p.offer(f, 0, 4)
+    body5 = announce(frames[5][:3], "fedavg")
+    assert p.digest(5, body5)[0] == reference(frames[5][:3], body5)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["peers-0.bin", "peers-1.bin"]
+
+
+def test_a_third_round_at_once_gets_a_file_of_its_own_until_dropped(tmp_path: Path) -> None:
+    store = noderound.FileVectors(str(tmp_path), D)
+    packed = bytes(4 * D)
+    for r in (3, 4, 5):
+        store.put(r, packed, r)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["peers-0.bin", "peers-1.bin",
+                                                          "peers-r5.bin"]
+    store.drop(5)
+    store.drop(3)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["peers-0.bin", "peers-1.bin"]
+    assert len(store.pool) == 1
 
 
 @pytest.mark.parametrize("bad_at", [0, 63, 64, 69])

@@ -17,6 +17,7 @@
 
 import hashlib
 import struct
+import sys
 from array import array
 
 from microfed import aggregate as agg
@@ -43,8 +44,17 @@ def _fill(read_into, cols, start, count):
         read_into(i, start, count, cols[i])
 
 
+# An array("i") holds int32 in the machine's order: little-endian on every board and host we
+# build for, and then its bytes are the digest's input as they are (no slice, argument tuple
+# and packed copy per chunk: blocks a fragmented 64 KB heap could not find, docs/boards.md).
+_LE = sys.byteorder == "little"
+
+
 def _hash_chunk(h, values, count):
-    h.update(struct.pack("<%di" % count, *values[:count]))
+    if _LE and isinstance(values, array):
+        h.update(memoryview(values)[:count])
+    else:
+        h.update(struct.pack("<%di" % count, *values[:count]))
 
 
 def krum_scores(read_into, n, d, f, chunk=CHUNK, cols=None):

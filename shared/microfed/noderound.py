@@ -261,68 +261,113 @@ def update_values(frame, sender):
 
 # ---------------------------------------------------------------- 4: peers' updates
 
+SIG_REC = 96  # an unchecked update's signing digest (32) and signature (64), kept with it
+_NO_SIG = bytes(SIG_REC)
+
+
 class RamVectors:
     """Update vectors in RAM: one array("i") of d values per slot (for boards with the heap
-    for it, and the host's engines)."""
+    for it, and the host's engines), and the signature records of unchecked ones."""
 
     def __init__(self, d):
         self.d = d
         self.slots = {}
+        self.sigs = {}
 
-    def put(self, slot, packed, round_):
+    def put(self, slot, packed, round_, digest=None, signature=None):
         self.slots[slot] = array("i", bytes(packed))
+        self.sigs[slot] = None if digest is None else bytes(digest) + bytes(signature)
 
     def read_into(self, slot, start, count, out):
         memoryview(out)[:count] = memoryview(self.slots[slot])[start:start + count]
+
+    def read_sig(self, slot):
+        """(signing digest, signature) stored with slot's vector."""
+        r = self.sigs[slot]
+        return r[:32], r[32:]
 
     def drop(self, round_):
         pass  # slots are reused as they are freed
 
 
 class FileVectors:
-    """Update vectors in a board's flash: one append-only file per round, removed when the
-    round is dropped; RAM holds one chunk while aggregating. Append-only because littlefs (the
-    usual MicroPython flash filesystem) rewrites a file from the written point to its end:
-    writing into the middle of one is slow and wears the flash, appending is not."""
+    """Update vectors in a board's flash; RAM holds one chunk while aggregating. A round's
+    vectors go into one file, appended in arrival order. The files are opened at boot and
+    reused: a node holds at most two rounds (the one it collects and early updates of the
+    next; Peers.drop_before), and opening a file mid-run needs a block of the heap (on
+    littlefs the file object and its cache, ~380 bytes with a 256-byte cache) that a
+    fragmented 64 KB heap did not always have (the emulated Cortex-M3 lost peers' updates
+    to it, docs/boards.md). A third round at once gets a file opened then, and removed when
+    dropped. Each round starts writing at the beginning of its file: littlefs rewrites a file
+    from the written point to its end, so writes go in order, never into the middle. Each
+    vector is followed by its signature record (SIG_REC bytes; zeros when the signature was
+    checked on arrival): an unchecked peer update's signature waits in flash, not in RAM,
+    until contention needs it."""
 
     PREFIX = "peers-"
+    OPEN_AT_BOOT = 2
 
     def __init__(self, directory, d):
         self.d = d
+        self.rec = 4 * d + SIG_REC
         self.dir = directory
-        self.files = {}  # round -> [open file, vectors written]
+        self.files = {}  # round -> [open file, vectors written, pool file or None]
         self.where = {}  # slot -> (round, index in that round's file)
         for name in _listdir(directory):
             if name.startswith(self.PREFIX):  # scratch left by an earlier boot
                 _remove(directory + "/" + name)
+        self.pool = [open(self._path(i), "w+b") for i in range(self.OPEN_AT_BOOT)]
 
-    def _path(self, round_):
-        return "%s/%s%d.bin" % (self.dir, self.PREFIX, round_)
+    def _path(self, name):
+        return "%s/%s%s.bin" % (self.dir, self.PREFIX, name)
 
-    def put(self, slot, packed, round_):
+    def put(self, slot, packed, round_, digest=None, signature=None):
         e = self.files.get(round_)
         if e is None:
-            e = [open(self._path(round_), "w+b"), 0]
+            if self.pool:
+                f = self.pool.pop()
+                e = [f, 0, f]
+            else:
+                e = [open(self._path("r%d" % round_), "w+b"), 0, None]
             self.files[round_] = e
         f = e[0]
-        f.seek(e[1] * 4 * self.d)
+        f.seek(e[1] * self.rec)
         f.write(packed)  # no flush: scratch for this boot, not state
+        if digest is None:
+            f.write(_NO_SIG)
+        else:
+            f.write(digest)
+            f.write(signature)
         self.where[slot] = (round_, e[1])
         e[1] += 1
 
-    def read_into(self, slot, start, count, out):
+    def _seek(self, slot, at):
         r, i = self.where[slot]
         f = self.files[r][0]
-        f.seek((i * self.d + start) * 4)
+        f.seek(i * self.rec + at)
+        return f, r
+
+    def read_into(self, slot, start, count, out):
+        f, r = self._seek(slot, start * 4)
         if f.readinto(memoryview(out)[:count]) != 4 * count:
             raise OSError("vector file of round %d is short" % r)
+
+    def read_sig(self, slot):
+        f, r = self._seek(slot, 4 * self.d)
+        b = f.read(SIG_REC)
+        if len(b) != SIG_REC:
+            raise OSError("vector file of round %d is short" % r)
+        return b[:32], b[32:]
 
     def drop(self, round_):
         e = self.files.pop(round_, None)
         if e is None:
             return
-        e[0].close()
-        _remove(self._path(round_))
+        if e[2] is not None:
+            self.pool.append(e[2])  # kept open: the next round writes over it
+        else:
+            e[0].close()
+            _remove(self._path("r%d" % round_))
         for slot in [s for s in self.where if self.where[s][0] == round_]:
             del self.where[slot]
 
@@ -373,7 +418,10 @@ class Peers:
         self.vectors = vectors
         self.n_slots = slots
         self.free = list(range(slots - 1, -1, -1))
-        self.rounds = {}  # round -> {sha256: [sender, samples, slot, unchecked signature]}
+        # round -> {sha256: [sender, samples, slot, signature unchecked]}: ~120 bytes an
+        # update on a 32-bit port (an unchecked signature waits with the vector, in flash
+        # with FileVectors: in RAM it cost 176 bytes more, 4.6 KB for two rounds of 13).
+        self.rounds = {}
         self.sig_checks = 0
         self.evicted = 0
         store = MemoryStore() if check == "signature" else _NoCounters()
@@ -433,10 +481,11 @@ class Peers:
             checked = True
             for k in mine:
                 e = buf[k]
-                if e[3] is not None:
+                if e[3]:
+                    digest, signature = self.vectors.read_sig(e[2])
                     try:
-                        self._check(e[0], e[3][0], e[3][1])
-                        e[3] = None
+                        self._check(e[0], digest, signature)
+                        e[3] = False
                     except Rejected:
                         self._release(fr.round, k)
                         self.evicted += 1
@@ -444,9 +493,11 @@ class Peers:
         if len(mine) >= self.per_sender:
             raise Rejected("buffer_full", "%d updates of %s for round %d already held"
                            % (len(mine), fr.sender, fr.round))
-        # Unchecked: keep what a later signature check needs (96 bytes, not the frame).
-        sig = None if checked else (fr.signing_digest(), bytes(fr.signature))
-        self.keep(fr.round, h, fr.sender, fr.body["samples"], update_values(msg, fr.sender), sig)
+        # Unchecked: keep what a later signature check needs (96 bytes, not the frame), with
+        # the vector. The sender's id as the registry holds it: no string of our own.
+        sig = None if checked else (fr.signing_digest(), fr.signature)
+        self.keep(fr.round, h, _registered(self.verifier.registry, fr.sender),
+                  fr.body["samples"], update_values(msg, fr.sender), sig)
         return h
 
     def _check(self, sender, signing_digest, signature):
@@ -464,11 +515,14 @@ class Peers:
         if not self.free:
             raise Rejected("buffer_full", "all %d update slots are in use" % self.n_slots)
         slot = self.free.pop()
-        self.vectors.put(slot, packed, round_)
+        if sig is None:
+            self.vectors.put(slot, packed, round_)
+        else:
+            self.vectors.put(slot, packed, round_, sig[0], sig[1])
         if buf is None:
             buf = {}
             self.rounds[round_] = buf
-        buf[h] = [sender, samples, slot, sig]
+        buf[h] = [sender, samples, slot, sig is not None]
 
     def _release(self, round_, h):
         e = self.rounds[round_].pop(h)
@@ -513,6 +567,15 @@ class Peers:
 
         return announced_digest(body, ids, read_into, self.verifier.limits.dim, weights,
                                 self.cols), ids
+
+
+def _registered(registry, node_id):
+    """The registry's own string for node_id (equal to it), so that what a round keeps per
+    peer shares it instead of holding a copy decoded from each frame."""
+    for k in registry.nodes:
+        if k == node_id:
+            return k
+    return node_id
 
 
 def announced_digest(body, ids, read_into, d, weights, cols=None):

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from microfed import serialframe as sf
 from microfed_tools import rawrepl
 
-CHUNK = 256  # payload bytes per DATA frame towards the device (as the device sends)
+CHUNK = 256  # payload bytes per DATA or CLOSE frame towards the device: its decoder holds no more
 
 
 class BridgeError(Exception):
@@ -243,7 +243,7 @@ class Bridge:
             why = "broker %s:%d refused or unreachable: %s" % (*self.broker, e.strerror or e)
             self.last_error = why
             self.say(why)
-            self._send(sf.CLOSE, sess, 0, why.encode()[:sf.MAX_PAYLOAD])
+            self._send(sf.CLOSE, sess, 0, why.encode()[:CHUNK])
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)
@@ -290,7 +290,7 @@ class Bridge:
             pass
         s.sock.close()
         if reason is not None:
-            self._send(sf.CLOSE, s.sess, 0, reason[:sf.MAX_PAYLOAD])
+            self._send(sf.CLOSE, s.sess, 0, reason[:CHUNK])
 
 
 def parse_broker(text: str) -> tuple[str, int]:

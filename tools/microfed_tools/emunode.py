@@ -173,6 +173,10 @@ class EmulatedDevice:
             if self.repl is not None and node_dir is not None and self.alive():
                 if self.booted:
                     self.repl.resume()  # the raw REPL back, once main.py has returned
+                    # What the node allocated is still on the heap (a 64 KB build then has
+                    # too little left to list and read its files): a soft reset frees it,
+                    # and the RAM disk survives one (docs/boards.md).
+                    self.repl.soft_reset()
                 save_state(self.repl, node_dir, self.dest)
         except rawrepl.ReplError as e:
             raise NodeError(f"state/ not saved from the board: {e}") from None

@@ -19,10 +19,12 @@ SIZE = 0x100000  # 1 MB of its 4 MB
 BLOCK = 512
 # littlefs's read/program granularity and lookahead (bytes of allocation bitmap: 8 blocks
 # each). The defaults (32, 32, 32) make littlefs call readblocks/writeblocks (Python here) 32
-# bytes at a time: a 2.6 KB write cost 14 M instructions. 128 cuts that several times while
-# its caches (one per open file, two for the filesystem) still leave a 64 KB-heap build room
-# for a gossip round; 512 was faster again but left it none.
-LFS = {"readsize": 128, "progsize": 128, "lookahead": 64}
+# bytes at a time: a 2.6 KB write cost 14 M instructions. 128 cut that several times; 512 was
+# faster again. But each open file carries a cache of 4 x that size (at most a block) inside
+# its object on the heap: with 128, opening a file mid-run needed a ~640-byte block, which a
+# complete gossip node's 64 KB heap, fragmented, did not have with 15-17 KB free (the node
+# lost the round's vectors and its state write: docs/boards.md). 64 halves the block.
+LFS = {"readsize": 64, "progsize": 64, "lookahead": 64}
 
 
 class RamBlockDev:
