@@ -100,7 +100,8 @@ class StateError(Exception):
 class NodeState:
     """What survives a reboot (besides the sequence counter lease): the last round this node
     acted on, the last accepted coordinator counter and the hash of that GLOBAL_MODEL frame.
-    One checksummed text file, replaced atomically (microfed.replay.atomic_write)."""
+    One checksummed text file, replaced atomically (microfed.replay.AtomicFile: its next
+    file opened in advance, so a round's write needs no block of a fragmented heap)."""
 
     def __init__(self, path):
         self.path = path
@@ -117,6 +118,8 @@ class NodeState:
                 raw = f.read()
             finally:
                 f.close()
+            if not raw and p != path:
+                continue  # the next write's file, opened in advance: nothing written yet
             lines = self._parse(p, raw)
             break
         if lines is not None:
@@ -132,6 +135,7 @@ class NodeState:
             if (not 0 <= self.last_round <= wire.U32_MAX or not 0 <= self.coord_seq < wire.SEQ_LIMIT
                     or len(self.global_hash) not in (0, 32)):
                 raise StateError("%s: state values out of range" % path)
+        self.file = replay.AtomicFile(path)
 
     def _parse(self, p, raw):
         cut = raw.rfind(b"\n#sha256 ")
@@ -148,7 +152,7 @@ class NodeState:
     def save(self, last_round, coord_seq, global_hash):
         line = "%d %d %s" % (last_round, coord_seq, _hex(global_hash) if global_hash else "-")
         body = STATE_MAGIC + b"\n" + line.encode() + b"\n"
-        replay.atomic_write(self.path, body + b"#sha256 " + _hex(_sha(body)).encode() + b"\n")
+        self.file.write(body + b"#sha256 " + _hex(_sha(body)).encode() + b"\n")
         # Memory follows only once the file is written: a failed write changes nothing.
         self.last_round = last_round
         self.coord_seq = coord_seq

@@ -250,6 +250,29 @@ def test_firmware_config_any_json(tmp_path: Path) -> None:
             pass
 
 
+def test_node_state_keeps_its_next_file_open_and_loads_as_before(tmp_path: Path) -> None:
+    node = _load("node")
+    p = tmp_path / "node.state"
+    st = node.NodeState(str(p))
+    # The next write's file is opened at boot, empty: a fresh node has no state yet.
+    assert (tmp_path / "node.state.new").read_bytes() == b"" and not p.exists()
+    assert node.NodeState(str(p)).last_round == 0
+    for r in (1, 2, 3):
+        st.save(r, 10 + r, bytes([r]) * 32)
+        assert (tmp_path / "node.state.new").read_bytes() == b""  # prepared again
+        again = node.NodeState(str(p))
+        assert (again.last_round, again.coord_seq, again.global_hash) == (r, 10 + r,
+                                                                          bytes([r]) * 32)
+    # A replace cut after its remove (FAT): only node.state.new, complete. It is loaded, and
+    # the next boot's prepared file does not truncate it away: it becomes node.state.
+    good = p.read_bytes()
+    p.unlink()
+    (tmp_path / "node.state.new").write_bytes(good)
+    assert node.NodeState(str(p)).last_round == 3
+    assert p.read_bytes() == good and (tmp_path / "node.state.new").read_bytes() == b""
+    assert node.NodeState(str(p)).last_round == 3
+
+
 def test_node_state_file_any_bytes(tmp_path: Path) -> None:
     node = _load("node")
     p = tmp_path / "state"

@@ -295,7 +295,7 @@ class FileVectors:
     vectors go into one file, appended in arrival order. The files are opened at boot and
     reused: a node holds at most two rounds (the one it collects and early updates of the
     next; Peers.drop_before), and opening a file mid-run needs a block of the heap (on
-    littlefs the file object and its cache, ~380 bytes with a 256-byte cache) that a
+    littlefs the file object and its cache, ~380 bytes on the emulated Cortex-M3) that a
     fragmented 64 KB heap did not always have (the emulated Cortex-M3 lost peers' updates
     to it, docs/boards.md). A third round at once gets a file opened then, and removed when
     dropped. Each round starts writing at the beginning of its file: littlefs rewrites a file

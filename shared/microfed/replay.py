@@ -16,6 +16,7 @@
 # FileStore (device flash, atomic write-then-rename) live here; the host keeps counters in
 # SQLite (microfed_host.store).
 
+import gc
 import os
 
 try:
@@ -78,12 +79,23 @@ def _exists(path):
         return False
 
 
+def _size(path):
+    try:
+        return os.stat(path)[6]
+    except OSError:
+        return -1
+
+
 def atomic_write(path, data):
     """Write `data` to `path` so a power cut leaves either the old or the new content:
     write path.new, then rename it over path (POSIX rename, littlefs and MicroPython's FAT
     driver all replace the target)."""
     tmp = path + ".new"
-    f = open(tmp, "wb")
+    _write_closing(open(tmp, "wb"), data)
+    _replace(tmp, path)
+
+
+def _write_closing(f, data):
     try:
         f.write(data)
         try:
@@ -93,6 +105,9 @@ def atomic_write(path, data):
             pass  # MicroPython has neither fsync nor fileno; close() flushes the block device
     finally:
         f.close()
+
+
+def _replace(tmp, path):
     try:
         os.rename(tmp, path)
     except OSError:
@@ -100,6 +115,45 @@ def atomic_write(path, data):
         # between the two calls leaves only path.new, which _load_checked() then reads.
         os.remove(path)
         os.rename(tmp, path)
+
+
+class AtomicFile:
+    """atomic_write for one path written again and again (a node's state, every round), with
+    path.new opened in advance: at construction, and after every write, once a collection
+    has freed the last one's file object, whose block the new one can take. Opening a file
+    needs a block of the heap (on littlefs the object and its cache, ~380 bytes with the
+    emulated Cortex-M3's 256-byte cache), which a board's fragmented heap mid-run may not
+    have: the emulated Cortex-M3 with 64 KB lost rounds to it with 14 KB free
+    (docs/boards.md). The prepared path.new is empty until written: a loader treats an empty
+    path.new as absent."""
+
+    def __init__(self, path):
+        self.path = path
+        self.tmp = path + ".new"
+        self.f = None
+        if not _exists(path) and _size(self.tmp) > 0:
+            # A replace cut between its remove and its rename (the FAT case above): the
+            # loaders read path.new then; finish the replace before path.new is reopened.
+            # (An empty one is a prepared file nothing was written to.)
+            os.rename(self.tmp, path)
+        self._prepare()
+
+    def _prepare(self):
+        try:
+            self.f = open(self.tmp, "wb")
+        except (OSError, MemoryError):
+            self.f = None  # write() opens it then
+
+    def write(self, data):
+        f = self.f
+        self.f = None
+        if f is None:
+            f = open(self.tmp, "wb")
+        _write_closing(f, data)
+        f = None
+        _replace(self.tmp, self.path)
+        gc.collect()
+        self._prepare()
 
 
 def _load_checked(path, magic):

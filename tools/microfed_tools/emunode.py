@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from microfed.noderound import FileVectors
 from microfed_tools import deploy as dp
 from microfed_tools import rawrepl
 
@@ -117,6 +118,8 @@ def save_state(repl: rawrepl.RawRepl, node_dir: Path, dest: str = NODE_DIR) -> l
     names = repl.exec("import os\nfor n in os.listdir(%r):\n print(n)" % state)
     saved = []
     for name in names.split():
+        if name.startswith(FileVectors.PREFIX):
+            continue  # the round's scratch (peers' vectors), removed at every boot
         (node_dir / "state").mkdir(exist_ok=True)
         (node_dir / "state" / name).write_bytes(read_file(repl, f"{state}/{name}"))
         saved.append(name)

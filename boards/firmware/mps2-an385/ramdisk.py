@@ -20,10 +20,11 @@ BLOCK = 512
 # littlefs's read/program granularity and lookahead (bytes of allocation bitmap: 8 blocks
 # each). The defaults (32, 32, 32) make littlefs call readblocks/writeblocks (Python here) 32
 # bytes at a time: a 2.6 KB write cost 14 M instructions. 128 cut that several times; 512 was
-# faster again. But each open file carries a cache of 4 x that size (at most a block) inside
-# its object on the heap: with 128, opening a file mid-run needed a ~640-byte block, which a
-# complete gossip node's 64 KB heap, fragmented, did not have with 15-17 KB free (the node
-# lost the round's vectors and its state write: docs/boards.md). 64 halves the block.
+# faster again. But the filesystem holds two caches of 4 x that size (at most a block) and
+# every open file one more, inside its object on the heap: with 128, 512 bytes each. A
+# complete gossip node's 64 KB heap then failed to open files mid-run with 15-17 KB free,
+# and later, with the serial link's buffers allocated at boot, had no 2.7 KB block left for
+# its round buffers at boot (3 of 3 runs, 2026-11-27: docs/boards.md). 64 halves them.
 LFS = {"readsize": 64, "progsize": 64, "lookahead": 64}
 
 
