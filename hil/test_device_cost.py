@@ -107,9 +107,11 @@ def test_dp_costs_within_budget_and_equal_the_host(target: Any) -> None:
 
 
 # The MLP (microfed.mlp, docs/model.md): measured 2026-11-27 (python benchmarks/device.py
-# --mlp) plus 5 %.
+# --mlp) plus 5 %. mlp_import re-derived later that day: 312 000 -> 329 000 on mps2-an385
+# (virt-rv32 340 000 -> 357 000) when other frozen modules changed (serialframe, noderound,
+# replay, colagg; mlp, model and q16 did not).
 MLP_BUDGETS: dict[str, dict[str, int]] = {
-    "mps2-an385": {"mlp_import": 328_000, "mlp_init": 20_006_000,
+    "mps2-an385": {"mlp_import": 345_000, "mlp_init": 20_006_000,
                    "mlp_train_epoch": 192_652_000},
 }
 
