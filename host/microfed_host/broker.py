@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import ipaddress
 import os
-import pwd
 import select
 import shutil
 import signal
@@ -338,10 +337,10 @@ class Broker:
         assert self._dir is not None
         log = self._dir / "mosquitto.log"
         conf = self._dir / "mosquitto.conf"
+        from microfed_host import brokerauth, keys
+
         lines = ["per_listener_settings false"]
         if self.auth_dir is not None:
-            from microfed_host import brokerauth
-
             lines += brokerauth.mosquitto_auth_lines(self.auth_dir)
         else:
             lines.append("allow_anonymous true")
@@ -361,19 +360,14 @@ class Broker:
             "connection_messages true",
             # As root, mosquitto would switch to user 'mosquitto', who cannot write the log
             # in our temp dir; naming the current user keeps it as is (ignored when not root).
-            f"user {pwd.getpwuid(os.getuid()).pw_name}",
+            brokerauth.mosquitto_user_line(),
         ]
         if self.tls_port is not None and self.auth_dir is not None:
-            from microfed_host import brokerauth
-
             if not self.tls_port:
                 self.tls_port = free_port(self.host)
             lines += brokerauth.mosquitto_tls_lines(self.auth_dir, self.tls_port, self.host)
         lines += self.extra_conf
-        conf.unlink(missing_ok=True)
-        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
+        keys.write_secret_file(conf, "\n".join(lines) + "\n")
         with open(self._dir / "mosquitto.stderr", "ab") as err:
             self._proc = subprocess.Popen(
                 [exe, "-c", str(conf)],

@@ -275,6 +275,12 @@ def write_broker_files(root: Path, mesh: str, active: list[str], revoked: list[s
     (bd / "mosquitto.conf").write_text(mosquitto_conf_example(bd))
 
 
+def mosquitto_user_line() -> str:
+    """mosquitto started as root switches to this user (the one running us), who owns the
+    0600 files it reads and can write its log in our directories (ignored when not root)."""
+    return f"user {pwd.getpwuid(os.getuid()).pw_name}"
+
+
 def mosquitto_auth_lines(bd: Path) -> list[str]:
     bd = Path(bd).resolve()
     return ["allow_anonymous false", f"password_file {bd / 'passwd'}", f"acl_file {bd / 'acl'}"]
@@ -293,7 +299,7 @@ def mosquitto_conf_example(bd: Path) -> str:
              "per_listener_settings false", *mosquitto_auth_lines(bd),
              "# The files above are 0600 and belong to whoever ran `microfed provision`: mosquitto",
              "# started as root switches to this user (ignored when not started as root).",
-             f"user {pwd.getpwuid(os.getuid()).pw_name}", "",
+             mosquitto_user_line(), "",
              "# Plain MQTT (password auth, traffic in clear: a trusted LAN only).",
              "listener 1883", "",
              "# MQTT over TLS: clients verify broker.crt against ca.crt.",

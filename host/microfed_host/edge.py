@@ -128,8 +128,9 @@ class EdgeCoordinator(Coordinator):
         # Retained at the site broker, so it is sent again until acknowledged and after a
         # reconnect; the bridge drops the retain flag on its way to the root.
         self.publish(self.up_topic, frame, True)
-        self.log("edge_update", round=wire.decode(frame).round, topic=self.up_topic,
-                 frame_sha256=hashlib.sha256(frame).hexdigest())
+        # Header only: the values are the edge's own aggregate, built just now.
+        self.log("edge_update", round=wire.decode(frame, values=False).round,
+                 topic=self.up_topic, frame_sha256=hashlib.sha256(frame).hexdigest())
 
     def _notify_counter_behind(self, raw: bytes) -> None:
         # A node trusts notices signed by the root key only; the edge cannot sign one.

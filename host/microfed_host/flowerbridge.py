@@ -442,7 +442,7 @@ def run(out: Path, nodes: int = 4, rounds: int = 3, f: int = 0, seed: int = 1,
     written to OUT/flower-bridge.json."""
     from microfed_host import mesh as meshmod
     from microfed_host.broker import BrokerError, broker_from_arg
-    from microfed_host.scenario import REPO, MeshError, Scenario, prepare, write_node_config
+    from microfed_host.scenario import MeshError, Scenario, prepare, write_node_config
 
     t0 = time.monotonic()
     sc = Scenario(name="flower-bridge", honest=nodes, rule="krum", f=f, rounds=rounds,
@@ -478,9 +478,8 @@ def run(out: Path, nodes: int = 4, rounds: int = 3, f: int = 0, seed: int = 1,
             + ", ".join(f"{i}: {n}" for i, n in enumerate(ids)))
         # The ClientApps run in Ray's worker processes: they find the bridge and microfed
         # through the environment they inherit (set for the simulation, then put back).
-        parts = [str(REPO / p) for p in ("shared", "host", "tools")]
         env = {CONFIG_ENV: str(out / CONFIG_NAME),
-               "PYTHONPATH": os.pathsep.join(parts + [os.environ.get("PYTHONPATH", "")]),
+               "PYTHONPATH": meshmod.child_pythonpath(),
                "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
                "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}  # else Ray warns about GPUs
         saved = {k: os.environ.get(k) for k in env}

@@ -161,7 +161,7 @@ def provision(out: Path, spec: HierSpec, root_broker: tuple[str, int],
     (rbd / "mosquitto.conf").write_text("\n".join(
         ["# mosquitto 2.0 configuration of the root broker (written by `microfed hier "
          "provision`).", "# Run: mosquitto -c " + str((rbd / "mosquitto.conf").resolve()),
-         "per_listener_settings false", *brokerauth.mosquitto_auth_lines(rbd), _user_line(),
+         "per_listener_settings false", *brokerauth.mosquitto_auth_lines(rbd), brokerauth.mosquitto_user_line(),
          f"listener {root_broker[1]}", "set_tcp_nodelay true"]) + "\n")
     sites = []
     for k, (site, edge) in enumerate(zip(spec.site_names(), edges, strict=True), start=1):
@@ -198,7 +198,7 @@ def write_edge_dir(mesh_dir: Path, ed: Path, site: str, edge: str, nodes: list[s
     keys.write_secret_file(bd / "mosquitto.conf", "\n".join(
         [f"# mosquitto 2.0 configuration of {site}'s broker (written by `microfed hier "
          "provision`).", "# Run: mosquitto -c " + str((bd / "mosquitto.conf").resolve()),
-         "per_listener_settings false", *brokerauth.mosquitto_auth_lines(bd), _user_line(),
+         "per_listener_settings false", *brokerauth.mosquitto_auth_lines(bd), brokerauth.mosquitto_user_line(),
          f"listener {site_broker[1]}", "set_tcp_nodelay true", "",
          "# The bridge to the root broker: the root's global and registry in, this edge's",
          "# update out; nothing else crosses.", *bridge]) + "\n")
@@ -246,13 +246,6 @@ def revoke(out: Path, node: str) -> int:
     shutil.copy(mesh_dir / "registry.json", ed / "registry.json")
     write_site_auth(mesh_dir, ed)
     return reg.version
-
-
-def _user_line() -> str:
-    """mosquitto started as root switches to this user, who owns the 0600 files it reads."""
-    import pwd
-
-    return f"user {pwd.getpwuid(os.getuid()).pw_name}"
 
 
 def site_bridge_lines(ed: Path, mesh_dir: Path, root_broker: tuple[str, int]) -> list[str]:

@@ -77,15 +77,23 @@ from microfed_host.scenario import (
 __all__ = ["DEFAULT_SCENARIO", "AttackGroup", "MeshError", "Scenario", "apply_overrides",
            "load_scenario", "run", "table"]
 
+def child_pythonpath() -> str:
+    """PYTHONPATH for a child process that runs microfed from this checkout: its shared/,
+    host/ and tools/, then the caller's own entries (no empty entry: that would put the
+    child's working directory on sys.path)."""
+    parts = [str(REPO / d) for d in ("shared", "host", "tools")]
+    if os.environ.get("PYTHONPATH"):
+        parts.append(os.environ["PYTHONPATH"])
+    return os.pathsep.join(parts)
+
+
 class _Coord:
     """The coordinator child process (`module`: an edge coordinator's is microfed_host.edge)
     and a thread that turns its stdout into events."""
 
     def __init__(self, out: Path, broker: str, events: queue.Queue[dict[str, Any]],
                  module: str = "microfed_host.coordinator") -> None:
-        env = dict(os.environ)
-        parts = [str(REPO / "shared"), str(REPO / "host"), str(REPO / "tools")]
-        env["PYTHONPATH"] = os.pathsep.join(parts + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env = dict(os.environ, PYTHONPATH=child_pythonpath())
         self.log = open(out / "coordinator.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, str(out), "--broker", broker],

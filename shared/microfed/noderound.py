@@ -274,9 +274,9 @@ class RamVectors:
         self.slots = {}
         self.sigs = {}
 
-    def put(self, slot, packed, round_, digest=None, signature=None):
+    def put(self, slot, packed, round_, sig=None):
         self.slots[slot] = array("i", bytes(packed))
-        self.sigs[slot] = None if digest is None else bytes(digest) + bytes(signature)
+        self.sigs[slot] = None if sig is None else bytes(sig[0]) + bytes(sig[1])
 
     def read_into(self, slot, start, count, out):
         memoryview(out)[:count] = memoryview(self.slots[slot])[start:start + count]
@@ -321,7 +321,8 @@ class FileVectors:
     def _path(self, name):
         return "%s/%s%s.bin" % (self.dir, self.PREFIX, name)
 
-    def put(self, slot, packed, round_, digest=None, signature=None):
+    def put(self, slot, packed, round_, sig=None):
+        """Store `packed` in `slot`; `sig`: (signing digest, signature) of an unchecked one."""
         e = self.files.get(round_)
         if e is None:
             if self.pool:
@@ -333,11 +334,11 @@ class FileVectors:
         f = e[0]
         f.seek(e[1] * self.rec)
         f.write(packed)  # no flush: scratch for this boot, not state
-        if digest is None:
+        if sig is None:
             f.write(_NO_SIG)
         else:
-            f.write(digest)
-            f.write(signature)
+            f.write(sig[0])
+            f.write(sig[1])
         self.where[slot] = (round_, e[1])
         e[1] += 1
 
@@ -515,10 +516,7 @@ class Peers:
         if not self.free:
             raise Rejected("buffer_full", "all %d update slots are in use" % self.n_slots)
         slot = self.free.pop()
-        if sig is None:
-            self.vectors.put(slot, packed, round_)
-        else:
-            self.vectors.put(slot, packed, round_, sig[0], sig[1])
+        self.vectors.put(slot, packed, round_, sig)
         if buf is None:
             buf = {}
             self.rounds[round_] = buf

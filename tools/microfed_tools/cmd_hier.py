@@ -235,11 +235,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from microfed_host.edge import EdgeCoordinator
     from microfed_host.mqtt import MQTTError
     from microfed_host.provision import MeshDir, ProvisionError
+    from microfed_tools.cmd_coordinator import _broker
 
     try:
         cfg = coordmod.load_config(a.run_dir)
-        b = MeshDir(Path(cfg.mesh_dir)).read_mesh()["broker"]
-        host, port = parse_address(a.broker or f"{b['host']}:{b['port']}")
+        md = MeshDir(Path(cfg.mesh_dir))
+        host, port = parse_address(_broker(a, md.read_mesh(), md.mesh_file))
         return coordmod.serve(a.run_dir, host, port,
                               role=EdgeCoordinator if a.role == "edge" else None)
     except (coordmod.CoordinatorError, ProvisionError, BrokerError, MQTTError, KeyError) as e:
