@@ -46,7 +46,9 @@ def _scenario(**kw: Any) -> mesh.Scenario:
 def test_a_unix32_node_runs_the_frozen_modules(unix32: Path, tmp_path: Path) -> None:
     node = nodeproc.unix32_launcher(unix32, 256 * 1024)("node-01", tmp_path, ("127.0.0.1", 1))
     assert isinstance(node, nodeproc.SubprocessNode)
-    assert node.argv[-3:] == ["-m", "main", str(tmp_path)]
+    # Its directory is its working directory, so main is given "." (a relative run directory,
+    # the CLI's default runs/..., is not looked up inside itself).
+    assert node.argv[-3:] == ["-m", "main", "."]
     assert node.env["MICROPYPATH"] == ".frozen"
     assert str(ROOT) not in node.env["MICROPYPATH"]
     # The same binary, path and directory, asked where its modules came from: a frozen
@@ -67,7 +69,9 @@ def test_a_unix32_node_runs_the_frozen_modules(unix32: Path, tmp_path: Path) -> 
     assert node.cwd == tmp_path and not any(tmp_path.iterdir())
 
 
-def test_unix32_and_unix_nodes_agree_on_every_gossip_digest(unix32: Path, tmp_path: Path) -> None:
+def test_unix32_and_unix_nodes_agree_on_every_gossip_digest(unix32: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
     from microfed_host import upy
     from microfed_host.broker import find_mosquitto
 
@@ -76,7 +80,9 @@ def test_unix32_and_unix_nodes_agree_on_every_gossip_digest(unix32: Path, tmp_pa
     if upy.find_micropython() is None:
         pytest.skip(f"MicroPython unix port missing: {upy.INSTALL_HINT}")
     sc = _scenario(mode="gossip", boards="unix32:3,unix", unix32_heap=512 * 1024)
-    out = tmp_path / "mixed"
+    # A relative run directory, as `microfed mesh run` makes by default (runs/<name>-<time>).
+    monkeypatch.chdir(tmp_path)
+    out = Path("mixed")
     s = mesh.run(sc, out, broker="mosquitto", say=None,
                  launchers={"unix32": nodeproc.unix32_launcher(unix32, sc.unix32_heap)})
     assert s["boards"] == {"node-01": "unix32", "node-02": "unix32", "node-03": "unix32",

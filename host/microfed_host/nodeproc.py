@@ -141,8 +141,10 @@ def unix_launcher(exe: str | None = None) -> NodeLauncher:
     return launch
 
 
-def unix32_argv(image: Path | str, node_dir: Path, heap_bytes: int) -> list[str]:
-    return [str(image), "-X", f"heapsize={heap_bytes}", "-m", "main", str(node_dir)]
+def unix32_argv(image: Path | str, heap_bytes: int) -> list[str]:
+    """Started in the node's directory (cwd), main's directory argument is "." : a relative
+    run directory (the default, runs/...) would otherwise be looked up inside itself."""
+    return [str(image), "-X", f"heapsize={heap_bytes}", "-m", "main", "."]
 
 
 def unix32_env() -> dict[str, str]:
@@ -162,7 +164,7 @@ def unix32_launcher(image: Path | str, heap_bytes: int = DEFAULT_UNIX32_HEAP) ->
 
     def launch(node_id: str, node_dir: Path, _broker: tuple[str, int]) -> NodeProcess:
         return SubprocessNode(node_id, node_dir, "unix32",
-                              unix32_argv(image, node_dir, heap_bytes), env, cwd=node_dir)
+                              unix32_argv(image, heap_bytes), env, cwd=node_dir)
 
     return launch
 
