@@ -238,6 +238,59 @@ def test_messages_up_to_the_receive_buffer_are_read_into_it(micropython: str,
     assert out == "40020001" "40020002" "40020003" "40020004"
 
 
+WAIT = WIRE + r'''
+import time
+
+def pub(topic, payload, pid):
+    body = mqttc.string(topic) + bytes((pid >> 8, pid & 255)) + payload
+    return b"\x32" + mqttc.remaining_length(len(body)) + body
+
+class Quiet(Wire):
+    """Nothing more from the broker once the script is read: waits as a socket would."""
+    def readable(self, ms):
+        if self.data:
+            return True
+        time.sleep_ms(ms)
+        return False
+
+def slow(t, m):
+    time.sleep_ms(150)  # a slow board checking a peer's update
+
+def publish(data, timeout_ms, limit_ms=None):
+    c = mqttc.Client(Quiet(data), 4096, slow)
+    c.pid = 4  # the publish below gets packet id 5
+    t0 = time.ticks_ms()
+    try:
+        c.send_publish("me", b"x", 1)
+        c.wait(mqttc.PUBACK, 5, timeout_ms, limit_ms)
+        res = "acknowledged"
+    except OSError as e:
+        res = "OSError %d" % e.args[0]
+    return [res, time.ticks_diff(time.ticks_ms(), t0)]
+
+five = b"".join(pub("peer", b"u", i) for i in range(1, 6))
+ack = b"\x40\x02\x00\x05"
+# Five peer updates (750 ms of handler) queued ahead of the PUBACK, a 300 ms deadline.
+print(json.dumps(publish(five + ack, 300)))
+# The same with the whole wait bounded at 600 ms: the bound holds, handlers included.
+print(json.dumps(publish(five + ack, 300, 600)))
+# Deliveries, then silence: 300 ms from the last packet, after the 750 ms of handlers.
+print(json.dumps(publish(five, 300)))
+'''
+
+
+def test_an_ack_deadline_is_on_silence_and_the_whole_wait_is_bounded(micropython: str,
+                                                                     tmp_path: Path) -> None:
+    """mqttc.Client.wait: a PUBACK queued behind peer updates that take the device longer
+    than the deadline is still taken (every packet shows the link alive); the deadline runs
+    from the last packet; a bound on the whole wait holds."""
+    ok, bounded, silent = upy(micropython, tmp_path, WAIT)
+    assert ok[0] == "acknowledged" and ok[1] >= 750
+    # The fourth delivery ends past 600 ms: the wait gives up before reading the PUBACK.
+    assert bounded[0] == "OSError 110" and 600 <= bounded[1] < 5000
+    assert silent[0] == "OSError 110" and 1050 <= silent[1] < 5000
+
+
 SESSION = r'''
 import json, socket, time, mqttc
 
