@@ -103,7 +103,7 @@ def boot(argv):
     except ImportError as e:
         raise BootError("MQTT client missing (%r): put firmware/ on the module path" % e)
     login = bundle.mqtt or {}
-    stream = None
+    stream = allocate = None
     if cfg.link == "serial":
         # The board's serial line carries both the log and the MQTT session; the broker is
         # whatever `microfed bridge` on the other end connects to (TLS is the bridge's).
@@ -112,9 +112,11 @@ def boot(argv):
         link = serialstream.Link()
         _link[0] = link
         stream = link.open
+        allocate = link.allocate  # with the node's boot-time buffers (use_rx_buffer)
     t = Transport(bundle.node_id, broker["host"], broker["port"], user=login.get("username"),
                   password=login.get("password"),
                   ssl=_tls(bundle, broker) if stream is None else None, stream=stream,
+                  allocate=allocate,
                   keepalive=cfg.keepalive,
                   nodelay=True, max_msg=cfg.max_msg, io_timeout_ms=cfg.io_timeout_ms,
                   publish_timeout_ms=cfg.publish_timeout_ms,

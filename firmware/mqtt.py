@@ -78,13 +78,15 @@ class Transport:
 
     stream: None for TCP to server:port (TLS when ssl is an SSLContext), or a callable
     stream(timeout_ms) returning a fresh connected byte stream for each connection
-    (e.g. serialstream.Link(...).open); server and port are then only labels."""
+    (e.g. serialstream.Link(...).open); server and port are then only labels. allocate:
+    None, or a callable that makes the stream's own buffers (serialstream.Link.allocate),
+    called by use_rx_buffer."""
 
     def __init__(self, client_id, server, port=1883, user=None, password=None,
                  keepalive=30, nodelay=True, max_msg=16384, io_timeout_ms=5000,
                  publish_timeout_ms=5000, backoff_min_ms=250, backoff_max_ms=8000,
                  jitter_pct=25, max_pending=8, clean_session=True, ssl=None, log=None,
-                 stream=None):
+                 stream=None, allocate=None):
         if not client_id or len(_b(client_id)) > 65535:
             raise ValueError("client_id must be 1..65535 bytes")
         if not isinstance(port, int) or not 0 < port < 65536:
@@ -108,6 +110,7 @@ class Transport:
         self.nodelay = nodelay
         self.max_msg = max_msg
         self.stream_factory = stream
+        self.allocate = allocate
         self.client = None  # the mqttc.Client of the live connection
         self._stream = None
         self._nodelay_ok = False
@@ -153,9 +156,12 @@ class Transport:
 
     def use_rx_buffer(self, size):
         """Read every message of up to `size` bytes into one buffer allocated now and kept
-        for good (mqttc.Client's rx), from the next connection on."""
+        for good (mqttc.Client's rx), from the next connection on; and the stream's own
+        buffers (allocate), now too: a node calls this at boot, when large blocks are there."""
         if self._rx is None or len(self._rx) != size:
             self._rx = bytearray(size)
+        if self.allocate is not None:
+            self.allocate()
 
     def stats(self):
         d = dict(self._n)

@@ -182,7 +182,47 @@ class Node:
         """bundle: config.Bundle; cfg: config.Config; shard: the MFDS shard file opened "rb"
         (read a row at a time) or its bytes; transport: mqtt.Transport (or anything with
         publish/subscribe/poll/connected); hal: a hal module; log(dict): one event per call."""
+        # Every attribute first, in one place: the instance's attribute table reaches its
+        # full size (about 60 entries) while the heap is still whole. Added one by one as
+        # the boot went on, its last resize needed a 376-byte block that a 64 KB Cortex-M3,
+        # after the Ed25519 work below, did not always have (docs/boards.md).
+        self.data = self.n_samples = self.model = self.rb = self.gossip = None
+        self.started = self.registry_sha = self.dp = self.state = self.seqs = None
+        self.gguard = self.registry = self.peers = self.sa = None
+        self.sa_msgs = []  # the coordinator's secure-aggregation frames waiting for step()
         topics = noderound.Topics(bundle.mesh, bundle.node_id)
+        self.t_global = topics.global_
+        self.t_registry = topics.registry
+        self.t_update = topics.update
+        self.t_updates = topics.updates
+        self.t_update_prefix = topics.update_prefix
+        self.t_digest = topics.digest
+        self.t_hello = topics.hello
+        self.t_notice = topics.notice
+        self.t_secagg = topics.secagg
+        self.t_secagg_round = topics.secagg_round
+        self.outbox = []  # [topic, frame, what] awaiting a successful QoS 1 publish
+        self.rejected = {}
+        self.dirty = []  # reasons whose counter changed since the last STATUS about them
+        self.notes = []  # other STATUS labels waiting to be sent: (state, label)
+        self.last_status = None
+        self.duplicates = 0
+        self.errors = 0
+        self.rounds_done = 0
+        self.digests_sent = 0
+        self.digest_agree = 0
+        self.digest_disagree = 0
+        self.missing_rounds = 0
+        self.last_global_at = time.ticks_ms()
+        self.done = False
+        self.exit_code = 0
+        self.hello_sent = False
+        self.globals = []  # verified GLOBAL_MODELs waiting for step(), in arrival order
+        self.open_round = 0  # the newest verified GLOBAL_MODEL's round (state's at boot)
+        self.last_update = None  # this round's update frame until the next global arrives
+        self.reconnects_seen = 0
+        self.resend_why = None
+        self.resign_why = None
         self.b = bundle
         self.cfg = cfg
         self.t = transport
@@ -210,7 +250,7 @@ class Node:
         use_rx = getattr(transport, "use_rx_buffer", None)
         if use_rx is not None:
             use_rx(_global_len(n, bundle.registry_frame))
-        self.rb = noderound.RoundBuffers(self.model, self.node_id)
+        self.rb = noderound.RoundBuffers(self.model, self.node_id, self.n_samples)
         if ed25519.public_key(bundle.seed) != bundle.public_key:
             raise ValueError("bundle: seed does not match public_key")
         self.gossip = cfg.mode == "gossip"
@@ -246,6 +286,7 @@ class Node:
         # No maximum age for GLOBAL_MODEL: it is retained, so a node that (re)boots late in a
         # long round legitimately receives a frame minutes old. Freshness comes from the
         # persisted counter and "round above the last one done"; the future bound stays.
+        self.open_round = self.state.last_round
         self.gguard = ReplayGuard(_CoordStore(self.state.coord_seq), max_age=1 << 62)
         self.registry = reg
         self.peers = None
@@ -261,18 +302,6 @@ class Node:
                 cfg.gossip_buffer or (2 * cfg.per_sender * len(reg.nodes)), cfg.per_sender,
                 cfg.peer_check)
 
-        self.t_global = topics.global_
-        self.t_registry = topics.registry
-        self.t_update = topics.update
-        self.t_updates = topics.updates
-        self.t_update_prefix = topics.update_prefix
-        self.t_digest = topics.digest
-        self.t_hello = topics.hello
-        self.t_notice = topics.notice
-        self.t_secagg = topics.secagg
-        self.t_secagg_round = topics.secagg_round
-        self.sa = None
-        self.sa_msgs = []  # the coordinator's secure-aggregation frames waiting for step()
         if cfg.privacy == "secagg":
             import os
 
@@ -280,27 +309,6 @@ class Node:
 
             self.sa = secagg.Client(self.node_id, self.mesh_id, os.urandom)
 
-        self.outbox = []  # [topic, frame, what] awaiting a successful QoS 1 publish
-        self.rejected = {}
-        self.dirty = []  # reasons whose counter changed since the last STATUS about them
-        self.notes = []  # other STATUS labels waiting to be sent: (state, label)
-        self.last_status = None
-        self.duplicates = 0
-        self.errors = 0
-        self.rounds_done = 0
-        self.digests_sent = 0
-        self.digest_agree = 0
-        self.digest_disagree = 0
-        self.missing_rounds = 0
-        self.last_global_at = time.ticks_ms()
-        self.done = False
-        self.exit_code = 0
-        self.hello_sent = False
-        self.globals = []  # verified GLOBAL_MODELs waiting for step(), in arrival order
-        self.last_update = None  # this round's update frame until the next global arrives
-        self.reconnects_seen = 0
-        self.resend_why = None
-        self.resign_why = None
 
     # ---------------------------------------------------------------- plumbing
     def log(self, ev, **kw):
@@ -425,6 +433,11 @@ class Node:
         if fr.body["values"] is rb.p:
             rb.hold(fr)  # until step() has trained on it (or dropped it)
         self.last_global_at = time.ticks_ms()
+        if fr.round > self.open_round:
+            # Its round is open from now on, for peers' updates too, even before step() has
+            # trained on it, or if training fails (a round lost to out_of_memory must not
+            # make the next round's peer updates "future" ones: their digest goes with it).
+            self.open_round = fr.round
         # Processed by step(), after the transport has handed over every message that came
         # in before this one: peer updates of the round just closed must be buffered first,
         # and a handler that publishes would let later packets overtake queued ones.
@@ -436,7 +449,7 @@ class Node:
 
     def on_update(self, msg):
         # Checked and kept as it arrives: hash, the cheap checks, values into a slot.
-        if self.peers.offer(msg, self.clock(), self.state.last_round) is None:
+        if self.peers.offer(msg, self.clock(), self.state.last_round, self.open_round) is None:
             self.duplicates += 1  # our own echo, or a redelivery
 
     def on_registry(self, msg):
@@ -556,8 +569,10 @@ class Node:
                                        None if rb is None else rb.frame)
         t2 = time.ticks_ms()
         # The delta goes before the publish: while the PUBACK is awaited, peers' updates
-        # arrive (2.7 KB each), and a small heap needs the room.
-        delta_digest = _hex(model.params_digest(delta))
+        # arrive (2.7 KB each), and a small heap needs the room. Its digest (for the log) is
+        # the hash of its packed values in the frame: nothing to pack again (model.params_digest
+        # packs 64 at a time, a 264-byte block a fragmented 64 KB heap once lacked here).
+        delta_digest = _hex(wire.vector_digest(noderound.update_values(frame, self.node_id)))
         delta = None
         gc.collect()
         # Persist BEFORE publishing: after a crash from here on, this round is never redone.

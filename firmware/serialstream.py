@@ -27,9 +27,11 @@ _CHUNK = 256  # payload bytes per DATA frame: ~300 B of line, small enough for a
 # DATA frame of _CHUNK bytes (the bridge sends no larger one), and its payload waits in _RXBUF
 # until mqttc reads it (mqttc asks for at most a few hundred bytes beyond what a frame
 # brings, except for a message it reads whole: the buffer then grows, once). The incoming
-# side's are allocated by the first open(), after the node's own boot-time buffers: with the
-# Link, before them, a 64 KB Cortex-M3 node had 0.9 KB less after boot and lost more rounds
-# (3 runs each, 2026-11-27: docs/boards.md).
+# side's are allocated by allocate(), which the node calls with its own boot-time buffers
+# (mqtt.Transport.use_rx_buffer): with the Link, before them, a 64 KB Cortex-M3 node had
+# 0.9 KB less after boot and lost more rounds; at the first open(), after the node's
+# Ed25519 work had strewn the heap, there was at times no 512-byte block left and the node
+# never connected (2026-11-27: docs/boards.md). open() still allocates them if no one did.
 _TXBUF = 128
 _RXBUF = 512
 
@@ -146,10 +148,7 @@ class Link:
             old.close()
         if self.eof:
             raise OSError(_ECONNRESET, "serial line closed")
-        if self.rxbuf is None:
-            self.rxbuf = bytearray(_RXBUF)
-        if self.dec is None:
-            self.dec = sf.Decoder(64, view=True, max_payload=_CHUNK)
+        self.allocate()
         self.sess = self.sess % 255 + 1
         s = Stream(self, self.sess, timeout_ms)
         self.stream = s
@@ -165,6 +164,13 @@ class Link:
         if s.closed:
             raise OSError(_ECONNREFUSED, bytes(s.reason))
         return s
+
+    def allocate(self):
+        """The incoming side's buffers, now (once)."""
+        if self.rxbuf is None:
+            self.rxbuf = bytearray(_RXBUF)
+        if self.dec is None:
+            self.dec = sf.Decoder(64, view=True, max_payload=_CHUNK)
 
     def stats(self):
         d = dict(self.n)

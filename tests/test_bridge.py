@@ -180,6 +180,24 @@ def test_the_device_stream_reads_back_what_arrived_in_any_pieces(micropython: st
     assert r.stdout.split() == ["True", "True"]
 
 
+def test_the_link_buffers_are_made_with_the_nodes_boot_buffers(micropython: str) -> None:
+    """mqtt.Transport.use_rx_buffer, which the node calls at boot before any Ed25519 work,
+    makes the serial link's receive-side buffers too (allocate=Link.allocate), and a later
+    open() reuses them: the first connection needs no block of a heap strewn since."""
+    code = ("import sys, serialstream, mqtt\n"
+            "link = serialstream.Link(sys.stdin.buffer, sys.stdout.buffer)\n"
+            "t = mqtt.Transport('n1', 'bridge', stream=link.open, allocate=link.allocate)\n"
+            "before = (link.rxbuf, link.dec)\n"
+            "t.use_rx_buffer(100)\n"
+            "rx, dec = link.rxbuf, link.dec\n"
+            "link.allocate()\n"
+            "print(before == (None, None), len(rx), rx is link.rxbuf and dec is link.dec)\n")
+    r = subprocess.run([micropython, "-c", code], capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL, env=dict(os.environ, MICROPYPATH=MICROPYPATH))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "512", "True"]
+
+
 # ------------------------------------------------------------------ node over a pty
 
 

@@ -90,3 +90,47 @@ def test_the_manifest_freezes_the_core_and_the_node() -> None:
     assert 'module("node.py", base_path="../../firmware")' in text
     files = {p.relative_to(firmware.REPO).as_posix() for p in firmware.frozen_files()}
     assert "shared/microfed/wire.py" in files and "firmware/node.py" in files
+
+
+def test_the_packed_range_check_equals_the_list_rule_on_31_bit_ints(unix32: Path,
+                                                                     tmp_path: Path) -> None:
+    """verify._packed_out_of_range reads the top byte first and assembles only doubtful
+    values, which on a 31-bit port may become long ints: the frozen code on unix32 gives the
+    list rule's answer (reason and message) on values at every edge of several ranges; and
+    wire.i32_at, which reads packed values in place, reads each of them back."""
+    import json
+    import random
+    import struct
+
+    rng = random.Random(11)
+    cases = []
+    for m in (1, 255, 2**23, 2**24 - 1, 2**24, 2**24 + 1, 2**30, 2**31 - 1, 123_456_789):
+        for _ in range(12):
+            dim = rng.randrange(1, 40)
+            edge = [0, 1, -1, m, -m, m + 1, -m - 1, 2**30, -(2**30) - 1, 2**31 - 1, -(2**31)]
+            # A case's values within about +-2**shift: every range gets in-range cases.
+            shift = rng.randrange(32)
+            vals = [max(-(2**31), min(2**31 - 1, rng.choice(edge) if rng.random() < 0.03
+                                      else rng.randrange(-(2**31), 2**31) >> (31 - shift)))
+                    for _ in range(dim)]
+            cases.append([m, vals, struct.pack("<%di" % dim, *vals).hex()])
+    code = ("import sys, json, binascii\nfrom microfed import verify, wire\n"
+            "for m, vals, h in json.loads(sys.stdin.read()):\n"
+            "    p = b'ab' + binascii.unhexlify(h)\n"
+            "    print(json.dumps([verify._packed_out_of_range(memoryview(p), 2, len(vals), m),\n"
+            "                      [wire.i32_at(p, 2 + 4 * i) for i in range(len(vals))]]))\n")
+    out = subprocess.run([str(unix32), "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, input=json.dumps(cases),
+                         env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    got = [json.loads(line) for line in out.stdout.splitlines()]
+
+    def list_rule(vals: list[int], m: int) -> list[str] | None:
+        for i, v in enumerate(vals):
+            if v > m or v < -m:
+                return ["out_of_range", "value[%d] = %d outside +-%d" % (i, v, m)]
+        return None
+
+    want = [[list_rule(vals, m), vals] for m, vals, _h in cases]
+    assert got == want  # and wire.i32_at reads every value back, long ints included
+    assert 20 < sum(w[0] is None for w in want) < len(want) - 20  # both answers exercised

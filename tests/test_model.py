@@ -441,3 +441,26 @@ def test_shard_from_a_file_checks_what_bytes_check(tmp_path: Path) -> None:
     path.write_bytes(bytes(buf))
     with open(path, "rb") as f, pytest.raises(model.ModelError, match="SHA-256"):
         model.Shard(f)
+
+
+def test_training_with_its_order_buffer_reused_is_training_without_it() -> None:
+    """model.sample_order (a node's RoundBuffers keeps one, reused every round): three
+    rounds of training through the same order buffer give, round by round, what training
+    with one made per call gives, on a shard and on lists, for the softmax model and the
+    MLP."""
+    from microfed import mlp
+
+    rng = random.Random(3)
+    d, k, n = 16, 3, 23
+    buf = _random_shard(rng, n, d, k, 12)
+    xs, ys, _info = model.decode_shard(buf)
+    for mdl in (model.SoftmaxRegression(d, k), mlp.MLP(d, 5, k)):
+        order = model.sample_order(n)
+        p0 = mdl.init(1)
+        for r in range(3):
+            cfg = model.TrainConfig(1 << 15, 2, 4, 100 + r)
+            fresh = mdl.train(p0, (xs, ys), cfg)
+            assert mdl.train(p0, model.Shard(buf), cfg, None, None, order) == fresh, (mdl.name, r)
+            assert mdl.train(p0, (xs, ys), cfg, None, None, order) == fresh, (mdl.name, r)
+            assert sorted(order) == list(range(n)) != list(order)  # shuffled in the buffer
+            p0 = fresh

@@ -310,3 +310,21 @@ def test_train_refuses_buffers_of_the_wrong_size() -> None:
         mdl.train(g, shard, cfg, [0] * 649)
     with pytest.raises(model.ModelError, match="scratch must be a list of 64 items"):
         mdl.train(g, shard, cfg, None, [0] * 640)
+
+
+def test_the_window_of_rounds_follows_the_newest_verified_global() -> None:
+    """offer(msg, now, cur_round, open_round): rounds cur_round .. max(cur_round,
+    open_round) + 1. A node that lost round 2 (e.g. out of heap while training) acts on round
+    1 still, yet global 3 is verified: round 3's peer updates are kept, not "future"."""
+    p = peers()
+    with pytest.raises(Rejected) as e:
+        p.offer(update("node-02", round_=3), 0, 1)
+    assert (e.value.reason, e.value.message) == ("future_round", "round 3 > 2")
+    assert p.offer(update("node-02", round_=3), 0, 1, 3) is not None
+    assert p.offer(update("node-03", round_=4), 0, 1, 3) is not None
+    with pytest.raises(Rejected) as e:
+        p.offer(update("node-04", round_=5), 0, 1, 3)
+    assert e.value.reason == "future_round"
+    with pytest.raises(Rejected) as e:  # below the round the node acted on: stale
+        p.offer(update("node-05", round_=1), 0, 2, 3)
+    assert (e.value.reason, e.value.message) == ("stale_round", "round 1 < 2") and p.held() == 2

@@ -273,6 +273,31 @@ def test_node_state_keeps_its_next_file_open_and_loads_as_before(tmp_path: Path)
     assert node.NodeState(str(p)).last_round == 3
 
 
+def test_the_sequence_lease_keeps_its_next_file_open_and_never_repeats(tmp_path: Path) -> None:
+    """SequenceSource leases through an AtomicFile: seq.new is opened at boot and after each
+    lease, empty; a reboot with only that empty file (before the first lease) starts at 1,
+    and a reboot after any lease continues above everything handed out."""
+    p = tmp_path / "seq"
+    new = tmp_path / "seq.new"
+    replay.SequenceSource(str(p), block=4).file.f.close()  # a boot, then a power cut
+    assert new.read_bytes() == b"" and not p.exists()
+    a = replay.SequenceSource(str(p), block=4)  # the reboot
+    handed = [a.next() for _ in range(9)]  # three leases
+    assert handed == list(range(1, 10)) and new.read_bytes() == b""
+    a.file.f.close()
+    b = replay.SequenceSource(str(p), block=4)
+    assert b.next() == 13  # the third lease went up to 12
+    b.file.f.close()
+    # A replace cut after its remove (FAT): only seq.new, complete, is there. It is read, and
+    # the prepared file of this boot does not truncate it away: it becomes seq.
+    good = p.read_bytes()
+    p.unlink()
+    new.write_bytes(good)
+    c = replay.SequenceSource(str(p), block=4)
+    assert p.read_bytes() == good and new.read_bytes() == b""
+    assert c.next() == 17
+
+
 def test_node_state_file_any_bytes(tmp_path: Path) -> None:
     node = _load("node")
     p = tmp_path / "state"

@@ -409,3 +409,23 @@ def test_json_reason_list_is_documented() -> None:
     missing = [r for r in verify.REASONS if f"`{r}`" not in doc]
     assert not missing, missing
     assert json.dumps(verify.REASONS)
+
+
+def _list_rule(vals: list[int], m: int) -> tuple[str, str] | None:
+    for i, v in enumerate(vals):
+        if v > m or v < -m:
+            return ("out_of_range", "value[%d] = %d outside +-%d" % (i, v, m))
+    return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.integers(1, 2**31 - 1), st.just(2**24)),
+       st.lists(st.one_of(st.integers(-(2**31), 2**31 - 1),
+                          st.sampled_from([0, 1, -1, 2**24, -(2**24), 2**24 + 1, -(2**24) - 1,
+                                           2**31 - 1, -(2**31)])), min_size=1, max_size=80))
+def test_the_packed_range_check_is_the_list_rule(m: int, vals: list[int]) -> None:
+    """Step 8 on a vector left packed (the device's path: the top byte first, a value
+    assembled only when that byte leaves doubt) gives step 8's answer on the unpacked list,
+    reason and message."""
+    p = memoryview(b"xyz" + struct.pack("<%di" % len(vals), *vals))
+    assert verify._packed_out_of_range(p, 3, len(vals), m) == _list_rule(vals, m)

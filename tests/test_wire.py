@@ -520,3 +520,11 @@ if __name__ == "__main__":
         print(f"wrote {VECTOR_FILE}")
     else:
         print(json.dumps(build_vectors(), indent=1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=40), st.integers(0, 7))
+def test_i32_at_reads_what_struct_packed(vals: list[int], off: int) -> None:
+    b = bytes(range(off)) + struct.pack("<%di" % len(vals), *vals)
+    for buf in (b, bytearray(b), memoryview(b)):
+        assert [wire.i32_at(buf, off + 4 * i) for i in range(len(vals))] == vals

@@ -93,7 +93,7 @@ class MLP(Model):
         # The batch's gradient sums, one per parameter, laid out like the parameters.
         return self.n_params
 
-    def train(self, params, data, cfg, out=None, scratch=None):
+    def train(self, params, data, cfg, out=None, scratch=None, order=None):
         # Per batch of m samples, with the parameters held fixed over the batch, per sample:
         #   g_c   = p_c - ONE*[c == y]                                  (Q16.16)
         #   dh_i  = [a_i > 0] * round_half_up(sum_c W2_ci * g_c / 2^16)  (Q16.16, ReLU's
@@ -122,7 +122,7 @@ class MLP(Model):
             for t in range(self.n_params):
                 gs[t] = 0  # an earlier call that failed mid-batch leaves sums behind
         # gs[:o_b1], W1's sums, are at 2^(32 - shift): x_j = b_j << shift is summed as b_j.
-        for batch in batches(n, cfg):
+        for batch in batches(n, cfg, order):
             for i in batch:
                 x = row(i)
                 if not isinstance(x, list):

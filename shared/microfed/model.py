@@ -185,11 +185,12 @@ class Model:
             if not isinstance(y, int) or y < 0 or y >= self.k:
                 raise ModelError("data: label %r of sample %d outside 0..%d" % (y, i, self.k - 1))
 
-    def train(self, params, data, cfg, out=None, scratch=None):
+    def train(self, params, data, cfg, out=None, scratch=None, order=None):
         # out: None, or a list of n_params that becomes the trained parameters (returned);
-        # scratch: None, or a list of scratch_len() for the training sums. A node passes the
-        # same two lists every round (noderound.RoundBuffers): no large block to find on a
-        # fragmented heap mid-run. The result is the same with or without them.
+        # scratch: None, or a list of scratch_len() for the training sums; order: None, or
+        # sample_order(n) for the data's n samples. A node passes the same ones every round
+        # (noderound.RoundBuffers): no block to find on a fragmented heap mid-run. The
+        # result is the same with or without them.
         raise NotImplementedError
 
     def scratch_len(self):
@@ -267,7 +268,7 @@ class SoftmaxRegression(Model):
     def scratch_len(self):
         return self.d
 
-    def train(self, params, data, cfg, out=None, scratch=None):
+    def train(self, params, data, cfg, out=None, scratch=None, order=None):
         # For each epoch: shuffle the sample order (XorShift32(cfg.seed), one generator for
         # the whole call), cut it into batches of cfg.batch (the last may be shorter); per
         # batch of m samples, with the parameters held fixed over the batch:
@@ -315,7 +316,7 @@ class SoftmaxRegression(Model):
         if isinstance(data, Shard) and d <= 256:
             xbuf = [bytearray(d) for _ in range(cfg.batch)]
             nzbuf = [bytearray(d) for _ in range(cfg.batch)]
-        for batch in batches(n, cfg):
+        for batch in batches(n, cfg, order):
             m = len(batch)
             for s in range(m):
                 i = batch[s]
@@ -361,13 +362,24 @@ class SoftmaxRegression(Model):
         return p
 
 
-def batches(n, cfg):
+def sample_order(n):
+    """The buffer training shuffles the sample order in: 16-bit indices when they fit (half
+    the block a list of small ints takes on a 32-bit port). A node keeps one for good
+    (noderound.RoundBuffers): made per round, its 222 bytes were at times not to be found on
+    a 64 KB Cortex-M3's split heap with 12 KB free (docs/boards.md)."""
+    return array("H", range(n)) if n < 65536 else list(range(n))
+
+
+def batches(n, cfg, order=None):
     # Training's sample order: for each epoch, shuffle (one XorShift32(cfg.seed) for the whole
     # call) and cut into batches of cfg.batch indices, the last one possibly shorter.
+    # `order`: sample_order(n)'s buffer, set back to 0 .. n-1 here; else one is made.
     rng = XorShift32(cfg.seed)
-    # 16-bit indices when they fit: half the block a list of small ints takes on a 32-bit
-    # port, a block looked for once per call on a heap the round has split (the same order).
-    order = array("H", range(n)) if n < 65536 else list(range(n))
+    if order is None or len(order) != n:
+        order = sample_order(n)
+    else:
+        for i in range(n):
+            order[i] = i
     for _ in range(cfg.epochs):
         rng.shuffle(order)
         for start in range(0, n, cfg.batch):

@@ -22,7 +22,6 @@
 # Portable MicroPython 1.29 / CPython; no floats, no f-strings.
 
 import hashlib
-import struct
 from array import array
 
 from microfed import model, wire
@@ -130,10 +129,12 @@ class RoundBuffers:
     (measured: docs/results.md). `holder`: the received global whose values p holds until
     it is trained on or dropped (a second global meanwhile gets a list of its own)."""
 
-    def __init__(self, mdl, node_id):
+    def __init__(self, mdl, node_id, n_samples=0):
         n = mdl.n_params
         self.p = [0] * n
         self.scratch = [0] * mdl.scratch_len()
+        # Training's sample order (model.sample_order), when the shard's size is known.
+        self.order = model.sample_order(n_samples) if n_samples else None
         self.frame = bytearray(update_frame_len(node_id, n))
         self.values_at = wire.HDR_FIXED + len(node_id) + 8  # as wire.encode_update puts them
         self.holder = None
@@ -185,7 +186,7 @@ def local_update(mdl, data, train, round_, node_id, g, dp=None, buffers=None):
         at = buffers.values_at
         wire._pack_i32_into(buffers.frame, at, new)
         g = None
-        mdl.train(new, data, cfg, new, buffers.scratch)
+        mdl.train(new, data, cfg, new, buffers.scratch, buffers.order)
         _sub_packed(new, buffers.frame, at)
     if dp is not None:
         dp.apply(new, round_)
@@ -193,16 +194,11 @@ def local_update(mdl, data, train, round_, node_id, g, dp=None, buffers=None):
 
 
 def _sub_packed(new, packed, at):
-    # new[i] = sat(new[i] - g[i]), g packed as int32 at packed[at:], 64 values a step.
-    n = len(new)
-    i = 0
-    while i < n:
-        k = n - i if n - i < 64 else 64
-        old = struct.unpack_from("<%di" % k, packed, at + 4 * i)
-        for j in range(k):
-            v = new[i + j] - old[j]
-            new[i + j] = MAX_RAW if v > MAX_RAW else (MIN_RAW if v < MIN_RAW else v)
-        i += k
+    # new[i] = sat(new[i] - g[i]), g packed as int32 at packed[at:] (read in place: no tuple).
+    i32_at = wire.i32_at
+    for i in range(len(new)):
+        v = new[i] - i32_at(packed, at + 4 * i)
+        new[i] = MAX_RAW if v > MAX_RAW else (MIN_RAW if v < MIN_RAW else v)
 
 
 def update_frame(mesh_id, node_id, round_, seq, now, n_samples, delta, sign, out=None):
@@ -274,6 +270,9 @@ class RamVectors:
         self.slots = {}
         self.sigs = {}
 
+    def reserve(self, slots):
+        pass  # a dict: RAM for the vectors themselves is what this store spends
+
     def put(self, slot, packed, round_, sig=None):
         self.slots[slot] = array("i", bytes(packed))
         self.sigs[slot] = None if sig is None else bytes(sig[0]) + bytes(sig[1])
@@ -312,7 +311,7 @@ class FileVectors:
         self.rec = 4 * d + SIG_REC
         self.dir = directory
         self.files = {}  # round -> [open file, vectors written, pool file or None]
-        self.where = {}  # slot -> (round, index in that round's file)
+        self.where = []  # slot -> (round, index in that round's file), or None (reserve)
         for name in _listdir(directory):
             if name.startswith(self.PREFIX):  # scratch left by an earlier boot
                 _remove(directory + "/" + name)
@@ -320,6 +319,13 @@ class FileVectors:
 
     def _path(self, name):
         return "%s/%s%s.bin" % (self.dir, self.PREFIX, name)
+
+    def reserve(self, slots):
+        """Room for `slots` slots' locations, made now (at boot): a dict grown as updates
+        arrived needed a block of a few hundred bytes mid-run, which a 64 KB Cortex-M3's
+        heap did not always have (docs/boards.md)."""
+        if len(self.where) < slots:
+            self.where = self.where + [None] * (slots - len(self.where))
 
     def put(self, slot, packed, round_, sig=None):
         """Store `packed` in `slot`; `sig`: (signing digest, signature) of an unchecked one."""
@@ -339,6 +345,8 @@ class FileVectors:
         else:
             f.write(sig[0])
             f.write(sig[1])
+        if slot >= len(self.where):
+            self.reserve(slot + 1)
         self.where[slot] = (round_, e[1])
         e[1] += 1
 
@@ -369,8 +377,10 @@ class FileVectors:
         else:
             e[0].close()
             _remove(self._path("r%d" % round_))
-        for slot in [s for s in self.where if self.where[s][0] == round_]:
-            del self.where[slot]
+        where = self.where
+        for slot in range(len(where)):
+            if where[slot] is not None and where[slot][0] == round_:
+                where[slot] = None
 
 
 def _listdir(directory):
@@ -417,6 +427,7 @@ class Peers:
         self.check_sig = check_sig
         self.per_sender = per_sender
         self.vectors = vectors
+        vectors.reserve(slots)
         self.n_slots = slots
         self.free = list(range(slots - 1, -1, -1))
         # round -> {sha256: [sender, samples, slot, signature unchecked]}: ~120 bytes an
@@ -461,13 +472,16 @@ class Peers:
                 return True
         return False
 
-    def offer(self, msg, now, cur_round):
+    def offer(self, msg, now, cur_round, open_round=0):
         """A peer frame as it arrives: keep it (returns its SHA-256), or raise Rejected. A frame
-        already held returns None (our own echo, a redelivery)."""
+        already held returns None (our own echo, a redelivery). Rounds cur_round (the last
+        one this node acted on) up to the one after open_round (the newest verified global,
+        when the node has not acted on it yet, or could not) are taken."""
         h = hashlib.sha256(msg).digest()
         if self.has(h):
             return None
-        fr = self.verifier.verify(msg, now, cur_round if cur_round > 0 else 1, cur_round + 1)
+        top = open_round if open_round > cur_round else cur_round
+        fr = self.verifier.verify(msg, now, cur_round if cur_round > 0 else 1, top + 1)
         checked = self.check == "signature"
         buf = self.rounds.get(fr.round)
         mine = []

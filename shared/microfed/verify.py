@@ -18,7 +18,6 @@
 # (microfed.noderound, PEER_CHECKS), never on the coordinator.
 
 import hashlib
-import struct
 
 from microfed import wire
 from microfed.replay import ReplayGuard
@@ -96,9 +95,11 @@ def load_registry_frame(data, mesh_id, coordinator_pub, check_sig, min_version=0
 
 def _registry_frame(data, mesh_id, coordinator_pub):
     # Every check of a REGISTRY frame but its signature and version, in load_registry_frame's
-    # order of reasons.
+    # order of reasons. The payload stays a view into data (values=False): the frame is
+    # dropped before data is, and a copy is a ~600-byte block at boot (on a 32 KB heap the
+    # block a coordinated unix32 node once lacked).
     try:
-        fr = wire.decode(data)
+        fr = wire.decode(data, wire.MAX_FRAME, False)
     except Rejected:
         raise
     except WireError as e:
@@ -114,16 +115,39 @@ def _registry_frame(data, mesh_id, coordinator_pub):
     return fr
 
 
+_SAFE = [0, None]  # max_abs, and its table of safe top bytes (_safe_top_bytes)
+
+
+def _safe_top_bytes(m):
+    """256 flags: flag t is 1 when every int32 whose most significant byte is t lies within
+    +-m (t's values are t*2**24 .. t*2**24 + 2**24 - 1, t read as signed). Built once per m."""
+    if _SAFE[0] != m or _SAFE[1] is None:
+        t = bytearray(256)
+        for b in range(256):
+            lo = (b - 256 if b > 127 else b) << 24
+            if lo >= -m and lo + 0xFFFFFF <= m:
+                t[b] = 1
+        _SAFE[0] = m
+        _SAFE[1] = bytes(t)
+    return _SAFE[1]
+
+
 def _packed_out_of_range(p, off, dim, m):
-    # Step 8 over little-endian int32 values still packed in p, 64 at a time: the same answer
-    # (reason and message) as over the unpacked list.
-    for start in range(0, dim, 64):
-        k = dim - start if dim - start < 64 else 64
-        chunk = struct.unpack_from("<%di" % k, p, off + 4 * start)
-        for j in range(k):
-            v = chunk[j]
+    # Step 8 over little-endian int32 values still packed in p: the same answer (reason and
+    # message) as over the unpacked list. Allocation-free for values whose top byte alone
+    # proves them in range (all of a sane update at the default +-256.0): unpacking them,
+    # even 64 at a time, needed a 264-byte block a peer's update on a fragmented 64 KB heap
+    # did not always find (docs/boards.md). Only a value that might be out of range is
+    # assembled, and a 32-bit port may then make a long int of it.
+    safe = _safe_top_bytes(m)
+    i = off + 3
+    for j in range(dim):
+        if not safe[p[i]]:
+            t = p[i]
+            v = ((t - 256 if t > 127 else t) << 24) | (p[i - 1] << 16) | (p[i - 2] << 8) | p[i - 3]
             if v > m or v < -m:
-                return ("out_of_range", "value[%d] = %d outside +-%d" % (start + j, v, m))
+                return ("out_of_range", "value[%d] = %d outside +-%d" % (j, v, m))
+        i += 4
     return None
 
 
@@ -161,6 +185,8 @@ class Verifier:
         self.limits = limits or Limits()
         self.kinds = kinds
         self.values = values
+        if not values:
+            _safe_top_bytes(self.limits.max_abs)  # now, at boot, not on a peer's update
         self.stats = {"accepted": 0}
         # (sender, kind, round, seq) of the last frame verify() decoded, or None: callers that
         # log a rejection need not decode it again (a tuple, not the frame: no vector is kept).

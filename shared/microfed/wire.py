@@ -281,24 +281,27 @@ def encode_registry(mesh, version, coordinator_pub, entries):
 
 # ---------------------------------------------------------------- payload decoders
 
-_CHUNK = 64  # values unpacked per step by _unpack_i32
+
+def i32_at(b, o):
+    """The little-endian int32 at b[o:o + 4], with no allocation for |value| < 2**30 (a small
+    int on a 32-bit port; struct.unpack_from makes a tuple, and 64 values at a time a 264-byte
+    block that a fragmented 64 KB heap did not always have, docs/boards.md)."""
+    t = b[o + 3]
+    return ((t - 256 if t > 127 else t) << 24) | (b[o + 2] << 16) | (b[o + 1] << 8) | b[o]
 
 
 def _unpack_i32(payload, off, n, into=None):
-    # The list is allocated once at its length and filled 64 values at a time: unpacking all
-    # n at once would first build an n-tuple as large as the list (two 2.6 KB blocks for 650
-    # values, which a fragmented 64 KB heap may not have), and list(tuple) would double as it
-    # appends on MicroPython (a 4 KB block). `into`: a list the caller keeps for this (a
+    # The list is allocated once at its length and filled value by value (i32_at): unpacking
+    # all n at once would first build an n-tuple as large as the list (two 2.6 KB blocks for
+    # 650 values, which a fragmented 64 KB heap may not have), and list(tuple) would double as
+    # it appends on MicroPython (a 4 KB block). `into`: a list the caller keeps for this (a
     # node's noderound.RoundBuffers), used when it has exactly n items.
     if into is not None and len(into) == n:
         out = into
     else:
         out = [0] * n
-    i = 0
-    while i < n:
-        k = n - i if n - i < _CHUNK else _CHUNK
-        out[i:i + k] = struct.unpack_from("<%di" % k, payload, off + 4 * i)
-        i += k
+    for i in range(n):
+        out[i] = i32_at(payload, off + 4 * i)
     return out
 
 

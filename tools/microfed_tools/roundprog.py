@@ -89,7 +89,7 @@ class RoundCase:
         self.model = model.get("softmax", n_features=self.data.d, n_classes=self.data.k)
         gc.collect()
         self.buf = bytearray(buf_size)
-        self.rb = noderound.RoundBuffers(self.model, node_id)
+        self.rb = noderound.RoundBuffers(self.model, node_id, self.data.n)
         self.end("boot_shard")
 
     def boot_registry(self, seed_hex, coord_hex, mesh, store, clock, gossip=True):
