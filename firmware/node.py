@@ -178,10 +178,12 @@ class _CoordStore:
 
 
 class Node:
-    def __init__(self, bundle, cfg, shard, transport, hal, log, clock=replay.wall_clock):
+    def __init__(self, bundle, cfg, shard, transport, hal, log, clock=replay.wall_clock,
+                 release=None):
         """bundle: config.Bundle; cfg: config.Config; shard: the MFDS shard file opened "rb"
         (read a row at a time) or its bytes; transport: mqtt.Transport (or anything with
-        publish/subscribe/poll/connected); hal: a hal module; log(dict): one event per call."""
+        publish/subscribe/poll/connected); hal: a hal module; log(dict): one event per call;
+        release: None, or what frees the block main.py held for the large buffers."""
         # Every attribute first, in one place: the instance's attribute table reaches its
         # full size (about 60 entries) while the heap is still whole. Added one by one as
         # the boot went on, its last resize needed a 376-byte block that a 64 KB Cortex-M3,
@@ -246,6 +248,8 @@ class Node:
         # temporaries spread over the whole heap, and what outlives them lands anywhere, so
         # afterwards a 64 KB heap may have no 2.7 KB block left (measured: docs/results.md).
         n = self.model.n_params
+        if release is not None:
+            release()
         gc.collect()
         use_rx = getattr(transport, "use_rx_buffer", None)
         if use_rx is not None:

@@ -232,6 +232,11 @@ class BridgedNode(_Node):
         if self._log is not None:
             self._log.write(line.rstrip("\n") + "\n")
             self._log.flush()
+        if line.startswith("MFEXIT ") and self.code is None:
+            # main.main() returned (emunode.main_program prints its code): the node is done
+            # even if its "exit" event was lost (a 64 KB board out of heap for the line).
+            with contextlib.suppress(ValueError, IndexError):
+                self.code = int(line.split()[1])
         if line.startswith("{"):
             try:
                 ev = json.loads(line)
