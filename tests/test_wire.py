@@ -528,3 +528,23 @@ def test_i32_at_reads_what_struct_packed(vals: list[int], off: int) -> None:
     b = bytes(range(off)) + struct.pack("<%di" % len(vals), *vals)
     for buf in (b, bytearray(b), memoryview(b)):
         assert [wire.i32_at(buf, off + 4 * i) for i in range(len(vals))] == vals
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=70), st.booleans())
+def test_both_unpack_paths_give_the_same_list(vals: list[int], into: bool) -> None:
+    """wire._unpack_i32: one struct call on CPython, i32_at value by value on MicroPython
+    (_IN_PLACE); the same list either way, into the caller's list when it fits."""
+    b = b"ab" + struct.pack("<%di" % len(vals), *vals)
+    got = []
+    for in_place in (False, True):
+        old = wire._IN_PLACE
+        wire._IN_PLACE = in_place
+        try:
+            buf = [7] * len(vals) if into else None
+            out = wire._unpack_i32(memoryview(b), 2, len(vals), buf)
+            assert out is buf if into else isinstance(out, list)
+            got.append(list(out))
+        finally:
+            wire._IN_PLACE = old
+    assert got == [vals, vals]

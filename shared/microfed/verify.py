@@ -143,8 +143,7 @@ def _packed_out_of_range(p, off, dim, m):
     i = off + 3
     for j in range(dim):
         if not safe[p[i]]:
-            t = p[i]
-            v = ((t - 256 if t > 127 else t) << 24) | (p[i - 1] << 16) | (p[i - 2] << 8) | p[i - 3]
+            v = wire.i32_at(p, i - 3)
             if v > m or v < -m:
                 return ("out_of_range", "value[%d] = %d outside +-%d" % (j, v, m))
         i += 4
