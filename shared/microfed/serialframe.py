@@ -13,8 +13,6 @@
 # Shared by firmware/serialstream.py (device side) and microfed_tools.bridge (host side).
 # MicroPython subset: no f-strings, no typing.
 
-import struct
-
 try:
     from binascii import crc32
 except ImportError:  # pragma: no cover - ports built without binascii.crc32
@@ -98,7 +96,7 @@ def write(tx, channel, session, seq, payload=b"", scratch=None):
 
 
 def _put(buf, k, b):
-    if b < 0x20 or 0x7D <= b <= 0x7F:
+    if _escaped(b):
         buf[k] = ESC
         buf[k + 1] = b ^ 0x20
         return k + 2
