@@ -37,15 +37,18 @@ def _release():
 
 
 def emit(d):
-    line = json.dumps(d)
     f = _out[0]
     link = _link[0]
     if link is not None and f is None:
-        link.log(line)
-    elif f is None:
-        print(line)
-    else:
-        f.write(line + "\n")
+        link.log(json.dumps(d))  # one L frame: the line whole
+        return
+    # Streamed, not built: json.dump writes the line piece by piece, so the longest one (the
+    # exit event's counters, ~1 KB) needs no block of its size (a 48 KB unix32 node once lost
+    # its exit line to that).
+    out = sys.stdout if f is None else f
+    json.dump(d, out)
+    out.write("\n")
+    if f is not None:
         try:
             f.flush()
         except Exception:
