@@ -115,6 +115,28 @@ def test_import_without_flwr_names_the_extra():
     assert "pip install microfed[flower]" in out.stdout, out.stdout + out.stderr
 
 
+@needs_flwr
+def test_array_layout_round_trips_keys_shapes_and_dtypes():
+    # The one layout code the strategies and the bridge share: record -> raw vector -> record.
+    from flwr.app import Array, ArrayRecord
+
+    from microfed_host.flowerarrays import ArrayLayout
+
+    w = np.asarray([[0.5, -1.25, 3.0], [2**-16, -(2**-16), 0.0]], dtype=np.float32)
+    b = np.asarray([7.0, -32768.0], dtype=np.float64)
+    rec = ArrayRecord({"w": Array(w), "b": Array(b)})
+    layout = ArrayLayout.of(rec)
+    assert layout.keys == ("w", "b") and layout.shapes == ((2, 3), (2,))
+    assert layout.size == 8
+    raw = layout.raw(rec)
+    assert raw.tolist() == [32768, -81920, 196608, 1, -1, 0, 458752, -(2**31)]
+    back = layout.arrays(raw)
+    assert list(back.keys()) == ["w", "b"]
+    assert back["w"].numpy().dtype == np.float32 and back["w"].numpy().tolist() == w.tolist()
+    assert back["b"].numpy().dtype == np.float64 and back["b"].numpy().tolist() == b.tolist()
+    assert ArrayLayout.of(ArrayRecord({})).raw(ArrayRecord({})).size == 0
+
+
 # --- the strategies -------------------------------------------------------------------------
 
 def _reply(node: int, arrays: dict, num_examples: int = 10, loss: float = 0.5):

@@ -28,13 +28,12 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 try:
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.serverapp import Grid
     from flwr.serverapp.exception import InconsistentMessageReplies
     from flwr.serverapp.strategy import FedAvg
@@ -47,7 +46,8 @@ except ImportError as e:  # flwr missing, or older than the Message API strategi
 
 from microfed.aggregate import AggregationError
 from microfed_host.crosscheck import CrossChecker, Policy
-from microfed_host.floatedge import Q16ConversionError, from_raw, to_raw
+from microfed_host.floatedge import Q16ConversionError, to_raw
+from microfed_host.flowerarrays import ArrayLayout
 
 __all__ = [
     "DIGEST_KEY",
@@ -95,22 +95,6 @@ def default_node_id(msg: Message) -> str:
     return "%020d" % msg.metadata.src_node_id
 
 
-@dataclass(frozen=True)
-class _Layout:
-    keys: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[np.dtype, ...]
-
-    @classmethod
-    def of(cls, rec: ArrayRecord) -> _Layout:
-        arrs = [rec[k].numpy() for k in rec.keys()]
-        return cls(tuple(rec.keys()), tuple(a.shape for a in arrs), tuple(a.dtype for a in arrs))
-
-    @property
-    def size(self) -> int:
-        return sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
-
-
 class _ExactBase(FedAvg):
     """What every exact strategy shares; subclasses name the rule and its parameters."""
 
@@ -132,7 +116,7 @@ class _ExactBase(FedAvg):
         self.on_invalid = on_invalid
         self.audit_dir = audit_dir
         self.node_id_fn = node_id_fn
-        self.layout: _Layout | None = None
+        self.layout: ArrayLayout | None = None
         self._last_input: tuple[list[str], np.ndarray, dict] | None = None
         self.last_result: dict | None = None
         self.digests: dict[int, str] = {}
@@ -163,7 +147,7 @@ class _ExactBase(FedAvg):
     ) -> Iterable[Message]:
         """Flower's, remembering the model's layout: replies are checked against the server's
         own model, not against whichever reply came first."""
-        self.layout = _Layout.of(arrays)
+        self.layout = ArrayLayout.of(arrays)
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -224,7 +208,7 @@ class _ExactBase(FedAvg):
             return None, MetricRecord({"microfed-rejected": rejected, "microfed-skipped": 1})
         self.last_result = result
         self.digests[server_round] = result["digest"]
-        arrays = self._arrays(np.asarray(result["vector"], dtype=np.int64), layout)
+        arrays = layout.arrays(np.asarray(result["vector"], dtype=np.int64))
         used = [contents[s] for s in result.get("selected", ids)]
         metrics = self._client_metrics(used)
         metrics[DIGEST_KEY] = _digest_words(result["digest"])
@@ -236,15 +220,15 @@ class _ExactBase(FedAvg):
         return arrays, metrics
 
     # -- helpers --------------------------------------------------------------------------------
-    def _layout_from(self, named: list[tuple[str, Message]]) -> _Layout:
+    def _layout_from(self, named: list[tuple[str, Message]]) -> ArrayLayout:
         # aggregate_train called without configure_train (tests, custom loops): the first
         # reply in node-id order that has one ArrayRecord defines the layout.
         for _, msg in named:
             if len(msg.content.array_records) == 1:
-                return _Layout.of(next(iter(msg.content.array_records.values())))
+                return ArrayLayout.of(next(iter(msg.content.array_records.values())))
         raise ReplyRejected("*", "no reply holds exactly one ArrayRecord")
 
-    def _unpack(self, node: str, content: RecordDict, layout: _Layout) -> np.ndarray:
+    def _unpack(self, node: str, content: RecordDict, layout: ArrayLayout) -> np.ndarray:
         if len(content.array_records) != 1:
             raise ReplyRejected(node, f"{len(content.array_records)} ArrayRecords, expected 1")
         rec = next(iter(content.array_records.values()))
@@ -267,15 +251,6 @@ class _ExactBase(FedAvg):
             except Q16ConversionError as e:
                 raise e.with_node(node) from None
         return np.concatenate(parts)
-
-    def _arrays(self, vec: np.ndarray, layout: _Layout) -> ArrayRecord:
-        out: dict[str, Array] = {}
-        start = 0
-        for key, shape, dtype in zip(layout.keys, layout.shapes, layout.dtypes, strict=True):
-            size = int(np.prod(shape, dtype=np.int64))
-            out[key] = Array(from_raw(vec[start : start + size], dtype, shape))
-            start += size
-        return ArrayRecord(out)
 
     def _request(self, ids: list[str], matrix: np.ndarray, params: dict) -> dict:
         req: dict[str, Any] = {"rule": self.rule}

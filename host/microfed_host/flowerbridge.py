@@ -75,6 +75,7 @@ from microfed.verify import Limits, Rejected
 from microfed_host import brokerauth, keys
 from microfed_host.coordinator import DEFAULT_MAX_ABS, active_keys, sign_global, topics
 from microfed_host.floatedge import Q16ConversionError, from_raw, to_raw
+from microfed_host.flowerarrays import ArrayLayout
 from microfed_host.mqtt import HostMQTT, MQTTError
 from microfed_host.provision import MeshDir
 from microfed_host.store import Store
@@ -316,10 +317,6 @@ def _bridge(path: str, thread: int) -> Bridge:
 
 # ---------------------------------------------------------------- the ClientApp
 
-def _layout(rec: ArrayRecord) -> list[tuple[str, tuple[int, ...], np.dtype]]:
-    return [(k, rec[k].numpy().shape, rec[k].numpy().dtype) for k in rec.keys()]
-
-
 def _round_of(content: RecordDict) -> int:
     for rec in content.config_records.values():
         r = rec.get("server-round")
@@ -339,10 +336,9 @@ def train_reply(bridge: Bridge, msg: Message, node_config: dict[str, Any]) -> Re
         raise BridgeError(ERR_BAD_MODEL, f"{len(msg.content.array_records)} ArrayRecords in "
                           "the train message, expected 1")
     rec = next(iter(msg.content.array_records.values()))
-    layout = _layout(rec)
+    layout = ArrayLayout.of(rec)
     try:
-        g = np.concatenate([to_raw(rec[k].numpy(), k) for k, _s, _d in layout]) if layout \
-            else np.zeros(0, dtype=np.int64)
+        g = layout.raw(rec)
     except Q16ConversionError as e:
         raise BridgeError(ERR_BAD_MODEL, f"round {r}: {e}") from None
     if g.size != bridge.model.n_params:
@@ -353,16 +349,10 @@ def train_reply(bridge: Bridge, msg: Message, node_config: dict[str, Any]) -> Re
     got = bridge.relay(node, r, frame)
     bridge.record(got, frame, msg.metadata.dst_node_id)
     new = np.clip(g + np.asarray(got.delta, dtype=np.int64), q16.MIN_RAW, q16.MAX_RAW)
-    arrays: dict[str, Array] = {}
-    at = 0
-    for key, shape, dtype in layout:
-        size = int(np.prod(shape, dtype=np.int64))
-        arrays[key] = Array(from_raw(new[at:at + size], dtype, shape))
-        at += size
     log.info("round %d: node %s update %s (%d samples, %d frames rejected)", r, node,
              got.sha256[:16], got.samples, sum(got.rejected.values()))
     return RecordDict({
-        "arrays": ArrayRecord(arrays),
+        "arrays": layout.arrays(new),
         "metrics": MetricRecord({"num-examples": got.samples,
                                  "microfed-rejected-frames": sum(got.rejected.values())}),
         "microfed": ConfigRecord({"node": node, "update-sha256": got.sha256, "round": r}),
