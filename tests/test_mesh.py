@@ -269,3 +269,25 @@ def test_refuses_a_non_empty_run_directory(tmp_path: Path) -> None:
     with pytest.raises(mesh.MeshError, match="not empty"):
         mesh.run(_scenario(), tmp_path, transport="inproc", say=None)
     assert (tmp_path / "old.txt").exists()
+
+
+def test_a_coordinator_process_that_exits_is_named_with_its_code_and_log(tmp_path: Path) -> None:
+    # mesh._Coord, the one place that runs a coordinator child (mesh and hier): an exit
+    # is a MeshError with the exit code and its log's tail, after a restart too.
+    import queue
+
+    from microfed_host.mesh import MeshError, _Coord
+
+    events: queue.Queue[dict[str, Any]] = queue.Queue()
+    coord = _Coord(tmp_path, "127.0.0.1:1", events, module="microfed_host._no_such_module",
+                   what="the test coordinator")
+    for restarts in (0, 1):
+        coord.proc.wait(60)
+        with pytest.raises(MeshError) as e:
+            coord.check_alive()
+        assert str(e.value).startswith("the test coordinator exited with code 1:\n")
+        assert "No module named microfed_host._no_such_module" in str(e.value)
+        assert (tmp_path / "coordinator.log").read_text().count("No module named") == restarts + 1
+        if not restarts:
+            coord.restart()
+    coord.stop()

@@ -300,20 +300,14 @@ class _Tier:
 
         self.name = name
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.args = (run_dir, broker, self.events, module)
-        self.proc = _Coord(*self.args)
-        self.log_path = run_dir / "coordinator.log"
+        self.proc = _Coord(run_dir, broker, self.events, module,
+                           what=f"the {name} coordinator")
         self.done: dict[str, Any] | None = None
         self.restarts = 0
 
     def kill_and_restart(self) -> None:
-        """SIGKILL (a crash, a power cut), then the same process again on the same run
-        directory: it resumes from its store, and its broker session kept what came meanwhile."""
-        from microfed_host.mesh import _Coord
-
-        self.proc.kill9()
-        self.proc.log.close()
-        self.proc = _Coord(*self.args)
+        """mesh._Coord.restart: it resumes from its store."""
+        self.proc.restart()
         self.restarts += 1
 
     def poll(self, on_event: Callable[[str, dict[str, Any]], None]) -> None:
@@ -327,13 +321,8 @@ class _Tier:
             if ev.get("ev") == "done":
                 self.done = ev
             on_event(self.name, ev)
-        if self.proc.proc.poll() is not None and self.events.empty() and self.done is None:
-            self.proc.thread.join(2)
-            if self.events.empty():
-                from microfed_host.mesh import _tail
-
-                raise MeshError(f"the {self.name} coordinator exited with code "
-                                f"{self.proc.proc.returncode}:\n" + _tail(self.log_path))
+        if self.done is None:
+            self.proc.check_alive()
 
 
 def run(spec: HierSpec, out: Path, force: bool = False,
@@ -511,17 +500,12 @@ def _adversary(sc: Scenario, out: Path, mesh: str, byz: list[str], site_nodes: l
                addr: tuple[str, int]) -> Any:
     """A site's compromised nodes: the adversary (microfed_host.adversary) on the site's
     broker, each node logged in as itself, publishing on its own topic."""
-    from microfed_host import adversary as advmod
+    from microfed_host.mesh import start_adversary
 
     adv = adversary_of(sc, mesh, out / "root" / "mesh", out / "data", byz,
                        [n for n in site_nodes if n not in byz])
-    adv.own_topics = True
-    logins = {n: brokerauth.client_auth(out / "root" / "mesh", n) for n in byz}
-    th = advmod.AdversaryThread(adv, addr[0], addr[1], wait_s=max(5.0, sc.deadline_s / 2),
-                                logins=logins)
-    th.start_client()
-    th.start()
-    return th
+    return start_adversary(adv, out / "root" / "mesh", addr[0], addr[1], sc.deadline_s,
+                           own_topics=True)
 
 
 def _wait(t: _Tier, kind: str, match: Callable[[dict[str, Any]], bool], seconds: float,
@@ -541,7 +525,7 @@ def _wait(t: _Tier, kind: str, match: Callable[[dict[str, Any]], bool], seconds:
             from microfed_host.mesh import _tail
 
             raise MeshError(f"the {t.name} coordinator did not log {kind} within {seconds:.0f} s:"
-                            "\n" + _tail(t.log_path))
+                            "\n" + _tail(t.proc.log_path))
         time.sleep(0.05)
 
 

@@ -92,13 +92,19 @@ class _Coord:
     and a thread that turns its stdout into events."""
 
     def __init__(self, out: Path, broker: str, events: queue.Queue[dict[str, Any]],
-                 module: str = "microfed_host.coordinator") -> None:
-        env = dict(os.environ, PYTHONPATH=child_pythonpath())
-        self.log = open(out / "coordinator.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, str(out), "--broker", broker],
-            stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL, env=env)
+                 module: str = "microfed_host.coordinator", what: str = "the coordinator"
+                 ) -> None:
+        self.argv = [sys.executable, "-m", module, str(out), "--broker", broker]
+        self.log_path = out / "coordinator.log"
         self.events = events
+        self.what = what
+        self._start()
+
+    def _start(self) -> None:
+        env = dict(os.environ, PYTHONPATH=child_pythonpath())
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self.log,
+                                     stdin=subprocess.DEVNULL, env=env)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -119,10 +125,40 @@ class _Coord:
         self.proc.wait(10)
         self.thread.join(5)
 
+    def restart(self) -> None:
+        """SIGKILL (a crash, a power cut), then the same process again on the same run
+        directory: it resumes from its store, and its broker session kept what came meanwhile."""
+        self.kill9()
+        self.log.close()
+        self._start()
+
+    def check_alive(self) -> None:
+        """MeshError with its log's tail if the process has exited and every event it
+        printed has been taken."""
+        if self.proc.poll() is not None and self.events.empty():
+            self.thread.join(2)
+            if self.events.empty():
+                raise MeshError(f"{self.what} exited with code {self.proc.returncode}:\n"
+                                + _tail(self.log_path))
+
     def stop(self) -> None:
         stop_process(self.proc)
         self.thread.join(5)
         self.log.close()
+
+
+def start_adversary(adv: advmod.Adversary, mesh_dir: Path, host: str, port: int,
+                    deadline_s: float, own_topics: bool) -> advmod.AdversaryThread:
+    """The adversary's thread, started on broker (host, port): compromised REGISTERED nodes,
+    each logged in as itself (its login from mesh directory `mesh_dir`); with `own_topics`
+    its wire attacks go out on its own topic (a broker's ACL drops anything else;
+    adversary.py explains)."""
+    adv.own_topics = own_topics
+    logins = {c.node_id: brokerauth.client_auth(mesh_dir, c.node_id) for c in adv.nodes}
+    th = advmod.AdversaryThread(adv, host, port, wait_s=max(5.0, deadline_s / 2), logins=logins)
+    th.start_client()
+    th.start()
+    return th
 
 
 def node_launchers(sc: Scenario, given: dict[str, NodeLauncher] | None) -> dict[str, NodeLauncher]:
@@ -208,11 +244,7 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
                 break
             if ev is not None and ev.get("ev") == "fatal":
                 raise MeshError(f"coordinator failed: {ev.get('error')}")
-            if coord.proc.poll() is not None and events.empty():
-                coord.thread.join(2)
-                if events.empty():
-                    raise MeshError(f"the coordinator exited with code {coord.proc.returncode}:\n"
-                                    + _tail(out / "coordinator.log"))
+            coord.check_alive()
             if time.monotonic() > ready_by:
                 raise MeshError("the coordinator did not get ready within 60 s:\n"
                                 + _tail(out / "coordinator.log"))
@@ -222,14 +254,8 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
             on_ready(broker.host, broker.port, str(doc["mesh"]))
         adv = make_adversary(sc, out, doc["mesh"])
         if adv is not None:
-            # Compromised REGISTERED nodes: each logs in as itself, and its wire attacks go
-            # out on its own topic (the ACL drops anything else; adversary.py explains).
-            adv.own_topics = broker.kind != "external"
-            logins = {c.node_id: brokerauth.client_auth(out / "mesh", c.node_id) for c in adv.nodes}
-            adv_thread = advmod.AdversaryThread(adv, broker.host, broker.port,
-                                                wait_s=max(5.0, sc.deadline_s / 2), logins=logins)
-            adv_thread.start_client()
-            adv_thread.start()
+            adv_thread = start_adversary(adv, out / "mesh", broker.host, broker.port,
+                                         sc.deadline_s, own_topics=broker.kind != "external")
         board_of = sc.node_boards()
 
         def start_node(nid: str) -> None:
@@ -288,28 +314,20 @@ def run_mqtt(sc: Scenario, out: Path, doc: dict[str, Any], broker_arg: str | Non
                     driver.on_event(ev)
                     if restart_coord["now"]:
                         restart_coord["now"] = False
-                        coord.kill9()
+                        coord.restart()
                         info["coordinator_restarts"] += 1
-                        coord.log.close()
-                        coord = _Coord(out, broker.address, events)
                         continue
                 if (k == "accepted" and kill_coordinator_at and not killed
                         and ev.get("round") == kill_coordinator_at
                         and ev.get("have", 0) >= max(1, ev.get("want", 2) // 2)
                         and ev.get("have", 0) < ev.get("want", 0)):
-                    coord.kill9()
+                    coord.restart()
                     killed = True
                     info["coordinator_restarts"] += 1
                     prog.say(f"  *** SIGKILL to the coordinator in round {ev['round']} "
                              f"({ev['have']}/{ev['want']} updates accepted); restarting it")
-                    coord.log.close()
-                    coord = _Coord(out, broker.address, events)
                     continue
-            if coord.proc.poll() is not None and events.empty():
-                coord.thread.join(2)
-                if events.empty():
-                    raise MeshError(f"the coordinator exited with code {coord.proc.returncode}:\n"
-                                    + _tail(out / "coordinator.log"))
+            coord.check_alive()
             for nid, node in nodes.items():
                 rc = node.poll()
                 if rc == EXIT_REVOKED and _revoked(out, nid):
