@@ -1,0 +1,49 @@
+"""benchmarks/node_boot_heap.py, run once, so the table docs/results.md quotes cannot rot: the
+unix32 firmware boots a real node directory and the parts add up to what it holds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rows(out: str) -> dict[str, int]:
+    rows = {}
+    for line in out.splitlines():
+        if line.startswith("| ") and not line.startswith(("| ---", "| coordinated node")):
+            name, value = line.strip("| \n").rsplit(" | ", 1)
+            rows[name.strip("*")] = int(value.replace(" ", ""))
+    return rows
+
+
+def test_the_boot_heap_table_adds_up() -> None:
+    from microfed_tools import firmware
+
+    why = firmware.missing_tools(firmware.TARGETS["unix32"])
+    if why:
+        pytest.skip(why)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        str(ROOT / d) for d in ("shared", "host", "tools", "benchmarks")))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "node_boot_heap.py"),
+                           "--heap", "48k"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(proc.stdout)
+    imports = {k: v for k, v in rows.items() if k.startswith("import ")}
+    # A coordinated node imports no aggregation module; every module it imports costs heap.
+    assert "import microfed.colagg" not in imports and "import node" in imports
+    assert all(v > 0 for v in imports.values()), imports
+    boot = rows["main.boot (imports done)"]
+    assert rows["held after boot"] == sum(imports.values()) + boot
+    parts = [v for k, v in rows.items() if k.startswith("of which")]
+    assert sum(parts) == boot and all(v > 0 for v in parts), rows
+    # The round's two buffers: at least a 650-value list and the update frame.
+    assert rows["of which round buffers"] >= 2 * 650 * 4
+    free = rows["free after boot at -X heapsize=48k (49152 B)"]
+    assert 0 < rows["its largest free block"] <= free < 49152 - rows["held after boot"] + 1024
