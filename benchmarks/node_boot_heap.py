@@ -69,12 +69,16 @@ gc.collect()
 free = gc.mem_free()
 import config
 from microfed import noderound, verify, ed25519
-a = held(); x = config.load("bundle.json", "config.json"); row("of which bundle + config", held() - a); x = None
+a = held(); x = config.load("bundle.json", "config.json"); x[0].registry_frame = None  # as Node does
+row("of which bundle + config", held() - a); x = None
 a = held(); x = noderound.Topics(nd.b.mesh, nd.node_id); row("of which topic names", held() - a); x = None
 a = held(); x = bytearray(len(t._rx)); row("of which MQTT receive buffer", held() - a); x = None
 a = held(); x = noderound.RoundBuffers(nd.model, nd.node_id, nd.n_samples)
 row("of which round buffers", held() - a); x = None
-a = held(); x = verify.load_registry_frame(nd.b.registry_frame, nd.mesh_id, nd.b.coordinator_key, ed25519.verify)
+def registry_frame():  # the node dropped its copy; a function, so no stale bundle stays
+    return config.load("bundle.json", "config.json")[0].registry_frame
+rf = registry_frame()
+a = held(); x = verify.load_registry_frame(rf, nd.mesh_id, nd.b.coordinator_key, ed25519.verify, 0, nd.own_entry)
 row("of which registry", held() - a); x = None
 print("MFHEAP " + json.dumps({"rows": out[:n_out[0]], "free": free}))
 """

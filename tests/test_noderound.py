@@ -187,6 +187,34 @@ def test_check_global_refuses_another_mesh_an_old_round_and_a_reused_counter() -
     assert check(glob(round_=6, seq=11), last_round=5) == "ok"
 
 
+def test_a_global_payload_is_decoded_only_once_its_signature_holds() -> None:
+    # Ed25519 runs before the payload is decoded (a small heap then holds no accepted set
+    # under its temporaries): a forged frame is bad_signature whatever its payload holds;
+    # a signed frame with a malformed payload is still refused for what is wrong with it.
+    coord = keys.signer(seed("coordinator"))
+    pub = keys.public_key(seed("coordinator"))
+    bad_payload = wire.encode_global_payload(vec(0))[:-1]  # dim no longer matches
+
+    def check(msg: bytes) -> str:
+        guard = ReplayGuard(MemoryStore(), max_age=1 << 62)
+        try:
+            noderound.check_global(msg, MESH, pub, keys.check_signature, guard, 4, D, 0)
+        except Rejected as e:
+            return e.reason
+        return "ok"
+
+    signed = wire.encode(wire.GLOBAL_MODEL, MESH, wire.COORDINATOR, 5, 10, 0, bad_payload, coord)
+    forged = wire.encode(wire.GLOBAL_MODEL, MESH, wire.COORDINATOR, 5, 10, 0, bad_payload,
+                         keys.signer(seed("node-01")))
+    assert check(signed) == "bad_payload"
+    assert check(forged) == "bad_signature"
+    fr = wire.decode(signed, body=False)
+    assert fr.body is None and fr.kind == wire.GLOBAL_MODEL
+    with pytest.raises(wire.WireError) as e:
+        wire.decode_body(fr)
+    assert e.value.reason == "bad_payload"
+
+
 def test_our_own_update_kept_twice_takes_one_slot() -> None:
     p = peers()
     own = update("node-01")

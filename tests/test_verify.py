@@ -120,6 +120,21 @@ def test_key_carried_in_message_is_never_used(hv: HostVerifier) -> None:
     assert ei.value.reason == "bad_signature"
 
 
+def test_a_registry_loaded_for_one_node_holds_that_node_alone() -> None:
+    # A node that checks no peer's frame keeps its own entry only (firmware/node.py).
+    reg = verify.Registry(MESH, PUB["coordinator"],
+                          [(n, PUB[n], n != "node-03") for n in ("node-01", "node-02", "node-03")], 4)
+    raw = wire.encode(wire.REGISTRY, MESH, "coordinator", 0, 4, 0, reg.payload(),
+                      keys.signer(seed("coordinator")))
+    whole = verify.load_registry_frame(raw, MESH, PUB["coordinator"], keys.check_signature)
+    mine = verify.load_registry_frame(raw, MESH, PUB["coordinator"], keys.check_signature, 0,
+                                      "node-02")
+    assert sorted(whole.nodes) == ["node-01", "node-02", "node-03"]
+    assert mine.nodes == {"node-02": (PUB["node-02"], True)}
+    assert mine.version == 4 and mine.lookup("node-01") is None
+    assert mine.lookup("coordinator") == (PUB["coordinator"], True)
+
+
 def test_replay_same_counter(hv: HostVerifier) -> None:
     raw = frame(seq=4)
     hv.verify(raw, now=NOW)

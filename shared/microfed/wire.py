@@ -654,14 +654,15 @@ class Frame:
             len(self.payload))
 
 
-def decode(data, max_frame=MAX_FRAME, values=True, into=None):
+def decode(data, max_frame=MAX_FRAME, values=True, into=None, body=True):
     """Parse one frame. Checks, in this order: size limit (before anything else), fixed header
     present, magic, version, kind, sender length, payload length bound, declared total vs. actual
     size, sender id, sequence counter, payload structure. Raises only WireError.
     values=False (decode_payload): the payload is a view into `data`, a MODEL_UPDATE's vector
     stays packed: a small heap holds the frame once, not four times (a caller that passes a
     buffer it reuses, like the MQTT client's receive buffer, must drop the view before then).
-    Otherwise the Frame's parts are copies. `into`: see decode_payload."""
+    Otherwise the Frame's parts are copies. `into`: see decode_payload. body=False: every check
+    but the payload's; the Frame's body is None until the caller decodes it (decode_body)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError("bad_type", "frame must be bytes")
     n = len(data)
@@ -697,8 +698,18 @@ def decode(data, max_frame=MAX_FRAME, values=True, into=None):
         raise WireError("bad_seq", "sequence counter outside 1 .. 2**63-1")
     hend = HDR_FIXED + slen
     payload = bytes(data[hend:hend + plen]) if values else memoryview(data)[hend:hend + plen]
-    body = decode_payload(kind, payload, values, into)
-    if kind == REGISTRY and body["mesh_id"] != mesh:
+    fr = Frame(kind, mesh, sb.decode(), round_, seq, ts, bytes(data[:hend]), payload,
+               bytes(data[hend + plen:]), None)
+    if body:
+        decode_body(fr, values, into)
+    return fr
+
+
+def decode_body(fr, values=True, into=None):
+    """Decode the payload of a Frame from decode(..., body=False) into fr.body (the last of
+    decode's checks); returns fr. Raises only WireError."""
+    b = decode_payload(fr.kind, fr.payload, values, into)
+    if fr.kind == REGISTRY and b["mesh_id"] != fr.mesh_id:
         raise WireError("bad_payload", "registry mesh id differs from the header's")
-    return Frame(kind, mesh, sb.decode(), round_, seq, ts, bytes(data[:hend]), payload,
-                 bytes(data[hend + plen:]), body)
+    fr.body = b
+    return fr
