@@ -37,7 +37,8 @@ from microfed_tools import firmware
 # Dependencies first, so each row is mostly the module itself.
 MODULES = ("microfed.q16", "microfed.sha512", "microfed.ed25519", "microfed.wire",
            "microfed.replay", "microfed.model", "microfed.verify", "microfed.aggregate",
-           "microfed.colagg", "microfed.reputation", "microfed.noderound", "hal", "config",
+           "microfed.colagg", "microfed.reputation", "microfed.noderound", "microfed.gossip",
+           "hal", "config",
            "mqttc", "mqtt", "node", "main")
 
 PROGRAM = """import gc, sys, json
@@ -53,9 +54,9 @@ def row(name, n):
     n_out[0] += 1
 START = last = held()  # the program's own objects: not the node's
 for name in %(modules)r:
-    if name in ("microfed.aggregate", "microfed.colagg", "microfed.reputation") \\
-            and %(mode)r != "gossip":
-        continue  # a coordinated node never imports the aggregation
+    if name in ("microfed.aggregate", "microfed.colagg", "microfed.reputation",
+                "microfed.gossip") and %(mode)r != "gossip":
+        continue  # a coordinated node never imports peers' code or the aggregation
     __import__(name)
     h = held()
     row("import " + name, h - last)
@@ -73,8 +74,8 @@ a = held(); x = config.load("bundle.json", "config.json"); x[0].registry_frame =
 row("of which bundle + config", held() - a); x = None
 a = held(); x = noderound.Topics(nd.b.mesh, nd.node_id); row("of which topic names", held() - a); x = None
 a = held(); x = bytearray(len(t._rx)); row("of which MQTT receive buffer", held() - a); x = None
-a = held(); x = noderound.RoundBuffers(nd.model, nd.node_id, nd.n_samples)
-row("of which round buffers", held() - a); x = None
+a = held(); x = noderound.RoundBuffers(nd.model, nd.node_id, nd.n_samples, t._rx)  # frame in rx, as Node's
+row("of which round buffers (the update frame is built in the receive buffer)", held() - a); x = None
 def registry_frame():  # the node dropped its copy; a function, so no stale bundle stays
     return config.load("bundle.json", "config.json")[0].registry_frame
 rf = registry_frame()

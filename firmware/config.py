@@ -7,7 +7,7 @@ import json
 
 BUNDLE_FORMAT = "microfed-bundle/1"
 MODES = ("coordinated", "gossip")
-PEER_CHECKS = ("announce", "signature")  # microfed.noderound.PEER_CHECKS
+PEER_CHECKS = ("announce", "signature")  # microfed.gossip.PEER_CHECKS
 VECTOR_STORES = ("flash", "ram")
 LINKS = ("tcp", "serial")
 PRIVACY = ("none", "secagg")  # microfed_host.coordinator.PRIVACY (docs/privacy.md)
@@ -31,7 +31,7 @@ DEFAULTS = {
     "gossip_buffer": 0,         # peer updates buffered (two rounds); 0: 2 * per_sender * nodes
     "per_sender": 2,            # distinct verified updates kept per sender and round
     "max_abs": 256 * 65536,     # value range of a peer update (must equal the coordinator's)
-    "peer_check": "announce",   # how peers' updates are trusted (microfed.noderound.PEER_CHECKS)
+    "peer_check": "announce",   # how peers' updates are trusted (microfed.gossip.PEER_CHECKS)
     "vectors": "flash",         # where peers' update vectors wait: "flash" (state_dir) or "ram"
     "status_interval_ms": 250,  # minimum gap between two STATUS frames
     "idle_exit_s": 0,           # exit (code 4) after this long without a GLOBAL_MODEL; 0: never

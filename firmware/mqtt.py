@@ -134,6 +134,7 @@ class Transport:
         self._subs = []  # [topic bytes, qos]; replayed on every reconnect
         self._pending = []  # messages that arrived while an ack was awaited
         self._rx = None  # use_rx_buffer's
+        self._rx_writes = 0  # messages read into it by earlier connections (rx_writes())
         # A handler that never publishes (the node's: it queues its output for step()) can
         # take messages while an ack is awaited, so none waits in RAM: set this to True.
         self.deliver_while_busy = False
@@ -157,11 +158,20 @@ class Transport:
     def use_rx_buffer(self, size):
         """Read every message of up to `size` bytes into one buffer allocated now and kept
         for good (mqttc.Client's rx), from the next connection on; and the stream's own
-        buffers (allocate), now too: a node calls this at boot, when large blocks are there."""
+        buffers (allocate), now too: a node calls this at boot, when large blocks are there.
+        Returns the buffer: between messages its owner may build in it what it sends, if it
+        checks rx_writes() before it uses those bytes again."""
         if self._rx is None or len(self._rx) != size:
             self._rx = bytearray(size)
         if self.allocate is not None:
             self.allocate()
+        return self._rx
+
+    def rx_writes(self):
+        """How many messages have been read into the receive buffer so far (it changes
+        whenever the buffer's bytes may have)."""
+        c = self.client
+        return self._rx_writes + (c.rx_writes if c is not None else 0)
 
     def stats(self):
         d = dict(self._n)
@@ -320,6 +330,7 @@ class Transport:
             self._dropped += c.dropped
             self._dropped_bytes += c.dropped_bytes
             self._dropped_oom += c.dropped_oom
+            self._rx_writes += c.rx_writes
         self.client = None
         s = self._stream
         self._stream = None

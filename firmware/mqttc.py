@@ -169,6 +169,7 @@ class Client:
         self.dropped = 0
         self.dropped_bytes = 0
         self.dropped_oom = 0
+        self.rx_writes = 0  # messages read into rx: what a user of rx's bytes checks
         self.last_rx = time.ticks_ms()
         self._skipbuf = bytearray(_SKIP_CHUNK)
         self._poll = None
@@ -198,6 +199,7 @@ class Client:
 
     def _read_rx(self, n):
         # n bytes into the receive buffer; a stream may hand them over in pieces.
+        self.rx_writes += 1
         mv = memoryview(self.rx)
         got = 0
         while got < n:

@@ -191,6 +191,7 @@ class Node:
         self.data = self.n_samples = self.model = self.rb = self.gossip = None
         self.started = self.registry_sha = self.dp = self.state = self.seqs = None
         self.gguard = self.registry = self.peers = self.sa = self.own_entry = None
+        self.built = None  # (update, rx_writes) whose frame the shared buffer holds
         self.sa_msgs = []  # the coordinator's secure-aggregation frames waiting for step()
         topics = noderound.Topics(bundle.mesh, bundle.node_id)
         self.t_global = topics.global_
@@ -221,7 +222,10 @@ class Node:
         self.hello_sent = False
         self.globals = []  # verified GLOBAL_MODELs waiting for step(), in arrival order
         self.open_round = 0  # the newest verified GLOBAL_MODEL's round (state's at boot)
-        self.last_update = None  # this round's update frame until the next global arrives
+        # This round's update until the next global arrives: its frame, or, when it is built in
+        # the receive buffer (RoundBuffers(space=...)), (round, seq, timestamp) to build it
+        # again from (update_bytes).
+        self.last_update = None
         self.reconnects_seen = 0
         self.resend_why = None
         self.resign_why = None
@@ -252,9 +256,14 @@ class Node:
             release()
         gc.collect()
         use_rx = getattr(transport, "use_rx_buffer", None)
+        rx = None
         if use_rx is not None:
-            use_rx(_global_len(n, bundle.registry_frame))
-        self.rb = noderound.RoundBuffers(self.model, self.node_id, self.n_samples)
+            rx = use_rx(_global_len(n, bundle.registry_frame))
+        # The update frame is built in the receive buffer (2.7 KB less on the heap): nothing
+        # is read into it while a round trains and signs, and transport.rx_writes() says when
+        # it has been since (update_bytes builds the frame again then).
+        self.rb = noderound.RoundBuffers(self.model, self.node_id, self.n_samples,
+                                         rx if hasattr(transport, "rx_writes") else None)
         if ed25519.public_key(bundle.seed) != bundle.public_key:
             raise ValueError("bundle: seed does not match public_key")
         self.gossip = cfg.mode == "gossip"
@@ -300,12 +309,12 @@ class Node:
         self.peers = None
         if self.gossip:
             # Peers' updates of the open rounds (two): per_sender per registered node each.
+            # Imported only here: a coordinated node never holds microfed.gossip's code.
+            from microfed.gossip import FileVectors, Peers, RamVectors
+
             d = self.model.n_params
-            if cfg.vectors == "flash":
-                vectors = noderound.FileVectors(sd, d)
-            else:
-                vectors = noderound.RamVectors(d)
-            self.peers = noderound.Peers(
+            vectors = FileVectors(sd, d) if cfg.vectors == "flash" else RamVectors(d)
+            self.peers = Peers(
                 self.mesh_id, reg, d, cfg.max_abs, ed25519.verify, vectors,
                 cfg.gossip_buffer or (2 * cfg.per_sender * len(reg.nodes)), cfg.per_sender,
                 cfg.peer_check)
@@ -513,12 +522,35 @@ class Node:
         fr = self.last_update
         if fr is None:
             return
-        old = wire.decode(fr)
-        frame = self.frame(wire.MODEL_UPDATE, old.round, old.payload)
+        if type(fr) is tuple:
+            if self.rb.delta_round != fr[0]:
+                self.last_update = None  # outdated: the buffers hold another round's values
+                return
+            frame = (fr[0], self.seqs.next(), self.clock())
+            self.update_bytes(frame)
+        else:
+            old = wire.decode(fr)
+            frame = self.frame(wire.MODEL_UPDATE, old.round, old.payload)
         self.last_update = frame
         self.outbox = [it for it in self.outbox if it[1] is not fr]
         self.log("resend", what="update", why="counter_behind", seq=self.seqs.last)
         self.queue(self.t_update, frame, "update")
+
+    def update_bytes(self, upd):
+        """The frame of the update upd = (round, seq, timestamp), in the round buffers' frame
+        (the receive buffer): as built, if no message has been read into it since; else built
+        again, the same bytes (the same fields and delta; an Ed25519 signature is
+        deterministic). None when the buffers hold that round's delta no more (a newer global
+        was decoded into them: the update is outdated)."""
+        rb = self.rb
+        if rb.delta_round != upd[0]:
+            return None
+        b = self.built
+        if b is None or b[0] != upd or b[1] != self.t.rx_writes():
+            noderound.update_frame(self.mesh_id, self.node_id, upd[0], upd[1], upd[2],
+                                   self.n_samples, rb.p, self.sign, rb.frame)
+            self.built = (upd, self.t.rx_writes())
+        return rb.frame
 
     # ---------------------------------------------------------------- the round
     def process_global(self, fr, h):
@@ -554,7 +586,8 @@ class Node:
         else:
             # Their frame buffer is about to change: the previous round's update, still
             # queued when the broker was away, is outdated now (its round is closed).
-            self.outbox = [it for it in self.outbox if it[1] is not rb.frame]
+            self.outbox = [it for it in self.outbox
+                           if it[1] is not rb.frame and type(it[1]) is not tuple]
         delta = noderound.local_update(self.model, self.data, self.cfg.train, r, self.node_id,
                                        g, None if self.sa is not None else self.dp, rb)
         g = None
@@ -573,9 +606,17 @@ class Node:
                      train_ms=time.ticks_diff(t1, t0))
             gc.collect()
             return
-        frame = noderound.update_frame(self.mesh_id, self.node_id, r, self.seqs.next(),
-                                       self.clock(), self.n_samples, delta, self.sign,
+        useq = self.seqs.next()
+        now = self.clock()
+        frame = noderound.update_frame(self.mesh_id, self.node_id, r, useq, now,
+                                       self.n_samples, delta, self.sign,
                                        None if rb is None else rb.frame)
+        upd = frame
+        if rb is not None and rb.shared:
+            # The frame is in the receive buffer: what the outbox and last_update keep is how
+            # to build it again (update_bytes), if a message arrives before it is sent.
+            upd = (r, useq, now)
+            self.built = (upd, self.t.rx_writes())
         t2 = time.ticks_ms()
         # The delta goes before the publish: while the PUBACK is awaited, peers' updates
         # arrive (2.7 KB each), and a small heap needs the room. Its digest (for the log) is
@@ -596,10 +637,11 @@ class Node:
                 # No slot left for our own values: this round's digest will be missing, our
                 # update is not.
                 self.reject("update", e.reason, e.message)
-        self.queue(self.t_update, frame, "update")
+        frame = None
+        self.queue(self.t_update, upd, "update")
         # Kept until the next global: re-sent after a reconnect, because a broker that
         # restarted may have lost it (the same signed bytes: at worst a harmless duplicate).
-        self.last_update = frame
+        self.last_update = upd
         self.rounds_done += 1
         self.log("update", round=r, seq=self.seqs.last, hash=_hex(fh),
                  delta_digest=delta_digest, train_ms=time.ticks_diff(t1, t0),
@@ -659,6 +701,12 @@ class Node:
     def flush(self):
         while self.outbox and self.t.connected:
             topic, frame, what = self.outbox[0]
+            if type(frame) is tuple:
+                frame = self.update_bytes(frame)
+                if frame is None:
+                    self.outbox.pop(0)
+                    self.log("outbox_dropped", what=what, why="outdated")
+                    continue
             if not self.t.publish(topic, frame, False, 1):
                 self.log("publish_failed", what=what)
                 return

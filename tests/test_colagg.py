@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_fast_vs_reference import updates
 
-from microfed import audit, colagg, noderound
+from microfed import audit, colagg, gossip
 from microfed.aggregate import AggregationError
 from microfed_host import upy
 
@@ -37,12 +37,12 @@ def check(rule: str, ids: list[str], rows: list[list[int]], params: dict, chunk:
     except AggregationError as e:
         for cols in variants:
             with pytest.raises(AggregationError) as got:
-                colagg.run(rule, ids, noderound.list_reader(rows), len(rows[0]), params, chunk,
+                colagg.run(rule, ids, gossip.list_reader(rows), len(rows[0]), params, chunk,
                            cols)
             assert str(got.value) == str(e)
         return
     for k, cols in enumerate(variants):
-        digest, selected = colagg.run(rule, ids, noderound.list_reader(rows), len(rows[0]),
+        digest, selected = colagg.run(rule, ids, gossip.list_reader(rows), len(rows[0]),
                                       params, chunk, cols)
         assert digest.hex() == ref["digest"], (rule, chunk, k)
         assert selected == ref.get("selected"), (rule, chunk, k)
@@ -69,7 +69,7 @@ def test_errors_are_the_references() -> None:
     check("fedavg", ids, rows, {"weights": [0, 0, 0]}, 64)
     check("trimmed_mean", ids, rows, {"trim": 2}, 64)
     with pytest.raises(AggregationError, match="no updates"):
-        colagg.run("median", [], noderound.list_reader([]), 2, {})
+        colagg.run("median", [], gossip.list_reader([]), 2, {})
 
 
 def test_same_digests_on_the_micropython_unix_port() -> None:
@@ -87,10 +87,10 @@ def test_same_digests_on_the_micropython_unix_port() -> None:
                       "ids": ["n%d" % i for i in range(7)]})
     prog = (
         "import sys, json\n"
-        "from microfed import colagg, noderound\n"
+        "from microfed import colagg, gossip\n"
         "out = []\n"
         "for c in json.loads(sys.stdin.read()):\n"
-        "    d, sel = colagg.run(c['rule'], c['ids'], noderound.list_reader(c['rows']), 130, c['params'], 64)\n"
+        "    d, sel = colagg.run(c['rule'], c['ids'], gossip.list_reader(c['rows']), 130, c['params'], 64)\n"
         "    out.append([''.join(['%02x' % b for b in d]), sel])\n"
         "print(json.dumps(out))\n")
     got = json.loads(upy.run(["-c", prog], stdin=json.dumps(cases)).strip().splitlines()[-1])

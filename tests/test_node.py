@@ -711,9 +711,9 @@ print(json.dumps({"rx": len(t.rx), "took": took, "sent": updates, "train": nd.cf
 """
 
 
-def test_two_globals_before_a_step_train_from_their_own_values(micropython: str,
-                                                               tmp_path: Path) -> None:
-    from microfed import noderound
+def _two_globals(tmp_path: Path) -> tuple[list[int], list[int]]:
+    """node-01's directory (_one_node_dir) and g1.bin, g2.bin: GLOBAL_MODELs of rounds 1 and 2
+    signed by its coordinator; returns their values."""
     from microfed_host import keys
 
     mid, coord, n_params = _one_node_dir(tmp_path)
@@ -723,10 +723,96 @@ def test_two_globals_before_a_step_train_from_their_own_values(micropython: str,
         (tmp_path / f"g{r}.bin").write_bytes(
             wire.encode(wire.GLOBAL_MODEL, mid, wire.COORDINATOR, r, r, 0,
                         wire.encode_global_payload(g), keys.signer(coord)))
-    (tmp_path / "t.py").write_text(TWO_GLOBALS_SCRIPT)
+    return g1, g2
+
+
+def _run_node_script(tmp_path: Path, script: str) -> dict[str, Any]:
+    """Run `script` (NODE_PRELUDE + ...) on the unix port in tmp_path; its last JSON line."""
+    (tmp_path / "t.py").write_text(script)
     out = upy.run([str(tmp_path / "t.py"), str(tmp_path)],
                   path=[ROOT / "shared", FIRMWARE, FIRMWARE / "lib"])
-    res = json.loads(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])
+
+
+SHARED_RX_SCRIPT = NODE_PRELUDE + r"""
+globals_ = []
+for name in ("g1.bin", "g2.bin"):
+    f = open(d + "/" + name, "rb"); globals_.append(f.read()); f.close()
+
+class S(T):
+    # A transport that shares its receive buffer, like mqtt.Transport: the node builds its
+    # update frame in it, and rx_writes() says when a message has been read into it since.
+    def use_rx_buffer(self, size):
+        self.rx = bytearray(size)
+        return self.rx
+    def rx_writes(self):
+        return self.writes
+    def arrive(self, topic, msg):  # a message read into the buffer, as mqttc does
+        self.writes += 1
+        self.rx[:len(msg)] = msg
+        nd.on_message(topic, memoryview(self.rx)[:len(msg)])
+    def clobber(self):
+        self.writes += 1
+        self.rx[:] = bytes([0xA5]) * len(self.rx)
+
+def hexof(b):
+    return "".join(["%02x" % x for x in b])
+
+t = S()
+t.writes = 0
+nd = nodemod.Node(bundle, cfg, shard, t, H(), lambda ev: None)
+t.arrive(nd.t_global, globals_[0])
+t.connected = False                       # the broker is away: the update waits in the outbox
+nd.step()
+built = hexof(nd.rb.frame)
+queued = [type(it[1]).__name__ for it in nd.outbox]
+t.clobber()                               # messages read into the buffer meanwhile
+t.connected = True
+nd.step()                                 # sent: built again
+t.clobber()
+nd.resend("test")                         # and again after a reconnect
+rec = nd.last_update
+t.arrive(nd.t_global, globals_[1])        # the next global takes the round buffers
+outdated = nd.update_bytes(rec) is None
+print(json.dumps({"shared": nd.rb.shared, "built": built, "queued": queued,
+                  "sent": [t.frames[i] for i in range(len(t.sent)) if "/update/" in t.sent[i]],
+                  "outdated": outdated, "rejected": nd.counters()["rejected"],
+                  "train": nd.cfg.train}))
+"""
+
+
+def test_the_update_built_in_the_receive_buffer_is_sent_byte_for_byte(micropython: str,
+                                                                       tmp_path: Path) -> None:
+    # A node builds its update frame in the MQTT receive buffer (no 2.7 KB block of its
+    # own). A message read into the buffer before the frame is sent, or before a resend,
+    # makes the node build it again: the same bytes, the reference delta, a valid signature.
+    # Once the next global is decoded into the round buffers, the old update is outdated.
+    from microfed import noderound
+    from microfed_host import keys
+
+    g1, _g2 = _two_globals(tmp_path)
+    res = _run_node_script(tmp_path, SHARED_RX_SCRIPT)
+    assert res["shared"] is True and res["queued"] == ["tuple"]
+    assert res["rejected"] == {} and res["outdated"] is True
+    assert res["sent"] == [res["built"], res["built"]]
+    fr = wire.decode(bytes.fromhex(res["built"]))
+    bundle = json.loads((tmp_path / "bundle.json").read_text())
+    assert (fr.sender, fr.round) == ("node-01", 1)
+    assert keys.check_signature(bytes.fromhex(bundle["public_key"]), fr.signing_digest(),
+                                fr.signature)
+    shard = model.Shard((tmp_path / "shard.bin").read_bytes())
+    m = model.get("softmax", n_features=shard.d, n_classes=shard.k)
+    assert fr.body["values"] == noderound.local_update(m, shard, res["train"], 1, "node-01",
+                                                       list(g1))
+
+
+def test_two_globals_before_a_step_train_from_their_own_values(micropython: str,
+                                                               tmp_path: Path) -> None:
+    from microfed import noderound
+    from microfed_host import keys
+
+    g1, g2 = _two_globals(tmp_path)
+    res = _run_node_script(tmp_path, TWO_GLOBALS_SCRIPT)
     assert res["took"] == [[True], [True, False]] and res["busy"] is False
     assert res["rejected"] == {}
     bundle = json.loads((tmp_path / "bundle.json").read_text())

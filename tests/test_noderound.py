@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from microfed import audit, noderound, verify, wire
+from microfed import audit, gossip, noderound, verify, wire
 from microfed.replay import MemoryStore, ReplayGuard
 from microfed.verify import Rejected
 from microfed_host import keys
@@ -43,10 +43,10 @@ def update(sender: str, round_: int = 3, seq: int = 1, values: list[int] | None 
 
 
 def peers(tmp_path: Path | None = None, check: str = "announce", slots: int = 16,
-          per_sender: int = 1) -> noderound.Peers:
-    store = (noderound.FileVectors(str(tmp_path), D) if tmp_path is not None
-             else noderound.RamVectors(D))
-    return noderound.Peers(MESH, registry(), D, 1 << 24, keys.check_signature, store, slots,
+          per_sender: int = 1) -> gossip.Peers:
+    store = (gossip.FileVectors(str(tmp_path), D) if tmp_path is not None
+             else gossip.RamVectors(D))
+    return gossip.Peers(MESH, registry(), D, 1 << 24, keys.check_signature, store, slots,
                            per_sender, check)
 
 
@@ -257,7 +257,7 @@ def test_file_vectors_reuse_the_files_opened_at_boot(tmp_path: Path) -> None:
 
 
 def test_a_third_round_at_once_gets_a_file_of_its_own_until_dropped(tmp_path: Path) -> None:
-    store = noderound.FileVectors(str(tmp_path), D)
+    store = gossip.FileVectors(str(tmp_path), D)
     packed = bytes(4 * D)
     for r in (3, 4, 5):
         store.put(r, packed, r)

@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from microfed import audit, model, noderound, q16, wire
+from microfed import audit, gossip, model, noderound, q16, wire
 from microfed_host import attacks, keys
 
 MODEL_ATTACKS = ("none", "sign-flip", "ipm", "alie", "gaussian", "scaling", "label-flip",
@@ -382,7 +382,7 @@ class Adversary:
             ids.append(node_id)
             vecs.append(e[1])
             weights.append(e[2])
-        return noderound.announced_digest(b, ids, noderound.list_reader(vecs), len(vecs[0]),
+        return gossip.announced_digest(b, ids, gossip.list_reader(vecs), len(vecs[0]),
                                           weights)
 
     def remember_own(self, frames: list[tuple[str, bytes]]) -> None:

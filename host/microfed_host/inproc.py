@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from microfed import dp, model, noderound, secagg, wire
+from microfed import dp, gossip, model, noderound, secagg, wire
 from microfed.replay import MemoryStore, ReplayGuard
 from microfed.verify import Rejected
 from microfed_host import coordinator as coordmod
@@ -103,9 +103,9 @@ class SimNode:
         self.seq = 0
         self.done = False
         per_sender = 2
-        self.peers = noderound.Peers(self.mesh_id, registry, self.m.n_params, max_abs,
+        self.peers = gossip.Peers(self.mesh_id, registry, self.m.n_params, max_abs,
                                      keys.check_signature,
-                                     noderound.RamVectors(self.m.n_params),
+                                     gossip.RamVectors(self.m.n_params),
                                      2 * per_sender * len(registry.nodes), per_sender)
         self.digests: dict[int, str] = {}
         self.rejected: dict[str, int] = {}

@@ -182,7 +182,7 @@ class Verifier:
     def __init__(self, mesh_id, registry, guard, check_sig, max_frame=wire.MAX_FRAME,
                  limits=None, kinds=None, values=True):
         """values=False: MODEL_UPDATE vectors stay packed (wire.decode); step 8 reads them in
-        chunks. For a device that keeps what it accepts packed (microfed.noderound.Peers)."""
+        chunks. For a device that keeps what it accepts packed (microfed.gossip.Peers)."""
         if isinstance(mesh_id, str):
             mesh_id = wire.mesh_id(mesh_id)
         self.mesh_id = mesh_id

@@ -599,8 +599,8 @@ def encode_update(mesh, sender, round_, seq, timestamp, samples, values, sign, o
     encode_model_update(samples, values), sign), byte for byte and with the same errors, but
     built in one bytearray (returned): a 32-bit board's heap holds the 2.7 KB frame once,
     instead of the packed vector, its bytes copy and the joined frame in turn. `out`: a
-    bytearray of the frame's length to build it in (a node's, reused every round); of any
-    other length it is not used."""
+    bytearray (or a writable memoryview) of the frame's length to build it in and return (a
+    node's, reused every round); of any other length it is not used."""
     _u(samples, 32, "samples")
     n = len(values)
     if n < 1:
@@ -608,7 +608,7 @@ def encode_update(mesh, sender, round_, seq, timestamp, samples, values, sign, o
     plen = 8 + 4 * n
     hdr = encode_header(MODEL_UPDATE, mesh, sender, round_, seq, timestamp, plen)
     h = len(hdr)
-    if not isinstance(out, bytearray) or len(out) != h + plen + SIG_LEN:
+    if not isinstance(out, (bytearray, memoryview)) or len(out) != h + plen + SIG_LEN:
         out = bytearray(h + plen + SIG_LEN)
     out[:h] = hdr
     struct.pack_into("<II", out, h, samples, n)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from microfed.noderound import FileVectors
+from microfed.gossip import FileVectors
 from microfed_tools import deploy as dp
 from microfed_tools import rawrepl
 

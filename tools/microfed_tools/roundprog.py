@@ -108,12 +108,12 @@ class RoundCase:
         reg = load_registry_frame(self.take(), self.mesh_id, self.coord, ed25519.verify)
         self.peers = None
         if gossip:
-            if store:
-                vectors = noderound.FileVectors(store, d)
-            else:
-                vectors = noderound.RamVectors(d)
-            self.peers = noderound.Peers(self.mesh_id, reg, d, 256 * 65536, ed25519.verify,
-                                         vectors, len(reg.nodes) + 2, 2, "announce")
+            # Imported here, as a node does: a coordinated one never loads microfed.gossip.
+            from microfed.gossip import FileVectors, Peers, RamVectors
+
+            vectors = FileVectors(store, d) if store else RamVectors(d)
+            self.peers = Peers(self.mesh_id, reg, d, 256 * 65536, ed25519.verify, vectors,
+                               len(reg.nodes) + 2, 2, "announce")
         reg = None
         self.guard = ReplayGuard(MemoryStore(), max_age=1 << 62)
         self.last_round = 0
