@@ -81,15 +81,16 @@ class RoundCase:
     def boot_shard(self, node_id, shard_path, buf_size):
         """Shard (the file `shard_path`, else the shard buffer), model, then the round's large
         blocks, allocated once: the receive buffer (room for the largest message, like the
-        MQTT client's) and noderound.RoundBuffers. In firmware/node.py's order: after the
-        shard and the model, before the first message and the first Ed25519 operation."""
+        MQTT client's) and noderound.RoundBuffers, whose update frame is built in the receive
+        buffer. In firmware/node.py's order: after the shard and the model, before the first
+        message and the first Ed25519 operation."""
         self.begin()
         self.node_id = node_id
         self.data = model.Shard(open(shard_path, "rb") if shard_path else self.shard)
         self.model = model.get("softmax", n_features=self.data.d, n_classes=self.data.k)
         gc.collect()
         self.buf = bytearray(buf_size)
-        self.rb = noderound.RoundBuffers(self.model, node_id, self.data.n)
+        self.rb = noderound.RoundBuffers(self.model, node_id, self.data.n, self.buf)
         self.end("boot_shard")
 
     def boot_registry(self, seed_hex, coord_hex, mesh, store, clock, gossip=True):
