@@ -52,7 +52,10 @@ def node_counters(run_dir: Path) -> list[dict[str, Any]]:
         last = None
         for line in log.read_text(errors="replace").splitlines():
             if line.startswith("{") and '"ev": "exit"' in line:
-                last = json.loads(line)["counters"]
+                try:
+                    last = json.loads(line)["counters"]
+                except ValueError:
+                    continue  # cut short: the node ran out of heap while writing it
         out.append(last or {})
     return out
 
