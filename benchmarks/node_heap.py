@@ -90,7 +90,8 @@ def _why(output: str) -> str:
 
 def row(mode: str, r: dict[str, Any], rounds: int) -> str:
     s = r["summary"]
-    codes = sorted(set((s.get("node_exit_codes") or {}).values())) if s else []
+    # None: a node the runner had to stop (it had not exited by itself).
+    codes = sorted(set((s.get("node_exit_codes") or {}).values()), key=str) if s else []
     digest = (s.get("final_digest") or "")[:8] if s else ""
     if mode == "gossip":
         d = r["digests"]

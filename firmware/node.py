@@ -553,9 +553,14 @@ class Node:
         return rb.frame
 
     # ---------------------------------------------------------------- the round
-    def process_global(self, fr, h):
+    def begin_round(self, fr, h):
+        """The global's announcement (gossip: the digest of round r-1), then its values to
+        train on; None when the run is over. The decoded payload (the accepted set: ~1.3 KB
+        for 13 nodes on a 32-bit port) is dropped here, in a function of its own: a
+        MicroPython frame's value stack keeps what it popped, and the collector scans it, so
+        in the caller's frame it stayed on the heap through training (measured:
+        benchmarks/node_feed_heap.py)."""
         r = fr.round
-        seq = fr.seq
         b = fr.body
         self.log("global", round=r, seq=fr.seq, final=b["final"], rule=b["rule"],
                  accepted=len(b["accepted"]))
@@ -570,11 +575,16 @@ class Node:
             self.notes.append((ST_FINAL, "final %d" % r))
             self.log("final", round=r)
             self.done = True
+            return None
+        fr.body = None
+        return b["values"]
+
+    def process_global(self, fr, h):
+        r = fr.round
+        seq = fr.seq
+        g = self.begin_round(fr, h)
+        if g is None:
             return
-        # Free what training does not need (the caller still holds the frame): the decoded
-        # global once the delta exists.
-        g = b["values"]
-        fr.body = b = None
         t0 = time.ticks_ms()
         # The round buffers (noderound.RoundBuffers), unless another global waiting in
         # self.globals holds them; and under secure aggregation, whose client keeps the delta
