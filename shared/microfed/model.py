@@ -71,12 +71,19 @@ def softmax(z):
     for v in z:
         if v > m:
             m = v
-    e = [exp(v - m) for v in z]
+    # In place, in one list of len(z): a comprehension grows its list (4, 8, 16 items), and
+    # on a board's split heap its last 64-byte block was the one not found (docs/results.md).
+    k = len(z)
+    e = [0] * k
     s = 0
-    for v in e:
+    for c in range(k):
+        v = exp(z[c] - m)
+        e[c] = v
         s += v
     s2 = 2 * s
-    return [(2 * ONE * v + s) // s2 for v in e]
+    for c in range(k):
+        e[c] = (2 * ONE * e[c] + s) // s2
+    return e
 
 
 # ---- deterministic pseudo-random numbers ----------------------------------------------------
@@ -253,13 +260,13 @@ class SoftmaxRegression(Model):
         # x: the features, each exactly x_j >> shift; nz: the indices of the non-zero ones.
         d = self.d
         bo = self.k * d
-        z = []
+        z = [0] * self.k  # one block of k items, not a list grown by appends
         for c in range(self.k):
             o = c * d
             acc = 0
             for j in nz:
                 acc += params[o + j] * x[j]
-            z.append(sat(params[bo + c] + (((acc << shift) + 32768) >> 16)))
+            z[c] = sat(params[bo + c] + (((acc << shift) + 32768) >> 16))
         return z
 
     def probs(self, params, x):
