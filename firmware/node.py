@@ -285,7 +285,7 @@ class Node:
         # checked here: recognised by its hash, it costs no second Ed25519 verification (whose
         # long-int temporaries, right after boot, strew the heap: docs/boards.md).
         self.registry_sha = _sha(bundle.registry_frame)
-        bundle.registry_frame = None  # ~0.6 KB for 13 nodes, needed no more
+        bundle.registry_frame = None  # ~0.7 KB for 13 nodes (node_boot_heap.py), needed no more
 
         # DP (config "dp"): local DP clips and noises every delta before it is signed; with
         # privacy secagg (distributed DP) the Client adds the noise share before masking.
@@ -555,8 +555,8 @@ class Node:
     # ---------------------------------------------------------------- the round
     def begin_round(self, fr, h):
         """The global's announcement (gossip: the digest of round r-1), then its values to
-        train on; None when the run is over. The decoded payload (the accepted set: ~1.3 KB
-        for 13 nodes on a 32-bit port) is dropped here, in a function of its own: a
+        train on; None when the run is over. The decoded payload (the accepted set: an id,
+        a hash and a tuple per announced node) is dropped here, in a function of its own: a
         MicroPython frame's value stack keeps what it popped, and the collector scans it, so
         in the caller's frame it stayed on the heap through training (measured:
         benchmarks/node_feed_heap.py)."""

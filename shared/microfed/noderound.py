@@ -62,9 +62,9 @@ def coordinator_frame(msg, mesh_id, coordinator_key, kind, what, check_sig, view
     Raises Rejected. `view`: the frame's payload stays a view into it (wire.decode with
     values=False) instead of a copy. `into`: wire.decode's.
     The payload is decoded only once the signature holds: while Ed25519 runs, the heap holds
-    the header's fields, not the decoded payload (a GLOBAL_MODEL's accepted set is ~1.3 KB of
-    small objects for 13 nodes on a 32-bit port), and no unauthenticated payload is ever
-    decoded. A forged frame is therefore "bad_signature" whatever its payload holds."""
+    the header's fields, not the decoded payload (a GLOBAL_MODEL's accepted set: an id, a hash
+    and a tuple per announced node), and no unauthenticated payload is ever decoded. A forged
+    frame is therefore "bad_signature" whatever its payload holds."""
     if not isinstance(msg, (bytes, bytearray, memoryview)):
         raise Rejected("bad_type", "frame must be bytes")
     if len(msg) > wire.MAX_FRAME:
