@@ -20,3 +20,10 @@ def write_between(path: Path, marker: str, command: str, body: str) -> None:
     path.write_text(re.sub(re.escape(begin) + ".*?" + re.escape(end),
                            lambda _m: begin + "\n" + stamp + body.strip() + "\n" + end, doc,
                            flags=re.S))
+
+
+def publish(command: str, table: str, path: Path | None, marker: str) -> None:
+    """Print the command and its table; with a path, also write them between its markers."""
+    print(command + "\n\n" + table)
+    if path is not None:
+        write_between(path, marker, command, table)

@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from markers import write_between
+from markers import publish
 from node_heap import parse_heap
 
 from microfed_host.scenario import Scenario, prepare
@@ -138,9 +138,7 @@ def main() -> None:
         label = "**" + name + "**" if name.startswith("held") else name
         lines.append(f"| {label} | {format(n, ',').replace(',', ' ')} |")
     table = "\n".join(lines)
-    print(command + "\n\n" + table)
-    if a.write is not None:
-        write_between(a.write, f"benchmarks/node_boot_heap.py {a.mode}", command, table)
+    publish(command, table, a.write, f"benchmarks/node_boot_heap.py {a.mode}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from markers import write_between
+from markers import publish
 from node_heap import parse_heap
 
 from microfed import wire
@@ -124,9 +124,7 @@ def main() -> None:
             lines.append(f"| {h} | {res['free']} | {cells[0]} | {cells[1]} | {cells[2]} |")
     command = f"python benchmarks/node_feed_heap.py --mode {a.mode} --heaps {a.heaps}"
     table = "\n".join(lines)
-    print(command + "\n\n" + table)
-    if a.write is not None:
-        write_between(a.write, f"benchmarks/node_feed_heap.py {a.mode}", command, table)
+    publish(command, table, a.write, f"benchmarks/node_feed_heap.py {a.mode}")
 
 
 if __name__ == "__main__":

@@ -3,14 +3,7 @@ unix32 firmware boots a real node directory and the parts add up to what it hold
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchrun import run_unix32_benchmark
 
 
 def _rows(out: str) -> dict[str, int]:
@@ -23,18 +16,8 @@ def _rows(out: str) -> dict[str, int]:
 
 
 def test_the_boot_heap_table_adds_up() -> None:
-    from microfed_tools import firmware
-
-    why = firmware.missing_tools(firmware.TARGETS["unix32"])
-    if why:
-        pytest.skip(why)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        str(ROOT / d) for d in ("shared", "host", "tools", "benchmarks")))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "node_boot_heap.py"),
-                           "--heap", "48k"], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = _rows(proc.stdout)
+    out = run_unix32_benchmark("node_boot_heap.py", "--heap", "48k")
+    rows = _rows(out)
     imports = {k: v for k, v in rows.items() if k.startswith("import ")}
     # A coordinated node imports neither peers' code nor the aggregation; every module it
     # imports costs heap.
