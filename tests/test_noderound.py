@@ -47,7 +47,7 @@ def peers(tmp_path: Path | None = None, check: str = "announce", slots: int = 16
     store = (gossip.FileVectors(str(tmp_path), D) if tmp_path is not None
              else gossip.RamVectors(D))
     return gossip.Peers(MESH, registry(), D, 1 << 24, keys.check_signature, store, slots,
-                           per_sender, check)
+                        per_sender, check)
 
 
 def announce(frames: list[bytes], rule: str = "krum", p1: int = 1, p2: int = 0) -> dict:

@@ -383,7 +383,7 @@ class Adversary:
             vecs.append(e[1])
             weights.append(e[2])
         return gossip.announced_digest(b, ids, gossip.list_reader(vecs), len(vecs[0]),
-                                          weights)
+                                       weights)
 
     def remember_own(self, frames: list[tuple[str, bytes]]) -> None:
         """Keep our own valid updates (needed to tell the truth under `none` in gossip)."""

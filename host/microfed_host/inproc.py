@@ -104,9 +104,9 @@ class SimNode:
         self.done = False
         per_sender = 2
         self.peers = gossip.Peers(self.mesh_id, registry, self.m.n_params, max_abs,
-                                     keys.check_signature,
-                                     gossip.RamVectors(self.m.n_params),
-                                     2 * per_sender * len(registry.nodes), per_sender)
+                                  keys.check_signature,
+                                  gossip.RamVectors(self.m.n_params),
+                                  2 * per_sender * len(registry.nodes), per_sender)
         self.digests: dict[int, str] = {}
         self.rejected: dict[str, int] = {}
         self.clock = clock
