@@ -309,6 +309,14 @@ class H:
         return 0
 """
 
+def _run_node_script(tmp_path: Path, script: str) -> dict[str, Any]:
+    """Run `script` (NODE_PRELUDE + ...) on the unix port in tmp_path; its last JSON line."""
+    (tmp_path / "t.py").write_text(script)
+    out = upy.run([str(tmp_path / "t.py"), str(tmp_path)],
+                  path=[ROOT / "shared", FIRMWARE, FIRMWARE / "lib"])
+    return json.loads(out.strip().splitlines()[-1])
+
+
 HANDLER_SCRIPT = NODE_PRELUDE + r"""
 f = open(d + "/global.bin", "rb"); good = f.read(); f.close()
 
@@ -451,10 +459,7 @@ def test_the_retained_registry_copy_costs_no_signature_check(micropython: str,
                                              [("node-01", keys.public_key(me), True)]),
                         keys.signer(coord))
     (tmp_path / "again.bin").write_bytes(again)
-    (tmp_path / "r.py").write_text(REGISTRY_COPY_SCRIPT)
-    out = upy.run([str(tmp_path / "r.py"), str(tmp_path)],
-                  path=[ROOT / "shared", FIRMWARE, FIRMWARE / "lib"])
-    got = json.loads(out.splitlines()[-1])
+    got = _run_node_script(tmp_path, REGISTRY_COPY_SCRIPT)
     assert got == {"copy": [0, 1], "again": [1, 2], "rejected": {}}
 
 
@@ -724,14 +729,6 @@ def _two_globals(tmp_path: Path) -> tuple[list[int], list[int]]:
             wire.encode(wire.GLOBAL_MODEL, mid, wire.COORDINATOR, r, r, 0,
                         wire.encode_global_payload(g), keys.signer(coord)))
     return g1, g2
-
-
-def _run_node_script(tmp_path: Path, script: str) -> dict[str, Any]:
-    """Run `script` (NODE_PRELUDE + ...) on the unix port in tmp_path; its last JSON line."""
-    (tmp_path / "t.py").write_text(script)
-    out = upy.run([str(tmp_path / "t.py"), str(tmp_path)],
-                  path=[ROOT / "shared", FIRMWARE, FIRMWARE / "lib"])
-    return json.loads(out.strip().splitlines()[-1])
 
 
 SHARED_RX_SCRIPT = NODE_PRELUDE + r"""
