@@ -127,146 +127,199 @@ def _wifi(v, where):
 
 
 class Bundle:
-    """What `microfed provision` wrote for this node. The registry frame is verified later,
-    against the pinned coordinator key, by the node."""
+    """What `microfed provision` wrote for this node (read_bundle fills it). The registry frame
+    is verified later, against the pinned coordinator key, by the node.
+    Fields only, like Config: no method of this module stays referenced once the files are
+    read, so main.boot can drop the module (its functions and tables: ~1 KB of a 32-bit node's
+    heap, benchmarks/node_boot_heap.py)."""
 
-    def __init__(self, path):
-        d = _read_json(path, "the node bundle (microfed provision ... bundles/ID.json)")
-        if d.get("format") != BUNDLE_FORMAT:
-            raise ConfigError("%s: not a %s file" % (path, BUNDLE_FORMAT))
-        for key in ("mesh", "node_id"):
-            if not isinstance(d.get(key), str) or not d[key]:
-                raise ConfigError("%s: '%s' missing" % (path, key))
-        self.mesh = d["mesh"]
-        self.node_id = d["node_id"]
-        self.mesh_id = _hex(d, "mesh_id", 8, path)
-        self.seed = _hex(d, "seed", 32, path)
-        self.public_key = _hex(d, "public_key", 32, path)
-        self.coordinator_key = _hex(d, "coordinator_public_key", 32, path)
-        rf = d.get("registry_frame")
-        if not isinstance(rf, str) or len(rf) % 2 or len(rf) > 2 * 65536:
-            raise ConfigError("%s: 'registry_frame' must be the signed registry in hex" % path)
-        try:
-            self.registry_frame = bytes.fromhex(rf)
-        except ValueError:
-            raise ConfigError("%s: 'registry_frame' is not hex" % path)
-        self.registry_version = d.get("registry_version", 0)
-        if type(self.registry_version) is not int or self.registry_version < 0:
-            raise ConfigError("%s: 'registry_version' must be an integer >= 0" % path)
-        self.broker = _broker(d.get("broker"), path) if d.get("broker") is not None else None
-        self.wifi = _wifi(d.get("wifi"), path)
-        self.mqtt = _mqtt(d.get("mqtt"), path)
-        ca = d.get("broker_ca")
-        if ca is not None and (not isinstance(ca, str) or len(ca) % 2):
-            raise ConfigError("%s: 'broker_ca' must be the mesh CA certificate (DER) in hex" % path)
-        try:
-            self.broker_ca = bytes.fromhex(ca) if ca else None
-        except ValueError:
-            raise ConfigError("%s: 'broker_ca' is not hex" % path)
+    mesh: str
+    node_id: str
+    mesh_id: bytes
+    seed: bytes
+    public_key: bytes
+    coordinator_key: bytes
+    registry_frame: "bytes | None"  # the node drops it once checked
+    registry_version: int
+    broker: "dict | None"
+    wifi: "dict | None"
+    mqtt: "dict | None"
+    broker_ca: "bytes | None"
 
 
 class Config:
-    def __init__(self, path=None, doc=None):
-        where = path or "config"
-        if doc is None:
-            doc = _read_json(path, "the node config") if path else {}
-        for key in doc:
-            if key not in DEFAULTS:
-                raise ConfigError("%s: unknown key '%s'" % (where, key))
-        d = dict(DEFAULTS)
-        d.update(doc)
-        if d["mode"] not in MODES:
-            raise ConfigError("%s: 'mode' must be one of %s" % (where, ", ".join(MODES)))
-        for key, allowed in (("peer_check", PEER_CHECKS), ("vectors", VECTOR_STORES)):
-            if d[key] not in allowed:
-                raise ConfigError("%s: '%s' must be one of %s" % (where, key, ", ".join(allowed)))
-        if d["privacy"] not in PRIVACY:
-            raise ConfigError("%s: 'privacy' must be one of %s" % (where, ", ".join(PRIVACY)))
-        if d["privacy"] == "secagg" and d["mode"] != "coordinated":
-            raise ConfigError("%s: 'privacy' secagg needs 'mode' coordinated" % where)
-        if d["link"] not in LINKS:
-            raise ConfigError("%s: 'link' must be one of %s" % (where, ", ".join(LINKS)))
-        for key in ("model", "shard", "state_dir", "log"):
-            if not isinstance(d[key], str):
-                raise ConfigError("%s: '%s' must be a string" % (where, key))
-        if not d["model"] or not d["shard"] or not d["state_dir"]:
-            raise ConfigError("%s: 'model', 'shard' and 'state_dir' must not be empty" % where)
-        for key, lo, hi in (("max_rounds", 0, 0xFFFFFFFE), ("wifi_timeout_ms", 1, 600000),
-                            ("keepalive", 0, 65535), ("publish_timeout_ms", 1, 600000),
-                            ("io_timeout_ms", 1, 600000), ("max_msg", 256, 1 << 20),
-                            ("gossip_buffer", 0, 4096),
-                            ("per_sender", 1, 16), ("max_abs", 1, 0x7FFFFFFF),
-                            ("status_interval_ms", 0, 600000), ("idle_exit_s", 0, 1 << 30),
-                            ("seq_block", 1, 1 << 20), ("clip_l2", 1, 0x7FFFFFFF)):
-            _int(d, key, lo, hi, where)
-        tr = default_train()
-        if d["train"] is not None:
-            if not isinstance(d["train"], dict):
-                raise ConfigError("%s: 'train' must be an object" % where)
-            for key in d["train"]:
-                if key not in tr:
-                    raise ConfigError("%s: unknown key 'train.%s'" % (where, key))
-            tr.update(d["train"])
-        for key, lo, hi in (("lr", 1, 0x7FFFFFFF), ("epochs", 1, 1000), ("batch", 1, 1 << 16),
-                            ("seed", 0, 0xFFFFFFFF)):
-            _int(tr, key, lo, hi, where + " train")
-        d["train"] = tr
-        if d["dp"] is not None:
-            from microfed import dp
+    """How this node runs: config.json over DEFAULTS (read_config fills it); fields only."""
 
-            try:
-                nd = dp.node_dp(d["dp"], 0, "")  # checked here; the node builds its own
-            except ValueError as e:
-                raise ConfigError("%s: %s" % (where, e))
-            shares = d["dp"].get("nodes", 1)
-            if d["privacy"] == "secagg":
-                # Distributed DP: dp.clip is the one clip (microfed.noderound.secagg_begin).
-                if "clip_l2" in doc and doc["clip_l2"] != nd.clip:
-                    raise ConfigError("%s: with 'privacy' secagg and 'dp', 'dp.clip' is the "
-                                      "clip: drop 'clip_l2' (or make it equal)" % where)
-            elif shares != 1:
-                raise ConfigError("%s: 'dp.nodes' %d (a share of distributed DP) needs "
-                                  "'privacy' secagg: alone, a share protects nothing"
-                                  % (where, shares))
-        if d["broker"] is not None:
-            d["broker"] = _broker(d["broker"], where)
-        d["wifi"] = _wifi(d["wifi"], where)
-        # Spelled out (not setattr in a loop) so type checkers see every field.
-        self.mode = d["mode"]
-        self.model = d["model"]
-        self.shard = d["shard"]
-        self.state_dir = d["state_dir"]
-        self.train = d["train"]
-        self.max_rounds = d["max_rounds"]
-        self.broker = d["broker"]
-        self.link = d["link"]
-        self.wifi = d["wifi"]
-        self.wifi_timeout_ms = d["wifi_timeout_ms"]
-        self.keepalive = d["keepalive"]
-        self.publish_timeout_ms = d["publish_timeout_ms"]
-        self.io_timeout_ms = d["io_timeout_ms"]
-        self.max_msg = d["max_msg"]
-        self.gossip_buffer = d["gossip_buffer"]
-        self.per_sender = d["per_sender"]
-        self.max_abs = d["max_abs"]
-        self.peer_check = d["peer_check"]
-        self.vectors = d["vectors"]
-        self.status_interval_ms = d["status_interval_ms"]
-        self.idle_exit_s = d["idle_exit_s"]
-        self.log = d["log"]
-        self.seq_block = d["seq_block"]
-        self.dp = d["dp"]
-        self.privacy = d["privacy"]
-        self.clip_l2 = d["clip_l2"]
+    mode: str
+    model: str
+    shard: str
+    state_dir: str
+    train: dict
+    max_rounds: int
+    broker: "dict | None"
+    link: str
+    wifi: "dict | None"
+    wifi_timeout_ms: int
+    keepalive: int
+    publish_timeout_ms: int
+    io_timeout_ms: int
+    max_msg: int
+    gossip_buffer: int
+    per_sender: int
+    max_abs: int
+    peer_check: str
+    vectors: str
+    status_interval_ms: int
+    idle_exit_s: int
+    log: str
+    seq_block: int
+    dp: "dict | None"
+    privacy: str
+    clip_l2: int
+
+
+def read_bundle(path):
+    """The Bundle in `path` (bundle.json), every field checked; raises ConfigError."""
+    d = _read_json(path, "the node bundle (microfed provision ... bundles/ID.json)")
+    b = Bundle()
+    if d.get("format") != BUNDLE_FORMAT:
+        raise ConfigError("%s: not a %s file" % (path, BUNDLE_FORMAT))
+    for key in ("mesh", "node_id"):
+        if not isinstance(d.get(key), str) or not d[key]:
+            raise ConfigError("%s: '%s' missing" % (path, key))
+    b.mesh = d["mesh"]
+    b.node_id = d["node_id"]
+    b.mesh_id = _hex(d, "mesh_id", 8, path)
+    b.seed = _hex(d, "seed", 32, path)
+    b.public_key = _hex(d, "public_key", 32, path)
+    b.coordinator_key = _hex(d, "coordinator_public_key", 32, path)
+    rf = d.get("registry_frame")
+    if not isinstance(rf, str) or len(rf) % 2 or len(rf) > 2 * 65536:
+        raise ConfigError("%s: 'registry_frame' must be the signed registry in hex" % path)
+    try:
+        b.registry_frame = bytes.fromhex(rf)
+    except ValueError:
+        raise ConfigError("%s: 'registry_frame' is not hex" % path)
+    b.registry_version = d.get("registry_version", 0)
+    if type(b.registry_version) is not int or b.registry_version < 0:
+        raise ConfigError("%s: 'registry_version' must be an integer >= 0" % path)
+    b.broker = _broker(d.get("broker"), path) if d.get("broker") is not None else None
+    b.wifi = _wifi(d.get("wifi"), path)
+    b.mqtt = _mqtt(d.get("mqtt"), path)
+    ca = d.get("broker_ca")
+    if ca is not None and (not isinstance(ca, str) or len(ca) % 2):
+        raise ConfigError("%s: 'broker_ca' must be the mesh CA certificate (DER) in hex" % path)
+    try:
+        b.broker_ca = bytes.fromhex(ca) if ca else None
+    except ValueError:
+        raise ConfigError("%s: 'broker_ca' is not hex" % path)
+    return b
+
+
+def read_config(path=None, doc=None):
+    """The Config in `path` (config.json), or of `doc` (a dict) when path is None; every
+    field checked; raises ConfigError."""
+    where = path or "config"
+    if doc is None:
+        doc = _read_json(path, "the node config") if path else {}
+    for key in doc:
+        if key not in DEFAULTS:
+            raise ConfigError("%s: unknown key '%s'" % (where, key))
+    d = dict(DEFAULTS)
+    d.update(doc)
+    if d["mode"] not in MODES:
+        raise ConfigError("%s: 'mode' must be one of %s" % (where, ", ".join(MODES)))
+    for key, allowed in (("peer_check", PEER_CHECKS), ("vectors", VECTOR_STORES)):
+        if d[key] not in allowed:
+            raise ConfigError("%s: '%s' must be one of %s" % (where, key, ", ".join(allowed)))
+    if d["privacy"] not in PRIVACY:
+        raise ConfigError("%s: 'privacy' must be one of %s" % (where, ", ".join(PRIVACY)))
+    if d["privacy"] == "secagg" and d["mode"] != "coordinated":
+        raise ConfigError("%s: 'privacy' secagg needs 'mode' coordinated" % where)
+    if d["link"] not in LINKS:
+        raise ConfigError("%s: 'link' must be one of %s" % (where, ", ".join(LINKS)))
+    for key in ("model", "shard", "state_dir", "log"):
+        if not isinstance(d[key], str):
+            raise ConfigError("%s: '%s' must be a string" % (where, key))
+    if not d["model"] or not d["shard"] or not d["state_dir"]:
+        raise ConfigError("%s: 'model', 'shard' and 'state_dir' must not be empty" % where)
+    for key, lo, hi in (("max_rounds", 0, 0xFFFFFFFE), ("wifi_timeout_ms", 1, 600000),
+                        ("keepalive", 0, 65535), ("publish_timeout_ms", 1, 600000),
+                        ("io_timeout_ms", 1, 600000), ("max_msg", 256, 1 << 20),
+                        ("gossip_buffer", 0, 4096),
+                        ("per_sender", 1, 16), ("max_abs", 1, 0x7FFFFFFF),
+                        ("status_interval_ms", 0, 600000), ("idle_exit_s", 0, 1 << 30),
+                        ("seq_block", 1, 1 << 20), ("clip_l2", 1, 0x7FFFFFFF)):
+        _int(d, key, lo, hi, where)
+    tr = default_train()
+    if d["train"] is not None:
+        if not isinstance(d["train"], dict):
+            raise ConfigError("%s: 'train' must be an object" % where)
+        for key in d["train"]:
+            if key not in tr:
+                raise ConfigError("%s: unknown key 'train.%s'" % (where, key))
+        tr.update(d["train"])
+    for key, lo, hi in (("lr", 1, 0x7FFFFFFF), ("epochs", 1, 1000), ("batch", 1, 1 << 16),
+                        ("seed", 0, 0xFFFFFFFF)):
+        _int(tr, key, lo, hi, where + " train")
+    d["train"] = tr
+    if d["dp"] is not None:
+        from microfed import dp
+
+        try:
+            nd = dp.node_dp(d["dp"], 0, "")  # checked here; the node builds its own
+        except ValueError as e:
+            raise ConfigError("%s: %s" % (where, e))
+        shares = d["dp"].get("nodes", 1)
+        if d["privacy"] == "secagg":
+            # Distributed DP: dp.clip is the one clip (microfed.noderound.secagg_begin).
+            if "clip_l2" in doc and doc["clip_l2"] != nd.clip:
+                raise ConfigError("%s: with 'privacy' secagg and 'dp', 'dp.clip' is the "
+                                  "clip: drop 'clip_l2' (or make it equal)" % where)
+        elif shares != 1:
+            raise ConfigError("%s: 'dp.nodes' %d (a share of distributed DP) needs "
+                              "'privacy' secagg: alone, a share protects nothing"
+                              % (where, shares))
+    if d["broker"] is not None:
+        d["broker"] = _broker(d["broker"], where)
+    d["wifi"] = _wifi(d["wifi"], where)
+    c = Config()
+    c.mode = d["mode"]
+    c.model = d["model"]
+    c.shard = d["shard"]
+    c.state_dir = d["state_dir"]
+    c.train = d["train"]
+    c.max_rounds = d["max_rounds"]
+    c.broker = d["broker"]
+    c.link = d["link"]
+    c.wifi = d["wifi"]
+    c.wifi_timeout_ms = d["wifi_timeout_ms"]
+    c.keepalive = d["keepalive"]
+    c.publish_timeout_ms = d["publish_timeout_ms"]
+    c.io_timeout_ms = d["io_timeout_ms"]
+    c.max_msg = d["max_msg"]
+    c.gossip_buffer = d["gossip_buffer"]
+    c.per_sender = d["per_sender"]
+    c.max_abs = d["max_abs"]
+    c.peer_check = d["peer_check"]
+    c.vectors = d["vectors"]
+    c.status_interval_ms = d["status_interval_ms"]
+    c.idle_exit_s = d["idle_exit_s"]
+    c.log = d["log"]
+    c.seq_block = d["seq_block"]
+    c.dp = d["dp"]
+    c.privacy = d["privacy"]
+    c.clip_l2 = d["clip_l2"]
+    return c
 
 
 def load(bundle_path="bundle.json", config_path="config.json"):
     """(Bundle, Config); a missing config.json means all defaults."""
-    bundle = Bundle(bundle_path)
+    bundle = read_bundle(bundle_path)
     try:
         f = open(config_path)
         f.close()
-        cfg = Config(config_path)
+        cfg = read_config(config_path)
     except OSError:
-        cfg = Config(None, {})
+        cfg = read_config(None, {})
     return bundle, cfg

@@ -253,7 +253,7 @@ def test_tls_with_the_mesh_ca(mesh: Path, broker: Broker) -> None:
 NODE_TLS = r"""
 import config, main
 from mqtt import Transport
-b = config.Bundle(%(bundle)r)
+b = config.read_bundle(%(bundle)r)
 if not %(good)r:
     b.broker_ca = None
 try:

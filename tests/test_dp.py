@@ -143,11 +143,11 @@ def test_firmware_config_dp_key(tmp_path: object) -> None:
         import config
     finally:
         sys.path.remove(str(upy.FIRMWARE))
-    cfg = config.Config(None, {"dp": {"clip": 65536, "sigma2": [10, 3], "noise": "urandom"}})
+    cfg = config.read_config(None, {"dp": {"clip": 65536, "sigma2": [10, 3], "noise": "urandom"}})
     assert cfg.dp == {"clip": 65536, "sigma2": [10, 3], "noise": "urandom"}
-    assert config.Config(None, {}).dp is None
+    assert config.read_config(None, {}).dp is None
     with pytest.raises(config.ConfigError, match="sigma2"):
-        config.Config(None, {"dp": {"clip": 65536, "sigma2": [10]}})
+        config.read_config(None, {"dp": {"clip": 65536, "sigma2": [10]}})
 
 
 def test_distributed_dp_share_in_config_and_firmware_checks() -> None:
@@ -166,13 +166,13 @@ def test_distributed_dp_share_in_config_and_firmware_checks() -> None:
     finally:
         sys.path.remove(str(upy.FIRMWARE))
     share = {"clip": 65536, "sigma2": [10, 3], "noise": "urandom", "nodes": 5}
-    cfg = config.Config(None, {"privacy": "secagg", "dp": share})
+    cfg = config.read_config(None, {"privacy": "secagg", "dp": share})
     assert cfg.dp == share and cfg.privacy == "secagg"
     with pytest.raises(config.ConfigError, match="'dp.nodes' 5 .* needs 'privacy' secagg"):
-        config.Config(None, {"dp": share})
+        config.read_config(None, {"dp": share})
     with pytest.raises(config.ConfigError, match="'dp.clip' is the clip"):
-        config.Config(None, {"privacy": "secagg", "dp": share, "clip_l2": 1 << 20})
-    config.Config(None, {"privacy": "secagg", "dp": share, "clip_l2": 65536})  # the same: fine
+        config.read_config(None, {"privacy": "secagg", "dp": share, "clip_l2": 1 << 20})
+    config.read_config(None, {"privacy": "secagg", "dp": share, "clip_l2": 65536})  # the same: fine
 
 
 def test_secagg_begin_with_dp_is_clip_noise_share_weight_one() -> None:

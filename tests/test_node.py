@@ -280,8 +280,8 @@ NODE_PRELUDE = r"""
 import json, sys
 import config, node as nodemod
 d = sys.argv[1]
-bundle = config.Bundle(d + "/bundle.json")
-cfg = config.Config(None, {"state_dir": d + "/state", "status_interval_ms": 0})
+bundle = config.read_bundle(d + "/bundle.json")
+cfg = config.read_config(None, {"state_dir": d + "/state", "status_interval_ms": 0})
 f = open(d + "/shard.bin", "rb"); shard = f.read(); f.close()
 
 class T:

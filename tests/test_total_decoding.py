@@ -217,15 +217,15 @@ def test_firmware_config_any_json(tmp_path: Path) -> None:
                    "coordinator_public_key": "33" * 32, "registry_frame": "44" * 200,
                    "registry_version": 1, "broker": {"host": "h", "port": 1883}}
     p.write_text(json.dumps(good_bundle))
-    cfg.Bundle(str(p))
+    cfg.read_bundle(str(p))
     raws = [b"", b"\xff\xfe\x00", b"[" * 100000, b"{" * 5000 + b"}" * 5000, b"{\"a\":" * 50000,
             b"null", b"[1,2]", b"\"str\"", b"1e999999", b"9" * 5000]
     for raw in raws:
         p.write_bytes(raw)
         with pytest.raises(cfg.ConfigError):
-            cfg.Bundle(str(p))
+            cfg.read_bundle(str(p))
         with pytest.raises(cfg.ConfigError):
-            cfg.Config(str(p))
+            cfg.read_config(str(p))
     keys_ = list(good_bundle)
     for _ in range(600):
         doc = dict(good_bundle)
@@ -237,7 +237,7 @@ def test_firmware_config_any_json(tmp_path: Path) -> None:
                 doc[k] = rng.choice(JSON_VALUES)
         p.write_text(json.dumps(doc))
         try:
-            cfg.Bundle(str(p))
+            cfg.read_bundle(str(p))
         except cfg.ConfigError:
             pass
         cdoc: dict = {}
@@ -245,7 +245,7 @@ def test_firmware_config_any_json(tmp_path: Path) -> None:
             cdoc[rng.choice(list(cfg.DEFAULTS) + ["nope"])] = rng.choice(
                 JSON_VALUES + ({"lr": 1, "epochs": 0}, {"seed": -1}, {"x": 1}))
         try:
-            cfg.Config(None, cdoc)
+            cfg.read_config(None, cdoc)
         except cfg.ConfigError:
             pass
 
