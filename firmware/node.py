@@ -26,7 +26,7 @@ import time
 
 from microfed import ed25519, model, noderound, replay, wire
 from microfed.replay import ReplayGuard, SequenceSource
-from microfed.verify import Rejected, load_registry_frame
+from microfed.registry import Rejected, load_registry_frame
 from microfed.wire import WireError
 
 # STATUS / HELLO state byte.

@@ -29,7 +29,7 @@ import hashlib
 
 from microfed import model, wire
 from microfed.q16 import MAX_RAW, MIN_RAW
-from microfed.verify import Rejected
+from microfed.registry import Rejected
 from microfed.wire import WireError
 
 

@@ -16,8 +16,8 @@ import hashlib
 import time
 
 from microfed import ed25519, model, noderound, wire
+from microfed.registry import Rejected, load_registry_frame
 from microfed.replay import MemoryStore, ReplayGuard
-from microfed.verify import Rejected, load_registry_frame
 
 _tk = getattr(time, "ticks_us", None) or (lambda: 0)
 _td = getattr(time, "ticks_diff", None) or (lambda a, b: a - b)
