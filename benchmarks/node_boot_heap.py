@@ -34,12 +34,12 @@ from node_heap import parse_heap
 from microfed_host.scenario import Scenario, prepare
 from microfed_tools import firmware
 
-# Dependencies first, so each row is mostly the module itself.
+# Dependencies first, so each row is mostly the module itself. Not `config`: main.boot reads
+# the node's files with it and drops it (its rows would count what the boot frees again).
 MODULES = ("microfed.q16", "microfed.sha512", "microfed.ed25519", "microfed.wire",
-           "microfed.replay", "microfed.model", "microfed.verify", "microfed.aggregate",
-           "microfed.colagg", "microfed.reputation", "microfed.noderound", "microfed.gossip",
-           "hal", "config",
-           "mqttc", "mqtt", "node", "main")
+           "microfed.replay", "microfed.model", "microfed.registry", "microfed.verify",
+           "microfed.aggregate", "microfed.colagg", "microfed.noderound", "microfed.gossip",
+           "hal", "mqttc", "mqtt", "node", "main")
 
 PROGRAM = """import gc, sys, json
 gc.collect()
@@ -54,9 +54,9 @@ def row(name, n):
     n_out[0] += 1
 START = last = held()  # the program's own objects: not the node's
 for name in %(modules)r:
-    if name in ("microfed.aggregate", "microfed.colagg", "microfed.reputation",
+    if name in ("microfed.verify", "microfed.aggregate", "microfed.colagg",
                 "microfed.gossip") and %(mode)r != "gossip":
-        continue  # a coordinated node never imports peers' code or the aggregation
+        continue  # a coordinated node never imports peers' checks or the aggregation
     __import__(name)
     h = held()
     row("import " + name, h - last)
@@ -68,20 +68,25 @@ row("main.boot (imports done)", h - last)
 row("held after boot", h - START)
 gc.collect()
 free = gc.mem_free()
+MODS = sorted(sys.modules.keys())  # what the node imported (the rows below import more)
 import config
-from microfed import noderound, verify, ed25519
+from microfed import noderound, registry, ed25519
 a = held(); x = config.load("bundle.json", "config.json"); x[0].registry_frame = None  # as Node does
 row("of which bundle + config", held() - a); x = None
-a = held(); x = noderound.Topics(nd.b.mesh, nd.node_id); row("of which topic names", held() - a); x = None
+a = held(); x = noderound.Topics(nd.b.mesh, nd.node_id)
+x = tuple([s for s in (x.global_, x.registry, x.update, x.hello, x.notice) if s]
+          + ([x.updates, x.update_prefix, x.digest] if nd.gossip else []))  # those it keeps
+row("of which topic names", held() - a); x = None
 a = held(); x = bytearray(len(t._rx)); row("of which MQTT receive buffer", held() - a); x = None
 a = held(); x = noderound.RoundBuffers(nd.model, nd.node_id, nd.n_samples, t._rx)  # frame in rx, as Node's
 row("of which round buffers (the update frame is built in the receive buffer)", held() - a); x = None
 def registry_frame():  # the node dropped its copy; a function, so no stale bundle stays
     return config.load("bundle.json", "config.json")[0].registry_frame
 rf = registry_frame()
-a = held(); x = verify.load_registry_frame(rf, nd.mesh_id, nd.b.coordinator_key, ed25519.verify, 0, nd.own_entry)
+a = held(); x = registry.load_registry_frame(rf, nd.mesh_id, nd.b.coordinator_key, ed25519.verify, 0, nd.own_entry)
 row("of which registry", held() - a); x = None
-print("MFHEAP " + json.dumps({"rows": out[:n_out[0]], "free": free}))
+print("MFHEAP " + json.dumps({"rows": out[:n_out[0]], "free": free,
+                              "modules": MODS}))
 """
 
 LARGEST = """
@@ -120,6 +125,11 @@ def main() -> None:
         line = next(x for x in run(exe, work, PROGRAM % args, 4 << 20).splitlines()
                     if x.startswith("MFHEAP "))
         doc = json.loads(line[7:])
+        # A row for a module the node does not import would count heap it never pays.
+        extra = [n for n, _ in doc["rows"]
+                 if n.startswith("import ") and n[7:] not in doc["modules"]]
+        if extra:
+            raise SystemExit(f"a {a.mode} node does not import what these rows count: {extra}")
         info = run(exe, work, LARGEST % args, heap)
     gcline = next(x for x in info.splitlines() if "max free sz" in x)
     largest = int(gcline.split("max free sz:")[1].strip()) * 16  # GC blocks of 16 bytes

@@ -23,6 +23,10 @@ def test_the_boot_heap_table_adds_up() -> None:
     # imports costs heap.
     assert "import microfed.colagg" not in imports and "import node" in imports
     assert "import microfed.gossip" not in imports
+    # Nor the pipeline for peers' frames (microfed.verify): its registry and Rejected come
+    # from microfed.registry; and main.boot drops `config` once the files are read.
+    assert "import microfed.verify" not in imports and "import microfed.registry" in imports
+    assert "import config" not in imports
     assert all(v > 0 for v in imports.values()), imports
     boot = rows["main.boot (imports done)"]
     assert rows["held after boot"] == sum(imports.values()) + boot
