@@ -41,11 +41,34 @@ def check(rule: str, ids: list[str], rows: list[list[int]], params: dict, chunk:
                            cols)
             assert str(got.value) == str(e)
         return
+    # max_abs: none (Krum's distances in a list), the rows' own bound (in an int64 array
+    # when d * (2 max_abs)^2 < 2^63, else a list), and a looser one (as a node passes).
+    bound = max(abs(v) for row in rows for v in row)
     for k, cols in enumerate(variants):
-        digest, selected = colagg.run(rule, ids, gossip.list_reader(rows), len(rows[0]),
-                                      params, chunk, cols)
-        assert digest.hex() == ref["digest"], (rule, chunk, k)
-        assert selected == ref.get("selected"), (rule, chunk, k)
+        for max_abs in (None, bound, max(bound, 1 << 24)):
+            digest, selected = colagg.run(rule, ids, gossip.list_reader(rows), len(rows[0]),
+                                          params, chunk, cols, max_abs)
+            assert digest.hex() == ref["digest"], (rule, chunk, k, max_abs)
+            assert selected == ref.get("selected"), (rule, chunk, k, max_abs)
+
+
+def test_krum_distances_in_int64_at_a_nodes_bound() -> None:
+    """A node's case: 13 updates of 650 values within +-2^24 (its range check's default
+    max_abs), values at the bound included: the int64 path (650 * 2^50 < 2^63) gives the
+    reference's digest and selection, and so does the list path when the bound is too large
+    for int64 (2^31: the distances could overflow it)."""
+    import random
+
+    rng = random.Random(11)
+    m = 1 << 24
+    rows = [[rng.choice((m, -m, rng.randint(-m, m))) for _ in range(650)] for _ in range(13)]
+    ids = ["node-%02d" % i for i in range(13)]
+    ref = audit.run("krum", ids, rows, {"f": 3})
+    assert 650 * (2 * m) ** 2 < 1 << 63 <= 650 * (2 << 31) ** 2
+    for max_abs in (m, 1 << 31):
+        digest, selected = colagg.run("krum", ids, gossip.list_reader(rows), 650, {"f": 3},
+                                      64, colagg.buffers(13), max_abs)
+        assert digest.hex() == ref["digest"] and selected == ref["selected"], max_abs
 
 
 @SETTINGS
@@ -83,18 +106,22 @@ def test_same_digests_on_the_micropython_unix_port() -> None:
                          ("trimmed_mean", {"trim": 2}), ("fedavg", {"weights": [3, 1, 4, 1, 5, 9, 2]})):
         rows = [[rng.randint(-(2**31), 2**31 - 1) if rng.random() < 0.1 else rng.randint(-70000, 70000)
                  for _ in range(130)] for _ in range(7)]
-        cases.append({"rule": rule, "params": params, "rows": rows,
-                      "ids": ["n%d" % i for i in range(7)]})
+        for max_abs in (None, max(abs(v) for row in rows for v in row), 70000):
+            if max_abs == 70000:  # every value within +-70000: Krum's int64 distances
+                rows = [[max(-70000, min(70000, v)) for v in row] for row in rows]
+            cases.append({"rule": rule, "params": params, "rows": rows, "max_abs": max_abs,
+                          "ids": ["n%d" % i for i in range(7)]})
     prog = (
         "import sys, json\n"
         "from microfed import colagg, gossip\n"
         "out = []\n"
         "for c in json.loads(sys.stdin.read()):\n"
-        "    d, sel = colagg.run(c['rule'], c['ids'], gossip.list_reader(c['rows']), 130, c['params'], 64)\n"
+        "    d, sel = colagg.run(c['rule'], c['ids'], gossip.list_reader(c['rows']), 130, c['params'], 64,\n"
+        "                        None, c['max_abs'])\n"
         "    out.append([''.join(['%02x' % b for b in d]), sel])\n"
         "print(json.dumps(out))\n")
     got = json.loads(upy.run(["-c", prog], stdin=json.dumps(cases)).strip().splitlines()[-1])
     for c, (digest, sel) in zip(cases, got, strict=True):
         ref = audit.run(c["rule"], c["ids"], c["rows"], c["params"])
-        assert digest == ref["digest"], c["rule"]
-        assert sel == ref.get("selected"), c["rule"]
+        assert digest == ref["digest"], (c["rule"], c["max_abs"])
+        assert sel == ref.get("selected"), (c["rule"], c["max_abs"])

@@ -7,8 +7,8 @@
 #
 # `read_into(i, start, count, out)` puts values [start, start + count) of update i into
 # out[0:count] (`out`: an array("i")). RAM: one `chunk`-value array per update, refilled for
-# every chunk (a board's heap sees no allocation per chunk), plus the n x n distance matrix for
-# the Krum rules. A node passes `cols` (buffers(), allocated once at boot): mid-run, on a
+# every chunk (a board's heap sees no allocation per chunk), plus the n (n - 1) / 2 distances
+# of the Krum rules. A node passes `cols` (buffers(), allocated once at boot): mid-run, on a
 # fragmented heap, 13 blocks of 256 B were not there with 14 KB free (measured on the
 # Cortex-M3 with a 64 KB heap: docs/boards.md). Every rule is exactly microfed.aggregate's
 # (same integers, same ties, same errors): tests/test_colagg.py compares them bit for bit on
@@ -57,33 +57,65 @@ def _hash_chunk(h, values, count):
         h.update(struct.pack("<%di" % count, *values[:count]))
 
 
-def krum_scores(read_into, n, d, f, chunk=CHUNK, cols=None):
+def krum_scores(read_into, n, d, f, chunk=CHUNK, cols=None, max_abs=None):
     """microfed.aggregate.krum_scores: the pairwise squared distances are summed over chunks
-    (an exact sum of exact parts)."""
+    (an exact sum of exact parts). Each pair's distance is kept once: row a holds those of
+    update a to a + 1 .. n - 1, as int64 (an array per row) when `max_abs`, a bound on every
+    |value|, proves they fit (d * (2 max_abs)^2 < 2^63), else as Python ints (a list per
+    row). For 13 updates on a 32-bit port the arrays take ~0.8 KB in blocks of at most 112
+    bytes, where the full matrix as lists of long ints took ~3.5 KB, more than a gossip
+    node's 48 KB unix32 heap had left mid-run (docs/results.md); one 624-byte block for all of
+    them was not always there either."""
     if f < 0:
         raise AggregationError("f must be >= 0")
     if n < 2 * f + 3:
         raise AggregationError("krum needs n >= 2f + 3: n=%d, f=%d" % (n, f))
-    dm = [[0] * n for _ in range(n)]
+    if max_abs is not None and d * (2 * max_abs) ** 2 < (1 << 63):
+        # range(), not bytes(): the array is made at its size, with no temporary beside it.
+        tri = [array("q", range(n - 1 - a)) for a in range(n - 1)]
+        for row in tri:
+            for b in range(len(row)):
+                row[b] = 0
+    else:
+        tri = [[0] * (n - 1 - a) for a in range(n - 1)]
     cols = _buffers(n, chunk, cols)
     for start in range(0, d, chunk):
         count = min(chunk, d - start)
         _fill(read_into, cols, start, count)
-        for i in range(n):
+        for i in range(n - 1):
             u = cols[i]
-            row = dm[i]
+            row = tri[i]
             for j in range(i + 1, n):
                 v = cols[j]
                 s = 0
                 for x in range(count):  # indexing: no tuple per step, as zip would make
                     t = u[x] - v[x]
                     s += t * t
-                row[j] += s
+                row[j - i - 1] += s
     cols = None
+    return _scores(tri, n, f)
+
+
+def _scores(tri, n, f):
+    # microfed.aggregate.scores_from_distances over the upper triangle (tri[a][b - a - 1] is
+    # the distance of a < b): i's distances to the others, sorted, the n - f - 2 smallest
+    # summed (the same numbers, the same sum).
+    keep = n - f - 2
+    row = [0] * (n - 1)
+    scores = []
     for i in range(n):
-        for j in range(i + 1, n):
-            dm[j][i] = dm[i][j]
-    return agg.scores_from_distances(dm, f)
+        r = 0
+        for j in range(n):
+            if j == i:
+                continue
+            row[r] = tri[j][i - j - 1] if j < i else tri[i][j - i - 1]
+            r += 1
+        row.sort()
+        s = 0
+        for x in range(keep):
+            s += row[x]
+        scores.append(s)
+    return scores
 
 
 def _column_rule(h, read_into, n, d, chunk, per_coordinate, cols):
@@ -95,10 +127,12 @@ def _column_rule(h, read_into, n, d, chunk, per_coordinate, cols):
         _hash_chunk(h, out, count)
 
 
-def run(rule, ids, read_into, d, params, chunk=CHUNK, cols=None):
+def run(rule, ids, read_into, d, params, chunk=CHUNK, cols=None, max_abs=None):
     """(SHA-256 of the aggregate as little-endian int32 = microfed.audit.digest, selected ids
     or None). Raises AggregationError where microfed.aggregate does. `cols`: buffers(n, chunk)
-    or more, reused instead of allocated; their old contents do not matter."""
+    or more, reused instead of allocated; their old contents do not matter. `max_abs`: None,
+    or a bound on every |value| (a node's: its peers' updates passed that range check), which
+    lets Krum keep its distances as int64 (krum_scores)."""
     n = len(ids)
     if n < 1:
         raise AggregationError("no updates")
@@ -108,7 +142,7 @@ def run(rule, ids, read_into, d, params, chunk=CHUNK, cols=None):
     selected = None
     if rule == "krum" or rule == "multi_krum":
         f = params["f"]
-        scores = krum_scores(read_into, n, d, f, chunk, cols)
+        scores = krum_scores(read_into, n, d, f, chunk, cols, max_abs)
         order = agg.krum_rank(ids, scores)
         if rule == "krum":
             sel = order[:1]

@@ -347,8 +347,9 @@ class Peers:
         def read_into(i, start, count, out):
             vec.read_into(slots[i], start, count, out)
 
-        return announced_digest(body, ids, read_into, self.verifier.limits.dim, weights,
-                                self.cols), ids
+        lim = self.verifier.limits
+        return announced_digest(body, ids, read_into, lim.dim, weights, self.cols,
+                                lim.max_abs), ids
 
 
 def _registered(registry, node_id):
@@ -360,15 +361,17 @@ def _registered(registry, node_id):
     return node_id
 
 
-def announced_digest(body, ids, read_into, d, weights, cols=None):
+def announced_digest(body, ids, read_into, d, weights, cols=None, max_abs=None):
     """The digest of the aggregate a GLOBAL_MODEL announces (`body`: its decoded payload),
     over the updates `ids` in announced order, update i read by read_into (microfed.colagg;
-    `cols`: its column buffers, allocated once by the caller)."""
+    `cols`: its column buffers, allocated once by the caller; `max_abs`: a bound on every
+    |value| read, when the caller's range check gives one)."""
     from microfed import colagg  # gossip only: Peers imported it at boot
 
     rule = body["rule"]
     return colagg.run(rule, ids, read_into, d,
-                      wire.rule_params(rule, body["p1"], body["p2"], weights), cols=cols)[0]
+                      wire.rule_params(rule, body["p1"], body["p2"], weights), cols=cols,
+                      max_abs=max_abs)[0]
 
 
 def list_reader(vecs):
