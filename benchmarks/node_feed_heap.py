@@ -7,7 +7,7 @@ quietly: no broker). Where benchmarks/node_heap.py runs whole meshes (minutes pe
 takes seconds per heap and says where a round ran out.
 
     .venv/bin/python benchmarks/node_feed_heap.py [--mode coordinated|gossip]
-        [--heaps 36k,38k,40k,44k] [--write docs/results.md]   (between the
+        [--heaps 36k,38k,40k,44k] [--runs N] [--write docs/results.md]   (between the
         `<!-- benchmarks/node_feed_heap.py MODE -->` markers)
 
 Round 1's global carries no announcement; rounds 2 and 3 announce 13 accepted updates (their
@@ -15,7 +15,9 @@ hashes are not any real frame's: a gossip node then reports its digest as missin
 round goes on). Columns: the free heap after the boot, then per round `update` (trained,
 signed, persisted) or the node's rejection (`out_of_memory ... at FILE:LINE`); a boot that
 fails says so. The heap layout depends on the provisioning (keys, the mesh's random name), so
-a heap at the edge may pass in one provisioning and fail in another.
+a heap at the edge may pass in one provisioning and fail in another: `--runs N` provisions N
+meshes and prints one row per heap and mesh, then how many meshes ran all three rounds at
+each heap.
 """
 
 from __future__ import annotations
@@ -104,25 +106,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=("coordinated", "gossip"), default="coordinated")
     ap.add_argument("--heaps", default="36k,38k,40k,44k")
+    ap.add_argument("--runs", type=int, default=1, help="meshes provisioned, one run each")
     ap.add_argument("--write", type=Path, default=None)
     a = ap.parse_args()
     exe = firmware.build("unix32", say=lambda m: print(m, file=sys.stderr))
-    with tempfile.TemporaryDirectory(prefix="node-feed-heap-") as tmp:
-        work = Path(tmp)
-        prepare(Scenario(name="heap", honest=13, mode=a.mode), work / "run")
-        node_dir = work / "run" / "nodes" / "node-01"
-        frames = make_globals(work / "run", work, 650)
-        (work / "prog.py").write_text(PROGRAM)
-        lines = ["| heap | free after boot | round 1 | round 2 | round 3 |",
-                 "| --- | ---: | --- | --- | --- |"]
-        for h in a.heaps.split(","):
-            res = run_at(exe, work, node_dir, frames, parse_heap(h))
-            if "boot" in res:
-                lines.append(f"| {h} | – | boot failed: {res['boot']} | | |")
-                continue
-            cells = [c.replace("|", "/") for c in res["rounds"]] + [""] * 3
-            lines.append(f"| {h} | {res['free']} | {cells[0]} | {cells[1]} | {cells[2]} |")
+    heaps = a.heaps.split(",")
+    lines = ["| heap | free after boot | round 1 | round 2 | round 3 |",
+             "| --- | ---: | --- | --- | --- |"]
+    full = dict.fromkeys(heaps, 0)
+    rows: list[tuple[int, str]] = []
+    for _ in range(a.runs):
+        with tempfile.TemporaryDirectory(prefix="node-feed-heap-") as tmp:
+            work = Path(tmp)
+            prepare(Scenario(name="heap", honest=13, mode=a.mode), work / "run")
+            node_dir = work / "run" / "nodes" / "node-01"
+            frames = make_globals(work / "run", work, 650)
+            (work / "prog.py").write_text(PROGRAM)
+            for k, h in enumerate(heaps):
+                res = run_at(exe, work, node_dir, frames, parse_heap(h))
+                if "boot" in res:
+                    rows.append((k, f"| {h} | – | boot failed: {res['boot']} | | |"))
+                    continue
+                full[h] += res["rounds"] == ["update"] * 3
+                cells = [c.replace("|", "/") for c in res["rounds"]] + [""] * 3
+                rows.append((k, f"| {h} | {res['free']} | {cells[0]} | {cells[1]} | "
+                                f"{cells[2]} |"))
+    lines += [r for _, r in sorted(rows, key=lambda r: r[0])]  # by heap, runs in order
+    if a.runs > 1:
+        lines += ["", "| heap | meshes that ran all three rounds |", "| --- | ---: |"]
+        lines += [f"| {h} | {full[h]} of {a.runs} |" for h in heaps]
     command = f"python benchmarks/node_feed_heap.py --mode {a.mode} --heaps {a.heaps}"
+    if a.runs > 1:
+        command += f" --runs {a.runs}"
     table = "\n".join(lines)
     publish(command, table, a.write, f"benchmarks/node_feed_heap.py {a.mode}")
 
