@@ -61,25 +61,51 @@ def _failure(e, phase):
 
 def _where(e):
     """' at FILE:LINE in FUNCTION', the innermost frame of e's traceback; '' when it cannot
-    be had (CPython, a port without tracebacks, or no memory even for that)."""
+    be had (CPython, a port without tracebacks, or no memory even for that). The traceback is
+    never held as one text: _last_file_stream's stream keeps the last line that names a file
+    as the lines go by, so the report needs blocks of a line's size, not of the whole
+    traceback's (~1 KB for a round's depth), which the split heap of an out-of-memory report
+    often does not have (a unix32 gossip node at 48 KB reported no location:
+    docs/results.md; tests/test_firmware.py splits a heap to check it)."""
     try:
-        import io
         import sys
 
-        buf = io.StringIO()
-        sys.print_exception(e, buf)  # pyright: ignore[reportAttributeAccessIssue]
-        last = None
-        text = buf.getvalue()  # pyright: ignore[reportAttributeAccessIssue]
-        for line in text.split("\n"):
-            if line.startswith("  File "):
-                last = line
+        w = _last_file_stream()
+        sys.print_exception(e, w)  # pyright: ignore[reportAttributeAccessIssue]
+        last = w.last
         if last is None:
             return ""
         # '  File "microfed/model.py", line 277, in train'
-        parts = last[7:].split(", ")
+        parts = last.decode()[7:].split(", ")
         return " at %s:%s %s" % (parts[0].strip('"'), parts[1][5:], parts[2])
     except Exception:
         return ""
+
+
+def _last_file_stream():
+    # A stream for sys.print_exception (io.IOBase: MicroPython calls write() with each piece
+    # it prints) that keeps only the traceback's last '  File ...' line. Made when a failure
+    # is reported, not at import: a class costs every node heap for good.
+    import io
+
+    class LastFile(io.IOBase):
+        def __init__(self):
+            self.line = b""
+            self.last = None
+
+        def write(self, buf):
+            b = self.line + bytes(buf)
+            i = b.find(b"\n")
+            while i >= 0:
+                if b.startswith(b"  File "):
+                    self.last = b[:i]
+                b = b[i + 1:]
+                i = b.find(b"\n")
+            self.line = b
+            return len(buf)
+
+    return LastFile()
+
 
 STATE_MAGIC = b"microfed-node 1"
 _HEX = "0123456789abcdef"

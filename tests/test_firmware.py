@@ -134,3 +134,44 @@ def test_the_packed_range_check_equals_the_list_rule_on_31_bit_ints(unix32: Path
     want = [[list_rule(vals, m), vals] for m, vals, _h in cases]
     assert got == want  # and wire.i32_at reads every value back, long ints included
     assert 20 < sum(w[0] is None for w in want) < len(want) - 20  # both answers exercised
+
+
+# An out-of-memory report on a split heap: a MemoryError raised 25 calls deep, then the heap
+# filled with 80-byte pieces and every other one freed, so that no free block is larger than
+# a piece; node._where must still name the line (the traceback's text, ~1 KB, fits nowhere).
+SPLIT_HEAP_WHERE = """import gc, node
+def deep(n):
+    if n == 0:
+        raise MemoryError()
+    return deep(n - 1)
+try:
+    deep(25)
+except MemoryError as e:
+    err = e
+keep = [None] * 600
+n = 0
+try:
+    while n < 600:
+        keep[n] = bytearray(64)
+        n += 1
+except MemoryError:
+    n -= 1
+    keep[n] = None  # room for the loop below
+i = 0
+while i < n:
+    keep[i] = None
+    i += 2
+gc.collect()
+print(n, repr(node._where(err)))
+"""
+
+
+def test_an_out_of_memory_report_names_its_line_on_a_split_heap(unix32: Path,
+                                                                tmp_path: Path) -> None:
+    out = subprocess.run([str(unix32), "-X", "heapsize=32k", "-c", SPLIT_HEAP_WHERE],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    filled, where = out.stdout.split(" ", 1)
+    assert 100 < int(filled) < 599  # the heap really was filled before the report
+    assert where.strip() == repr(" at <stdin>:4 in deep"), out.stdout
