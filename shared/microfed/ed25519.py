@@ -419,7 +419,7 @@ def _joint_terms(pub, msg, sig):
     # _verify's set-up: (terms, comb digits of t*S mod L, top digit), or None for a bad
     # input. A function of its own: on MicroPython a frame's value stack keeps what it
     # popped and the collector scans it, so A, R, k and the copies made here would stay on
-    # the heap through the whole joint loop (~0.4 KB on a 32-bit port); gone once this returns.
+    # the heap through the whole joint loop (benchmarks/verify_heap.py: 8 143 -> 7 954 B).
     if not (_is_bytes(pub, 32) and _is_bytes(sig, 64) and _is_bytes(msg, None)):
         return None
     pub = bytes(pub)
