@@ -24,7 +24,7 @@ from microfed import aggregate as agg
 from microfed.aggregate import AggregationError
 from microfed.q16 import rdiv
 
-CHUNK = 64
+CHUNK = 32  # values per column buffer: 13 x 144 B at boot (64: a 48 KB gossip node ran out)
 
 
 def buffers(n, chunk=CHUNK):
