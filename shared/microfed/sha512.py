@@ -107,8 +107,9 @@ class SHA512:
         i = 0
         n = len(buf)
         h = self._h
+        mv = memoryview(buf)
         while n - i >= 128:
-            h = _compress(h, buf[i:i + 128])
+            h = _compress(h, mv[i:i + 128])  # a view: no 128-byte copy per block
             i += 128
         self._h = h
         self._buf = buf[i:]
@@ -116,14 +117,21 @@ class SHA512:
 
     def digest(self):
         """The 64-byte digest of everything added so far (the object stays usable)."""
-        # Padding: 0x80, zeros, then the bit length as a 128-bit big-endian integer.
+        # Padding: 0x80, zeros, then the bit length as a 128-bit big-endian integer, written
+        # into one buffer of the final length (one or two blocks) and compressed through
+        # views: concatenating the tail made a copy per step, up to 129-byte blocks that a
+        # 48 KB gossip node's split heap did not have while signing (docs/results.md).
         bits = self._n * 8
-        tail = self._buf + b"\x80"
-        tail += bytes((112 - len(tail)) % 128)
-        tail += struct.pack(">QQ", (bits >> 64) & _M, bits & _M)
+        buf = self._buf
+        n = len(buf)
+        tail = bytearray(128 if n < 112 else 256)
+        tail[:n] = buf
+        tail[n] = 0x80
+        struct.pack_into(">QQ", tail, len(tail) - 16, (bits >> 64) & _M, bits & _M)
         h = self._h
+        mv = memoryview(tail)
         for i in range(0, len(tail), 128):
-            h = _compress(h, tail[i:i + 128])
+            h = _compress(h, mv[i:i + 128])
         return struct.pack(">8Q", h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7])
 
     def hexdigest(self):
