@@ -242,8 +242,16 @@ class Client:
         """Write a PUBLISH; returns its packet id (0 for QoS 0)."""
         pid = self.next_pid() if qos else 0
         head = publish_header(topic, len(msg), qos, retain, pid)
+        one = None
         if len(msg) < 1024:
-            self.s.write(head + msg)  # one segment for small messages
+            try:
+                one = head + msg  # one segment for small messages
+            except MemoryError:
+                # No block for the copy (a split heap: a 48 KB unix32 gossip node lost its
+                # connection, and then peers' updates, to this): two writes instead.
+                one = None
+        if one is not None:
+            self.s.write(one)
         else:
             self.s.write(head)  # no copy of a large payload
             self.s.write(msg)
