@@ -74,8 +74,9 @@ PHASE_BUDGETS: dict[str, dict[str, int]] = {
 # Gossip: the 48 KB stretch (its budget is 64 KB); coordinated: the 32 KB.
 # Measured (docs/boards.md, benchmarks/device.py): 43 008 / 32 768 B until the update frame
 # was built in the receive buffer (as firmware/node.py does), 40 960 / 25 600 B since (aaf66ae,
-# 2026-11-27), 43 008 / 25 600 B on 2026-11-28 (docs/boards.md says why); the round program
-# frozen like node.py and messages read into the receive buffer (roundcase.run_unix).
+# 2026-11-27), 43 008 then 37 888 / 25 600 B on 2026-11-28 (docs/boards.md says why); the
+# round program frozen like node.py and messages read into the receive buffer
+# (roundcase.run_unix).
 HEAP_BUDGETS = {"gossip": {"live": 48 * 1024, "smallest": 48 * 1024},
                 "coordinated": {"live": 32 * 1024, "smallest": 32 * 1024}}
 
