@@ -249,7 +249,7 @@ class Client:
             except MemoryError:
                 # No block for the copy (a split heap: a 48 KB unix32 gossip node lost its
                 # connection, and then peers' updates, to this): two writes instead.
-                one = None
+                pass
         if one is not None:
             self.s.write(one)
         else:

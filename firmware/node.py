@@ -227,7 +227,7 @@ class Node:
         self.t_notice = topics.notice
         # Only the topics this node's mode uses are kept (a coordinated node: 352 B less,
         # benchmarks/node_boot_heap.py).
-        gossip = cfg.mode == "gossip"
+        self.gossip = gossip = cfg.mode == "gossip"
         self.t_updates = topics.updates if gossip else None
         self.t_update_prefix = topics.update_prefix if gossip else None
         self.t_digest = topics.digest if gossip else None
@@ -297,7 +297,6 @@ class Node:
                                          rx if hasattr(transport, "rx_writes") else None)
         if ed25519.public_key(bundle.seed) != bundle.public_key:
             raise ValueError("bundle: seed does not match public_key")
-        self.gossip = cfg.mode == "gossip"
         self.started = time.ticks_ms()
         # Peers' keys are for a node that checks peers' frames (gossip) or exchanges keys
         # with them (secure aggregation); any other keeps its own entry alone.
