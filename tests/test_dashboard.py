@@ -137,6 +137,46 @@ def test_access_rules(tmp_path: Path) -> None:
             dashboard.parse_listen(bad)
 
 
+def _stream_events(url: str, got: list[dict], first: threading.Event) -> None:
+    """Reads /api/stream until the server closes it; each snapshot's data into `got`."""
+    with urllib.request.urlopen(url + "api/stream", timeout=30) as r:
+        for raw in r:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("data: "):
+                got.append(json.loads(line[6:]))
+                first.set()
+
+
+def test_a_stream_gets_the_stores_last_state_when_the_dashboard_stops(tmp_path: Path) -> None:
+    # A run marks its store done and stops its dashboard moments later. A page watching must
+    # still see "done", however the stream's re-reads fall (here 60 s apart: without the last
+    # read at stop() the stream would hold the first state only).
+    from microfed_host.rounds_store import RoundsStore
+
+    store = RoundsStore(tmp_path / "coordinator.sqlite")
+    store.put_config({"rule": "krum", "f": 1, "mode": "gossip", "rounds": 8})
+    store.init_state(8, b"", b"", b"", 0)
+    d = dashboard.serve("127.0.0.1:0", tmp_path / "coordinator.sqlite", interval=60.0)
+    got: list[dict] = []
+    first = threading.Event()
+    reader = threading.Thread(target=_stream_events, args=(d.url, got, first), daemon=True)
+    try:
+        reader.start()
+        assert first.wait(10), "no first snapshot"
+        assert got[0]["run"]["done"] is False
+        store.mark_done()
+        t0 = time.monotonic()
+        d.stop()
+        stopped_in = time.monotonic() - t0
+    finally:
+        d.stop()
+        store.close()
+    reader.join(10)
+    assert not reader.is_alive(), "the stream stayed open after stop()"
+    assert [s["run"]["done"] for s in got] == [False, True]
+    assert stopped_in < dashboard.STOP_FLUSH_S  # the stream ended; stop() did not time out
+
+
 class _AlertSubscriber:
     """Logs in as the mesh's read-only `monitor` and collects microfed/<mesh>/alerts."""
 

@@ -35,6 +35,8 @@ STATIC = Path(__file__).with_name("dashboard_static")
 COOKIE = "microfed_dashboard"
 PUSH_INTERVAL_S = 1.0  # how often a stream re-reads the store
 KEEPALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
+STOP_POLL_S = 0.1  # how soon a waiting stream notices stop()
+STOP_FLUSH_S = 5.0  # how long stop() waits for open streams to send the store's last state
 
 
 class DashboardError(ValueError):
@@ -60,9 +62,33 @@ def _authorized(token: str | None, headers: Any, query: Any, cookies: Any) -> bo
     return hmac.compare_digest(given.encode(), token.encode())
 
 
+class OpenStreams:
+    """How many /api/stream responses are running (a context manager per stream), so stop()
+    can wait for each to send its last snapshot before the server closes the connections."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.changed = threading.Condition()
+
+    def __enter__(self) -> OpenStreams:
+        with self.changed:
+            self.count += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self.changed:
+            self.count -= 1
+            self.changed.notify_all()
+
+    def wait_closed(self, timeout: float) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: self.count == 0, timeout)
+
+
 def app(store: Path, token: str | None = None, stopping: threading.Event | None = None,
-        interval: float = PUSH_INTERVAL_S) -> Any:
-    """The Starlette application for `store` (see the module doc)."""
+        interval: float = PUSH_INTERVAL_S, streams: OpenStreams | None = None) -> Any:
+    """The Starlette application for `store` (see the module doc). Once `stopping` is set,
+    every open stream sends the store's state one last time (if it changed) and ends."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.middleware.base import BaseHTTPMiddleware
@@ -81,6 +107,7 @@ def app(store: Path, token: str | None = None, stopping: threading.Event | None 
 
     store = Path(store)
     stop = stopping or threading.Event()
+    streams = streams or OpenStreams()
 
     def state() -> str:
         return json.dumps(dashboard_data.snapshot(store), sort_keys=True)
@@ -104,19 +131,26 @@ def app(store: Path, token: str | None = None, stopping: threading.Event | None 
             last = b""
             quiet = 0.0
             yield "retry: 2000\n\n"
-            while not stop.is_set():
-                body = await run_in_threadpool(state)
-                h = hashlib.sha256(body.encode()).digest()
-                if h != last:
-                    last, quiet = h, 0.0
-                    yield f"event: snapshot\ndata: {body}\n\n"
-                elif quiet >= KEEPALIVE_S:
-                    quiet = 0.0
-                    yield ": keepalive\n\n"
-                if await request.is_disconnected():
-                    return
-                await asyncio.sleep(interval)
-                quiet += interval
+            with streams:
+                while True:
+                    # Read after looking at `stop`: the store's last state (the run marked
+                    # done just before the dashboard stops) still reaches every open page.
+                    ending = stop.is_set()
+                    body = await run_in_threadpool(state)
+                    h = hashlib.sha256(body.encode()).digest()
+                    if h != last:
+                        last, quiet = h, 0.0
+                        yield f"event: snapshot\ndata: {body}\n\n"
+                    elif quiet >= KEEPALIVE_S:
+                        quiet = 0.0
+                        yield ": keepalive\n\n"
+                    if ending or await request.is_disconnected():
+                        return
+                    waited = 0.0
+                    while waited < interval and not stop.is_set():
+                        await asyncio.sleep(min(STOP_POLL_S, interval - waited))
+                        waited += STOP_POLL_S
+                    quiet += waited
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store",
@@ -166,8 +200,10 @@ class Dashboard:
             self.sock.close()
             raise
         self.stopping = threading.Event()
+        self.streams = OpenStreams()
         self.token = token
-        config = uvicorn.Config(app(store, token, self.stopping, interval), log_level="warning",
+        config = uvicorn.Config(app(store, token, self.stopping, interval, self.streams),
+                                log_level="warning",
                                 lifespan="off", timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
@@ -180,7 +216,10 @@ class Dashboard:
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
 
     def stop(self) -> None:
+        """Ends the open streams, each after sending the store's last state (a run's end
+        reaches the pages that watch it), then the server."""
         self.stopping.set()
+        self.streams.wait_closed(STOP_FLUSH_S)
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.sock.close()
