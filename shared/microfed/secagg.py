@@ -32,7 +32,7 @@ import struct
 
 from microfed import wire, wire_sa, x25519
 from microfed.dp import l2_clip_flag
-from microfed.ed25519 import _inv
+from microfed.ed25519_py import _inv
 from microfed.q16 import rdiv
 from microfed.verify import Rejected
 

@@ -12,7 +12,7 @@ as RFC 7748 section 6.1 suggests. Interoperates byte for byte with `cryptography
 (docs/ed25519.md says the same of ed25519.py).
 """
 
-from microfed.ed25519 import _inv
+from microfed.ed25519_py import _inv
 
 _P = (1 << 255) - 19
 _A24 = 121665  # (486662 - 2) / 4

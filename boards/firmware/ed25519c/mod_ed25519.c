@@ -1,0 +1,656 @@
+// `_ed25519`: Ed25519 (RFC 8032, "pure") and the SHA-512 it hashes with, in C, for the
+// firmware microfed builds (boards/firmware/manifest.py: c_module). microfed.ed25519 uses it
+// when the firmware has it and microfed.ed25519_py (Python big ints) everywhere else.
+//
+//     public_key(seed32) -> bytes (32)
+//     sign(seed32, msg, pub=None) -> bytes (64)
+//     verify(pub32, msg, sig64) -> bool      (False for any malformed input, never raises)
+//
+// Why C: on a 32-bit MicroPython each big-int field operation allocates, and one verification
+// needed ~4 KB of free heap in blocks of five (docs/results.md): more than a 32 KB node has
+// left. Here everything lives on the C stack (~2.5 KB at most); the only heap block is the
+// result. The same acceptance rule as microfed.ed25519_py and OpenSSL: S < L, a canonical
+// public key that decodes, and encode([S]B - [k]A) equal to the R bytes (cofactorless);
+// tests/test_ed25519_c.py compares both implementations and `cryptography` bit for bit.
+//
+// Field elements: 16 signed 32-bit limbs of 16 bits (TweetNaCl's representation), products
+// in 64 bits. Points: extended coordinates (X, Y, Z, T) with the complete a = -1 addition
+// (add-2008-hwcd-3), which also doubles. Not constant time, like the Python implementation:
+// a device's signing key is as exposed to timing as its interpreter (docs/ed25519.md).
+
+#include <stdint.h>
+#include <string.h>
+
+#include "py/obj.h"
+#include "py/objstr.h"
+#include "py/runtime.h"
+
+typedef int32_t fe[16];
+typedef int64_t i64;
+
+// --- SHA-512 (FIPS 180-4) ------------------------------------------------------------
+
+static const uint64_t sha512_k[80] = {
+    0x428a2f98d728ae22ULL, 0x7137449123ef65cdULL, 0xb5c0fbcfec4d3b2fULL, 0xe9b5dba58189dbbcULL,
+    0x3956c25bf348b538ULL, 0x59f111f1b605d019ULL, 0x923f82a4af194f9bULL, 0xab1c5ed5da6d8118ULL,
+    0xd807aa98a3030242ULL, 0x12835b0145706fbeULL, 0x243185be4ee4b28cULL, 0x550c7dc3d5ffb4e2ULL,
+    0x72be5d74f27b896fULL, 0x80deb1fe3b1696b1ULL, 0x9bdc06a725c71235ULL, 0xc19bf174cf692694ULL,
+    0xe49b69c19ef14ad2ULL, 0xefbe4786384f25e3ULL, 0x0fc19dc68b8cd5b5ULL, 0x240ca1cc77ac9c65ULL,
+    0x2de92c6f592b0275ULL, 0x4a7484aa6ea6e483ULL, 0x5cb0a9dcbd41fbd4ULL, 0x76f988da831153b5ULL,
+    0x983e5152ee66dfabULL, 0xa831c66d2db43210ULL, 0xb00327c898fb213fULL, 0xbf597fc7beef0ee4ULL,
+    0xc6e00bf33da88fc2ULL, 0xd5a79147930aa725ULL, 0x06ca6351e003826fULL, 0x142929670a0e6e70ULL,
+    0x27b70a8546d22ffcULL, 0x2e1b21385c26c926ULL, 0x4d2c6dfc5ac42aedULL, 0x53380d139d95b3dfULL,
+    0x650a73548baf63deULL, 0x766a0abb3c77b2a8ULL, 0x81c2c92e47edaee6ULL, 0x92722c851482353bULL,
+    0xa2bfe8a14cf10364ULL, 0xa81a664bbc423001ULL, 0xc24b8b70d0f89791ULL, 0xc76c51a30654be30ULL,
+    0xd192e819d6ef5218ULL, 0xd69906245565a910ULL, 0xf40e35855771202aULL, 0x106aa07032bbd1b8ULL,
+    0x19a4c116b8d2d0c8ULL, 0x1e376c085141ab53ULL, 0x2748774cdf8eeb99ULL, 0x34b0bcb5e19b48a8ULL,
+    0x391c0cb3c5c95a63ULL, 0x4ed8aa4ae3418acbULL, 0x5b9cca4f7763e373ULL, 0x682e6ff3d6b2b8a3ULL,
+    0x748f82ee5defb2fcULL, 0x78a5636f43172f60ULL, 0x84c87814a1f0ab72ULL, 0x8cc702081a6439ecULL,
+    0x90befffa23631e28ULL, 0xa4506cebde82bde9ULL, 0xbef9a3f7b2c67915ULL, 0xc67178f2e372532bULL,
+    0xca273eceea26619cULL, 0xd186b8c721c0c207ULL, 0xeada7dd6cde0eb1eULL, 0xf57d4f7fee6ed178ULL,
+    0x06f067aa72176fbaULL, 0x0a637dc5a2c898a6ULL, 0x113f9804bef90daeULL, 0x1b710b35131c471bULL,
+    0x28db77f523047d84ULL, 0x32caab7b40c72493ULL, 0x3c9ebe0a15c9bebcULL, 0x431d67c49c100d4cULL,
+    0x4cc5d4becb3e42b6ULL, 0x597f299cfc657e2aULL, 0x5fcb6fab3ad6faecULL, 0x6c44198c4a475817ULL,
+};
+
+typedef struct {
+    uint64_t h[8];
+    uint8_t buf[128];
+    size_t fill;  // bytes in buf
+    uint64_t n;  // bytes hashed so far
+} sha512_ctx;
+
+static uint64_t rotr(uint64_t x, int n) {
+    return (x >> n) | (x << (64 - n));
+}
+
+static uint64_t load_be64(const uint8_t *p) {
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++) {
+        v = (v << 8) | p[i];
+    }
+    return v;
+}
+
+static void sha512_block(uint64_t h[8], const uint8_t *p) {
+    uint64_t w[16];  // rolling schedule: w[t & 15] holds W[t]
+    uint64_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], hh = h[7];
+    for (int t = 0; t < 80; t++) {
+        uint64_t wt;
+        if (t < 16) {
+            wt = w[t] = load_be64(p + 8 * t);
+        } else {
+            uint64_t x = w[(t - 15) & 15], y = w[(t - 2) & 15];
+            wt = w[t & 15] += w[(t - 7) & 15] + (rotr(x, 1) ^ rotr(x, 8) ^ (x >> 7))
+                + (rotr(y, 19) ^ rotr(y, 61) ^ (y >> 6));
+        }
+        uint64_t t1 = hh + (rotr(e, 14) ^ rotr(e, 18) ^ rotr(e, 41)) + (g ^ (e & (f ^ g)))
+            + sha512_k[t] + wt;
+        uint64_t t2 = (rotr(a, 28) ^ rotr(a, 34) ^ rotr(a, 39)) + ((a & b) | (c & (a | b)));
+        hh = g;
+        g = f;
+        f = e;
+        e = d + t1;
+        d = c;
+        c = b;
+        b = a;
+        a = t1 + t2;
+    }
+    h[0] += a;
+    h[1] += b;
+    h[2] += c;
+    h[3] += d;
+    h[4] += e;
+    h[5] += f;
+    h[6] += g;
+    h[7] += hh;
+}
+
+static void sha512_init(sha512_ctx *s) {
+    static const uint64_t h0[8] = {
+        0x6a09e667f3bcc908ULL, 0xbb67ae8584caa73bULL, 0x3c6ef372fe94f82bULL, 0xa54ff53a5f1d36f1ULL,
+        0x510e527fade682d1ULL, 0x9b05688c2b3e6c1fULL, 0x1f83d9abfb41bd6bULL, 0x5be0cd19137e2179ULL,
+    };
+    memcpy(s->h, h0, sizeof(h0));
+    s->fill = 0;
+    s->n = 0;
+}
+
+static void sha512_update(sha512_ctx *s, const uint8_t *p, size_t len) {
+    s->n += len;
+    while (len > 0) {
+        if (s->fill == 0 && len >= 128) {
+            sha512_block(s->h, p);
+            p += 128;
+            len -= 128;
+            continue;
+        }
+        size_t take = 128 - s->fill;
+        if (take > len) {
+            take = len;
+        }
+        memcpy(s->buf + s->fill, p, take);
+        s->fill += take;
+        p += take;
+        len -= take;
+        if (s->fill == 128) {
+            sha512_block(s->h, s->buf);
+            s->fill = 0;
+        }
+    }
+}
+
+static void sha512_final(sha512_ctx *s, uint8_t out[64]) {
+    uint64_t bits = s->n * 8;
+    s->buf[s->fill++] = 0x80;
+    if (s->fill > 112) {
+        memset(s->buf + s->fill, 0, 128 - s->fill);
+        sha512_block(s->h, s->buf);
+        s->fill = 0;
+    }
+    memset(s->buf + s->fill, 0, 128 - s->fill);
+    for (int i = 0; i < 8; i++) {  // the length's high 64 bits stay zero
+        s->buf[127 - i] = (uint8_t)(bits >> (8 * i));
+    }
+    sha512_block(s->h, s->buf);
+    for (int i = 0; i < 64; i++) {
+        out[i] = (uint8_t)(s->h[i >> 3] >> (56 - 8 * (i & 7)));
+    }
+}
+
+// --- field: GF(2^255 - 19) -------------------------------------------------------------
+
+static const fe fe_d = {0x78a3, 0x1359, 0x4dca, 0x75eb, 0xd8ab, 0x4141, 0x0a4d, 0x0070,
+                        0xe898, 0x7779, 0x4079, 0x8cc7, 0xfe73, 0x2b6f, 0x6cee, 0x5203};
+static const fe fe_d2 = {0xf159, 0x26b2, 0x9b94, 0xebd6, 0xb156, 0x8283, 0x149a, 0x00e0,
+                         0xd130, 0xeef3, 0x80f2, 0x198e, 0xfce7, 0x56df, 0xd9dc, 0x2406};
+static const fe fe_sqrtm1 = {0xa0b0, 0x4a0e, 0x1b27, 0xc4ee, 0xe478, 0xad2f, 0x1806, 0x2f43,
+                             0xd7a7, 0x3dfb, 0x0099, 0x2b4d, 0xdf0b, 0x4fc1, 0x2480, 0x2b83};
+static const fe base_x = {0xd51a, 0x8f25, 0x2d60, 0xc956, 0xa7b2, 0x9525, 0xc760, 0x692c,
+                          0xdc5c, 0xfdd6, 0xe231, 0xc0a4, 0x53fe, 0xcd6e, 0x36d3, 0x2169};
+static const fe base_y = {0x6658, 0x6666, 0x6666, 0x6666, 0x6666, 0x6666, 0x6666, 0x6666,
+                          0x6666, 0x6666, 0x6666, 0x6666, 0x6666, 0x6666, 0x6666, 0x6666};
+static const fe base_t = {0xdda3, 0xa5b7, 0x8ab3, 0x6dde, 0x52f5, 0x7751, 0x9f80, 0x20f0,
+                          0xe37d, 0x64ab, 0x4e8e, 0x66ea, 0x7665, 0xd78b, 0x5f0f, 0x6787};
+
+static void fe_set(fe o, int32_t v) {
+    memset(o, 0, sizeof(fe));
+    o[0] = v;
+}
+
+static void fe_copy(fe o, const fe a) {
+    memcpy(o, a, sizeof(fe));
+}
+
+// One carry pass: limbs 0..14 end in [0, 2^16); limb 15's carry wraps round as 38 = 2^256 mod p.
+static void fe_carry(fe o) {
+    for (int i = 0; i < 16; i++) {
+        int32_t c = o[i] >> 16;  // floor division (arithmetic shift)
+        o[i] -= c * 65536;
+        if (i < 15) {
+            o[i + 1] += c;
+        } else {
+            o[0] += 38 * c;
+        }
+    }
+}
+
+static void fe_add(fe o, const fe a, const fe b) {
+    for (int i = 0; i < 16; i++) {
+        o[i] = a[i] + b[i];
+    }
+}
+
+static void fe_sub(fe o, const fe a, const fe b) {
+    for (int i = 0; i < 16; i++) {
+        o[i] = a[i] - b[i];
+    }
+}
+
+// o = a * b. Inputs are at most sums or differences of two carried elements (|limb| < 2^18):
+// a column sums 16 products below 2^36, the fold by 38 stays below 2^47.
+static void fe_mul(fe o, const fe a, const fe b) {
+    i64 t[31];
+    for (int k = 0; k < 31; k++) {
+        int lo = k < 16 ? 0 : k - 15;
+        int hi = k < 16 ? k : 15;
+        i64 acc = 0;
+        for (int i = lo; i <= hi; i++) {
+            acc += (i64)a[i] * b[k - i];
+        }
+        t[k] = acc;
+    }
+    for (int k = 0; k < 15; k++) {
+        t[k] += 38 * t[k + 16];
+    }
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < 16; i++) {
+            i64 c = t[i] >> 16;
+            t[i] -= c * 65536;
+            if (i < 15) {
+                t[i + 1] += c;
+            } else {
+                t[0] += 38 * c;
+            }
+        }
+    }
+    for (int i = 0; i < 16; i++) {
+        o[i] = (int32_t)t[i];
+    }
+}
+
+static void fe_sq(fe o, const fe a) {
+    fe_mul(o, a, a);
+}
+
+// z^(2^255 - 21) = 1/z: square-and-multiply over the exponent's bits (254 squarings).
+static void fe_inv(fe o, const fe z) {
+    fe c;
+    fe_copy(c, z);
+    for (int i = 253; i >= 0; i--) {
+        fe_sq(c, c);
+        if (i != 2 && i != 4) {
+            fe_mul(c, c, z);
+        }
+    }
+    fe_copy(o, c);
+}
+
+// z^(2^252 - 3), for the square root in decoding.
+static void fe_pow2523(fe o, const fe z) {
+    fe c;
+    fe_copy(c, z);
+    for (int i = 250; i >= 0; i--) {
+        fe_sq(c, c);
+        if (i != 1) {
+            fe_mul(c, c, z);
+        }
+    }
+    fe_copy(o, c);
+}
+
+// The canonical 32 bytes (value mod p, little-endian).
+static void fe_pack(uint8_t out[32], const fe n) {
+    fe t, m;
+    fe_copy(t, n);
+    fe_carry(t);
+    fe_carry(t);
+    fe_carry(t);
+    // Now 0 <= t < 2^256 = 2p + 38: subtract p at most twice.
+    for (int pass = 0; pass < 2; pass++) {
+        m[0] = t[0] - 0xffed;
+        for (int i = 1; i < 15; i++) {
+            m[i] = t[i] - 0xffff - ((m[i - 1] >> 16) & 1);
+            m[i - 1] &= 0xffff;
+        }
+        m[15] = t[15] - 0x7fff - ((m[14] >> 16) & 1);
+        int borrow = (m[15] >> 16) & 1;
+        m[14] &= 0xffff;
+        if (!borrow) {
+            fe_copy(t, m);
+        }
+    }
+    for (int i = 0; i < 16; i++) {
+        out[2 * i] = (uint8_t)t[i];
+        out[2 * i + 1] = (uint8_t)(t[i] >> 8);
+    }
+}
+
+static void fe_unpack(fe o, const uint8_t in[32]) {  // bit 255 ignored
+    for (int i = 0; i < 16; i++) {
+        o[i] = in[2 * i] | ((int32_t)in[2 * i + 1] << 8);
+    }
+    o[15] &= 0x7fff;
+}
+
+static int fe_equal(const fe a, const fe b) {
+    uint8_t x[32], y[32];
+    fe_pack(x, a);
+    fe_pack(y, b);
+    return memcmp(x, y, 32) == 0;
+}
+
+static int fe_parity(const fe a) {
+    uint8_t x[32];
+    fe_pack(x, a);
+    return x[0] & 1;
+}
+
+static int fe_is_zero(const fe a) {
+    static const uint8_t zero[32];
+    uint8_t x[32];
+    fe_pack(x, a);
+    return memcmp(x, zero, 32) == 0;
+}
+
+// --- points ----------------------------------------------------------------------------
+
+typedef struct {
+    fe x, y, z, t;
+} point;
+
+static void pt_identity(point *p) {
+    fe_set(p->x, 0);
+    fe_set(p->y, 1);
+    fe_set(p->z, 1);
+    fe_set(p->t, 0);
+}
+
+static void pt_base(point *p) {
+    fe_copy(p->x, base_x);
+    fe_copy(p->y, base_y);
+    fe_set(p->z, 1);
+    fe_copy(p->t, base_t);
+}
+
+// p += q (add-2008-hwcd-3, complete on Ed25519; q may be p itself: every read of q comes
+// before the first write to p).
+static void pt_add(point *p, const point *q) {
+    fe a, b, c, d, e, f, g, h;
+    fe_sub(a, p->y, p->x);
+    fe_sub(h, q->y, q->x);
+    fe_mul(a, a, h);
+    fe_add(b, p->x, p->y);
+    fe_add(h, q->x, q->y);
+    fe_mul(b, b, h);
+    fe_mul(c, p->t, q->t);
+    fe_mul(c, c, fe_d2);
+    fe_mul(d, p->z, q->z);
+    fe_add(d, d, d);
+    fe_sub(e, b, a);
+    fe_sub(f, d, c);
+    fe_add(g, d, c);
+    fe_add(h, b, a);
+    fe_mul(p->x, e, f);
+    fe_mul(p->y, h, g);
+    fe_mul(p->z, g, f);
+    fe_mul(p->t, e, h);
+}
+
+static void pt_encode(uint8_t out[32], const point *p) {
+    fe zi, x, y;
+    fe_inv(zi, p->z);
+    fe_mul(x, p->x, zi);
+    fe_mul(y, p->y, zi);
+    fe_pack(out, y);
+    out[31] ^= (uint8_t)(fe_parity(x) << 7);
+}
+
+// -A for the 32-byte encoding of A (RFC 8032 5.1.3), or 0 if it is not a canonical encoding
+// of a curve point: y >= p, no square root, or x = 0 with the sign bit set.
+static int pt_decode_neg(point *r, const uint8_t s[32]) {
+    int y_below_p = 0;  // y < p = 2^255 - 19, bit 255 aside
+    if ((s[31] & 0x7f) != 0x7f || s[0] < 0xed) {
+        y_below_p = 1;
+    } else {
+        for (int i = 1; i < 31; i++) {
+            if (s[i] != 0xff) {
+                y_below_p = 1;
+                break;
+            }
+        }
+    }
+    if (!y_below_p) {
+        return 0;
+    }
+    fe one, u, v, v2, v4, v6, t, chk;
+    fe_set(one, 1);
+    fe_set(r->z, 1);
+    fe_unpack(r->y, s);
+    fe_sq(u, r->y);
+    fe_mul(v, u, fe_d);
+    fe_sub(u, u, one);  // u = y^2 - 1
+    fe_add(v, v, one);  // v = d y^2 + 1
+    fe_sq(v2, v);
+    fe_sq(v4, v2);
+    fe_mul(v6, v4, v2);
+    fe_mul(t, v6, u);
+    fe_mul(t, t, v);  // u v^7
+    fe_pow2523(t, t);
+    fe_mul(t, t, u);
+    fe_mul(t, t, v);
+    fe_mul(t, t, v);
+    fe_mul(r->x, t, v);  // x = u v^3 (u v^7)^((p - 5) / 8)
+    fe_sq(chk, r->x);
+    fe_mul(chk, chk, v);
+    if (!fe_equal(chk, u)) {
+        fe_mul(r->x, r->x, fe_sqrtm1);
+    }
+    fe_sq(chk, r->x);
+    fe_mul(chk, chk, v);
+    if (!fe_equal(chk, u)) {
+        return 0;
+    }
+    int sign = s[31] >> 7;
+    if (sign && fe_is_zero(r->x)) {
+        return 0;
+    }
+    if (fe_parity(r->x) == sign) {  // x has the encoded sign: negate it for -A
+        fe zero;
+        fe_set(zero, 0);
+        fe_sub(r->x, zero, r->x);
+    }
+    fe_mul(r->t, r->x, r->y);
+    return 1;
+}
+
+static int bit_at(const uint8_t *s, int i) {
+    return (s[i >> 3] >> (i & 7)) & 1;
+}
+
+// p = [s]B + [k]q for 32-byte little-endian scalars (q may be NULL with k NULL): one
+// double-and-add pass over both (Straus), from the highest bit set in either.
+static void pt_joint(point *p, const uint8_t s[32], const uint8_t *k, const point *q) {
+    point b;
+    pt_base(&b);
+    pt_identity(p);
+    int top = 255;
+    while (top >= 0 && !bit_at(s, top) && !(k && bit_at(k, top))) {
+        top--;
+    }
+    for (int i = top; i >= 0; i--) {
+        if (i != top) {
+            pt_add(p, p);
+        }
+        if (bit_at(s, i)) {
+            pt_add(p, &b);
+        }
+        if (k && bit_at(k, i)) {
+            pt_add(p, q);
+        }
+    }
+}
+
+// --- scalars mod L = 2^252 + 27742317777372353535851937790883648493 --------------------
+
+static const i64 scalar_l[32] = {
+    0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9, 0xde, 0x14,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+};
+
+// r = x mod L, x given as 64 signed byte-sized limbs (TweetNaCl's modL).
+static void mod_l(uint8_t r[32], i64 x[64]) {
+    for (int i = 63; i >= 32; i--) {
+        i64 carry = 0;
+        int j;
+        for (j = i - 32; j < i - 12; j++) {
+            x[j] += carry - 16 * x[i] * scalar_l[j - (i - 32)];
+            carry = (x[j] + 128) >> 8;
+            x[j] -= carry * 256;
+        }
+        x[j] += carry;
+        x[i] = 0;
+    }
+    i64 carry = 0;
+    for (int j = 0; j < 32; j++) {
+        x[j] += carry - (x[31] >> 4) * scalar_l[j];
+        carry = x[j] >> 8;
+        x[j] &= 255;
+    }
+    for (int j = 0; j < 32; j++) {
+        x[j] -= carry * scalar_l[j];
+    }
+    for (int i = 0; i < 32; i++) {
+        x[i + 1] += x[i] >> 8;
+        r[i] = (uint8_t)(x[i] & 255);
+    }
+}
+
+static void reduce64(uint8_t r[32], const uint8_t h[64]) {
+    i64 x[64];
+    for (int i = 0; i < 64; i++) {
+        x[i] = h[i];
+    }
+    mod_l(r, x);
+}
+
+static int scalar_below_l(const uint8_t s[32]) {
+    for (int i = 31; i >= 0; i--) {
+        if (s[i] != scalar_l[i]) {
+            return s[i] < scalar_l[i];
+        }
+    }
+    return 0;  // equal to L
+}
+
+// --- the module ------------------------------------------------------------------------
+
+// bytes or bytearray (what microfed.ed25519_py accepts), of length n (or any, n < 0).
+static int get_bytes(mp_obj_t o, mp_int_t n, mp_buffer_info_t *bi) {
+    const mp_obj_type_t *t = mp_obj_get_type(o);
+    if (t != &mp_type_bytes && t != &mp_type_bytearray) {
+        return 0;
+    }
+    mp_get_buffer_raise(o, bi, MP_BUFFER_READ);
+    return n < 0 || (mp_int_t)bi->len == n;
+}
+
+static void expand_seed(mp_obj_t seed_in, uint8_t az[64]) {
+    mp_buffer_info_t seed;
+    const mp_obj_type_t *t = mp_obj_get_type(seed_in);
+    if (t != &mp_type_bytes && t != &mp_type_bytearray) {
+        mp_raise_TypeError(MP_ERROR_TEXT("Ed25519 seed must be bytes"));
+    }
+    mp_get_buffer_raise(seed_in, &seed, MP_BUFFER_READ);
+    if (seed.len != 32) {
+        mp_raise_msg_varg(&mp_type_ValueError, MP_ERROR_TEXT("Ed25519 seed must be 32 bytes, got %d"),
+            (int)seed.len);
+    }
+    sha512_ctx s;
+    sha512_init(&s);
+    sha512_update(&s, seed.buf, 32);
+    sha512_final(&s, az);
+    az[0] &= 248;
+    az[31] &= 63;
+    az[31] |= 64;
+}
+
+static mp_obj_t ed25519_public_key(mp_obj_t seed_in) {
+    uint8_t az[64], a[32], pub[32];
+    expand_seed(seed_in, az);
+    i64 x[64] = {0};
+    for (int i = 0; i < 32; i++) {
+        x[i] = az[i];
+    }
+    mod_l(a, x);
+    point p;
+    pt_joint(&p, a, NULL, NULL);
+    pt_encode(pub, &p);
+    return mp_obj_new_bytes(pub, 32);
+}
+static MP_DEFINE_CONST_FUN_OBJ_1(ed25519_public_key_obj, ed25519_public_key);
+
+static mp_obj_t ed25519_sign(size_t n_args, const mp_obj_t *args) {
+    mp_buffer_info_t msg, pub;
+    if (!get_bytes(args[1], -1, &msg)) {
+        mp_raise_TypeError(MP_ERROR_TEXT("message must be bytes"));
+    }
+    int have_pub = n_args > 2 && args[2] != mp_const_none;
+    if (have_pub && !get_bytes(args[2], 32, &pub)) {
+        mp_raise_ValueError(MP_ERROR_TEXT("Ed25519 public key must be 32 bytes"));
+    }
+    uint8_t az[64], h[64], r[32], k[32], a[32], sig[64], pk[32];
+    expand_seed(args[0], az);
+    sha512_ctx s;
+    sha512_init(&s);
+    sha512_update(&s, az + 32, 32);
+    sha512_update(&s, msg.buf, msg.len);
+    sha512_final(&s, h);
+    reduce64(r, h);
+    point p;
+    pt_joint(&p, r, NULL, NULL);
+    pt_encode(sig, &p);  // R
+    if (have_pub) {
+        memcpy(pk, pub.buf, 32);
+    } else {
+        i64 x[64] = {0};
+        for (int i = 0; i < 32; i++) {
+            x[i] = az[i];
+        }
+        mod_l(a, x);
+        pt_joint(&p, a, NULL, NULL);
+        pt_encode(pk, &p);
+    }
+    sha512_init(&s);
+    sha512_update(&s, sig, 32);
+    sha512_update(&s, pk, 32);
+    sha512_update(&s, msg.buf, msg.len);
+    sha512_final(&s, h);
+    reduce64(k, h);
+    // S = (r + k a) mod L, with a the clamped scalar itself (below 2^255).
+    i64 x[64] = {0};
+    for (int i = 0; i < 32; i++) {
+        x[i] = r[i];
+    }
+    for (int i = 0; i < 32; i++) {
+        for (int j = 0; j < 32; j++) {
+            x[i + j] += (i64)k[i] * az[j];
+        }
+    }
+    mod_l(sig + 32, x);
+    return mp_obj_new_bytes(sig, 64);
+}
+static MP_DEFINE_CONST_FUN_OBJ_VAR_BETWEEN(ed25519_sign_obj, 2, 3, ed25519_sign);
+
+static mp_obj_t ed25519_verify(mp_obj_t pub_in, mp_obj_t msg_in, mp_obj_t sig_in) {
+    mp_buffer_info_t pub, msg, sig;
+    if (!get_bytes(pub_in, 32, &pub) || !get_bytes(msg_in, -1, &msg)
+        || !get_bytes(sig_in, 64, &sig)) {
+        return mp_const_false;
+    }
+    const uint8_t *sg = sig.buf;
+    if (!scalar_below_l(sg + 32)) {
+        return mp_const_false;
+    }
+    point neg_a, p;
+    if (!pt_decode_neg(&neg_a, pub.buf)) {
+        return mp_const_false;
+    }
+    uint8_t h[64], k[32], rr[32];
+    sha512_ctx s;
+    sha512_init(&s);
+    sha512_update(&s, sg, 32);
+    sha512_update(&s, pub.buf, 32);
+    sha512_update(&s, msg.buf, msg.len);
+    sha512_final(&s, h);
+    reduce64(k, h);
+    pt_joint(&p, sg + 32, k, &neg_a);  // [S]B - [k]A
+    pt_encode(rr, &p);
+    return mp_obj_new_bool(memcmp(rr, sg, 32) == 0);
+}
+static MP_DEFINE_CONST_FUN_OBJ_3(ed25519_verify_obj, ed25519_verify);
+
+static const mp_rom_map_elem_t ed25519_module_globals_table[] = {
+    { MP_ROM_QSTR(MP_QSTR___name__), MP_ROM_QSTR(MP_QSTR__ed25519) },
+    { MP_ROM_QSTR(MP_QSTR_public_key), MP_ROM_PTR(&ed25519_public_key_obj) },
+    { MP_ROM_QSTR(MP_QSTR_sign), MP_ROM_PTR(&ed25519_sign_obj) },
+    { MP_ROM_QSTR(MP_QSTR_verify), MP_ROM_PTR(&ed25519_verify_obj) },
+};
+static MP_DEFINE_CONST_DICT(ed25519_module_globals, ed25519_module_globals_table);
+
+const mp_obj_module_t ed25519_user_cmodule = {
+    .base = { &mp_type_module },
+    .globals = (mp_obj_dict_t *)&ed25519_module_globals,
+};
+
+MP_REGISTER_MODULE(MP_QSTR__ed25519, ed25519_user_cmodule);
