@@ -460,7 +460,7 @@ class Node:
     def verify_global(self, msg, into=None):
         return noderound.check_global(msg, self.mesh_id, self.b.coordinator_key,
                                       ed25519.verify, self.gguard, self.state.last_round,
-                                      self.model.n_params, self.clock(), into)
+                                      self.model.n_params, self.clock(), into, self.gossip)
 
     def on_global(self, msg):
         h = _sha(msg)
@@ -593,7 +593,7 @@ class Node:
         r = fr.round
         b = fr.body
         self.log("global", round=r, seq=fr.seq, final=b["final"], rule=b["rule"],
-                 accepted=len(b["accepted"]))
+                 accepted=None if b["accepted"] is None else len(b["accepted"]))
         if self.gossip and b["rule"] is not None and r > 1:
             self.gossip_digest(r - 1, b)
         if self.peers is not None:

@@ -460,6 +460,52 @@ def test_announcement_long_last_entry_is_wire_error() -> None:
     assert _reason(_long_last_entry_frame()) == "bad_payload"
 
 
+def _announcements() -> list[bytes]:
+    """GLOBAL_MODEL payloads: valid announcements, and each way an accepted set can be bad."""
+    vals = [1, -2, 3]
+    h = [bytes([i]) * 32 for i in range(3)]
+    ok = [wire.encode_global_payload(vals),
+          wire.encode_global_payload(vals, "krum", 1, 0, bytes(32), [("a", h[0]), ("bb", h[1])]),
+          wire.encode_global_payload(vals, "median", 0, 0, bytes(32),
+                                     [("n%02d" % i, h[i % 3]) for i in range(13)], final=True)]
+    base = wire.encode_global_model(vals) + b"AN" + struct.pack("<BBBBB", 1, 0, 1, 0, 0) \
+        + bytes(32)
+
+    def entries(*ids: bytes) -> bytes:
+        return b"".join(bytes([len(i)]) + i + bytes(32) for i in ids)
+
+    bad = [base + struct.pack("<H", 2) + entries(b"a", b"a"),  # the same id twice
+           base + struct.pack("<H", 2) + entries(b"a"),  # count above the entries
+           base + struct.pack("<H", 1) + entries(b"a") + b"x",  # trailing bytes
+           base + struct.pack("<H", 1) + entries(b"a b"),  # not a node id
+           base + struct.pack("<H", 1) + entries(wire.COORDINATOR.encode()),  # the coordinator
+           base + struct.pack("<H", 1) + entries(b"a")[:-1],  # hash cut short
+           base + struct.pack("<H", 0)]  # a rule without an accepted set
+    return ok + bad
+
+
+def test_an_accepted_set_not_kept_is_checked_the_same() -> None:
+    # accepted=False (a coordinated node) drops only the list: every payload decodes to the
+    # same fields, or fails with the same reason and message.
+    outcomes = []
+    for p in _announcements():
+        got = []
+        for keep in (True, False):
+            try:
+                body = wire.decode_payload(wire.GLOBAL_MODEL, p, accepted=keep)
+            except WireError as e:
+                got.append(("error", e.reason, e.message))
+            else:
+                got.append(("ok", {**body, "accepted": None}))
+                if keep:
+                    assert isinstance(body["accepted"], list)
+                else:
+                    assert body["accepted"] is None
+        assert got[0] == got[1], p.hex()
+        outcomes.append(got[0][0])
+    assert outcomes == ["ok"] * 3 + ["error"] * 7
+
+
 def test_encoder_refuses_bad_values() -> None:
     for bad in ([], [2**31], [-(2**31) - 1], [1.5]):
         with pytest.raises(WireError):

@@ -57,10 +57,10 @@ class Topics:
 # ---------------------------------------------------------------- 1: the global model
 
 def coordinator_frame(msg, mesh_id, coordinator_key, kind, what, check_sig, view=False,
-                      into=None):
+                      into=None, accepted=True):
     """Decode a frame that must be `kind` from the coordinator, signed with its PINNED key.
     Raises Rejected. `view`: the frame's payload stays a view into it (wire.decode with
-    values=False) instead of a copy. `into`: wire.decode's.
+    values=False) instead of a copy. `into`, `accepted`: wire.decode_payload's.
     The payload is decoded only once the signature holds: while Ed25519 runs, the heap holds
     the header's fields, not the decoded payload (a GLOBAL_MODEL's accepted set: an id, a hash
     and a tuple per announced node), and no unauthenticated payload is ever decoded. A forged
@@ -82,22 +82,23 @@ def coordinator_frame(msg, mesh_id, coordinator_key, kind, what, check_sig, view
     if not check_sig(coordinator_key, fr.signing_digest(), fr.signature):
         raise Rejected("bad_signature", "%s signature does not verify" % what)
     try:
-        return wire.decode_body(fr, not view, into)
+        return wire.decode_body(fr, not view, into, accepted)
     except WireError as e:
         raise Rejected(e.reason, e.message)
 
 
 def check_global(msg, mesh_id, coordinator_key, check_sig, guard, last_round, n_params, now,
-                 into=None):
+                 into=None, accepted=True):
     """Step 1: the verified GLOBAL_MODEL frame, or Rejected. `guard`: a ReplayGuard over the
     coordinator's counter; the round must be above `last_round` (the last one acted on).
     The counter is committed last, when everything else passed. `into`: a list of n_params
     the values are decoded into (RoundBuffers.take()) instead of a new one. The frame's payload
-    is a view into `msg`: drop it (fr.drop_payload()) before `msg`'s buffer is reused."""
+    is a view into `msg`: drop it (fr.drop_payload()) before `msg`'s buffer is reused.
+    `accepted`=False: the announced set is checked, not kept (a coordinated node)."""
     # The payload as a view into the frame: a copy would be 3.2 KB more on the heap while
     # the values are decoded (a GLOBAL_MODEL's values are decoded either way).
     fr = coordinator_frame(msg, mesh_id, coordinator_key, wire.GLOBAL_MODEL, "global model",
-                           check_sig, True, into)
+                           check_sig, True, into, accepted)
     bad = guard.check(wire.COORDINATOR, wire.GLOBAL_MODEL, fr.seq, fr.round, fr.timestamp, now,
                       last_round + 1, None)
     if bad is not None:

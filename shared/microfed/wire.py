@@ -333,12 +333,13 @@ def _entry_id(p, off, n, tail, what):
     return b
 
 
-def decode_payload(kind, p, values=True, into=None):
+def decode_payload(kind, p, values=True, into=None, accepted=True):
     """Parse a payload of `kind` into a dict; every length is checked against len(p) first.
     values=False: a MODEL_UPDATE's vector is not unpacked ("values" is None, "dim" says how
     many): for a receiver that only checks the values' range and keeps them packed.
     into: a list a GLOBAL_MODEL's values are unpacked into when it has their number (else a
-    new list holds them)."""
+    new list holds them). accepted=False: a GLOBAL_MODEL's accepted set is checked entry by
+    entry as always but not kept ("accepted" is None)."""
     if not isinstance(p, (bytes, bytearray, memoryview)):
         raise WireError("bad_type", "payload must be bytes")
     n = len(p)
@@ -352,7 +353,7 @@ def decode_payload(kind, p, values=True, into=None):
     if kind == GLOBAL_MODEL:
         # digest, values, then optionally the accepted-set announcement, signed with the rest
         # of the payload.
-        return decode_global_payload(p, into)
+        return decode_global_payload(p, into, accepted)
     if kind == GOSSIP_DIGEST:
         _need(n == 37, "gossip digest must be 37 bytes")
         rule, p1, p2, count = struct.unpack_from("<BBBH", p, 32)
@@ -493,9 +494,11 @@ def encode_global_payload(values, rule=None, p1=0, p2=0, agg_digest=None, accept
                                                          final)
 
 
-def decode_global_payload(p, into=None):
+def decode_global_payload(p, into=None, accepted=True):
     """-> {"digest", "values", "final", "rule" (None or name), "p1", "p2", "agg_digest",
-    "accepted": [(id, hash32)]}."""
+    "accepted": [(id, hash32)]}. accepted=False: the same checks, and
+    "accepted" is None: a coordinated node, which never uses the set, does not hold an id,
+    a hash and a tuple per announced node while it decodes (docs/results.md)."""
     n = len(p)
     _need(n >= 36, "global model shorter than 36 bytes")
     (dim,) = struct.unpack_from("<I", p, 32)
@@ -503,7 +506,7 @@ def decode_global_payload(p, into=None):
     end = 36 + 4 * dim
     body = {"digest": bytes(p[0:32]), "values": _unpack_i32(p, 36, dim, into),
             "final": False, "rule": None, "p1": 0, "p2": 0, "agg_digest": _ZERO32,
-            "accepted": []}
+            "accepted": [] if accepted else None}
     if n == end:
         return body
     _need(n - end >= TRAILER_MIN, "announcement truncated")
@@ -518,14 +521,15 @@ def decode_global_payload(p, into=None):
     _need((code == 0) == (count == 0), "rule and accepted set disagree")
     # Smallest entry is 1 + 1 + 32 bytes: bound count before looping.
     _need(count * 34 <= n - off, "accepted set count larger than the payload")
-    acc = []
+    acc = [] if accepted else None
     seen = {}
     for _ in range(count):
         b = _entry_id(p, off, n, 32, "accepted set")
         ln = len(b)
         _need(b not in seen, "node id twice in accepted set")
         seen[b] = 1
-        acc.append((b.decode(), bytes(p[off + 1 + ln:off + 33 + ln])))
+        if accepted:
+            acc.append((b.decode(), bytes(p[off + 1 + ln:off + 33 + ln])))
         off += 33 + ln
     _need(off == n, "trailing bytes after the accepted set")
     body["final"] = bool(flags & FINAL)
@@ -705,10 +709,10 @@ def decode(data, max_frame=MAX_FRAME, values=True, into=None, body=True):
     return fr
 
 
-def decode_body(fr, values=True, into=None):
+def decode_body(fr, values=True, into=None, accepted=True):
     """Decode the payload of a Frame from decode(..., body=False) into fr.body (the last of
-    decode's checks); returns fr. Raises only WireError."""
-    b = decode_payload(fr.kind, fr.payload, values, into)
+    decode's checks); returns fr. Raises only WireError. into, accepted: decode_payload's."""
+    b = decode_payload(fr.kind, fr.payload, values, into, accepted)
     if fr.kind == REGISTRY and b["mesh_id"] != fr.mesh_id:
         raise WireError("bad_payload", "registry mesh id differs from the header's")
     fr.body = b

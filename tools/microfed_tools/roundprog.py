@@ -133,7 +133,7 @@ class RoundCase:
         h = hashlib.sha256(msg).digest()
         fr = noderound.check_global(msg, self.mesh_id, self.coord, ed25519.verify, self.guard,
                                     self.last_round, self.model.n_params, self.clock,
-                                    self.rb.take())
+                                    self.rb.take(), self.peers is not None)
         fr.drop_payload()  # a view into the receive buffer
         msg = None
         self.end("check_global")
