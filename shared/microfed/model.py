@@ -62,9 +62,11 @@ def exp(x):
     return (t + (1 << (s - 1))) >> s
 
 
-def softmax(z):
+def softmax(z, out=None):
     # p_c = rdiv(exp(z_c - max z) * ONE, S), S = sum of those exps (>= ONE, so never zero).
     # z_c - max z is exact (no saturation); exp of anything below -16 is 0 anyway.
+    # out: the list to write into (z itself, when the logits are not needed after), else a
+    # new one.
     if not z:
         raise ModelError("softmax of an empty vector")
     m = z[0]
@@ -74,7 +76,7 @@ def softmax(z):
     # In place, in one list of len(z): a comprehension grows its list (4, 8, 16 items), and
     # on a board's split heap its last 64-byte block was the one not found (docs/results.md).
     k = len(z)
-    e = [0] * k
+    e = [0] * k if out is None else out
     s = 0
     for c in range(k):
         v = exp(z[c] - m)
@@ -314,15 +316,18 @@ class SoftmaxRegression(Model):
         xs = [None] * cfg.batch
         nzs = [None] * cfg.batch
         qs = [None] * cfg.batch
-        # A shard's rows are copied into buffers allocated here, once per call, and their
-        # non-zero indices written into more: per sample nothing is allocated but a view, the
-        # logits and their softmax. On a board's heap, a copy, an index list growing and its bytes for
-        # each of a round's 111 samples split the free space (a coordinated unix32 node at
-        # 44 KB failed training with 9 KB free: docs/results.md).
+        # A shard's rows are copied into buffers allocated here, once per call; the non-zero
+        # indices of the sample whose logits are computed go into one more, and the gradient
+        # sums skip a shard sample's zero features themselves. Per sample nothing is allocated
+        # but a view and the logits, which their softmax overwrites. On a board's heap, a
+        # copy, an index list growing and its bytes for each of a round's 111 samples split
+        # the free space (a coordinated unix32 node at 44 KB failed training with 9 KB free),
+        # and a buffer of indices per sample of the batch and a softmax list beside each
+        # logits list were what a 32 KB node's training did not find (docs/results.md).
         xbuf = nzbuf = None
         if isinstance(data, Shard) and d <= 256:
             xbuf = [bytearray(d) for _ in range(cfg.batch)]
-            nzbuf = [bytearray(d) for _ in range(cfg.batch)]
+            nzbuf = bytearray(d)
         for batch in batches(n, cfg, order):
             m = len(batch)
             for s in range(m):
@@ -334,11 +339,12 @@ class SoftmaxRegression(Model):
                     xb = xbuf[s]
                     xb[:] = x
                     x = xb
-                    nz = _nonzero_into(x, nzbuf[s])
-                q = softmax(self._logits(p, x, nz, shift))
+                    nz = _nonzero_into(x, nzbuf)
+                q = self._logits(p, x, nz, shift)
+                softmax(q, q)
                 q[label(i)] -= ONE
                 xs[s] = x
-                nzs[s] = nz
+                nzs[s] = nz if xbuf is None else None  # None: every feature, zeros skipped
                 qs[s] = q
             mw = m << 32
             mw2 = mw << 1
@@ -351,8 +357,15 @@ class SoftmaxRegression(Model):
                     if g:
                         gb += g
                         x = xs[s]
-                        for j in nzs[s]:
-                            gw[j] += g * x[j]
+                        nz = nzs[s]
+                        if nz is None:
+                            for j in range(d):
+                                xj = x[j]
+                                if xj:
+                                    gw[j] += g * xj
+                        else:
+                            for j in nz:
+                                gw[j] += g * x[j]
                 o = c * d
                 for j in range(d):
                     g = gw[j]
