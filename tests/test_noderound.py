@@ -293,7 +293,11 @@ def _shard(n: int = 37) -> bytes:
     return data.encode_shard(split.train.subset(list(range(n))))
 
 
-def test_training_in_the_round_buffers_gives_the_same_update_every_round() -> None:
+# extra: None, no shared space; else the space is the update frame plus this many bytes, which
+# training uses for its index buffers when a batch's fit (7 x 64 = 448 bytes).
+@pytest.mark.parametrize("extra", [None, 0, 447, 448, 1000])
+def test_training_in_the_round_buffers_gives_the_same_update_every_round(extra: int | None,
+                                                                         ) -> None:
     """RoundBuffers are reused round after round, dirty from the round before (and from a
     training that failed half-way): the delta and the signed frame equal a fresh-list round's
     bit for bit, and they are the buffers' own lists."""
@@ -303,7 +307,13 @@ def test_training_in_the_round_buffers_gives_the_same_update_every_round() -> No
     mdl = model.get("softmax")
     train = {"lr": 32768, "epochs": 2, "batch": 7, "seed": 5}
     sign = keys.signer(seed("node-01"))
-    rb = noderound.RoundBuffers(mdl, "node-01")
+    size = noderound.update_frame_len("node-01", mdl.n_params)
+    space = None if extra is None else bytearray(b"\xa5" * (size + extra))
+    rb = noderound.RoundBuffers(mdl, "node-01", 0, space)
+    if extra:
+        assert rb.spare is not None and len(rb.spare) == extra
+    else:
+        assert rb.spare is None
     rb.scratch[:] = [123] * len(rb.scratch)  # sums left behind by a failed training
     rb.frame[:] = b"\x5a" * len(rb.frame)
     g = mdl.init(9)
@@ -318,6 +328,8 @@ def test_training_in_the_round_buffers_gives_the_same_update_every_round() -> No
         frame = noderound.update_frame(MESH, "node-01", r, r, 0, shard.n, got, sign, rb.frame)
         assert frame is rb.frame and bytes(frame) == bytes(want_frame)
         g = mdl.apply(g, want)
+    if space is not None:  # the index buffers went into the spare bytes exactly when they fit
+        assert (bytes(space[size:]) != b"\xa5" * extra) is (extra >= 7 * 64)
     # A global in a list of its own (the buffers were busy) trains the same in them too.
     fresh = list(g)
     assert noderound.local_update(mdl, shard, train, 9, "node-01", fresh, None, rb) == \

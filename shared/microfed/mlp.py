@@ -93,7 +93,7 @@ class MLP(Model):
         # The batch's gradient sums, one per parameter, laid out like the parameters.
         return self.n_params
 
-    def train(self, params, data, cfg, out=None, scratch=None, order=None):
+    def train(self, params, data, cfg, out=None, scratch=None, order=None, spare=None):
         # Per batch of m samples, with the parameters held fixed over the batch, per sample:
         #   g_c   = p_c - ONE*[c == y]                                  (Q16.16)
         #   dh_i  = [a_i > 0] * round_half_up(sum_c W2_ci * g_c / 2^16)  (Q16.16, ReLU's

@@ -194,12 +194,14 @@ class Model:
             if not isinstance(y, int) or y < 0 or y >= self.k:
                 raise ModelError("data: label %r of sample %d outside 0..%d" % (y, i, self.k - 1))
 
-    def train(self, params, data, cfg, out=None, scratch=None, order=None):
+    def train(self, params, data, cfg, out=None, scratch=None, order=None, spare=None):
         # out: None, or a list of n_params that becomes the trained parameters (returned);
         # scratch: None, or a list of scratch_len() for the training sums; order: None, or
         # sample_order(n) for the data's n samples. A node passes the same ones every round
-        # (noderound.RoundBuffers): no block to find on a fragmented heap mid-run. The
-        # result is the same with or without them.
+        # (noderound.RoundBuffers): no block to find on a fragmented heap mid-run. spare:
+        # None, or a writable memoryview whose bytes training may use while it runs (what a
+        # node's receive buffer has beyond its update frame). The result is the same with or
+        # without them.
         raise NotImplementedError
 
     def scratch_len(self):
@@ -277,7 +279,7 @@ class SoftmaxRegression(Model):
     def scratch_len(self):
         return self.d
 
-    def train(self, params, data, cfg, out=None, scratch=None, order=None):
+    def train(self, params, data, cfg, out=None, scratch=None, order=None, spare=None):
         # For each epoch: shuffle the sample order (XorShift32(cfg.seed), one generator for
         # the whole call), cut it into batches of cfg.batch (the last may be shorter); per
         # batch of m samples, with the parameters held fixed over the batch:
@@ -316,18 +318,21 @@ class SoftmaxRegression(Model):
         xs = [None] * cfg.batch
         nzs = [None] * cfg.batch
         qs = [None] * cfg.batch
-        # A shard's rows are copied into buffers allocated here, once per call; the non-zero
-        # indices of the sample whose logits are computed go into one more, and the gradient
-        # sums skip a shard sample's zero features themselves. Per sample nothing is allocated
-        # but a view and the logits, which their softmax overwrites. On a board's heap, a
-        # copy, an index list growing and its bytes for each of a round's 111 samples split
-        # the free space (a coordinated unix32 node at 44 KB failed training with 9 KB free),
-        # and a buffer of indices per sample of the batch and a softmax list beside each
-        # logits list were what a 32 KB node's training did not find (docs/results.md).
-        xbuf = nzbuf = None
+        # A shard's rows are copied into buffers allocated here, once per call, and their
+        # non-zero indices written into `spare` when it has room for a batch's, else into more
+        # buffers: per sample nothing is allocated but views and the logits, which their
+        # softmax overwrites. On a board's heap, a copy, an index list growing and its bytes
+        # for each of a round's 111 samples split the free space (a coordinated unix32 node
+        # at 44 KB failed training with 9 KB free), and the index buffers and a softmax list
+        # beside each logits list were what a 32 KB node's training did not find
+        # (docs/results.md).
+        xbuf = nzbuf = nzall = None
         if isinstance(data, Shard) and d <= 256:
             xbuf = [bytearray(d) for _ in range(cfg.batch)]
-            nzbuf = bytearray(d)
+            if spare is not None and len(spare) >= cfg.batch * d:
+                nzall = spare
+            else:
+                nzbuf = [memoryview(bytearray(d)) for _ in range(cfg.batch)]
         for batch in batches(n, cfg, order):
             m = len(batch)
             for s in range(m):
@@ -339,12 +344,12 @@ class SoftmaxRegression(Model):
                     xb = xbuf[s]
                     xb[:] = x
                     x = xb
-                    nz = _nonzero_into(x, nzbuf)
+                    nz = _nonzero_into(x, nzbuf[s] if nzall is None else nzall[s * d:s * d + d])
                 q = self._logits(p, x, nz, shift)
                 softmax(q, q)
                 q[label(i)] -= ONE
                 xs[s] = x
-                nzs[s] = nz if xbuf is None else None  # None: every feature, zeros skipped
+                nzs[s] = nz
                 qs[s] = q
             mw = m << 32
             mw2 = mw << 1
@@ -357,15 +362,8 @@ class SoftmaxRegression(Model):
                     if g:
                         gb += g
                         x = xs[s]
-                        nz = nzs[s]
-                        if nz is None:
-                            for j in range(d):
-                                xj = x[j]
-                                if xj:
-                                    gw[j] += g * xj
-                        else:
-                            for j in nz:
-                                gw[j] += g * x[j]
+                        for j in nzs[s]:
+                            gw[j] += g * x[j]
                 o = c * d
                 for j in range(d):
                     g = gw[j]

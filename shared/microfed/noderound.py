@@ -141,6 +141,9 @@ class RoundBuffers:
         size = update_frame_len(node_id, n)
         self.shared = space is not None and len(space) >= size
         self.frame = memoryview(space)[:size] if self.shared else bytearray(size)
+        # What the shared space has beyond the frame: training's scratch bytes (model.train's
+        # `spare`), free while a round trains as the frame's space is.
+        self.spare = memoryview(space)[size:] if self.shared and len(space) > size else None
         self.values_at = wire.HDR_FIXED + len(node_id) + 8  # as wire.encode_update puts them
         self.holder = None
         self.delta_round = None
@@ -194,7 +197,7 @@ def local_update(mdl, data, train, round_, node_id, g, dp=None, buffers=None):
         at = buffers.values_at
         wire._pack_i32_into(buffers.frame, at, new)
         g = None
-        mdl.train(new, data, cfg, new, buffers.scratch, buffers.order)
+        mdl.train(new, data, cfg, new, buffers.scratch, buffers.order, buffers.spare)
         _sub_packed(new, buffers.frame, at)
     if dp is not None:
         dp.apply(new, round_)
