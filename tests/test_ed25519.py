@@ -304,6 +304,34 @@ def test_the_frozen_comb_constants_are_the_table_the_code_builds():
 
 
 
+def test_the_c_modules_constants_are_the_python_ones():
+    # boards/firmware/ed25519c/mod_ed25519.c writes its constants as 16-bit limbs: each must be
+    # the Python implementation's number (the comb table entry for entry).
+    import re
+
+    src = (ROOT / "boards" / "firmware" / "ed25519c" / "mod_ed25519.c").read_text()
+
+    def limbs(text: str) -> int:
+        vals = [int(v, 16) for v in re.findall(r"0x([0-9a-f]{4})\b", text)]
+        assert len(vals) == 16, text
+        return sum(v << (16 * i) for i, v in enumerate(vals))
+
+    def const(name: str) -> int:
+        m = re.search(r"static const fe " + name + r" = (\{[^}]*\});", src)
+        assert m, name
+        return limbs(m.group(1))
+
+    py = ed25519_py
+    assert const("fe_d") == py._D and const("fe_d2") == py._D2
+    assert const("fe_sqrtm1") == py._SQRT_M1
+    assert (const("base_x"), const("base_y")) == (py._BX, py._BY)
+    assert const("base_t") == py._BX * py._BY % py._P
+    body = src[src.index("comb_table[15][3] = {"):]
+    body = body[:body.index("};")]
+    entries = re.findall(r"\{(\{[^}]*\}),\s*(\{[^}]*\}),\s*(\{[^}]*\})\}", body)
+    assert [tuple(limbs(x) for x in e) for e in entries] == list(py._build_comb()[1:])
+
+
 # --- CPython ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("vec", RFC8032_VECTORS, ids=["test1", "test2", "test3", "test1024"])

