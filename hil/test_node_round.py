@@ -45,25 +45,31 @@ from microfed_tools import roundcase
 # 94 134 000; the M3's gossip phase then measured 101 751 000 in CI, over its old budget); the
 # M3's gossip sign_update measured 70.3 M (67.0 M before; nothing in the phase changed: a
 # collection landed in it), re-derived too.
+# 2026-11-28: Ed25519 is the firmware's C module (boards/firmware/ed25519c). The phases that
+# sign or verify were re-derived from `python benchmarks/device.py` (M3 gossip: boot_registry
+# 13 203 000, check_global 22 027 000, sign_digest 2 602 000, sign_update 10 247 000; M3
+# coordinated 12 222 000, 21 174 000, 10 162 000; RV32 gossip 27 250 000, 46 011 000,
+# 5 516 000, 16 851 000; RV32 coordinated 26 135 000, 45 037 000, 16 794 000): + 5 % or at
+# least + 1 000 000, since a collection landing in a phase this small would be more than 5 %.
 ROUND_BUDGETS = {"mps2-an385": {"gossip_round": 400_000_000, "coordinated_round": 250_000_000}}
 PHASE_BUDGETS: dict[str, dict[str, int]] = {
     "mps2-an385:gossip": {
-        "boot_registry": 71_050_000, "boot_shard": 847_000, "check_global": 106_840_000,
-        "peer_checks": 15_870_000, "aggregate": 82_840_000, "sign_digest": 33_420_000,
-        "train": 262_600_000, "sign_update": 73_850_000,
+        "boot_registry": 14_210_000, "boot_shard": 847_000, "check_global": 23_130_000,
+        "peer_checks": 15_870_000, "aggregate": 82_840_000, "sign_digest": 3_610_000,
+        "train": 262_600_000, "sign_update": 11_250_000,
     },
     "mps2-an385:coordinated": {
-        "boot_registry": 71_040_000, "boot_shard": 846_000, "check_global": 95_210_000,
-        "train": 253_200_000, "sign_update": 61_950_000,
+        "boot_registry": 13_230_000, "boot_shard": 846_000, "check_global": 22_240_000,
+        "train": 253_200_000, "sign_update": 11_170_000,
     },
     "virt-rv32:gossip": {
-        "boot_registry": 73_040_000, "boot_shard": 1_001_000, "check_global": 107_590_000,
-        "peer_checks": 19_020_000, "aggregate": 95_950_000, "sign_digest": 33_110_000,
-        "train": 304_920_000, "sign_update": 71_770_000,
+        "boot_registry": 28_620_000, "boot_shard": 1_001_000, "check_global": 48_320_000,
+        "peer_checks": 19_020_000, "aggregate": 95_950_000, "sign_digest": 6_520_000,
+        "train": 304_920_000, "sign_update": 17_860_000,
     },
     "virt-rv32:coordinated": {
-        "boot_registry": 73_540_000, "boot_shard": 1_001_000, "check_global": 98_850_000,
-        "train": 296_710_000, "sign_update": 65_320_000,
+        "boot_registry": 27_450_000, "boot_shard": 1_001_000, "check_global": 47_290_000,
+        "train": 296_710_000, "sign_update": 17_800_000,
     },
 }
 
