@@ -8,7 +8,7 @@
 //
 // Why C: on a 32-bit MicroPython each big-int field operation allocates, and one verification
 // needed ~4 KB of free heap in blocks of five (docs/results.md): more than a 32 KB node has
-// left. Here everything lives on the C stack (~2.5 KB at most); the only heap block is the
+// left. Here everything lives on the C stack; the only heap block is the
 // result. The same acceptance rule as microfed.ed25519_py and OpenSSL: S < L, a canonical
 // public key that decodes, and encode([S]B - [k]A) equal to the R bytes (cofactorless);
 // tests/test_ed25519.py runs its MicroPython cases on both, against `cryptography`.
