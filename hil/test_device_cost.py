@@ -35,21 +35,21 @@ BUDGETS: dict[str, dict[str, int]] = {
     # not always find mid-run (docs/boards.md); a node decodes one vector a round this way,
     # the global's (+1.3 to +1.8 M of a 357 M gossip round).
     # 2026-11-28: Ed25519 is the firmware's C module (boards/firmware/ed25519c): measured
-    # import 546 000, public_key 2 200 000, sign 4 503 000, verify 8 032 000,
-    # encode_and_sign_update 6 960 000 (virt-rv32: 587 000, 5 074 000, 10 333 000,
-    # 18 885 000, 13 049 000), + 5 %.
-    "mps2-an385": {"import": 580_000, "public_key": 2_310_000, "sign": 4_730_000,
-                   "verify": 8_440_000, "train_epoch": 67_260_000,
-                   "encode_and_sign_update": 7_310_000, "decode_update": 1_754_000,
+    # import 546 000, public_key 1 832 000, sign 3 767 000, verify 6 915 000,
+    # encode_and_sign_update 6 224 000 (virt-rv32: 587 000, 4 109 000, 8 403 000,
+    # 15 987 000, 11 120 000), + 5 %.
+    "mps2-an385": {"import": 580_000, "public_key": 1_930_000, "sign": 3_960_000,
+                   "verify": 7_270_000, "train_epoch": 67_260_000,
+                   "encode_and_sign_update": 6_540_000, "decode_update": 1_754_000,
                    "krum_13x650_f3": 125_140_000,
                    # issue 10, measured: 39 908 000 and 3 081 000, plus 5 %
                    "x25519": 41_910_000, "secagg_mask_651": 3_240_000},
     # import 694 000 later on 2026-11-27, + 5 %
-    "virt-rv32": {"import": 620_000, "public_key": 5_330_000, "sign": 10_850_000,
-                  "verify": 19_830_000, "train_epoch": 76_260_000,
+    "virt-rv32": {"import": 620_000, "public_key": 4_320_000, "sign": 8_830_000,
+                  "verify": 16_790_000, "train_epoch": 76_260_000,
                   # 2026-11-27: decode_update 415 000 in 64-value steps (353 000 in one
                   # n-tuple), import 645 000
-                  "encode_and_sign_update": 13_710_000, "decode_update": 2_203_000,
+                  "encode_and_sign_update": 11_680_000, "decode_update": 2_203_000,
                   "krum_13x650_f3": 133_120_000,
                   # issue 10, measured: 40 457 000 and 3 692 000, plus 5 %; import 615 000
                   "x25519": 42_480_000, "secagg_mask_651": 3_880_000},

@@ -47,29 +47,29 @@ from microfed_tools import roundcase
 # collection landed in it), re-derived too.
 # 2026-11-28: Ed25519 is the firmware's C module (boards/firmware/ed25519c). The phases that
 # sign or verify were re-derived from `python benchmarks/device.py` (M3 gossip: boot_registry
-# 13 203 000, check_global 22 027 000, sign_digest 2 602 000, sign_update 10 247 000; M3
-# coordinated 12 222 000, 21 174 000, 10 162 000; RV32 gossip 27 250 000, 46 011 000,
-# 5 516 000, 16 851 000; RV32 coordinated 26 135 000, 45 037 000, 16 794 000): + 5 % or at
+# 11 706 000, check_global 19 696 000, sign_digest 2 234 000, sign_update 9 510 000; M3
+# coordinated 10 727 000, 18 858 000, 9 427 000; RV32 gossip 23 364 000, 39 984 000,
+# 4 552 000, 14 922 000; RV32 coordinated 22 249 000, 39 042 000, 14 865 000): + 5 % or at
 # least + 1 000 000, since a collection landing in a phase this small would be more than 5 %.
 ROUND_BUDGETS = {"mps2-an385": {"gossip_round": 400_000_000, "coordinated_round": 250_000_000}}
 PHASE_BUDGETS: dict[str, dict[str, int]] = {
     "mps2-an385:gossip": {
-        "boot_registry": 14_210_000, "boot_shard": 847_000, "check_global": 23_130_000,
-        "peer_checks": 15_870_000, "aggregate": 82_840_000, "sign_digest": 3_610_000,
-        "train": 262_600_000, "sign_update": 11_250_000,
+        "boot_registry": 12_710_000, "boot_shard": 847_000, "check_global": 20_700_000,
+        "peer_checks": 15_870_000, "aggregate": 82_840_000, "sign_digest": 3_240_000,
+        "train": 262_600_000, "sign_update": 10_510_000,
     },
     "mps2-an385:coordinated": {
-        "boot_registry": 13_230_000, "boot_shard": 846_000, "check_global": 22_240_000,
-        "train": 253_200_000, "sign_update": 11_170_000,
+        "boot_registry": 11_730_000, "boot_shard": 846_000, "check_global": 19_860_000,
+        "train": 253_200_000, "sign_update": 10_430_000,
     },
     "virt-rv32:gossip": {
-        "boot_registry": 28_620_000, "boot_shard": 1_001_000, "check_global": 48_320_000,
-        "peer_checks": 19_020_000, "aggregate": 95_950_000, "sign_digest": 6_520_000,
-        "train": 304_920_000, "sign_update": 17_860_000,
+        "boot_registry": 24_540_000, "boot_shard": 1_001_000, "check_global": 41_990_000,
+        "peer_checks": 19_020_000, "aggregate": 95_950_000, "sign_digest": 5_560_000,
+        "train": 304_920_000, "sign_update": 15_930_000,
     },
     "virt-rv32:coordinated": {
-        "boot_registry": 27_450_000, "boot_shard": 1_001_000, "check_global": 47_290_000,
-        "train": 296_710_000, "sign_update": 17_800_000,
+        "boot_registry": 23_370_000, "boot_shard": 1_001_000, "check_global": 41_000_000,
+        "train": 296_710_000, "sign_update": 15_870_000,
     },
 }
 
