@@ -678,11 +678,9 @@ static int get_bytes(mp_obj_t o, mp_int_t n, mp_buffer_info_t *bi) {
 
 static void expand_seed(mp_obj_t seed_in, uint8_t az[64]) {
     mp_buffer_info_t seed;
-    const mp_obj_type_t *t = mp_obj_get_type(seed_in);
-    if (t != &mp_type_bytes && t != &mp_type_bytearray) {
+    if (!get_bytes(seed_in, -1, &seed)) {
         mp_raise_TypeError(MP_ERROR_TEXT("Ed25519 seed must be bytes"));
     }
-    mp_get_buffer_raise(seed_in, &seed, MP_BUFFER_READ);
     if (seed.len != 32) {
         mp_raise_msg_varg(&mp_type_ValueError, MP_ERROR_TEXT("Ed25519 seed must be 32 bytes, got %d"),
             (int)seed.len);
@@ -696,17 +694,18 @@ static void expand_seed(mp_obj_t seed_in, uint8_t az[64]) {
     az[31] |= 64;
 }
 
-static mp_obj_t ed25519_public_key(mp_obj_t seed_in) {
-    uint8_t az[64], a[32], pub[32];
-    expand_seed(seed_in, az);
-    i64 x[64] = {0};
-    for (int i = 0; i < 32; i++) {
-        x[i] = az[i];
-    }
-    mod_l(a, x);
+// The public key encode([a]B) of an expanded seed, a its clamped first half: the comb takes
+// any 256-bit scalar, so a needs no reduction mod L.
+static void public_from(uint8_t pub[32], const uint8_t az[64]) {
     point p;
-    pt_base_mul(&p, a);
+    pt_base_mul(&p, az);
     pt_encode(pub, &p);
+}
+
+static mp_obj_t ed25519_public_key(mp_obj_t seed_in) {
+    uint8_t az[64], pub[32];
+    expand_seed(seed_in, az);
+    public_from(pub, az);
     return mp_obj_new_bytes(pub, 32);
 }
 static MP_DEFINE_CONST_FUN_OBJ_1(ed25519_public_key_obj, ed25519_public_key);
@@ -720,7 +719,7 @@ static mp_obj_t ed25519_sign(size_t n_args, const mp_obj_t *args) {
     if (have_pub && !get_bytes(args[2], 32, &pub)) {
         mp_raise_ValueError(MP_ERROR_TEXT("Ed25519 public key must be 32 bytes"));
     }
-    uint8_t az[64], h[64], r[32], k[32], a[32], sig[64], pk[32];
+    uint8_t az[64], h[64], r[32], k[32], sig[64], pk[32];
     expand_seed(args[0], az);
     sha512_ctx s;
     sha512_init(&s);
@@ -734,13 +733,7 @@ static mp_obj_t ed25519_sign(size_t n_args, const mp_obj_t *args) {
     if (have_pub) {
         memcpy(pk, pub.buf, 32);
     } else {
-        i64 x[64] = {0};
-        for (int i = 0; i < 32; i++) {
-            x[i] = az[i];
-        }
-        mod_l(a, x);
-        pt_base_mul(&p, a);
-        pt_encode(pk, &p);
+        public_from(pk, az);
     }
     sha512_init(&s);
     sha512_update(&s, sig, 32);
